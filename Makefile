@@ -1,0 +1,34 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both create .venv when it is missing and install the project into it with pip.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-stamp
+
+export HF_HUB_OFFLINE ?= 1
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install test test-all demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# torch first, pinned to the release kept on local disk (a CUDA build that also runs on CPU)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+# slow, Ray and GPU tests too (GPU tests still skip without CUDA)
+test-all: install
+	$(PY) -m pytest -q --runslow --runray
+
+demo: install
+	$(VENV)/bin/concept-atlas demo
+
+clean:
+	rm -rf demo_out .pytest_cache

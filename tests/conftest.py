@@ -1,0 +1,29 @@
+"""Shared test setup: offline hub, marks for slow / Ray / GPU tests."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--runray", action="store_true", help="also run tests marked ray")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    skip_ray = pytest.mark.skip(reason="ray: run with --runray")
+    skip_gpu = pytest.mark.skip(reason="gpu: no CUDA device visible")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "ray" in item.keywords and not config.getoption("--runray"):
+            item.add_marker(skip_ray)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
