@@ -1,0 +1,62 @@
+"""The two demo models, registered in timm so they load by name like any other model.
+
+`demo_resnet` (a small ResNet-family CNN) and `demo_vit` (a small ViT, patch 16) are trained on
+the synthetic concept data (`concept-atlas train-demo-model`); their weights ship with the
+package as safetensors, so `timm.create_model("demo_resnet", pretrained=True)` works offline.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from timm.models import build_model_with_cfg, register_model
+from timm.models._registry import generate_default_cfgs
+from timm.models.resnet import BasicBlock, ResNet
+from timm.models.vision_transformer import VisionTransformer
+
+from pipeline.data.concepts import NUM_CLASSES
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEMO_MODELS: tuple[str, ...] = ("demo_resnet", "demo_vit")
+IMAGE_SIZE = 128
+
+
+def weights_path(name: str) -> Path:
+    """Path of the shipped safetensors weights of demo model `name`."""
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def _cfg(name: str) -> dict[str, Any]:
+    return {
+        "file": str(weights_path(name)),
+        "num_classes": NUM_CLASSES,
+        "input_size": (3, IMAGE_SIZE, IMAGE_SIZE),
+        "pool_size": None,
+        # the synthetic images are rendered at the model's resolution: no crop, no resize
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.25, 0.25, 0.25),
+        "first_conv": "conv1" if name == "demo_resnet" else "patch_embed.proj",
+        "classifier": "fc" if name == "demo_resnet" else "head",
+        "license": "mit",
+    }
+
+
+default_cfgs = generate_default_cfgs({f"{n}.synthetic": _cfg(n) for n in DEMO_MODELS})
+
+
+@register_model
+def demo_resnet(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet with one BasicBlock per stage, widths 32-64-128-256 (a resnet18 at a quarter depth/width)."""
+    args = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(32, 64, 128, 256),
+                stem_width=32, num_classes=NUM_CLASSES)
+    return build_model_with_cfg(ResNet, "demo_resnet", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT with patch 16 at 128 px (8x8 tokens + CLS), width 192, depth 6, 3 heads, CLS head."""
+    args = dict(img_size=IMAGE_SIZE, patch_size=16, embed_dim=192, depth=6, num_heads=3,
+                num_classes=NUM_CLASSES, global_pool="token")
+    return build_model_with_cfg(VisionTransformer, "demo_vit", pretrained, **dict(args, **kwargs))
