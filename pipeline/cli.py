@@ -1,0 +1,140 @@
+"""`concept-atlas` command line: one subcommand per stage or query.
+
+Imports are deferred into each command so `concept-atlas --help` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _weights(value: str) -> str | None:
+    """`--weights none` means random init; every other value goes to `load_model` as is."""
+    return None if value.lower() == "none" else value
+
+
+def _cmd_make_data(a: argparse.Namespace) -> int:
+    from pipeline.data.synthetic import write_shards
+
+    paths = write_shards(Path(a.out), n=a.n, seed=a.seed, size=a.size, shard_size=a.shard_size,
+                         shortcut_prob=a.shortcut_prob, workers=a.workers)
+    print(f"wrote {a.n} images in {len(paths)} shards to {a.out}")
+    return 0
+
+
+def _cmd_train_demo_model(a: argparse.Namespace) -> int:
+    from pipeline.models.train_demo import Recipe, train
+
+    recipe = Recipe(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                    threads=a.threads)
+    card = train(recipe, a.data, out_dir=Path(a.out) if a.out else None)
+    print(json.dumps({k: card[k] for k in ("model", "heldout_accuracy", "train_time_s")}, indent=2))
+    return 0
+
+
+def _cmd_eval_model(a: argparse.Namespace) -> int:
+    from pipeline.models import load_model
+    from pipeline.models.train_demo import accuracy, holdout_mask, load_arrays
+
+    loaded = load_model(a.model, _weights(a.weights))
+    images, labels, keys = load_arrays(a.data)
+    if a.heldout:
+        keep = holdout_mask(keys, a.holdout_frac)
+        images, labels = images[keep], labels[keep]
+    acc = accuracy(loaded.model, images, labels)
+    print(json.dumps({"model": a.model, "images": int(len(labels)), "accuracy": round(acc, 4)}))
+    return 0
+
+
+def _cmd_layers(a: argparse.Namespace) -> int:
+    from pipeline.models import list_layers, load_model
+
+    loaded = load_model(a.model, _weights(a.weights))
+    print(f"{'layer':<24} {'kind':<5} {'channels':>8} {'grid':>9}")
+    for spec in list_layers(loaded.model):
+        print(f"{spec.name:<24} {spec.kind:<5} {spec.channels:>8} {spec.grid[0]:>4}x{spec.grid[1]:<4}")
+    print("(any module path of model.named_modules() is also a valid layer)")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from jobs.demo import run
+
+    run(Path(a.out), n_images=a.n, model_name=a.model, layers=a.layers)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (each `--help` lists examples)."""
+    p = argparse.ArgumentParser(prog="concept-atlas", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_: str, examples: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_, epilog="examples:\n" + examples,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(handler=handler)
+        return sp
+
+    sp = add("make-data", _cmd_make_data, "write the synthetic concept dataset as WebDataset shards",
+             "  concept-atlas make-data --out data/synth --n 10000 --seed 0\n"
+             "  concept-atlas make-data --out data/shortcut --n 5000 --shortcut-prob 0.9")
+    sp.add_argument("--out", required=True, help="output directory for shard-*.tar and dataset.json")
+    sp.add_argument("--n", type=int, required=True, help="number of images")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    sp.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    sp.add_argument("--shortcut-prob", type=float, default=0.0,
+                    help="probability that the largest object has its class's shortcut colour")
+    sp.add_argument("--workers", type=int, default=None, help="render processes (default: up to 2)")
+
+    sp = add("train-demo-model", _cmd_train_demo_model, "train a demo model on synthetic shards",
+             "  concept-atlas make-data --out data/train --n 12000 --seed 1\n"
+             "  concept-atlas train-demo-model --model demo_resnet --data data/train")
+    sp.add_argument("--model", required=True, choices=["demo_resnet", "demo_vit"])
+    sp.add_argument("--data", required=True, help="shard directory, pattern or list")
+    sp.add_argument("--out", default=None, help="weights directory (default: the package's shipped weights)")
+    sp.add_argument("--epochs", type=int, default=8)
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--lr", type=float, default=2e-3)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--threads", type=int, default=2)
+
+    sp = add("eval-model", _cmd_eval_model, "top-1 accuracy of a model on synthetic shards",
+             "  concept-atlas eval-model --model demo_resnet --data data/test")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--weights", default="default", help="default | demo | imagenet | hub | PATH | none")
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--heldout", action="store_true", help="only the training run's held-out split")
+    sp.add_argument("--holdout-frac", type=float, default=0.1)
+
+    sp = add("layers", _cmd_layers, "list the tappable layers of a model",
+             "  concept-atlas layers --model demo_vit\n  concept-atlas layers --model resnet50 --weights none")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--weights", default="default")
+
+    sp = add("demo", _cmd_demo, "run the main job end to end on the embedded demo data and models",
+             "  concept-atlas demo\n  concept-atlas demo --out /tmp/atlas --n 4000")
+    sp.add_argument("--out", default="demo_out")
+    sp.add_argument("--n", type=int, default=2000, help="synthetic images to generate")
+    sp.add_argument("--model", default="demo_resnet")
+    sp.add_argument("--layers", nargs="+", default=None, help="layers to tap (default: two per model)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `concept-atlas` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"concept-atlas {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
