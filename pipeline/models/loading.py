@@ -79,7 +79,8 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *,
         # keep the pretrained config (hence the transform) in step with the size the model is built for
         size = model_kwargs["img_size"]
         size = (size, size) if isinstance(size, int) else tuple(size)
-        model_kwargs.setdefault("pretrained_cfg_overlay", {})["input_size"] = (3, *size)
+        model_kwargs["pretrained_cfg_overlay"] = dict(
+            model_kwargs.get("pretrained_cfg_overlay") or {}, input_size=(3, *size))
 
     if source == "random":
         model = timm.create_model(name, pretrained=False, **model_kwargs)
@@ -89,8 +90,9 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *,
         path = demo.weights_path(name)
         if not path.is_file():
             raise FileNotFoundError(
-                f"demo weights not found at {path}; run `concept-atlas train-demo-model` to train "
-                f"them, or load {name} with weights=None for random init")
+                f"demo weights not found at {path}; run `concept-atlas train-demo-model --model "
+                f"{name} --data DIR` (shards from `concept-atlas make-data`) to train them, "
+                f"or load {name} with weights=None for random init")
         model = _create_from_file(name, path, model_kwargs, head_in_file=False)
         source = f"demo: {path}"
     elif source == "imagenet":

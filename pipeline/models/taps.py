@@ -103,16 +103,18 @@ def tap(model: nn.Module, images: Tensor, layers: Sequence[str], *,
         grad: bool = False) -> dict[str, PFVs]:
     """PFVs of `layers` for `images` Tensor[N, 3, H, W] (already preprocessed).
 
-    Returns {layer: PFVs} with values Tensor[N, P, C]. Runs under `torch.no_grad()` unless
+    Returns {layer: PFVs} with values Tensor[N, P, C] (contiguous copies). Runs under `torch.no_grad()` unless
     `grad=True` (then values keep their graph, e.g. for gradients w.r.t. `images`).
     Raises ValueError for an unknown layer, a module that does not run or runs twice in the
     forward, or an output that is not a map or token sequence.
     """
     layers = list(dict.fromkeys(layers))
+    if not layers:
+        return {}
     modules = _resolve(model, layers)
     stages = feature_stages(model)
     with torch.set_grad_enabled(grad):
-        if layers and all(name in stages for name in layers) and hasattr(model, "forward_intermediates"):
+        if all(name in stages for name in layers) and hasattr(model, "forward_intermediates"):
             raw = _forward_stages(model, images, layers, stages)
         else:
             raw = _forward_hooked(model, images, modules)
