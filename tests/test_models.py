@@ -321,6 +321,11 @@ def test_bad_weight_source_errors_name_it(weights, error, fragment):
     assert fragment in str(e.value)
 
 
+def test_demo_models_are_not_looked_up_on_the_hub():
+    with pytest.raises(ValueError, match="'demo_vit' is not on the hub; its weights are weights='demo'"):
+        load_model("demo_vit", "hub")
+
+
 def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()

@@ -126,6 +126,8 @@ def _resolve_source(name: str, weights: str | os.PathLike[str] | None) -> str:
     arch = name.split(".")[0]
     if weights == "default":
         return "demo" if arch in demo.DEMO_MODELS else "imagenet" if arch == LITE0 else "hub"
+    if weights == "hub" and arch in demo.DEMO_MODELS:
+        raise ValueError(f"{name!r} is not on the hub; its weights are weights='demo'")
     if weights == "demo" and arch not in demo.DEMO_MODELS:
         raise ValueError(f"weights='demo' exist only for {', '.join(demo.DEMO_MODELS)}, not {name!r}")
     if weights == "imagenet" and arch != LITE0:
