@@ -74,7 +74,7 @@ def run(out: Path, n_images: int = 2000, model_name: str = "demo_resnet",
 
     def flush() -> None:
         nonlocal correct, total
-        x = loaded.batch(batch_imgs)
+        x = loaded.preprocess(batch_imgs)
         pfvs = tap(loaded.model, x, layers)
         with torch.no_grad():
             pred = loaded.model(x).argmax(-1)
