@@ -26,12 +26,14 @@ column-major; this one is not.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import multiprocessing
 import os
 import queue
 import struct
+import tarfile
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -39,7 +41,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.data.concepts import (
@@ -155,11 +156,13 @@ def _star_mask(u: np.ndarray, v: np.ndarray, n: int, outer: float, inner: float)
     Folding by the star's symmetry maps a point to ``(along, across)`` relative to its nearest
     outer vertex direction (the one it projects on most); it is inside when it lies on the
     centre's side of the edge from that vertex ``(R, 0)`` to the next inner vertex
-    ``Ri * (cos(pi/n), sin(pi/n))``. Projections avoid arctan2, the slowest part otherwise.
+    ``Ri * (cos(pi/n), sin(pi/n))``. Projections avoid arctan2, the slowest part otherwise, and
+    mirroring ``v`` first leaves only the vertices of the upper half-plane to compare.
     """
     dx, dy = inner * math.cos(math.pi / n) - outer, inner * math.sin(math.pi / n)
-    along, across = u, np.abs(v)
-    for k in range(1, n):
+    v = np.abs(v)
+    along, across = u, v
+    for k in range(1, n // 2 + 1):
         c, s = np.float32(math.cos(2 * math.pi * k / n)), np.float32(math.sin(2 * math.pi * k / n))
         d = u * c + v * s
         nearer = d > along
@@ -219,22 +222,21 @@ def _background(rng: np.random.Generator, size: int) -> tuple[str, np.ndarray]:
 def _draw_concepts(rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """(shape, colour, texture) of 1-3 objects, the primary one first."""
     colours = list(COLOURS)
-    return [
-        (SHAPES[rng.integers(len(SHAPES))], colours[rng.integers(len(colours))], TEXTURES[rng.integers(len(TEXTURES))])
-        for _ in range(int(rng.integers(1, 4)))
-    ]
+    n = int(rng.integers(1, 4))
+    picks = rng.integers(0, [len(SHAPES), len(colours), len(TEXTURES)], size=(n, 3))
+    return [(SHAPES[s], colours[c], TEXTURES[t]) for s, c, t in picks.tolist()]
 
 
 def _draw_geometry(rng: np.random.Generator, concepts: list[tuple[str, str, str]], size: int) -> list[_Object]:
     """One random placement of the objects, fully inside the image, returned in drawing order."""
     objects = []
-    for i, (shape, colour, texture) in enumerate(concepts):
+    draws = rng.random((len(concepts), 4)).tolist()  # one call: a Generator call costs microseconds
+    for i, ((shape, colour, texture), (scale, turn, fx, fy)) in enumerate(zip(concepts, draws)):
         lo, hi = _PRIMARY_SCALE if i == 0 else _SECONDARY_SCALE
-        radius = rng.uniform(lo, hi) * size / math.sqrt(_AREA_PER_R2[shape])
-        rotation = rng.uniform(0, 2 * math.pi)
+        radius = (lo + scale * (hi - lo)) * size / math.sqrt(_AREA_PER_R2[shape])
         extent = _extent(shape, radius)
-        cx, cy = rng.uniform(extent, size - extent, size=2)
-        objects.append(_Object(shape, colour, texture, float(cx), float(cy), radius, rotation))
+        cx, cy = extent + fx * (size - 2 * extent), extent + fy * (size - 2 * extent)
+        objects.append(_Object(shape, colour, texture, cx, cy, radius, turn * 2 * math.pi))
     return [objects[i] for i in rng.permutation(len(objects))]
 
 
@@ -258,14 +260,16 @@ def _occlusion(objects: list[_Object], size: int) -> tuple[np.ndarray, list[_Pla
         ys, xs = _window(obj, size)
         u, v = _local_coords(obj, ys, xs)
         mask = _shape_mask(obj, u, v)
-        owner[ys, xs][mask] = i
+        window = owner[ys, xs]
+        # Exact in wrapping int8, and far cheaper than boolean-index assignment (see _paint).
+        window += mask.view(np.int8) * (np.int8(i) - window)
         placed.append(_Placed(obj, ys, xs, u, v, mask))
-    areas = np.bincount(owner.ravel() + 1, minlength=len(objects) + 1)[1:]
+    areas = np.array([np.count_nonzero(owner[p.ys, p.xs] == i) for i, p in enumerate(placed)])
     return owner, placed, areas
 
 
 def _accepts(placed: list[_Placed], areas: np.ndarray) -> bool:
-    if any(a < _MIN_VISIBLE_FRACTION * p.mask.sum() for p, a in zip(placed, areas)):
+    if any(a < _MIN_VISIBLE_FRACTION * np.count_nonzero(p.mask) for p, a in zip(placed, areas)):
         return False
     top = np.sort(areas)[::-1]
     return top.size == 1 or top[0] >= _AREA_MARGIN * top[1]
@@ -338,17 +342,9 @@ def render_sample(
         raise ValueError(f"shortcut_prob must be in [0, 1], got {shortcut_prob}")
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
-    rng = np.random.default_rng([seed, index])
-    background, planes = _background(rng, size)
-    shortcut = bool(rng.random() < shortcut_prob)
-    owner, placed, areas = _layout(rng, size)
-
-    top = int(np.argmax(areas))
-    cls = SHAPES.index(placed[top].obj.shape)
-    if shortcut:
-        placed[top].obj = replace(placed[top].obj, colour=SHORTCUT_COLOURS[cls])
+    background, planes, owner, placed, areas, shortcut = _compose(seed, index, size, shortcut_prob)
     _paint(planes, owner, placed)
-    img = np.stack(list(planes), axis=-1)
+    cls = SHAPES.index(placed[int(np.argmax(areas))].obj.shape)
     meta = {
         "class": cls,
         "class_name": CLASS_NAMES[cls],
@@ -357,7 +353,21 @@ def render_sample(
         "shortcut": shortcut,
         "objects": _object_meta(owner, placed, areas),
     }
-    return img, meta
+    return np.stack(list(planes), axis=-1), meta
+
+
+def _compose(
+    seed: int, index: int, size: int, shortcut_prob: float
+) -> tuple[str, np.ndarray, np.ndarray, list[_Placed], np.ndarray, bool]:
+    """The scene before painting: background kind and planes, owner map, objects, areas, shortcut."""
+    rng = np.random.default_rng([seed, index])
+    background, planes = _background(rng, size)
+    shortcut = bool(rng.random() < shortcut_prob)
+    owner, placed, areas = _layout(rng, size)
+    if shortcut:
+        top = placed[int(np.argmax(areas))]
+        top.obj = replace(top.obj, colour=SHORTCUT_COLOURS[SHAPES.index(top.obj.shape)])
+    return background, planes, owner, placed, areas, shortcut
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
@@ -397,6 +407,13 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:06d}.tar"
 
 
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed mtime and owner: a shard's bytes then depend on its content only.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
 def _write_shard(
     out_dir: Path,
     shard: int,
@@ -412,15 +429,14 @@ def _write_shard(
     tmp = out_dir / f".{path.name}.tmp-{os.getpid()}"
     done = 0
     try:
-        with open(tmp, "wb") as f:
-            # mtime fixed so that a shard's bytes depend on its content only.
-            writer = wds.TarWriter(f, encoder=False, mtime=0)
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(start, stop):
-                writer.write(encode_sample(index, *render_sample(seed, index, size, shortcut_prob)))
+                sample = encode_sample(index, *render_sample(seed, index, size, shortcut_prob))
+                for ext in ("png", "cls", "json"):
+                    _add_member(tar, f"{sample['__key__']}.{ext}", sample[ext])
                 done += 1
                 if report is not None and done % 32 == 0:
                     report(32)
-            writer.close()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
