@@ -48,15 +48,15 @@ default_cfgs = generate_default_cfgs({f"{n}.synthetic": _cfg(n) for n in DEMO_MO
 
 @register_model
 def demo_resnet(pretrained: bool = False, **kwargs: Any) -> ResNet:
-    """ResNet with one BasicBlock per stage, widths 32-64-128-256 (a resnet18 at a quarter depth/width)."""
-    args = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(32, 64, 128, 256),
-                stem_width=32, num_classes=NUM_CLASSES)
+    """ResNet with one BasicBlock per stage, widths 16-32-64-128 (resnet18 at half depth and a quarter width)."""
+    args = dict(block=BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 128),
+                stem_width=16, num_classes=NUM_CLASSES)
     return build_model_with_cfg(ResNet, "demo_resnet", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT with patch 16 at 128 px (8x8 tokens + CLS), width 192, depth 6, 3 heads, CLS head."""
-    args = dict(img_size=IMAGE_SIZE, patch_size=16, embed_dim=192, depth=6, num_heads=3,
+    """ViT with patch 16 at 128 px (8x8 tokens + CLS), width 128, depth 4, 4 heads, CLS head."""
+    args = dict(img_size=IMAGE_SIZE, patch_size=16, embed_dim=128, depth=4, num_heads=4,
                 num_classes=NUM_CLASSES, global_pool="token")
     return build_model_with_cfg(VisionTransformer, "demo_vit", pretrained, **dict(args, **kwargs))

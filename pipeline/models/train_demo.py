@@ -37,6 +37,9 @@ class Recipe:
     holdout_frac: float = 0.1
     seed: int = 0
     threads: int = 2
+    # stop at the end of the first epoch whose held-out accuracy reaches this (deterministic,
+    # unlike a time budget); 1.0 trains every epoch
+    target_accuracy: float = 1.0
 
 
 def load_arrays(shards: Sequence[str] | str, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -88,8 +91,18 @@ def accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, bat
     return correct / len(images)
 
 
+def _dataset_spec(shards: Sequence[str] | str) -> dict:
+    """The generator settings (seed, n, size, shortcut) from the shards' dataset.json, if any."""
+    first = Path(expand_shards(shards)[0])
+    spec_file = first.parent / "dataset.json"
+    if not spec_file.exists():
+        return {}
+    spec = json.loads(spec_file.read_text())
+    return {k: spec[k] for k in ("generator", "seed", "n", "size", "shortcut_prob") if k in spec}
+
+
 def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = None,
-          data_seed: int | None = None, progress: bool = True) -> dict:
+          progress: bool = True) -> dict:
     """Train `recipe.model` on `shards`; write `<model>.safetensors` and `<model>.json` to `out_dir`.
 
     Returns the model card as a dict.
@@ -103,7 +116,8 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
     held = holdout_mask(keys, recipe.holdout_frac)
     x_tr, y_tr, x_te, y_te = images[~held], labels[~held], images[held], labels[held]
 
-    model = timm.create_model(recipe.model)
+    # channels_last: about 25% faster CNN training on CPU (max-pool and BN take vectorised paths)
+    model = timm.create_model(recipe.model).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = len(x_tr) // recipe.batch_size
     total = steps_per_epoch * recipe.epochs
@@ -118,6 +132,7 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
         for i in range(steps_per_epoch):
             idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
             x = _augment(_normalise(model, torch.from_numpy(x_tr[idx])), gen)
+            x = x.contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(x), torch.from_numpy(y_tr[idx]), label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -125,21 +140,26 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
             sched.step()
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        held_acc = accuracy(model, x_te, y_te)
+        bar.write(f"epoch {epoch}: held-out accuracy {held_acc:.4f}")
+        if held_acc >= recipe.target_accuracy:
+            break
     bar.close()
     train_time = time.time() - t0
     card = {
         "model": recipe.model,
         "recipe": asdict(recipe),
-        "data": {"shards": list(expand_shards(shards)) if isinstance(shards, str) else list(shards),
-                 "data_seed": data_seed, "n_train": int(len(x_tr)), "n_heldout": int(len(x_te))},
-        "heldout_accuracy": accuracy(model, x_te, y_te),
+        "data": {**_dataset_spec(shards), "n_train": int(len(x_tr)), "n_heldout": int(len(x_te)),
+                 "holdout": f"crc32(key) % 1000 < {recipe.holdout_frac} * 1000"},
+        "epochs_run": epoch + 1,
+        "heldout_accuracy": held_acc,
         "train_accuracy_sample": accuracy(model, x_tr[:2000], y_tr[:2000]),
         "train_time_s": round(train_time, 1),
         "torch": torch.__version__,
         "timm": timm.__version__,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.contiguous(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / f"{recipe.model}.safetensors"), metadata={"card": json.dumps(card)})
     (out_dir / f"{recipe.model}.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
