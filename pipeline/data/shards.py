@@ -9,9 +9,10 @@ stream ended, members are grouped into samples with webdataset's own key rule
 
 - a shard that cannot be opened, or is not a tar: one record, key ``""``;
 - a shard that is truncated or corrupt part-way: the samples before the damage are yielded and
-  one record names the shard. The sample being read when the damage came is yielded too if it
-  has every member the sample before it had; otherwise it is dropped as possibly incomplete and
-  the record carries its key (else the key is ``""``);
+  one record names the shard and, as its key, the sample that was lost. A sample whose member
+  data is cut is lost. When a member *header* is cut or garbage, the next key is unknown: the
+  sample read last is yielded if it has every member the sample before it had, else it is lost
+  (the key is ``""`` when no sample was lost);
 - a sample with no image member, an undecodable image, a bad ``.cls`` or ``.json``, or a
   duplicated member: one record for that sample, which is not yielded.
 """
@@ -140,12 +141,24 @@ def _open(shard: str) -> IO[bytes]:
     return open(shard, "rb")
 
 
+class _MemberReadError(tarfile.ReadError):
+    """The data of ``member`` could not be read (its header could)."""
+
+    def __init__(self, member: str, cause: Exception):
+        super().__init__(f"cannot read member {member!r}: {cause!r}")
+        self.member = member
+
+
 def _tar_members(fileobj: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     """(name, data) of each regular member; raises ``tarfile.ReadError`` if the archive is cut short."""
     tf = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndCheckingTarInfo)
     for info in tf:
         if info.isreg():
-            yield info.name, tf.extractfile(info).read()
+            try:
+                data = tf.extractfile(info).read()
+            except Exception as exc:
+                raise _MemberReadError(info.name, exc) from exc
+            yield info.name, data
         tf.members = []  # stream mode keeps every header otherwise
     stop = getattr(tf, "stop_reason", None)
     # A complete archive ends at a zero block; anything else means it was cut off or damaged.
@@ -174,12 +187,20 @@ def _iter_shard(shard: str, errors: ErrorLog, stage: str, decode_image: bool) ->
                 members[ext] = data
     # Any failure of the storage, the file or the tar format ends this shard only, by design.
     except Exception as exc:
-        where = f"after member {last!r}" if last else "before the first member"
-        if members and expected is not None and expected <= members.keys():
+        if isinstance(exc, _MemberReadError):
+            # A member of a later sample means the pending one had ended, so it is whole.
+            lost = base_plus_ext(exc.member)[0] or exc.member
+            pending_whole = lost != key
+        else:
+            # A bad header gives no next key: trust the pending sample if it has every member
+            # the one before it had.
+            pending_whole = expected is not None and expected <= members.keys()
+            lost = "" if pending_whole else key
+        if members and pending_whole:
             yield from _finish(shard, key, members, problems, errors, stage, decode_image)
-            members = {}
-        dropped = f"; sample {key!r} dropped as possibly incomplete" if members else ""
-        _record(errors, stage, shard, key if members else "", f"unreadable shard, {where}: {exc!r}{dropped}")
+        where = f"after member {last!r}" if last else "before the first member"
+        dropped = f"; sample {lost!r} lost" if lost else ""
+        _record(errors, stage, shard, lost, f"unreadable shard, {where}: {exc!r}{dropped}")
         return
     if members:
         yield from _finish(shard, key, members, problems, errors, stage, decode_image)
