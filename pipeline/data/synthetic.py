@@ -72,7 +72,6 @@ _AREA_PER_R2 = {
     "star": 5 * _STAR_INNER * math.sin(math.pi / 5),
     "cross": 8 * _CROSS_HALF_WIDTH - 4 * _CROSS_HALF_WIDTH**2,
 }
-_N_FOLD = {"square": 4, "triangle": 3, "star": 5}
 
 
 @dataclass(frozen=True)
@@ -141,13 +140,12 @@ def _shape_mask(obj: _Object, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         w = r * _CROSS_HALF_WIDTH
         au, av = np.abs(u), np.abs(v)
         return ((au <= r) & (av <= w)) | ((au <= w) & (av <= r))
-    n = _N_FOLD[obj.shape]
-    if obj.shape == "star":
-        return _star_mask(u, v, n, r, r * _STAR_INNER)
-    # A convex regular polygon: the projection on every edge normal stays within the apothem.
-    normals = [(k + 0.5) * 2 * math.pi / n for k in range(n)]
-    proj = np.maximum.reduce([u * np.float32(math.cos(a)) + v * np.float32(math.sin(a)) for a in normals])
-    return proj <= r * math.cos(math.pi / n)
+    if obj.shape == "square":  # edges axis-aligned in the local frame; rotation is uniform anyway
+        return np.maximum(np.abs(u), np.abs(v)) <= r * math.sqrt(0.5)
+    if obj.shape == "triangle":  # a vertex at (R, 0); the edges' normals point at 180 and +-60 degrees
+        apothem = r / 2
+        return (u >= -apothem) & (0.5 * u + math.sqrt(0.75) * np.abs(v) <= apothem)
+    return _star_mask(u, v, 5, r, r * _STAR_INNER)
 
 
 def _star_mask(u: np.ndarray, v: np.ndarray, n: int, outer: float, inner: float) -> np.ndarray:
@@ -183,14 +181,6 @@ def _texture_mask(texture: str, u: np.ndarray, v: np.ndarray, period: float) -> 
     du = u - (np.floor(u / np.float32(period)) + np.float32(0.5)) * np.float32(period)
     dv = v - (np.floor(v / np.float32(period)) + np.float32(0.5)) * np.float32(period)
     return du * du + dv * dv <= (0.3 * period) ** 2
-
-
-def _object_mask(obj: _Object, size: int) -> np.ndarray:
-    """The object's full (unoccluded) mask on the whole image, ``bool[size, size]``."""
-    ys, xs = _window(obj, size)
-    full = np.zeros((size, size), dtype=bool)
-    full[ys, xs] = _shape_mask(obj, *_local_coords(obj, ys, xs))
-    return full
 
 
 def _background(rng: np.random.Generator, size: int) -> tuple[str, np.ndarray]:
@@ -297,13 +287,14 @@ def _paint(planes: np.ndarray, owner: np.ndarray, placed: list[_Placed]) -> None
     for i, p in enumerate(placed):
         visible = owner[p.ys, p.xs] == i
         dark = _texture_mask(p.obj.texture, p.u, p.v, period)
-        shaded = (visible & dark if dark is not None else np.zeros_like(visible)).view(np.uint8)
+        shaded = None if dark is None else (visible & dark).view(np.uint8)
         for c, value in enumerate(COLOURS[p.obj.colour]):
             region = planes[c, p.ys, p.xs]
             # region + mask * (value - region) in wrapping uint8 is exactly `value` where the mask
             # is set and untouched elsewhere, at a fifth of the cost of boolean-index assignment.
             region += visible.view(np.uint8) * (np.uint8(value) - region)
-            region -= shaded * np.uint8(value - _shade(value))
+            if shaded is not None:
+                region -= shaded * np.uint8(value - _shade(value))
 
 
 def _object_meta(owner: np.ndarray, placed: list[_Placed], areas: np.ndarray) -> list[dict]:
@@ -336,12 +327,7 @@ def render_sample(
     ``bbox`` the half-open pixel box of the visible mask, ``area`` its pixel count and ``mask``
     its RLE (see ``rle_encode``). ``shortcut`` says whether the shortcut colour was planted.
     """
-    if size < 16:
-        raise ValueError(f"size must be at least 16 pixels, got {size}")
-    if not 0.0 <= shortcut_prob <= 1.0:
-        raise ValueError(f"shortcut_prob must be in [0, 1], got {shortcut_prob}")
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
+    _check_args(seed, index, size, shortcut_prob)
     background, planes, owner, placed, areas, shortcut = _compose(seed, index, size, shortcut_prob)
     _paint(planes, owner, placed)
     cls = SHAPES.index(placed[int(np.argmax(areas))].obj.shape)
@@ -354,6 +340,15 @@ def render_sample(
         "objects": _object_meta(owner, placed, areas),
     }
     return np.stack(list(planes), axis=-1), meta
+
+
+def _check_args(seed: int, index: int, size: int, shortcut_prob: float) -> None:
+    if size < 16:
+        raise ValueError(f"size must be at least 16 pixels, got {size}")
+    if not 0.0 <= shortcut_prob <= 1.0:
+        raise ValueError(f"shortcut_prob must be in [0, 1], got {shortcut_prob}")
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
 
 
 def _compose(
@@ -484,17 +479,21 @@ def write_shards(
     metadata). Each shard is written under a temporary name and renamed when complete; the
     bytes of every shard are the same for any ``workers`` (default ``min(2, n_shards)``
     processes). Returns the shard paths in order.
+
+    With ``workers > 1`` the processes are started with the ``spawn`` method, which re-imports
+    the caller's main module: call this from a script under ``if __name__ == "__main__":``.
+    ``progress`` shows a tqdm bar with images/s.
     """
     if n < 1 or shard_size < 1:
         raise ValueError(f"n and shard_size must be positive, got n={n}, shard_size={shard_size}")
-    if not 0.0 <= shortcut_prob <= 1.0:
-        raise ValueError(f"shortcut_prob must be in [0, 1], got {shortcut_prob}")
+    _check_args(seed, 0, size, shortcut_prob)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(n / shard_size)
     _check_no_stale_shards(out, n_shards)
     workers = min(2, n_shards) if workers is None else max(1, min(workers, n_shards))
-    jobs = [(out, i, i * shard_size, min(n, (i + 1) * shard_size), seed, size, shortcut_prob) for i in range(n_shards)]
+    ranges = [(i * shard_size, min(n, (i + 1) * shard_size)) for i in range(n_shards)]
+    jobs = [(out, i, start, stop, seed, size, shortcut_prob) for i, (start, stop) in enumerate(ranges)]
 
     with tqdm(total=n, unit="img", desc="make-data", disable=not progress) as bar:
         if workers == 1:
@@ -521,7 +520,7 @@ def write_shards(
         "shortcut_colours": dict(zip(CLASS_NAMES, SHORTCUT_COLOURS)),
         "members": {"png": "RGB image, lossless", "cls": "class as ASCII int", "json": "metadata"},
         "mask_format": "RLE {size: [H, W], counts}: alternating False/True run lengths, row-major, False first",
-        "shards": [{"name": p.name, "first_index": j[2], "count": j[3] - j[2]} for p, j in zip(paths, jobs)],
+        "shards": [{"name": p.name, "first_index": a, "count": b - a} for p, (a, b) in zip(paths, ranges)],
     }
     tmp = out / ".dataset.json.tmp"
     tmp.write_text(json.dumps(spec, indent=2))
