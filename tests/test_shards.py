@@ -164,7 +164,7 @@ def test_bad_shards_are_recorded_and_the_rest_is_read(dataset: Path, tmp_path: P
     assert (first.stage, first.shard, first.key) == ("extract", str(truncated), "00000035")
     assert "00000035" in first.reason and "unexpected end of data" in first.reason
     assert (second.stage, second.shard, second.key) == ("extract", str(garbage), "00000042")
-    assert "undecodable image 00000042.png" in second.reason
+    assert second.reason == "undecodable image 00000042.png: not a recognised image format"
     assert errors.to_rows()[1] == {"stage": "extract", "shard": str(garbage), "key": "00000042", "reason": second.reason}
 
 
@@ -215,6 +215,18 @@ def test_bad_label_bad_json_and_missing_image_are_recorded_per_sample(dataset: P
     assert "bad metadata 00000002.json" in reasons["00000002"]
     assert "expected a JSON object" in reasons["00000003"]
     assert "no image member" in reasons["00000004"]
+
+
+def test_a_truncated_png_is_an_undecodable_image(dataset: Path, tmp_path: Path):
+    members = [(n, d[: len(d) // 2] if n == "00000007.png" else d) for n, d in _members(dataset / "shard-000000.tar")]
+    samples, errors = _read([_write_tar(tmp_path / "half-png.tar", members)])
+    assert len(samples) == 9
+    assert [e.key for e in errors] == ["00000007"] and "undecodable image 00000007.png" in errors.records[0].reason
+
+
+def test_a_single_path_string_is_refused_with_a_hint(dataset: Path):
+    with pytest.raises(TypeError, match="expand_shards"):
+        iter_samples(str(dataset / "shard-000000.tar"), ErrorLog())
 
 
 def test_error_log_collects_records_in_order():

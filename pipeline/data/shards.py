@@ -30,7 +30,7 @@ from typing import IO, Iterator, Sequence
 
 import fsspec
 from braceexpand import braceexpand
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.tariterators import base_plus_ext
 
@@ -119,8 +119,9 @@ def iter_samples(
     See the module docstring for what is recorded. With ``decode_image=False`` an image member
     must still be present, but ``Sample.image`` is None.
     """
-    for shard in shards:
-        yield from _iter_shard(shard, errors, stage, decode_image)
+    if isinstance(shards, (str, os.PathLike)):
+        raise TypeError(f"shards must be a list of shards, got {shards!r}: expand it with expand_shards()")
+    return (sample for shard in list(shards) for sample in _iter_shard(shard, errors, stage, decode_image))
 
 
 class _EndCheckingTarInfo(tarfile.TarInfo):
@@ -219,7 +220,9 @@ def _finish(
         try:
             with Image.open(io.BytesIO(members[image_ext])) as im:
                 image = im.convert("RGB")
-        except Exception as exc:  # Pillow raises many types for bad data
+        except UnidentifiedImageError:  # its message holds a memory address: keep reasons reproducible
+            problems.append(f"undecodable image {key}.{image_ext}: not a recognised image format")
+        except Exception as exc:  # Pillow raises many types for damaged data
             problems.append(f"undecodable image {key}.{image_ext}: {exc!r}")
     if "cls" in members:
         try:
