@@ -1,0 +1,120 @@
+"""Public SRD API: class saliency, hidden-layer relevance, iERFs (METHOD.md sections 3-4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.srd.adapters import build
+from pipeline.srd.graph import Graph, Unit, propagate
+from pipeline.srd.heads import Head, resolve_target
+
+
+@dataclass
+class SRDResult:
+    """Relevance of S seeds per image. `pixels` + `constant` sums to the seed total per seed:
+    `constant` is the share that fell on constants with no pixel source (ViT CLS / register /
+    position embeddings, biases of all-zero branches, zero pre-activations); never dropped."""
+
+    pixels: Tensor  # [N, S, H, W]
+    constant: Tensor  # [N, S]
+    layers: dict[str, Tensor]  # layer -> [N, S, P] relevance in tap layout (prefix tokens first)
+    target: Tensor | None = None  # [N] class seeded (class maps only)
+    logit: Tensor | None = None  # [N] its logit: the seed total with the identity contrastive rule
+
+
+def explain(model: nn.Module, images: Tensor, target: int | Tensor | None = None,
+            contrastive: bool = False, head: str = "exact", layers: tuple[str, ...] = ()) -> SRDResult:
+    """SRD of the class logit (S = 1): images [N, 3, H, W] -> SRDResult with pixels [N, 1, H, W].
+
+    head: "exact" decomposes the classifier head exactly (GAP + linear, CLS token, mean-pool,
+    VGG FC layers); "gradcam" (VGG only) seeds Grad-CAM at the last conv as the reference does.
+    """
+    graph, seed_head = build(model, images, head)
+    return _explain(graph, seed_head, target, contrastive, tuple(layers))
+
+
+def _explain(graph: Graph, seed_head: Head, target: int | Tensor | None, contrastive: bool,
+             layers: tuple[str, ...]) -> SRDResult:
+    y = resolve_target(graph.logits, target)
+    units = {name: graph.unit(name).name for name in layers}
+    res = propagate(graph, seed_head.unit, seed_head.seed(y).unsqueeze(1), contrastive=contrastive,
+                    keep=tuple(units.values()))
+    missing = [name for name, unit in units.items() if unit not in res.layers]
+    if missing:
+        raise ValueError(f"layers {missing} lie above the seed of the head: they get no relevance")
+    kept = {name: res.layers[unit].flatten(2) for name, unit in units.items()}
+    return SRDResult(res.pixels, res.constant, kept, y, graph.logits.gather(1, y[:, None])[:, 0])
+
+
+def saliency(model: nn.Module, images: Tensor, target: int | Tensor | None = None,
+             contrastive: bool = False, *, head: str = "exact",
+             return_constant: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """SRD saliency map of class `target` (None: the predicted class): images [N, 3, H, W] ->
+    Tensor[N, H, W]. contrastive: R <- R - mean(R) on the seed map. With return_constant, also
+    the constant share Tensor[N] (pixel sum + constant = logit when contrastive is False)."""
+    res = explain(model, images, target, contrastive, head)
+    maps = res.pixels[:, 0]
+    return (maps, res.constant[:, 0]) if return_constant else maps
+
+
+def relevance(model: nn.Module, images: Tensor, target: int | Tensor | None,
+              layers: list[str] | tuple[str, ...], *, contrastive: bool = False,
+              head: str = "exact") -> dict[str, Tensor]:
+    """Hidden-layer relevance R(z) = R(v) of the class logit: {layer: Tensor[N, h, w]} on each
+    layer's spatial grid (for ViT layers the patch tokens; the prefix tokens' relevance is in
+    `explain(...).layers` in tap layout)."""
+    graph, seed_head = build(model, images, head)
+    res = _explain(graph, seed_head, target, contrastive, tuple(layers))
+    out = {}
+    for name, r in res.layers.items():
+        unit = graph.unit(name)
+        out[name] = r[:, 0, unit.prefix:].reshape(r.shape[0], *unit.grid)
+    return out
+
+
+def ierf(model: nn.Module, images: Tensor, layer: str, seeds: Tensor,
+         direction: Tensor | None = None, *, return_constant: bool = False,
+         chunk: int = 64) -> Tensor | tuple[Tensor, Tensor]:
+    """Instance-specific effective receptive fields (METHOD.md section 4): images [N, 3, H, W] ->
+    Tensor[N, S, H, W], one signed map per seed, each summing to its seed total less its
+    constant share (returned as Tensor[N, S] with return_constant).
+
+    `layer` is a module path; the seed sits on that module's output, the post-activation PFVs v,
+    and relevance passes to the pre-activation z of the same unit (R(z) = R(v)): for a ReLU/BN
+    layer z is the activation's input; for a residual-stream layer (ViT `blocks.i`, EfficientNet
+    blocks) z is the sum the block's attention/skip decomposition targets (see families/).
+    seeds: LongTensor[S] or [N, S] of positions in tap layout (row-major h*w for CNNs, token
+    index for ViTs, prefix tokens first) for one-hot seeds, or float Tensor[N, S, P] seed maps.
+    direction: Tensor[S, C] or [N, S, C] latent directions w_f read on v; the first step then
+    uses mu_f(p->r) = <w_f*gate_r, c(p->r)> / <w_f*gate_r, z_r> (latent iERF), ordinary PFV
+    ratios below. Seeds are propagated `chunk` at a time (the frozen pattern is recorded once).
+    """
+    graph, _ = build(model, images)
+    unit = graph.unit(layer)
+    seed = _seed_maps(unit, seeds, images.shape[0])
+    if direction is not None:
+        direction = direction.to(images.dtype).expand(seed.shape[0], *direction.shape[-2:])
+    maps, consts = [], []
+    for lo in range(0, seed.shape[1], chunk):
+        d = None if direction is None else direction[:, lo:lo + chunk]
+        res = propagate(graph, unit.name, seed[:, lo:lo + chunk], d)
+        maps.append(res.pixels)
+        consts.append(res.constant)
+    maps_t, const_t = torch.cat(maps, 1), torch.cat(consts, 1)
+    return (maps_t, const_t) if return_constant else maps_t
+
+
+def _seed_maps(unit: Unit, seeds: Tensor, n: int) -> Tensor:
+    """One-hot seeds from positions, or reshaped seed maps: -> [N, S, *pos] on `unit`."""
+    pos = unit.z.shape[2:]
+    if seeds.dtype.is_floating_point:
+        return seeds.to(unit.z.dtype).reshape(n, seeds.shape[-2], *pos)
+    idx = seeds.to(unit.z.device).long()
+    idx = idx.expand(n, idx.shape[-1]) if idx.dim() == 1 else idx
+    if (idx < 0).any() or (idx >= unit.positions).any():
+        raise ValueError(f"seed positions must lie in [0, {unit.positions}) on layer {unit.name!r}")
+    onehot = unit.z.new_zeros(n, idx.shape[1], unit.positions)
+    onehot.scatter_(2, idx.unsqueeze(2), 1.0)
+    return onehot.reshape(n, idx.shape[1], *pos)

@@ -1,0 +1,242 @@
+"""SRD rules for CNN branches: conv (+BN folded), frozen max/avg pooling, identity shortcut.
+
+Efficient form (METHOD.md section 3): the bias-free part of a branch is input x VJP of the
+modified upstream signal g (one transposed conv, one pooling fold); only the bias share needs
+per-pair norms ||c0(p->q)||, computed per kernel tap (k^2 one-by-one products, each the size of
+one output map) instead of the reference's 2 k^2 full convolutions per layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.srd.errors import UnsupportedModuleError
+
+
+def _pair(x: int | tuple[int, ...]) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None]:
+    """Weight and bias of conv followed by eval-mode BN, as one affine map (BN is never a step).
+
+    [choice] (METHOD.md section 2) the BN shift includes eps, beta - gamma*mean/sqrt(var + eps):
+    the true affine map of the forward pass (the reference code omits eps).
+    """
+    w, b = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+    if bn is None:
+        return w, b
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias.detach() - scale * bn.running_mean
+    if b is not None:
+        shift = shift + scale * b
+    return w * scale.reshape(-1, 1, 1, 1), shift
+
+
+class Geometry:
+    """Windows of a k x k, stride s, padding p, dilation d sliding op from an [H, W] source to an
+    [Ho, Wo] output. Padding is explicit (and a ceil-mode overhang is added on the right), so
+    unfold/fold see exactly Ho*Wo windows; padded taps read zeros and receive nothing."""
+
+    def __init__(self, kernel, stride, padding, dilation, in_size, out_size) -> None:
+        self.k, self.s = _pair(kernel), _pair(stride)
+        self.p, self.d = _pair(padding), _pair(dilation)
+        self.in_size, self.out_size = tuple(in_size), tuple(out_size)
+        self.ext = tuple((o - 1) * s + d * (k - 1) + 1
+                         for o, s, d, k in zip(self.out_size, self.s, self.d, self.k))
+        # (left, right, top, bottom) pads; a negative right pad crops rows no window reads
+        self.pads = (self.p[1], self.ext[1] - self.p[1] - self.in_size[1],
+                     self.p[0], self.ext[0] - self.p[0] - self.in_size[0])
+
+    @property
+    def taps(self) -> int:
+        return self.k[0] * self.k[1]
+
+    def pad(self, x: Tensor) -> Tensor:
+        return F.pad(x, self.pads)
+
+    def unfold(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, k*k, Ho*Wo] window taps (zeros in padding)."""
+        cols = F.unfold(self.pad(x), self.k, self.d, 0, self.s)
+        return cols.view(x.shape[0], x.shape[1], self.taps, -1)
+
+    def fold(self, cols: Tensor) -> Tensor:
+        """[B, C, k*k, Ho*Wo] -> [B, C, H, W]: adds every tap back to its source position."""
+        out = F.fold(cols.flatten(1, 2), self.ext, self.k, self.d, 0, self.s)
+        return F.pad(out, [-q for q in self.pads])
+
+    def tap_slice(self, xp: Tensor, i: int, j: int) -> Tensor:
+        """The source PFVs read by tap (i, j) of every window, from a padded map: [.., Ho, Wo]."""
+        (sh, sw), (dh, dw), (ho, wo) = self.s, self.d, self.out_size
+        return xp[..., i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
+
+
+class FrozenPool:
+    """A max or average pooling with its pattern frozen (METHOD.md section 3): per channel,
+    pooled(q') = sum_u m_u(q') * x[s q' + u - p], m one-hot at the recorded argmax (max pooling:
+    a channel-wise selection) or 1/count (average pooling)."""
+
+    def __init__(self, module: nn.MaxPool2d | nn.AvgPool2d, x: Tensor, path: str) -> None:
+        if getattr(module, "dilation", 1) not in (1, (1, 1)):
+            raise UnsupportedModuleError(module, path, "dilated pooling")
+        out = module(x)
+        self.geo = Geometry(module.kernel_size, module.stride or module.kernel_size,
+                            module.padding, 1, x.shape[2:], out.shape[2:])
+        h, w = x.shape[2:]
+        flat = torch.arange(1, h * w + 1, dtype=torch.float64, device=x.device).view(1, 1, h, w)
+        src = self.geo.unfold(flat)[0, 0].long() - 1  # [k*k, L] flat source index, -1 = padding
+        if isinstance(module, nn.MaxPool2d):
+            _, ind = F.max_pool2d(x, self.geo.k, self.geo.s, self.geo.p, 1, module.ceil_mode, True)
+            self.m = (src.unsqueeze(0).unsqueeze(0) == ind.flatten(2).unsqueeze(2)).to(x.dtype)
+        else:
+            self.m = self._avg_weights(module, src, h, w).to(x.dtype)[None, None]
+        if not torch.allclose(self.taps(x).sum(2).view_as(out), out, rtol=1e-5, atol=1e-6):
+            raise UnsupportedModuleError(module, path, "pooling configuration not reproduced")
+
+    def _avg_weights(self, module: nn.AvgPool2d, src: Tensor, h: int, w: int) -> Tensor:
+        valid = (src >= 0).to(torch.float64)
+        if module.divisor_override:
+            return valid / module.divisor_override
+        if not module.count_include_pad:
+            return valid / valid.sum(0, keepdim=True)
+        # torch counts padded taps but not a ceil-mode overhang beyond the padding
+        ones = F.pad(torch.ones(1, 1, h, w, dtype=torch.float64, device=src.device), [self.geo.p[1]] * 2 + [self.geo.p[0]] * 2, value=1.0)
+        padded = Geometry(self.geo.k, self.geo.s, 0, 1, ones.shape[2:], self.geo.out_size).unfold(ones)[0, 0]
+        return valid / padded.sum(0, keepdim=True)
+
+    def taps(self, x: Tensor) -> Tensor:
+        """[N, C, H, W] -> [N, C, k*k, L']: the part of each window tap that reaches the output."""
+        return self.geo.unfold(x) * self.m
+
+    def vjp(self, g: Tensor) -> Tensor:
+        """Transpose of the frozen pooling: g [N*S, C, H', W'] -> [N*S, C, H, W]."""
+        b, c = g.shape[:2]
+        if self.m.shape[0] == 1:  # one pattern for the whole batch (average pooling, or N = 1)
+            cols = self.m * g.reshape(b, c, 1, -1)
+        else:  # per-image argmax, shared by that image's S seeds
+            cols = self.m.unsqueeze(1) * g.reshape(self.m.shape[0], -1, c, 1, g.shape[2] * g.shape[3])
+        return self.geo.fold(cols.reshape(b, c, self.geo.taps, -1))
+
+
+class IdentityRule:
+    """Identity shortcut (or skip): source p = q contributes x_q itself, no bias share."""
+
+    bias = None
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def contribution_relevance(self, g: Tensor, src: Tensor) -> Tensor:
+        return (g * src.unsqueeze(1)).sum(2)
+
+
+class PoolRule(IdentityRule):
+    """A frozen pooling feeding an add or a tap directly (ResNet-18 shortcut after the stem
+    max-pool, VGG pool outputs as tap layers): linear, no bias."""
+
+    def __init__(self, source: str, pool: FrozenPool) -> None:
+        super().__init__(source)
+        self.pool = pool
+
+    def contribution_relevance(self, g: Tensor, src: Tensor) -> Tensor:
+        n, s = g.shape[:2]
+        return (self.pool.vjp(g.flatten(0, 1)).view(n, s, *src.shape[1:]) * src.unsqueeze(1)).sum(2)
+
+
+class ConvRule:
+    """Conv with BN folded in, optionally preceded by a frozen pooling that then belongs to this
+    block (METHOD.md section 3: max pooling joins the next conv's block, sources are pre-pool
+    PFVs). Per-pair contributions c0(p->q) sum over every (conv tap, pool tap) path from p to q."""
+
+    def __init__(self, source: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, src: Tensor,
+                 out_size: tuple[int, int], pool: FrozenPool | None = None, path: str = "") -> None:
+        self.source, self.pool, self.src = source, pool, src
+        if conv.padding_mode != "zeros":
+            raise UnsupportedModuleError(conv, path, f"padding_mode {conv.padding_mode!r}: padding must contribute nothing")
+        if bn is not None and bn.running_var is None:
+            raise UnsupportedModuleError(bn, path, "BatchNorm without running statistics is not affine")
+        self.weight, self.bias = fold_bn(conv, bn)
+        if self.bias is not None:
+            self.bias = self.bias.reshape(1, -1, 1, 1)
+        self.groups = conv.groups
+        conv_in = pool.geo.out_size if pool is not None else tuple(src.shape[2:])
+        self.geo = Geometry(self.weight.shape[2:], conv.stride, conv.padding, conv.dilation, conv_in, out_size)
+        if pool is None:
+            self.pair_geo = self.geo
+        else:  # the composite pool -> conv as one sliding window over the pre-pool map
+            if self.geo.d != (1, 1):
+                raise UnsupportedModuleError(conv, path, "dilated conv after pooling")
+            pg, cg = pool.geo, self.geo
+            k = tuple(ps * (ck - 1) + pk for ps, ck, pk in zip(pg.s, cg.k, pg.k))
+            st = tuple(ps * cs for ps, cs in zip(pg.s, cg.s))
+            pd = tuple(ps * cp + pp for ps, cp, pp in zip(pg.s, cg.p, pg.p))
+            self.pair_geo = Geometry(k, st, pd, 1, src.shape[2:], out_size)
+        self._norms: Tensor | None = None
+
+    def contribution_relevance(self, g: Tensor, src: Tensor) -> Tensor:
+        n, s = g.shape[:2]
+        conv_in = (n * s, self.weight.shape[1] * self.groups, *self.geo.in_size)
+        gc = torch.nn.grad.conv2d_input(conv_in, self.weight, g.flatten(0, 1), self.geo.s,
+                                        self.geo.p, self.geo.d, self.groups)
+        if self.pool is not None:
+            gc = self.pool.vjp(gc)
+        return (gc.view(n, s, *src.shape[1:]) * src.unsqueeze(1)).sum(2)
+
+    def norms(self) -> Tensor:
+        """Per-pair norms ||c0(p->q)|| as [N, K*K, Ho*Wo] over the pair geometry's window taps."""
+        if self._norms is None:
+            self._norms = self._pool_norms() if self.pool is not None else self._conv_norms()
+        return self._norms
+
+    def _tap_weight(self, i: int, j: int) -> Tensor:
+        return self.weight[:, :, i:i + 1, j:j + 1]
+
+    def _tap_norm(self, x: Tensor, i: int, j: int) -> Tensor:
+        """||W_t x|| per position for one tap t: direct 1x1 product, or the Gram form x^T W_t^T W_t x
+        when the tap maps to more channels than it reads (cheaper; e.g. RGB -> 768 patch embed)."""
+        w = self._tap_weight(i, j)
+        cout, cin = w.shape[:2]
+        if cin >= cout // self.groups:
+            return F.conv2d(x, w, groups=self.groups).square().sum(1).sqrt()
+        wg = w.view(self.groups, cout // self.groups, cin)
+        gram = torch.einsum("goc,god->gcd", wg, wg)
+        xg = x.view(x.shape[0], self.groups, cin, *x.shape[2:])
+        return torch.einsum("ngchw,gcd,ngdhw->nhw", xg, gram, xg).clamp(min=0).sqrt()
+
+    def _conv_norms(self) -> Tensor:
+        xp = self.geo.pad(self.src)
+        kh, kw = self.geo.k
+        taps = [self._tap_norm(self.geo.tap_slice(xp, i, j), i, j) for i in range(kh) for j in range(kw)]
+        return torch.stack(taps, 1).flatten(2)
+
+    def _pool_norms(self) -> Tensor:
+        pg, cg, pair = self.pool.geo, self.geo, self.pair_geo
+        sel = self.pool.taps(self.src)  # [N, C, kp*kp, H'*W']
+        sel = cg.pad(sel.view(*sel.shape[:3], *pg.out_size).movedim(2, 0))  # [kp*kp, N, C, ..]
+        paths: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for i in range(cg.k[0]):
+            for j in range(cg.k[1]):
+                for u in range(pg.taps):
+                    d = (pg.s[0] * i + u // pg.k[1], pg.s[1] * j + u % pg.k[1])
+                    paths.setdefault(d, []).append((i, j, u))
+        n, (ho, wo) = self.src.shape[0], cg.out_size
+        norms = self.src.new_zeros(n, pair.taps, ho, wo)
+        for (dh, dw), combos in paths.items():
+            if len(combos) == 1:
+                i, j, u = combos[0]
+                nrm = self._tap_norm(cg.tap_slice(sel[u], i, j), i, j)
+            else:  # several (conv tap, pool tap) paths reach q from the same p: sum, then norm
+                y = sum(F.conv2d(cg.tap_slice(sel[u], i, j), self._tap_weight(i, j), groups=self.groups)
+                        for i, j, u in combos)
+                nrm = y.square().sum(1).sqrt()
+            norms[:, dh * pair.k[1] + dw] = nrm
+        return norms.flatten(2)
+
+    def norm_total(self) -> Tensor:
+        return self.norms().sum(1).view(-1, *self.geo.out_size)
+
+    def scatter(self, beta: Tensor) -> Tensor:
+        n, s = beta.shape[:2]
+        cols = self.norms().unsqueeze(1) * beta.reshape(n, s, 1, -1)
+        return self.pair_geo.fold(cols.reshape(n * s, 1, self.pair_geo.taps, -1)).view(n, s, *self.pair_geo.in_size)

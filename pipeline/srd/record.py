@@ -1,0 +1,54 @@
+"""Recording the forward pass of an unmodified model: module inputs and outputs by module path.
+
+The frozen pattern (METHOD.md section 1) is read from this one recorded pass: pre-activations
+are the inputs of activation modules, taken by a pre-hook and cloned because timm runs most
+activations (and ResNet's residual add) in place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Recording:
+    """Tensors of one forward pass: `inputs[path]` (first positional input), `outputs[path]`."""
+
+    images: Tensor
+    logits: Tensor
+    inputs: dict[str, Tensor]
+    outputs: dict[str, Tensor]
+
+
+def record(model: nn.Module, images: Tensor, inputs: Iterable[str] = (),
+           outputs: Iterable[str] = ()) -> Recording:
+    """Run `model(images)` once in eval mode (BN running stats, no dropout: the deterministic
+    affine maps SRD decomposes; the model's mode is restored) and record the named tensors."""
+    modules = dict(model.named_modules())
+    rec = Recording(images, images, {}, {})
+    handles = []
+
+    def keep(store: dict[str, Tensor], path: str, t: Tensor) -> None:
+        if path in store:
+            raise RuntimeError(f"module {path!r} ran twice in one forward: SRD needs one call per module")
+        store[path] = t.detach().clone()
+
+    for path in inputs:
+        handles.append(modules[path].register_forward_pre_hook(
+            lambda m, args, p=path: keep(rec.inputs, p, args[0])))
+    for path in outputs:
+        handles.append(modules[path].register_forward_hook(
+            lambda m, args, out, p=path: keep(rec.outputs, p, out)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            rec.logits = model(images)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return rec
