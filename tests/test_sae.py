@@ -365,3 +365,11 @@ def test_wrong_pfv_width_fails_before_any_training_step(tmp_path) -> None:
     with pytest.raises(ValueError, match="d_in=16"):
         train_sae(cfg, [torch.randn(8, 12)], 5, checkpoint_dir=tmp_path, progress=False, device="cpu")
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_fresh_run_refuses_a_folder_that_holds_checkpoints(tmp_path) -> None:
+    data = SparseDictionary(d=16, n_atoms=32, active=3)
+    cfg = SAEConfig(d_in=16, n_latents=32, k=2, lr=5e-3, batch_size=BATCH)
+    _train(cfg, data, steps=2, checkpoint_dir=tmp_path, checkpoint_every=1)
+    with pytest.raises(FileExistsError, match="step-000000002"):
+        _train(cfg, data, steps=2, checkpoint_dir=tmp_path, resume=False)

@@ -56,7 +56,8 @@ def save_sae(sae: SAE, path: str | os.PathLike[str], metrics: dict[str, Any] | N
         "threshold": threshold if threshold >= 0 else None,
         "metrics": metrics or {},
     }
-    _write_text_atomic(base.with_name(base.name + ".json"), json.dumps(info, indent=2, sort_keys=True))
+    text = json.dumps(info, indent=2, sort_keys=True)
+    _write_text_atomic(base.with_name(base.name + ".json"), text)
 
 
 def read_sae_info(path: str | os.PathLike[str]) -> dict[str, Any]:

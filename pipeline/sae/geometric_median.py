@@ -26,7 +26,9 @@ def geometric_median(
         Tensor[D] in the dtype of `points` (computed in float64 for stable weights).
     """
     if points.ndim != 2 or points.shape[0] < 1:
-        raise ValueError(f"geometric_median expects Tensor[N>=1, D], got shape {tuple(points.shape)}")
+        raise ValueError(
+            f"geometric_median expects Tensor[N>=1, D], got shape {tuple(points.shape)}"
+        )
     x = points.to(torch.float64)
     median = x.mean(dim=0)
     scale = x.norm(dim=1).mean().clamp_min(eps)

@@ -25,7 +25,10 @@ DENSE_THRESHOLD = 0.1
 def fvu(x: Tensor, x_hat: Tensor) -> float:
     """Fraction of variance unexplained of Tensor[N, D] by Tensor[N, D] (float64 sums)."""
     if x.shape != x_hat.shape or x.ndim != 2:
-        raise ValueError(f"fvu expects two Tensor[N, D] of one shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+        raise ValueError(
+            f"fvu expects two Tensor[N, D] of one shape, "
+            f"got {tuple(x.shape)} and {tuple(x_hat.shape)}"
+        )
     x, x_hat = x.double(), x_hat.double()
     total = (x - x.mean(dim=0)).pow(2).sum()
     return float((x - x_hat).pow(2).sum() / total)

@@ -90,7 +90,9 @@ class SAE(nn.Module):
         if self.cfg.normalize:
             mean_sq = x.pow(2).sum(dim=1).mean()
             if not torch.isfinite(mean_sq) or mean_sq <= 0:
-                raise ValueError(f"cannot normalise: mean squared norm of the sample is {mean_sq.item()}")
+                raise ValueError(
+                    f"cannot normalise: mean squared norm of the sample is {mean_sq.item()}"
+                )
             self.scale.fill_(mean_sq.rsqrt().item())
         x = x * self.scale
         centre = geometric_median(x) if self.cfg.b_dec_init == "geometric_median" else x.mean(dim=0)
@@ -178,7 +180,9 @@ class SAE(nn.Module):
 
     def _check_width(self, x: Tensor) -> None:
         if x.ndim < 1 or x.shape[-1] != self.cfg.d_in:
-            raise ValueError(f"expected PFVs of width d_in={self.cfg.d_in}, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected PFVs of width d_in={self.cfg.d_in}, got shape {tuple(x.shape)}"
+            )
 
     def _normalise(self, x: Tensor) -> Tensor:
         return x.to(self.W_enc.dtype) * self.scale.to(self.W_enc.dtype)

@@ -15,6 +15,11 @@ resume, `batches` is re-opened at that position:
   deterministic dataset; not a one-shot generator).
 With the same config, seed and data, a run interrupted after any checkpoint and resumed ends
 with the same weights as an uninterrupted run.
+
+Under Ray Train, each worker builds `SAE(cfg)`, calls `initialize_from_sample` on the same
+sample (or loads a checkpoint), wraps it with `ray.train.torch.prepare_model`, builds
+`make_optimizer` over the wrapped module and loops `train_step`; rank 0 writes
+`save_checkpoint(root, unwrap(model), optimizer, TrainState(...))`.
 """
 from __future__ import annotations
 
@@ -113,6 +118,7 @@ def train_sae(
         progress: show a tqdm bar (steps/s, ETA, loss, L0, dead fraction).
         device: where to train; default CUDA when available, else CPU.
         init_sample: Tensor[N, d_in] for the input scale and b_dec; default the first batch.
+            Unused on resume (the checkpoint holds both).
         keep_checkpoints: newest checkpoints kept on disk.
 
     Returns:
@@ -121,11 +127,16 @@ def train_sae(
     """
     if steps < 1 or checkpoint_every < 1:
         raise ValueError(f"steps={steps} and checkpoint_every={checkpoint_every} must be >= 1")
+    found = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if found is not None and not resume:
+        # a fresh run would interleave its step folders with the old run's, and pruning
+        # could then delete the new ones: refuse rather than mix two runs
+        raise FileExistsError(f"{checkpoint_dir} already holds checkpoints ({found.name}); "
+                              "pass resume=True to continue them or use an empty folder")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sae = SAE(cfg).to(device)
     optimizer = make_optimizer(sae, cfg)
     state = TrainState(step=0, position=0, tokens=0)
-    found = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None and resume else None
     if found is not None:
         state = load_checkpoint(found, sae, optimizer)
     stream = _open(batches, state.position)
@@ -141,16 +152,20 @@ def train_sae(
     for step in range(state.step + 1, steps + 1):
         batch = next(stream, None)
         if batch is None:
-            raise ValueError(f"batches ran out after {state.position} batches, before step {step} of {steps}")
+            raise ValueError(
+                f"batches ran out after {state.position} batches, before step {step} of {steps}"
+            )
         history.append(train_step(sae, optimizer, batch.to(device)))
-        state = TrainState(step=step, position=state.position + 1, tokens=state.tokens + batch.shape[0])
+        state = TrainState(step, state.position + 1, state.tokens + batch.shape[0])
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", l0=f"{history[-1]['l0']:.1f}",
                         dead=f"{history[-1]['dead_frac']:.3f}", refresh=False)
         if checkpoint_dir is not None and (step % checkpoint_every == 0 or step == steps):
             save_checkpoint(checkpoint_dir, sae, optimizer, state, keep=keep_checkpoints)
     bar.close()
-    metrics: dict[str, Any] = {key: sum(h[key] for h in history) / len(history) for key in _STEP_KEYS} if history else {}
+    metrics: dict[str, Any] = (
+        {key: sum(h[key] for h in history) / len(history) for key in _STEP_KEYS} if history else {}
+    )
     metrics.update(steps=steps, tokens=state.tokens)
     return sae.eval(), metrics
 
@@ -162,9 +177,17 @@ def _open(batches: Batches, position: int) -> Iterator[Tensor]:
     return itertools.islice(iter(batches), position, None)
 
 
-def _all_reduce_stats(fired: Tensor, n_tokens: Tensor, min_active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Sum over workers in one collective: fired anywhere, total PFVs, mean per-worker θ sample."""
-    packed = torch.cat([fired.double(), n_tokens.double().reshape(1), min_active.double().reshape(1)])
+def _all_reduce_stats(
+    fired: Tensor, n_tokens: Tensor, min_active: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sum over workers in one collective: fired anywhere, total PFVs, mean per-worker θ sample.
+
+    Each worker's BatchTopK keeps k·B_local activations, so its minimum kept activation is a
+    per-batch threshold sample; their mean is what a single process would average over steps.
+    """
+    packed = torch.cat(
+        [fired.double(), n_tokens.double().reshape(1), min_active.double().reshape(1)]
+    )
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     world = dist.get_world_size()
     return packed[:-2] > 0, packed[-2].long(), packed[-1] / world
