@@ -2,8 +2,9 @@
 
 `train_step` is the unit a Ray Train `TorchTrainer` worker calls: it works on a bare `SAE` or
 on a `DistributedDataParallel`-wrapped one (the unit-norm constraint and the running
-statistics are applied to the unwrapped module, and the statistics are all-reduced so every
-worker holds the same dead-latent counters and BatchTopK threshold). `train_sae` is the
+statistics are applied to the unwrapped module; for a DDP module the statistics are
+all-reduced over its process group so every worker holds the same dead-latent counters and
+BatchTopK threshold). `train_sae` is the
 single-process loop with checkpoints and a true resume.
 
 Resume contract. A checkpoint records the number of batches consumed (`position`). On
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pipeline.sae.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -82,8 +84,12 @@ def train_step(sae: nn.Module, optimizer: torch.optim.Optimizer, batch: Tensor) 
         fired = active.any(dim=0)
         min_active = torch.where(active, out.acts, torch.full_like(out.acts, math.inf)).min()
         n_tokens = torch.tensor(batch.shape[0], device=fired.device)
-        if dist.is_available() and dist.is_initialized():
-            fired, n_tokens, min_active = _all_reduce_stats(fired, n_tokens, min_active)
+        # only a DDP-wrapped SAE shares statistics: under Ray Train a process group exists
+        # even when each worker trains its own SAE (a sweep), and those must not mix
+        if isinstance(sae, DistributedDataParallel):
+            fired, n_tokens, min_active = _all_reduce_stats(
+                fired, n_tokens, min_active, sae.process_group
+            )
         core.update_stats_(fired, n_tokens, min_active)
         stats = torch.stack([
             out.loss.detach().float(), out.mse.detach().float(), out.l1.detach().float(),
@@ -122,8 +128,9 @@ def train_sae(
         keep_checkpoints: newest checkpoints kept on disk.
 
     Returns:
-        The trained SAE in eval mode, and metrics: each `train_step` stat averaged over the
-        last steps, plus `steps` and `tokens` (PFVs trained on, this run and resumed ones).
+        The trained SAE in eval mode, and metrics: loss, mse, l1, aux and l0 averaged over the
+        last steps; the final dead_frac (training counters) and BatchTopK threshold; `steps`
+        and `tokens` (PFVs trained on, this run and resumed ones).
     """
     if steps < 1 or checkpoint_every < 1:
         raise ValueError(f"steps={steps} and checkpoint_every={checkpoint_every} must be >= 1")
@@ -166,7 +173,13 @@ def train_sae(
     metrics: dict[str, Any] = (
         {key: sum(h[key] for h in history) / len(history) for key in _STEP_KEYS} if history else {}
     )
-    metrics.update(steps=steps, tokens=state.tokens)
+    # counters and θ are states, not per-step quantities: report their final values
+    metrics.update(
+        dead_frac=float(sae.dead_mask.float().mean()),
+        threshold=float(sae.threshold),
+        steps=steps,
+        tokens=state.tokens,
+    )
     return sae.eval(), metrics
 
 
@@ -178,7 +191,7 @@ def _open(batches: Batches, position: int) -> Iterator[Tensor]:
 
 
 def _all_reduce_stats(
-    fired: Tensor, n_tokens: Tensor, min_active: Tensor
+    fired: Tensor, n_tokens: Tensor, min_active: Tensor, group: dist.ProcessGroup
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sum over workers in one collective: fired anywhere, total PFVs, mean per-worker θ sample.
 
@@ -188,6 +201,6 @@ def _all_reduce_stats(
     packed = torch.cat(
         [fired.double(), n_tokens.double().reshape(1), min_active.double().reshape(1)]
     )
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    world = dist.get_world_size()
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    world = dist.get_world_size(group)
     return packed[:-2] > 0, packed[-2].long(), packed[-1] / world
