@@ -119,10 +119,12 @@ class _Crash(RuntimeError):
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])
 def test_resume_after_crash_gives_same_weights_as_uninterrupted_run(tmp_path, variant) -> None:
     data = SparseDictionary(d=16, n_atoms=32, active=3)
-    # tiny dead window so the AuxK path and the dead counters are live across the resume
-    cfg = SAEConfig(d_in=16, n_latents=64, variant=variant, k=3, lr=5e-3, batch_size=BATCH,
-                    aux_k=16, dead_tokens=3 * BATCH, threshold_momentum=0.9)
+    # wide SAE and a two-batch dead window: the AuxK loss is non-zero around the resume
+    # point, so the dead-latent counters must be restored exactly too
+    cfg = SAEConfig(d_in=16, n_latents=256, variant=variant, k=3, lr=5e-3, batch_size=BATCH,
+                    aux_k=16, dead_tokens=2 * BATCH, threshold_momentum=0.9)
     reference, ref_metrics = _train(cfg, data, steps=30)
+    assert ref_metrics["aux"] > 0
 
     def crashing(position: int) -> Iterator[Tensor]:
         for i, batch in enumerate(data.factory(position)):
@@ -131,7 +133,8 @@ def test_resume_after_crash_gives_same_weights_as_uninterrupted_run(tmp_path, va
             yield batch
 
     with pytest.raises(_Crash):
-        train_sae(cfg, crashing, 30, checkpoint_dir=tmp_path, checkpoint_every=10, progress=False, device="cpu")
+        train_sae(cfg, crashing, 30, checkpoint_dir=tmp_path, checkpoint_every=10, progress=False,
+                  device="cpu")
     assert latest_checkpoint(tmp_path).name == "step-000000020"
     resumed, metrics = _train(cfg, data, steps=30, checkpoint_dir=tmp_path, checkpoint_every=10)
 
