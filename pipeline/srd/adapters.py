@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from timm.layers import DropPath
 from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import ResNet
@@ -76,9 +77,10 @@ Builder = Callable[[nn.Module, Tensor, str], tuple[Graph, Head]]
 
 
 def _families() -> dict[type[nn.Module], Builder]:
-    from pipeline.srd.families import resnet
+    from pipeline.srd.families import efficientnet, resnet, vgg, vit
 
-    return {ResNet: resnet.build}
+    return {ResNet: resnet.build, VGG: vgg.build, VisionTransformer: vit.build,
+            EfficientNet: efficientnet.build}
 
 
 def build(model: nn.Module, images: Tensor, head: str = "exact") -> tuple[Graph, Head]:
@@ -91,7 +93,8 @@ def build(model: nn.Module, images: Tensor, head: str = "exact") -> tuple[Graph,
         raise UnsupportedModuleError(model, "", f"no SRD adapter; supported families: {names}")
     if head not in ("exact", "gradcam"):
         raise ValueError(f"head must be 'exact' or 'gradcam', got {head!r}")
-    return builder(model, images, head)
+    with torch.no_grad():
+        return builder(model, images, head)
 
 
 def graph_of(units: list[Unit], blocks: list[Block], aliases: dict[str, str], logits: Tensor) -> Graph:

@@ -193,13 +193,18 @@ class ConvRule:
         return self.weight[:, :, i:i + 1, j:j + 1]
 
     def _tap_norm(self, x: Tensor, i: int, j: int) -> Tensor:
-        """||W_t x|| per position for one tap t: direct 1x1 product, or the Gram form x^T W_t^T W_t x
-        when the tap maps to more channels than it reads (cheaper; e.g. RGB -> 768 patch embed)."""
+        """||W_t x|| per position for one tap t: element-wise for a depthwise conv, the Gram
+        form x^T W_t^T W_t x when the tap maps to more channels than it reads (cheaper; e.g.
+        RGB -> 768 in a patch embedding), else the direct 1x1 product."""
         w = self._tap_weight(i, j)
         cout, cin = w.shape[:2]
-        if cin >= cout // self.groups:
+        per_group = cout // self.groups
+        if cin == 1:  # depthwise: output channel o reads input channel o // per_group only
+            wsq = w.view(self.groups, per_group).square().sum(1)
+            return torch.einsum("nchw,c->nhw", x.square(), wsq).sqrt()
+        if cin >= per_group:
             return F.conv2d(x, w, groups=self.groups).square().sum(1).sqrt()
-        wg = w.view(self.groups, cout // self.groups, cin)
+        wg = w.view(self.groups, per_group, cin)
         gram = torch.einsum("goc,god->gcd", wg, wg)
         xg = x.view(x.shape[0], self.groups, cin, *x.shape[2:])
         return torch.einsum("ngchw,gcd,ngdhw->nhw", xg, gram, xg).clamp(min=0).sqrt()

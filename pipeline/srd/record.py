@@ -6,8 +6,9 @@ activations (and ResNet's residual add) in place.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -23,10 +24,21 @@ class Recording:
     outputs: dict[str, Tensor]
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode (BN running stats, no dropout: the deterministic affine maps SRD decomposes),
+    restoring the model's own mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def record(model: nn.Module, images: Tensor, inputs: Iterable[str] = (),
            outputs: Iterable[str] = ()) -> Recording:
-    """Run `model(images)` once in eval mode (BN running stats, no dropout: the deterministic
-    affine maps SRD decomposes; the model's mode is restored) and record the named tensors."""
+    """Run `model(images)` once in eval mode and record the named modules' inputs / outputs."""
     modules = dict(model.named_modules())
     rec = Recording(images, images, {}, {})
     handles = []
@@ -42,13 +54,10 @@ def record(model: nn.Module, images: Tensor, inputs: Iterable[str] = (),
     for path in outputs:
         handles.append(modules[path].register_forward_hook(
             lambda m, args, out, p=path: keep(rec.outputs, p, out)))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             rec.logits = model(images)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return rec

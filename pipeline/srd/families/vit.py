@@ -1,0 +1,124 @@
+"""timm VisionTransformer (ViT / DeiT, patch embedding conv, CLS or mean-pool head, registers,
+layer scale; demo_vit).
+
+Units are residual-stream token maps [N, D, T] (prefix tokens first): `norm_pre` (x^0: patch
+embedding + position embedding, CLS and register tokens as constants of that first block) and
+`blocks.l` (x^{l+1}). The unit `blocks.l` has pre-activation z = x^l + attention output (the
+sum the attention decomposition targets) and its per-token "nonlinearity" is the MLP sub-block,
+through which relevance passes (METHOD.md section 3, [choice]).
+"""
+from __future__ import annotations
+
+import torch
+from timm.layers import LayerNorm, LayerScale, Mlp, PatchDropout, PatchEmbed
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block as VitBlock
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from pipeline.srd.adapters import ACTIVATIONS, Claims, graph_of, input_unit, linear_unit
+from pipeline.srd.conv import ConvRule, IdentityRule
+from pipeline.srd.errors import UnsupportedModuleError
+from pipeline.srd.graph import Block, Graph, Unit
+from pipeline.srd.heads import Head, pooled_linear_seed, token_seed
+from pipeline.srd.record import record
+from pipeline.srd.transformer import AttentionRule, PatchRule, mlp_pull
+
+
+NORMS = (nn.LayerNorm, LayerNorm)  # timm's LayerNorm is F.layer_norm too
+
+
+def _validate(c: Claims, model: VisionTransformer) -> None:
+    pe = c.get("patch_embed", PatchEmbed)
+    c.get("patch_embed.proj", nn.Conv2d)
+    if not pe.flatten or getattr(pe, "dynamic_img_pad", False):
+        raise UnsupportedModuleError(pe, "patch_embed", "expects flattened tokens without dynamic padding")
+    c.get("patch_drop", PatchDropout, nn.Identity)  # an identity in eval mode
+    if not isinstance(model.norm_pre, nn.Identity):
+        raise UnsupportedModuleError(model.norm_pre, "norm_pre", "a pre-norm mixes the first block")
+    for l, blk in enumerate(model.blocks):
+        p = f"blocks.{l}"
+        c.get(p, VitBlock)
+        c.get(f"{p}.norm1", *NORMS)
+        c.get(f"{p}.norm2", *NORMS)
+        attn = c.get(f"{p}.attn", Attention)
+        if getattr(attn, "gate", None) is not None:
+            raise UnsupportedModuleError(attn.gate, f"{p}.attn.gate", "gated attention")
+        c.get(f"{p}.attn.qkv", nn.Linear)
+        c.get(f"{p}.attn.proj", nn.Linear)
+        c.get(f"{p}.mlp", Mlp)
+        c.get(f"{p}.mlp.fc1", nn.Linear)
+        c.get(f"{p}.mlp.fc2", nn.Linear)
+        c.get(f"{p}.mlp.act", *ACTIVATIONS)
+        for ls in ("ls1", "ls2"):
+            c.get(f"{p}.{ls}", LayerScale, nn.Identity)
+    if model.global_pool not in ("token", "avg") or model.attn_pool is not None:
+        raise UnsupportedModuleError(model, "", f"global_pool {model.global_pool!r}: only 'token' and 'avg'")
+    for path in ("norm", "fc_norm"):
+        c.get(path, *NORMS, nn.Identity)
+    c.get("head", nn.Linear)
+
+
+def _scale(mod: nn.Module) -> Tensor | None:
+    return mod.gamma.detach() if isinstance(mod, LayerScale) else None
+
+
+def build(model: VisionTransformer, images: Tensor, head: str) -> tuple[Graph, Head]:
+    if head != "exact":
+        raise ValueError("head='gradcam' is the VGG reference seed; ViT seeds exactly at its head")
+    c = Claims(model)
+    _validate(c, model)
+    c.finish()
+    depth = len(model.blocks)
+    ins = [f"blocks.{l}{s}" for l in range(depth) for s in ("", ".attn", ".norm2", ".mlp.act")]
+    outs = ["patch_embed"] + [f"blocks.{l}{s}" for l in range(depth) for s in ("", ".attn", ".mlp.act")]
+    rec = record(model, images, inputs=ins, outputs=outs)
+    tok = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  [N, T, D] -> [N, D, T]
+    prefix = model.num_prefix_tokens
+    x0 = tok(rec.inputs["blocks.0"])
+    patches = tok(rec.outputs["patch_embed"])
+    proj = model.patch_embed.proj
+    grid = tuple((i + 2 * p - k) // s + 1 for i, p, k, s in
+                 zip(images.shape[2:], proj.padding, proj.kernel_size, proj.stride))
+    conv = ConvRule("input", proj, None, images, grid, path="patch_embed.proj")
+    bias = x0[:, :, prefix:] - patches  # the position embedding, read off the recorded pass
+    if proj.bias is not None:
+        bias = bias + proj.bias.detach().reshape(1, -1, 1)
+    const = torch.nn.functional.pad(x0[:, :, :prefix], (0, x0.shape[2] - prefix))
+    units: list[Unit] = [input_unit(images), linear_unit("norm_pre", x0)]
+    for u in units[1:]:
+        u.prefix, u.grid = prefix, grid
+    blocks = [Block("norm_pre", [PatchRule(conv, prefix, bias)], const)]
+    src = "norm_pre"
+    for l, blk in enumerate(model.blocks):
+        p = f"blocks.{l}"
+        y = tok(rec.inputs[f"{p}.norm2"])
+        pull = mlp_pull(y, blk.norm2, blk.mlp, rec.inputs[f"{p}.mlp.act"], rec.outputs[f"{p}.mlp.act"], _scale(blk.ls2))
+        units.append(Unit(p, y, tok(rec.outputs[p]), pull=pull, prefix=prefix, grid=grid))
+        attn = AttentionRule(src, rec.inputs[f"{p}.attn"], blk.attn, rec.outputs[f"{p}.attn"], _scale(blk.ls1), f"{p}.attn")
+        blocks.append(Block(p, [IdentityRule(src), attn]))
+        src = p
+    graph = graph_of(units, blocks, {"blocks": src}, rec.logits)
+    return graph, Head(src, _seed(model, graph.units[src], rec.logits))
+
+
+def _seed(model: VisionTransformer, last: Unit, logits: Tensor):
+    """CLS head: R_CLS = logit_y. Mean-pool head: split as ResNet, R_p = (w_y . h_p + b_y) / n with
+    h_p the token's share of the normed pooled vector (per-token norm, then fc_norm with its
+    scale frozen at the pooled vector: LN(mean a) = mean_p gamma (a_p - mean_c a_p) / sigma + beta)."""
+    t = last.v.shape[2]
+    if model.global_pool == "token":
+        return lambda y: token_seed(logits, y, t)
+    skip = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+    with torch.no_grad():
+        a = model.norm(last.v[:, :, skip:].transpose(1, 2)).transpose(1, 2)  # [N, D, n]
+        fn = model.fc_norm
+        if isinstance(fn, nn.LayerNorm):
+            m = a.mean(2)
+            sigma = torch.sqrt(m.var(1, unbiased=False) + fn.eps).reshape(-1, 1, 1)
+            a = (a - a.mean(1, keepdim=True)) / sigma
+            if fn.weight is not None:
+                a = a * fn.weight.detach().reshape(1, -1, 1)
+            if fn.bias is not None:
+                a = a + fn.bias.detach().reshape(1, -1, 1)
+    return lambda y: torch.nn.functional.pad(pooled_linear_seed(a, model.head, y), (skip, 0))

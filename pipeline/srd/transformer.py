@@ -1,0 +1,103 @@
+"""SRD rules for ViT branches (METHOD.md section 3, ViT rules [choice]).
+
+Token layouts are channel-first, [N, D, T], like CNN maps with one position axis.
+- Self-attention with frozen weights A^h: c(i->j) = sum_h A^h_ji W_O^h (W_V^h LN1(x_i) + b_V^h);
+  what travels in a token's value vector (value bias, LayerNorm shift) is that token's; only
+  the output-projection bias b_O is shared by norm among the attention contributions. The skip
+  x_j is an IdentityRule (no share). Layer-scale factors are folded into W_O and b_O.
+- Patch embedding: a P x P stride-P conv (ConvRule) placed on the patch tokens; the position
+  embedding is part of its bias, CLS / register tokens are block constants.
+- The MLP sub-block x + MLP(LN2(x)) acts per token: relevance passes through it; a latent
+  direction is pulled back through its frozen linear part (LN2 scale and GELU ratios frozen).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.srd.conv import ConvRule
+from pipeline.srd.errors import UnsupportedModuleError
+
+
+class AttentionRule:
+    """Token mixing of one timm `Attention`: sources x_i of the block input, target z_j."""
+
+    def __init__(self, source: str, h: Tensor, attn: nn.Module, out: Tensor, scale: Tensor | None,
+                 path: str) -> None:
+        n, t, _ = h.shape
+        heads, dh = attn.num_heads, attn.head_dim
+        q, k, self.u = attn.qkv(h).view(n, t, 3, heads, dh).permute(2, 0, 3, 1, 4)  # [N, H, T, d]
+        self.a = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1)  # [N, H, T_j, T_i]
+        w = attn.proj.weight.detach().view(-1, heads, dh)  # W_O^h: [D, H, d]
+        b = attn.proj.bias.detach() if attn.proj.bias is not None else None
+        if scale is not None:
+            w, b = w * scale.reshape(-1, 1, 1), None if b is None else b * scale
+        self.source, self.w = source, w
+        self.bias = None if b is None else b.reshape(1, -1, 1)
+        mine = attn.proj((self.a @ self.u).transpose(1, 2).reshape(n, t, -1))
+        if not torch.allclose(mine, out, rtol=1e-3, atol=1e-4 * float(out.abs().max())):
+            raise UnsupportedModuleError(attn, path, "attention output not reproduced from frozen weights")
+        self._norms: Tensor | None = None
+
+    def contribution_relevance(self, g: Tensor, src: Tensor) -> Tensor:
+        """sum_j <c(i->j), g_j> = sum_h <u^h_i, sum_j A^h_ji W_O^h^T g_j>: [N,S,D,T] -> [N,S,T]."""
+        gh = torch.einsum("nsdj,dhe->nshje", g, self.w)
+        return torch.einsum("nhji,nshje,nhie->nsi", self.a, gh, self.u)
+
+    def norms(self) -> Tensor:
+        """||c0(i->j)||^2 = sum_{h,h'} A^h_ji A^h'_ji <o^h_i, o^h'_i>, o^h_i = W_O^h u^h_i: [N, T_j, T_i]."""
+        if self._norms is None:
+            o = torch.einsum("dhe,nhie->nihd", self.w, self.u)
+            gram = torch.einsum("nihd,nigd->nihg", o, o)
+            sq = torch.einsum("nhji,nihg,ngji->nji", self.a, gram, self.a)
+            self._norms = sq.clamp(min=0).sqrt()
+        return self._norms
+
+    def norm_total(self) -> Tensor:
+        return self.norms().sum(2)
+
+    def scatter(self, beta: Tensor) -> Tensor:
+        return torch.einsum("nji,nsj->nsi", self.norms(), beta)
+
+
+class PatchRule:
+    """A ConvRule on the patch grid, seen from the token layout [N, D, prefix + gh*gw]."""
+
+    def __init__(self, conv: ConvRule, prefix: int, bias: Tensor) -> None:
+        self.conv, self.prefix, self.source = conv, prefix, conv.source
+        self.grid = conv.geo.out_size
+        self.bias = nn.functional.pad(bias, (prefix, 0))  # [N, D, T], zero on prefix tokens
+        conv.bias = bias.unflatten(2, self.grid)
+
+    def _grid(self, r: Tensor) -> Tensor:
+        return r[..., self.prefix:].unflatten(-1, self.grid)
+
+    def contribution_relevance(self, g: Tensor, src: Tensor) -> Tensor:
+        return self.conv.contribution_relevance(self._grid(g), src)
+
+    def norm_total(self) -> Tensor:
+        return nn.functional.pad(self.conv.norm_total().flatten(1), (self.prefix, 0))
+
+    def scatter(self, beta: Tensor) -> Tensor:
+        return self.conv.scatter(self._grid(beta))
+
+
+def mlp_pull(y: Tensor, norm2: nn.LayerNorm, mlp: nn.Module, pre: Tensor, post: Tensor,
+             scale: Tensor | None):
+    """Pull a direction w on x + ls2 * MLP(LN2(x)) back to x through its frozen linear part:
+    u = w + J^T w, J = diag(ls2) W2 diag(act(a)/a) W1 diag(gamma/sigma) (I - 11^T/D) per token.
+    y [N, D, T]; pre / post: the MLP activation's input / output [N, T, 4D]."""
+    sigma = torch.sqrt(y.var(1, unbiased=False, keepdim=True) + norm2.eps)  # [N, 1, T]
+    ln = (norm2.weight.detach().reshape(1, -1, 1) if norm2.weight is not None else 1.0) / sigma
+    nz = pre != 0
+    gate = torch.where(nz, post / torch.where(nz, pre, torch.ones_like(pre)), 0.0)  # [N, T, 4D]
+    w1, w2 = mlp.fc1.weight.detach(), mlp.fc2.weight.detach()
+
+    def pull(w: Tensor) -> Tensor:
+        w = w.expand(*w.shape[:3], y.shape[2])
+        t = w if scale is None else w * scale.reshape(1, 1, -1, 1)
+        t = (t.transpose(2, 3) @ w2) * gate.unsqueeze(1)  # [N, S, T, 4D]
+        t = (t @ w1).transpose(2, 3) * ln.unsqueeze(1)  # [N, S, D, T]
+        return w + t - t.mean(2, keepdim=True)
+
+    return pull
