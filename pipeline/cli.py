@@ -31,7 +31,8 @@ def _cmd_train_demo_model(a: argparse.Namespace) -> int:
     from pipeline.models.train_demo import Recipe, train
 
     recipe = Recipe(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                    threads=a.threads, target_accuracy=a.target_accuracy)
+                    threads=a.threads, target_accuracy=a.target_accuracy,
+                    warmup_steps=a.warmup_steps)
     card = train(recipe, a.data, out_dir=Path(a.out) if a.out else None)
     print(json.dumps({k: card[k] for k in ("model", "heldout_accuracy", "train_time_s")}, indent=2))
     return 0
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float, default=2e-3)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--warmup-steps", type=int, default=100)
     sp.add_argument("--target-accuracy", type=float, default=1.0,
                     help="stop after the first epoch whose held-out accuracy reaches this")
 
