@@ -11,6 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.layers import LayerScale
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+from timm.models._efficientnet_builder import decode_arch_def
+from timm.models.efficientnet import EfficientNet
+from timm.models.vgg import VGG
+from timm.models.vision_transformer import VisionTransformer
 
 from pipeline import srd
 
@@ -91,41 +97,153 @@ def frozen_max_pool(pool: torch.nn.MaxPool2d, v: torch.Tensor):
     return lambda t: t.flatten(2).gather(2, idx.flatten(2).expand(t.shape[0], -1, -1)).view(t.shape[0], *idx.shape[1:])
 
 
+def same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def bn_affine(bn: torch.nn.BatchNorm2d):
+    """Eval-mode BN without any activation a timm BatchNormAct2d would apply."""
+    return lambda t: F.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def gap_seed(fc: torch.nn.Linear, v: torch.Tensor, y: int) -> torch.Tensor:
+    """R_p = (w_y . v_p + b_y) / n (METHOD.md section 3)."""
+    return (torch.einsum("c,chw->hw", fc.weight[y], v) + fc.bias[y]) / v[0].numel()
+
+
+class Chain:
+    """Builds reference blocks in forward order; each unit keeps its own v."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.blocks: list = []
+        self.v = {"input": x}
+
+    def conv(self, name: str, src: str, fn, act=None, skips=(), share_skips: bool = True) -> torch.Tensor:
+        """Unit `name`: z = fn(v_src) + sum of skip branches (src, fn); v = act(z) (None: v = z)."""
+        x = self.v[src]
+        z = fn(x[None])[0]
+        branches = [(src, *contributions(fn, x))]
+        for s_src, s_fn, share in skips:
+            z = z + s_fn(self.v[s_src][None])[0]
+            branches.append((s_src, *contributions(s_fn, self.v[s_src], share=share)))
+        self.blocks.append((name, z.flatten(1), branches, None))
+        self.v[name] = z if act is None else act(z.clone())
+        return z
+
+
 def resnet_reference(model: ResNet, x: torch.Tensor, y: int):
     """Blocks of a timm ResNet for one image x [3, H, W], and the GAP + linear seed of class y."""
-    blocks = []
-    stem = lambda t: model.bn1(model.conv1(t))  # noqa: E731
-    z = stem(x[None])[0]
-    blocks.append(("act1", z.flatten(1), [("input", *contributions(stem, x))], None))
-    src, v = "act1", model.act1(z.clone())
-    pool = frozen_max_pool(model.maxpool, v)
-    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-        for blk in stage:
+    ch = Chain(x)
+    ch.conv("act1", "input", lambda t: model.bn1(model.conv1(t)), model.act1)
+    src, pool = "act1", frozen_max_pool(model.maxpool, ch.v["act1"])
+    for k, stage in enumerate((model.layer1, model.layer2, model.layer3, model.layer4), 1):
+        for i, blk in enumerate(stage):
             parts = [(blk.conv1, blk.bn1, blk.act1), (blk.conv2, blk.bn2, blk.act2)]
             if isinstance(blk, Bottleneck):
                 parts.append((blk.conv3, blk.bn3, blk.act3))
-            name = f"{src}/{id(blk)}"
-            cur, cur_v, cur_pool = src, v, pool
-            for k, (conv, bn, act) in enumerate(parts):
+            prev, cur_pool = src, pool
+            for j, (conv, bn, act) in enumerate(parts, 1):
                 main = (lambda conv, bn, p: (lambda t: bn(conv(p(t)))))(conv, bn, cur_pool)
-                branches = [(cur, *contributions(main, cur_v))]
-                z = main(cur_v[None])[0]
-                if k == len(parts) - 1:
+                skips = ()
+                if j == len(parts):
                     if blk.downsample is not None:
-                        short = (lambda p: (lambda t: blk.downsample(p(t))))(pool)
-                        branches.append((src, *contributions(short, v)))
+                        skips = [(src, (lambda p, ds: (lambda t: ds(p(t))))(pool, blk.downsample), True)]
                     else:
-                        short = pool
-                        branches.append((src, *contributions(short, v, share=False)))
-                    z = z + short(v[None])[0]
-                target = f"{name}.{k}"
-                blocks.append((target, z.flatten(1), branches, None))
-                cur, cur_v, cur_pool = target, act(z.clone()), (lambda t: t)
-            src, v, pool = cur, cur_v, (lambda t: t)
-    w, b = model.fc.weight[y], model.fc.bias[y]
-    seed = (torch.einsum("c,chw->hw", w, v) + b) / v[0].numel()
-    logit = float(seed.sum())
-    return blocks, src, seed, logit
+                        skips = [(src, pool, False)]
+                ch.conv(f"layer{k}.{i}.act{j}", prev, main, act, skips)
+                prev, cur_pool = f"layer{k}.{i}.act{j}", same
+            src, pool = prev, same
+    seed = gap_seed(model.fc, ch.v[src], y)
+    return ch.blocks, src, seed, float(seed.sum())
+
+
+def vgg_reference(model: VGG, x: torch.Tensor, y: int):
+    """Blocks of a timm VGG (pools joined to the next conv, fc6/fc7 as convs), exact GAP seed."""
+    ch = Chain(x)
+    src, pool, feats, i = "input", same, list(model.features), 0
+    while i < len(feats):
+        if isinstance(feats[i], torch.nn.MaxPool2d):
+            pool, i = frozen_max_pool(feats[i], ch.v[src]), i + 1
+            continue
+        conv, bn = feats[i], feats[i + 1] if isinstance(feats[i + 1], torch.nn.BatchNorm2d) else same
+        act = feats[i + 2] if bn is not same else feats[i + 1]
+        name = f"features.{i + 2 if bn is not same else i + 1}"
+        ch.conv(name, src, (lambda c, b, p: (lambda t: b(c(p(t)))))(conv, bn, pool), act)
+        src, pool, i = name, same, i + (3 if bn is not same else 2)
+    mlp = model.pre_logits
+    ch.conv("pre_logits.act1", src, lambda t: mlp.fc1(pool(t)), mlp.act1)
+    ch.conv("pre_logits.act2", "pre_logits.act1", mlp.fc2, mlp.act2)
+    seed = gap_seed(model.head.fc, ch.v["pre_logits.act2"], y)
+    return ch.blocks, "pre_logits.act2", seed, float(seed.sum())
+
+
+def vit_reference(model: VisionTransformer, x: torch.Tensor, y: int):
+    """Blocks of a timm ViT: patch embedding (pos-embed in its bias, prefix tokens constant), then
+    per layer the attention block with explicit c(i->j) = sum_h A^h_ji W_O^h (W_V^h LN1(x_i) + b_V^h)
+    (loops over i, j, h), b_O shared by norm, the skip x_j; the MLP passes relevance."""
+    prefix = model.num_prefix_tokens
+    x0 = model.norm_pre(model._pos_embed(model.patch_embed(x[None])))[0].T  # [D, T]
+    patch = lambda t: model.patch_embed.proj(t).flatten(2)  # noqa: E731
+    c0, b = contributions(patch, x)
+    bias = b + x0[:, prefix:] - patch(x[None])[0]  # conv bias + position embedding
+    const = x0.clone()
+    const[:, prefix:] = 0
+    blocks = [("norm_pre", x0, [("input", F.pad(c0, (prefix, 0)), F.pad(bias, (prefix, 0)))], const)]
+    v, src, t = x0, "norm_pre", x0.shape[1]
+    for l, blk in enumerate(model.blocks):
+        attn, h = blk.attn, blk.norm1(v.T)
+        heads, d = attn.num_heads, attn.head_dim
+        q, k, val = attn.qkv(h).view(t, 3, heads, d).unbind(1)
+        gamma = blk.ls1.gamma if isinstance(blk.ls1, LayerScale) else torch.ones(v.shape[0], dtype=v.dtype)
+        c_att = torch.zeros(t, v.shape[0], t, dtype=v.dtype)
+        for hh in range(heads):
+            a = torch.softmax(q[:, hh] @ k[:, hh].T * attn.scale, -1)  # [T_j, T_i]
+            o = (val[:, hh] @ attn.proj.weight[:, hh * d:(hh + 1) * d].T) * gamma  # W_O^h v^h_i
+            for i in range(t):
+                for j in range(t):
+                    c_att[i, :, j] += a[j, i] * o[i]
+        c_skip = torch.zeros_like(c_att)
+        for i in range(t):
+            c_skip[i, :, i] = v[:, i]
+        b_o = (attn.proj.bias * gamma)[:, None].expand(-1, t)
+        z = (v.T + blk.ls1(attn(h[None])[0])).T
+        assert torch.allclose(z, c_att.sum(0) + c_skip.sum(0) + b_o, atol=1e-12)
+        blocks.append((f"blocks.{l}", z, [(src, c_skip, None), (src, c_att, b_o)], None))
+        v, src = blk(v.T[None])[0].T, f"blocks.{l}"
+    if model.global_pool == "token":
+        seed = torch.zeros(t, dtype=v.dtype)
+        seed[0] = model.forward_head(model.norm(v.T[None]))[0, y]
+    else:
+        a = model.norm(v.T)[prefix:]  # [n, D]
+        if isinstance(model.fc_norm, torch.nn.LayerNorm):
+            m, fn = a.mean(0), model.fc_norm
+            a = (a - a.mean(1, keepdim=True)) / torch.sqrt(m.var(unbiased=False) + fn.eps) * fn.weight + fn.bias
+        seed = F.pad((a @ model.head.weight[y] + model.head.bias[y]) / a.shape[0], (prefix, 0))
+    return blocks, src, seed, float(seed.sum())
+
+
+def effnet_reference(model: EfficientNet, x: torch.Tensor, y: int):
+    """Blocks of a timm EfficientNet-Lite: depthwise convs, linear bottlenecks as identity units."""
+    ch = Chain(x)
+    ch.conv("bn1", "input", lambda t: bn_affine(model.bn1)(model.conv_stem(t)), model.bn1.act)
+    src = "bn1"
+    for i, stage in enumerate(model.blocks):
+        for j, blk in enumerate(stage):
+            p = f"blocks.{i}.{j}"
+            if isinstance(blk, DepthwiseSeparableConv):
+                steps, last = [(blk.conv_dw, blk.bn1)], (blk.conv_pw, blk.bn2)
+            else:
+                steps, last = [(blk.conv_pw, blk.bn1), (blk.conv_dw, blk.bn2)], (blk.conv_pwl, blk.bn3)
+            prev = src
+            for n, (conv, bn) in enumerate(steps, 1):
+                ch.conv(f"{p}.bn{n}", prev, lambda t, c=conv, b=bn: bn_affine(b)(c(t)), bn.act)
+                prev = f"{p}.bn{n}"
+            skips = [(src, same, False)] if blk.has_skip else ()
+            ch.conv(p, prev, lambda t, c=last[0], b=last[1]: bn_affine(b)(c(t)), None, skips)
+            src = p
+    ch.conv("bn2", src, lambda t: bn_affine(model.bn2)(model.conv_head(t)), model.bn2.act)
+    seed = gap_seed(model.classifier, ch.v["bn2"], y)
+    return ch.blocks, "bn2", seed, float(seed.sum())
 
 
 @torch.no_grad()
@@ -157,3 +275,49 @@ def test_resnet_bottleneck_avg_down_matches_brute_force() -> None:
                              num_classes=3, avg_down=True), seed=3)
     images = torch.randn(2, 3, 26, 26, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     check_against_engine(model, images, resnet_reference)
+
+
+def test_vgg_exact_head_matches_brute_force() -> None:
+    """VGG-BN: pools joined to the next conv, fc6 over the pre-pool PFVs, 2x2 fc maps + GAP head."""
+    model = randomize(VGG([4, "M", 6, "M"], num_classes=3, norm_layer=torch.nn.BatchNorm2d, mlp_ratio=1 / 512), seed=5)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    check_against_engine(model, images, vgg_reference)
+
+
+def perturb(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    """Larger random weights than timm's ViT init, so attention and biases are far from uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def test_vit_cls_head_registers_layer_scale_match_brute_force() -> None:
+    """Patch embedding, pos-embed bias, CLS + register constants, attention, LayerNorm, MLP, layer scale."""
+    model = perturb(randomize(VisionTransformer(img_size=24, patch_size=8, embed_dim=8, depth=2, num_heads=2,
+                                                num_classes=3, reg_tokens=1, init_values=0.7)), 0.3, 7)
+    images = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    check_against_engine(model, images, vit_reference)
+
+
+def test_vit_mean_pool_head_matches_brute_force() -> None:
+    """Mean-pool head through fc_norm (frozen scale), split over patch tokens as for ResNet."""
+    model = perturb(randomize(VisionTransformer(img_size=24, patch_size=8, embed_dim=8, depth=2, num_heads=2,
+                                                num_classes=3, global_pool="avg")), 0.3, 9)
+    images = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    check_against_engine(model, images, vit_reference)
+
+
+def tiny_lite(**kwargs) -> EfficientNet:
+    """An EfficientNet-Lite in miniature: ReLU6, depthwise convs, linear bottlenecks with and
+    without residual adds, no SE."""
+    arch = decode_arch_def([["ds_r1_k3_s1_e1_c8"], ["ir_r2_k3_s2_e2_c8"], ["ir_r1_k5_s2_e2_c12"]])
+    return EfficientNet(arch, num_features=16, stem_size=8, fix_stem=True, act_layer=torch.nn.ReLU6,
+                        num_classes=3, **kwargs)
+
+
+def test_efficientnet_lite_matches_brute_force() -> None:
+    model = randomize(tiny_lite(), seed=11)
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    check_against_engine(model, images, effnet_reference)
