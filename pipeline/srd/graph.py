@@ -124,6 +124,26 @@ def _contrast(r: Tensor) -> Tensor:
     return r - r.flatten(2).mean(2).reshape(*r.shape[:2], *([1] * (r.dim() - 2)))
 
 
+def share(graph: Graph, block: Block, r: Tensor, u: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """One step across `block`: R(z_q) [N,S,*pos] of its target -> R(v_p) of each source unit,
+    R(v_p) = sum_q mu(p->q) R(z_q), and the constant share [N,S] (section 3)."""
+    g, constant = upstream_signal(r, graph.units[block.target].z, u)
+    if block.const is not None:
+        constant = constant + (block.const.unsqueeze(1) * g).flatten(2).sum(2)
+    out: dict[str, Tensor] = {}
+    for rule in block.rules:
+        rel = rule.contribution_relevance(g, graph.units[rule.source].v)
+        if rule.bias is not None:
+            bdot = (rule.bias.unsqueeze(1) * g).sum(2)
+            tot = rule.norm_total().unsqueeze(1)
+            ok = tot > 0
+            # a bias with no source of nonzero norm is a constant: its share is reported
+            constant = constant + torch.where(ok, 0.0, bdot).flatten(2).sum(2)
+            rel = rel + rule.scatter(torch.where(ok, bdot / torch.where(ok, tot, torch.ones_like(tot)), 0.0))
+        out[rule.source] = out[rule.source] + rel if rule.source in out else rel
+    return out, constant
+
+
 @dataclass
 class Propagation:
     """Result of one backward pass: pixel relevance, constant share, kept hidden maps."""
@@ -133,6 +153,7 @@ class Propagation:
     layers: dict[str, Tensor]  # unit name -> [N, S, *pos] relevance (R(z) = R(v))
 
 
+@torch.no_grad()
 def propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None = None,
               contrastive: bool = False, keep: tuple[str, ...] = ()) -> Propagation:
     """Propagate seed relevance [N, S, *pos] on `unit` down to the input pixels.
@@ -157,21 +178,10 @@ def propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None = 
         if block.target in keep:
             kept[block.target] = r
         u = target.pull_direction(direction) if (direction is not None and block.target == unit) else None
-        g, lost = upstream_signal(r, target.z, u)
+        shares, lost = share(graph, block, r, u)
         constant = constant + lost
-        if block.const is not None:
-            constant = constant + (block.const.unsqueeze(1) * g).flatten(2).sum(2)
-        for rule in block.rules:
-            src = graph.units[rule.source].v
-            rel = rule.contribution_relevance(g, src)
-            if rule.bias is not None:
-                bdot = (rule.bias.unsqueeze(1) * g).sum(2)
-                tot = rule.norm_total().unsqueeze(1)
-                ok = tot > 0
-                # a bias with no source of nonzero norm is a constant: its share is reported
-                constant = constant + torch.where(ok, 0.0, bdot).flatten(2).sum(2)
-                rel = rel + rule.scatter(torch.where(ok, bdot / torch.where(ok, tot, torch.ones_like(tot)), 0.0))
-            acc[rule.source] = acc[rule.source] + rel if rule.source in acc else rel
+        for name, rel in shares.items():
+            acc[name] = acc[name] + rel if name in acc else rel
     pixels = acc.pop(graph.input, None)
     if pixels is None:
         h, w = graph.units[graph.input].v.shape[2:]
