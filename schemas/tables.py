@@ -34,7 +34,7 @@ def _schema(table: str, fields: list[pa.Field]) -> pa.Schema:
 
 IMAGES = _schema("images", [
     pa.field("atlas_id", pa.string(), nullable=False),
-    # part << IMAGE_ID_SHIFT | index of the sample in its shard: unique, stable for a shard list
+    # part index * 1_000_000 + index of the sample in its shard: unique and readable
     pa.field("image_id", pa.int64(), nullable=False),
     pa.field("shard", pa.string(), nullable=False),
     pa.field("key", pa.string(), nullable=False),

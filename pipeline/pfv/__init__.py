@@ -1,0 +1,1 @@
+"""PFVs on disk: per-shard extraction, committed parts, seekable shuffled training streams."""

@@ -1,0 +1,290 @@
+"""PFV extraction of one shard, Ray-free: decode, forward, sample positions, write the part.
+
+The Ray driver (`jobs/extract.py`) runs `decode_shard` as CPU tasks and `ShardExtractor` in
+stateful actors (the model is loaded once per actor); both work the same in one process.
+
+One input shard is one part `part-NNNNNN` (N = the shard's index in the expanded shard list);
+its outputs, each written atomically (see `pipeline.store.fs`):
+    images/part-N.parquet                       IMAGES rows of the decoded samples
+    errors/stage=extract/part-N.parquet         ERRORS rows of the samples that failed
+    pfv/layer=L/part-N.npy, part-N.parquet      PFVs [rows, C] and their (image_id, position)
+The driver commits the manifest record after all of them are in place.
+"""
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from pipeline.data.errors import ErrorLog, ErrorRecord
+from pipeline.data.shards import iter_samples
+from pipeline.models import LayerSpec, list_layers, load_model, make_transform, tap
+from pipeline.store import PartRecord, fs, now, worker_id
+from schemas import ERRORS, IMAGES, LAYERS, PFV_IDS
+
+STAGE = "extract"
+# image_id = part * IMAGES_PER_PART + index of the sample in its shard
+IMAGES_PER_PART = 1_000_000
+DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What to extract. Only `identity()` fields change the outputs (and the config hash).
+
+    Attributes:
+        model: timm model name (`demo_resnet`, `resnet50`, ...).
+        layers: module paths to tap (`concept-atlas layers --model M` lists them).
+        weights: weight source for `load_model` (None = random init).
+        positions: PFVs kept per image: None keeps every position, k samples k per image
+            (without replacement, by a hash of seed, layer, image_id, so any batching or
+            worker gives the same sample).
+        include_special: also keep ViT prefix tokens (CLS, registers) as PFVs.
+        seed: seeds the position sampling.
+        dtype: storage dtype of PFV values, "float16" (half the bytes) or "float32".
+        batch_size: images per forward pass.
+    """
+
+    model: str
+    layers: tuple[str, ...]
+    weights: str | None = "default"
+    positions: int | None = None
+    include_special: bool = False
+    seed: int = 0
+    dtype: str = "float16"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers or not all(isinstance(n, str) and n for n in self.layers):
+            raise ValueError(f"layers={list(self.layers)!r}: expected one or more layer names")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers={list(self.layers)!r}: a layer is listed twice")
+        if self.positions is not None and (not _is_int(self.positions) or self.positions < 1):
+            raise ValueError(f"positions={self.positions!r}: expected 'all' (None) or an int >= 1")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed!r}: expected an int in [0, 2**32)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: expected one of {list(DTYPES)}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size!r}: expected an int >= 1")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the output values (batch size does not)."""
+        d = asdict(self)
+        d.pop("batch_size")
+        d["layers"] = list(self.layers)
+        return d
+
+
+@dataclass(frozen=True)
+class PartTask:
+    """One unit of work: shard `shard` becomes part `part` (index `index` in the shard list)."""
+
+    index: int
+    shard: str
+    fingerprint: str
+    config_hash: str
+
+    @property
+    def part(self) -> str:
+        return part_name(self.index)
+
+
+@dataclass
+class DecodedShard:
+    """A decoded, preprocessed shard.
+
+    pixels: float32 [n, 3, H, W], the model's eval preprocessing applied.
+    keys, labels (-1 when absent), widths, heights: per image, in shard order.
+    errors: the samples (or the whole shard) that could not be used.
+    """
+
+    shard: str
+    pixels: np.ndarray
+    keys: list[str]
+    labels: np.ndarray
+    widths: np.ndarray
+    heights: np.ndarray
+    errors: list[ErrorRecord] = field(default_factory=list)
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:06d}"
+
+
+def decode_shard(shard: str, data_config: dict[str, Any]) -> DecodedShard:
+    """Read every sample of `shard` and preprocess it as `data_config` asks (timm data config).
+
+    Never raises for bad data: unreadable shards and samples become `errors` records.
+    """
+    errors = ErrorLog()
+    transform = make_transform(data_config)
+    keys: list[str] = []
+    labels: list[int] = []
+    sizes: list[tuple[int, int]] = []
+    pixels: list[np.ndarray] = []
+    for sample in iter_samples([shard], errors, stage=STAGE):
+        keys.append(sample.key)
+        labels.append(-1 if sample.cls is None else sample.cls)
+        sizes.append(sample.image.size)
+        pixels.append(transform(sample.image).numpy())
+    _, h, w = data_config["input_size"]
+    batch = np.stack(pixels) if pixels else np.zeros((0, 3, h, w), np.float32)
+    size = np.asarray(sizes, np.int32).reshape(-1, 2)
+    return DecodedShard(shard=shard, pixels=batch, keys=keys, labels=np.asarray(labels, np.int32),
+                        widths=size[:, 0], heights=size[:, 1], errors=list(errors))
+
+
+def resolve_layers(model: nn.Module, cfg: ExtractConfig) -> dict[str, LayerSpec]:
+    """The LayerSpec of every layer of `cfg`; ValueError naming an unknown or too-small layer."""
+    specs = {s.name: s for s in list_layers(model)}
+    stages = [s.name for s in specs.values() if s.is_feature_stage]
+    for name in cfg.layers:
+        if name not in specs:
+            raise ValueError(
+                f"unknown layer {name!r} for model {cfg.model!r}; feature stages: "
+                f"{', '.join(stages)}; `concept-atlas layers --model {cfg.model}` lists all")
+        available = len(candidate_positions(specs[name], cfg.include_special))
+        if cfg.positions is not None and cfg.positions > available:
+            raise ValueError(
+                f"positions={cfg.positions} exceeds the {available} positions of layer {name!r} "
+                f"(grid {specs[name].grid[0]}x{specs[name].grid[1]}); use at most {available}")
+    return {name: specs[name] for name in cfg.layers}
+
+
+def candidate_positions(spec: LayerSpec, include_special: bool) -> np.ndarray:
+    """Positions (indices into the layer's [P] PFV layout) that may be stored."""
+    total = spec.num_special + spec.grid[0] * spec.grid[1]
+    return np.arange(0 if include_special else spec.num_special, total, dtype=np.int32)
+
+
+def sample_positions(image_ids: np.ndarray, candidates: np.ndarray, k: int | None, seed: int,
+                     layer: str) -> np.ndarray:
+    """Positions kept per image: int32 [n, k] (sorted per row), or every candidate when k is None.
+
+    Each image's sample depends only on (seed, layer, image_id): a hash ranks the candidates
+    and the k smallest are kept, vectorised over the batch.
+    """
+    n = len(image_ids)
+    if k is None:
+        return np.broadcast_to(candidates, (n, len(candidates)))
+    salt = np.uint64(zlib.crc32(layer.encode()) ^ (seed << 32))
+    keys = _splitmix64(_splitmix64(image_ids.astype(np.uint64)[:, None] ^ salt)
+                       + candidates.astype(np.uint64)[None, :])
+    chosen = np.argpartition(keys, k - 1, axis=1)[:, :k]
+    return np.sort(candidates[chosen], axis=1)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (16 hex digits) over the names, shapes and bytes of the model's state dict.
+
+    Identifies the weights whatever their source (file, hub, package), so re-trained weights
+    are a different config.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+class ShardExtractor:
+    """Holds the model (loaded once) and turns decoded shards into written parts."""
+
+    def __init__(self, cfg: ExtractConfig, out: str, atlas_id: str,
+                 device: str | torch.device = "cpu") -> None:
+        self.cfg, self.out, self.atlas_id = cfg, out, atlas_id
+        self.loaded = load_model(cfg.model, cfg.weights, device=device)
+        self.specs = resolve_layers(self.loaded.model, cfg)
+        self.candidates = {n: candidate_positions(s, cfg.include_special)
+                           for n, s in self.specs.items()}
+
+    @torch.no_grad()
+    def forward(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """PFVs of every layer for preprocessed images float32 [n, 3, H, W] -> {layer: [n, P, C]}."""
+        dtype = np.dtype(self.cfg.dtype)
+        out = {n: np.empty((len(pixels), s.num_special + s.grid[0] * s.grid[1], s.channels), dtype)
+               for n, s in self.specs.items()}
+        for start in range(0, len(pixels), self.cfg.batch_size):
+            x = torch.from_numpy(pixels[start:start + self.cfg.batch_size]).to(self.loaded.device)
+            for name, pfvs in tap(self.loaded.model, x, self.cfg.layers).items():
+                out[name][start:start + len(x)] = pfvs.values.float().cpu().numpy()
+        return out
+
+    def run(self, task: PartTask, decoded: DecodedShard) -> PartRecord:
+        """Extract and write part `task.part` from its decoded shard; return its record."""
+        started = now()
+        n = len(decoded.keys)
+        if n >= IMAGES_PER_PART:
+            raise ValueError(f"shard {task.shard} holds {n} samples; at most "
+                             f"{IMAGES_PER_PART - 1} fit the image_id scheme")
+        image_ids = task.index * IMAGES_PER_PART + np.arange(n, dtype=np.int64)
+        outputs = {"images": n, "errors": len(decoded.errors)}
+        values = self.forward(decoded.pixels)
+        for name in self.cfg.layers:
+            pos = sample_positions(image_ids, self.candidates[name], self.cfg.positions,
+                                   self.cfg.seed, name)
+            rows = values[name][np.arange(n)[:, None], pos].reshape(-1, values[name].shape[-1])
+            ids = pa.table({"image_id": np.repeat(image_ids, pos.shape[1]),
+                            "position": pos.reshape(-1).astype(np.int32)})
+            folder = fs.join(self.out, "pfv", f"layer={name}")
+            fs.write_npy(rows, fs.join(folder, f"{task.part}.npy"))
+            fs.write_parquet(ids, fs.join(folder, f"{task.part}.parquet"), PFV_IDS)
+            outputs[f"pfv/layer={name}"] = len(rows)
+        self._write_tables(task, decoded, image_ids)
+        return PartRecord(stage=STAGE, part=task.part, input=task.shard,
+                          input_fingerprint=task.fingerprint, config_hash=task.config_hash,
+                          rows=n, outputs=outputs, errors=len(decoded.errors),
+                          worker=worker_id(), started=started, finished=now())
+
+    def _write_tables(self, task: PartTask, decoded: DecodedShard, image_ids: np.ndarray) -> None:
+        n = len(image_ids)
+        labels = pa.array(decoded.labels, mask=decoded.labels < 0, type=pa.int32())
+        images = pa.table({
+            "atlas_id": [self.atlas_id] * n, "image_id": image_ids, "shard": [task.shard] * n,
+            "key": decoded.keys, "label": labels, "width": decoded.widths,
+            "height": decoded.heights,
+        })
+        fs.write_parquet(images, fs.join(self.out, "images", f"{task.part}.parquet"), IMAGES)
+        write_errors(self.out, STAGE, task.part, self.atlas_id, decoded.errors)
+
+
+def write_errors(out: str, stage: str, part: str, atlas_id: str,
+                 errors: list[ErrorRecord]) -> None:
+    """Write a part of the `errors` table (written even when empty: it marks the part read)."""
+    rows = [dict(asdict(e), atlas_id=atlas_id) for e in errors]
+    table = pa.Table.from_pylist(rows, schema=ERRORS)
+    fs.write_parquet(table, fs.join(out, "errors", f"stage={stage}", f"{part}.parquet"), ERRORS)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic is intended)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def write_layers_table(out: str, atlas_id: str, specs: dict[str, LayerSpec],
+                       cfg: ExtractConfig) -> None:
+    """Write the `layers` table: layout and stored positions per image of every tapped layer."""
+    rows = [{
+        "atlas_id": atlas_id, "layer": name, "kind": s.kind, "channels": s.channels,
+        "grid_h": s.grid[0], "grid_w": s.grid[1], "num_special": s.num_special,
+        "positions_per_image": cfg.positions or len(candidate_positions(s, cfg.include_special)),
+    } for name, s in specs.items()]
+    fs.write_parquet(pa.Table.from_pylist(rows, schema=LAYERS),
+                     fs.join(out, "layers", "part-000000.parquet"), LAYERS)
