@@ -70,6 +70,24 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _positions(value: str) -> int | None:
+    """`--positions all` keeps every position; an integer k samples k per image."""
+    return None if value.lower() == "all" else int(value)
+
+
+def _cmd_extract(a: argparse.Namespace) -> int:
+    from jobs.extract import run
+    from pipeline.pfv.extract import ExtractConfig
+
+    cfg = ExtractConfig(model=a.model, layers=tuple(a.layers), weights=_weights(a.weights),
+                        positions=a.positions, include_special=a.include_special, seed=a.seed,
+                        dtype=a.dtype, batch_size=a.batch_size)
+    summary = run(cfg, a.shards, a.out, atlas_id=a.atlas_id, actors=a.actors,
+                  cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
+                  address=a.address, progress=not a.no_progress)
+    return 1 if summary["parts_failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (each `--help` lists examples)."""
     p = argparse.ArgumentParser(prog="concept-atlas", description=__doc__.splitlines()[0])
@@ -120,6 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
              "  concept-atlas layers --model demo_vit\n  concept-atlas layers --model resnet50 --weights none")
     sp.add_argument("--model", required=True)
     sp.add_argument("--weights", default="default")
+
+    sp = add("extract", _cmd_extract, "extract PFVs of model layers from shards (Ray, resumable)",
+             "  concept-atlas extract --shards demo_out/data --model demo_resnet "
+             "--layers layer2 layer4 --out atlas/\n"
+             "  concept-atlas extract --shards 's3://b/imagenet/shard-{000000..001281}.tar' "
+             "--model resnet50 --weights hub \\\n"
+             "      --layers layer3 --positions 16 --out s3://b/atlas --actors 8 --address auto")
+    sp.add_argument("--shards", required=True, nargs="+",
+                    help="shard paths, brace patterns, directories, globs or fsspec URLs")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--weights", default="default", help="default | demo | imagenet | hub | PATH | none")
+    sp.add_argument("--layers", required=True, nargs="+", help="layers to tap (see `layers`)")
+    sp.add_argument("--out", required=True, help="output root: a local path or fsspec URL")
+    sp.add_argument("--positions", type=_positions, default=None,
+                    help="'all' (default) or k: PFVs sampled per image")
+    sp.add_argument("--include-special", action="store_true", help="keep ViT CLS/register tokens")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the position sampling")
+    sp.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--atlas-id", default="atlas", help="name stored in every table row")
+    sp.add_argument("--actors", type=int, default=1, help="model actors (one model each)")
+    sp.add_argument("--cpus-per-actor", type=float, default=1.0)
+    sp.add_argument("--gpus-per-actor", type=float, default=None,
+                    help="default: 1 when the cluster has GPUs, else 0")
+    sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    sp.add_argument("--no-progress", action="store_true")
 
     sp = add("demo", _cmd_demo, "run the main job end to end on the embedded demo data and models",
              "  concept-atlas demo\n  concept-atlas demo --out /tmp/atlas --n 4000")

@@ -278,6 +278,64 @@ def _is_int(v: object) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+@dataclass
+class ExtractPlan:
+    """A validated extraction: what exists, what is left, and what the workers need.
+
+    pending: the parts still to compute; done: committed records under this config.
+    data_config: the model's timm data config, for `decode_shard` on the workers.
+    """
+
+    cfg: ExtractConfig
+    out: str
+    atlas_id: str
+    shards: list[str]
+    specs: dict[str, LayerSpec]
+    data_config: dict[str, Any]
+    config_hash: str
+    pending: list[PartTask]
+    done: dict[str, PartRecord]
+
+
+def check_model(cfg: ExtractConfig) -> tuple[dict[str, LayerSpec], dict[str, Any], str]:
+    """Load the model once to check it and its layers, before any work.
+
+    Returns the layer specs, the timm data config and the weights fingerprint. Raises
+    ValueError / FileNotFoundError naming an unknown model, weight source or layer.
+    """
+    loaded = load_model(cfg.model, cfg.weights)
+    return resolve_layers(loaded.model, cfg), loaded.data_config, model_fingerprint(loaded.model)
+
+
+def plan_extract(cfg: ExtractConfig, shards: str | list[str], out: str,
+                 atlas_id: str) -> ExtractPlan:
+    """Validate everything, then record the stage config and list the parts left to do.
+
+    A shard is done when its part has a record with this config hash, this shard path and
+    the shard's current fingerprint. Nothing but `stages/extract.json` and the `layers`
+    table is written, and only after every check passed.
+    """
+    from pipeline.data.shards import expand_shards
+    from pipeline.store import Manifest, check_stage_config, fingerprint
+
+    shard_list = expand_shards(shards)
+    specs, data_config, weights_fp = check_model(cfg)
+    identity = dict(cfg.identity(), weights_fingerprint=weights_fp, atlas_id=atlas_id)
+    digest = check_stage_config(out, STAGE, identity)
+    write_layers_table(out, atlas_id, specs, cfg)
+    done = Manifest(out).done(STAGE, digest)
+    pending = []
+    for index, shard in enumerate(shard_list):
+        task = PartTask(index, shard, fingerprint(shard), digest)
+        rec = done.get(task.part)
+        if rec is None or rec.input != shard or rec.input_fingerprint != task.fingerprint:
+            pending.append(task)
+    redo = {t.part for t in pending}
+    done = {p: r for p, r in done.items()
+            if p not in redo and int(p.split("-")[1]) < len(shard_list)}
+    return ExtractPlan(cfg, out, atlas_id, shard_list, specs, data_config, digest, pending, done)
+
+
 def write_layers_table(out: str, atlas_id: str, specs: dict[str, LayerSpec],
                        cfg: ExtractConfig) -> None:
     """Write the `layers` table: layout and stored positions per image of every tapped layer."""

@@ -1,0 +1,209 @@
+"""`concept-atlas extract`: PFVs of every shard, on Ray, resumable shard by shard.
+
+Decoding runs as Ray tasks on CPUs (`decode_shard`, one per shard, ahead of the model); the
+model runs in stateful actors (`ShardExtractor`, loaded once per actor; one GPU each when the
+cluster has GPUs). Each shard becomes one part; the driver commits its manifest record when the
+actor returns, so a killed driver loses only the parts in flight, and a re-run skips committed
+parts. An actor that dies is restarted and its calls retried (`max_restarts`,
+`max_task_retries`); parts are written under deterministic names, so a retried part replaces
+its half-done files and nothing is duplicated.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from jobs.common import cluster_gpus, init_ray
+from pipeline.data.errors import ErrorRecord
+from pipeline.pfv.extract import (
+    STAGE,
+    DecodedShard,
+    ExtractConfig,
+    ExtractPlan,
+    PartTask,
+    ShardExtractor,
+    decode_shard,
+    plan_extract,
+    write_errors,
+)
+from pipeline.pfv.parts import committed_parts, pfv_stats, read_values
+from pipeline.store import Manifest, PartRecord, fs
+
+# calls queued per actor, so an actor never waits for the driver between two shards
+QUEUE_PER_ACTOR = 2
+STATS_ROWS = 200_000
+OnPart = Callable[[PartRecord], None]
+
+
+class ExtractActor:
+    """A Ray actor around `ShardExtractor`: one model per actor, one shard per call."""
+
+    def __init__(self, cfg: ExtractConfig, out: str, atlas_id: str, threads: int) -> None:
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.extractor = ShardExtractor(cfg, out, atlas_id, device=device)
+
+    def run(self, task: PartTask, decoded: DecodedShard) -> PartRecord:
+        return self.extractor.run(task, decoded)
+
+
+def run(cfg: ExtractConfig, shards: str | Sequence[str], out: str, *, atlas_id: str = "atlas",
+        actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float | None = None,
+        max_retries: int = 3, address: str | None = None, progress: bool = True,
+        stats: bool = True, on_part: OnPart | None = None) -> dict[str, Any]:
+    """Extract the PFVs of `cfg.layers` from `shards` into `out`; returns the summary.
+
+    Args:
+        cfg: model, layers, positions, dtype (see ExtractConfig).
+        shards: a shard spec for `expand_shards` (path, brace pattern, directory, URL, list).
+        out: output root, a local path or fsspec URL.
+        actors: model actors; cpus_per_actor / gpus_per_actor: their resources (GPUs default
+            to 1 per actor when the cluster has GPUs, else 0).
+        max_retries: restarts of a dead actor and retries of its calls.
+        address: Ray cluster address (default `RAY_ADDRESS`, else a local instance).
+        stats: add per-layer PFV statistics (from up to STATS_ROWS PFVs) to the summary.
+        on_part: called with each record right after it is committed.
+
+    Every check (shards exist, model, weights, layers, positions, output config) runs before
+    Ray starts; bad samples go to the errors table; parts that fail are reported and left
+    uncommitted for the next run.
+    """
+    t0 = time.time()
+    plan = plan_extract(cfg, list(shards) if not isinstance(shards, str) else shards, out,
+                        atlas_id)
+    fs.remove_temporaries(out)
+    print(f"[extract] {len(plan.shards)} shards -> {out}: {len(plan.done)} done, "
+          f"{len(plan.pending)} to do; layers {', '.join(cfg.layers)}", flush=True)
+    failed: dict[str, str] = {}
+    if plan.pending:
+        init_ray(address)
+        failed = _run_parts(plan, actors, cpus_per_actor, gpus_per_actor, max_retries,
+                            progress, on_part)
+    summary = summarize(plan, failed, time.time() - t0, stats)
+    print_summary(summary)
+    return summary
+
+
+def _run_parts(plan: ExtractPlan, n_actors: int, cpus: float, gpus: float | None,
+               max_retries: int, progress: bool, on_part: OnPart | None) -> dict[str, str]:
+    """Feed the pending parts to the actors; commit each finished part; return the failures."""
+    if gpus is None:
+        gpus = 1.0 if cluster_gpus() > 0 else 0.0
+    actor_cls = ray.remote(ExtractActor).options(
+        num_cpus=cpus, num_gpus=gpus, max_restarts=max_retries, max_task_retries=max_retries)
+    decode = ray.remote(decode_shard).options(num_cpus=1, max_retries=max_retries)
+    threads = max(1, int(cpus))
+
+    def new_actor() -> ray.actor.ActorHandle:
+        return actor_cls.remote(plan.cfg, plan.out, plan.atlas_id, threads)
+
+    actors = [new_actor() for _ in range(max(1, min(n_actors, len(plan.pending))))]
+    queue = list(reversed(plan.pending))  # pop() takes them in shard order
+    in_flight: dict[ray.ObjectRef, tuple[int, PartTask]] = {}
+
+    def submit(slot: int) -> None:
+        task = queue.pop()
+        decoded = decode.remote(task.shard, plan.data_config)
+        in_flight[actors[slot].run.remote(task, decoded)] = (slot, task)
+
+    for slot in range(len(actors)):
+        for _ in range(QUEUE_PER_ACTOR):
+            if queue:
+                submit(slot)
+
+    manifest, failed = Manifest(plan.out), {}
+    images = parts = 0
+    bar = tqdm(total=None, unit="img", desc="extract", disable=not progress, smoothing=0.1)
+    while in_flight:
+        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        slot, task = in_flight.pop(ref)
+        try:
+            record: PartRecord = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            # out of restarts: this actor is gone; give its slot a fresh one
+            failed[task.part] = _fail(plan, task, f"model actor died: {exc}")
+            actors[slot] = new_actor()
+        except ray.exceptions.RayError as exc:
+            failed[task.part] = _fail(plan, task, f"{type(exc).__name__}: {exc}")
+        else:
+            manifest.commit(record)
+            images, parts = images + record.rows, parts + 1
+            bar.total = round(images / parts * len(plan.pending))  # ETA from the mean shard
+            bar.update(record.rows)
+            if on_part is not None:
+                on_part(record)
+        if queue:
+            submit(slot)
+    bar.close()
+    return failed
+
+
+def _fail(plan: ExtractPlan, task: PartTask, reason: str) -> str:
+    """Record a part that could not be computed in the errors table (it stays uncommitted)."""
+    reason = reason.strip().splitlines()[-1][:2000] if reason.strip() else "unknown failure"
+    write_errors(plan.out, STAGE, task.part, plan.atlas_id,
+                 [ErrorRecord(stage=STAGE, shard=task.shard, key="", reason=reason)])
+    print(f"[extract] {task.part} ({task.shard}) failed: {reason}", file=sys.stderr, flush=True)
+    return reason
+
+
+def summarize(plan: ExtractPlan, failed: dict[str, str], seconds: float,
+              stats: bool) -> dict[str, Any]:
+    """Totals over every committed part of this config, plus what this run did."""
+    records = Manifest(plan.out).done(STAGE, plan.config_hash)
+    new = [r for r in records.values() if r.part not in plan.done]
+    images_new = sum(r.rows for r in new)
+    busy = sum(r.finished - r.started for r in new)
+    summary: dict[str, Any] = {
+        "out": plan.out, "model": plan.cfg.model, "shards": len(plan.shards),
+        "parts_done": len(records), "parts_skipped": len(plan.done), "parts_new": len(new),
+        "parts_failed": failed, "images": sum(r.rows for r in records.values()),
+        "errors": sum(r.errors for r in records.values()), "seconds": round(seconds, 2),
+        "images_per_s": round(images_new / seconds, 2) if new and seconds > 0 else None,
+        "actor_images_per_s": round(images_new / busy, 2) if busy > 0 else None,
+        "layers": {},
+    }
+    for name, spec in plan.specs.items():
+        rows = sum(r.outputs.get(f"pfv/layer={name}", 0) for r in records.values())
+        layer: dict[str, Any] = {"pfvs": rows, "channels": spec.channels, "grid": list(spec.grid)}
+        if stats and rows:
+            layer.update(pfv_stats(read_values(committed_parts(plan.out, name), STATS_ROWS)),
+                         pfvs=rows)
+        summary["layers"][name] = layer
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    rate = f", {s['images_per_s']} img/s" if s["images_per_s"] else ""
+    print(f"[extract] {s['images']} images in {s['parts_done']}/{s['shards']} parts "
+          f"({s['parts_new']} new, {s['parts_skipped']} skipped, {len(s['parts_failed'])} failed), "
+          f"{s['errors']} bad samples, {s['seconds']:.1f}s{rate}")
+    print(f"{'layer':<12} {'grid':>7} {'C':>5} {'PFVs':>10} {'mean|v|':>8} {'zero%':>6} "
+          f"{'active':>7} {'dead':>5}")
+    for name, st in s["layers"].items():
+        grid = f"{st['grid'][0]}x{st['grid'][1]}"
+        if "mean_norm" in st:
+            print(f"{name:<12} {grid:>7} {st['channels']:>5} {st['pfvs']:>10} "
+                  f"{st['mean_norm']:>8.3f} {100 * st['zero_frac']:>6.1f} "
+                  f"{st['active_channels_per_pfv']:>7.1f} {st['dead_channels']:>5}")
+        else:
+            print(f"{name:<12} {grid:>7} {st['channels']:>5} {st['pfvs']:>10}")
+    for part, reason in s["parts_failed"].items():
+        print(f"  failed {part}: {reason}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jobs.extract ARGS` is `concept-atlas extract ARGS`."""
+    from pipeline.cli import main as cli_main
+
+    return cli_main(["extract", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
