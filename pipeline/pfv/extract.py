@@ -13,6 +13,7 @@ The driver commits the manifest record after all of them are in place.
 from __future__ import annotations
 
 import hashlib
+import os
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from torch import nn
 
 from pipeline.data.errors import ErrorLog, ErrorRecord
 from pipeline.data.shards import iter_samples
-from pipeline.models import LayerSpec, list_layers, load_model, make_transform, tap
+from pipeline.models import LayerSpec, LoadedModel, list_layers, load_model, make_transform, tap
 from pipeline.store import PartRecord, fs, now, worker_id
 from schemas import ERRORS, IMAGES, LAYERS, PFV_IDS
 
@@ -142,6 +143,14 @@ def decode_shard(shard: str, data_config: dict[str, Any]) -> DecodedShard:
                         widths=size[:, 0], heights=size[:, 1], errors=list(errors))
 
 
+def load(cfg: ExtractConfig, device: str | torch.device = "cpu") -> LoadedModel:
+    """`load_model` of `cfg`; random init (weights None) is seeded with 0 so every actor and
+    every run holds the same model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return load_model(cfg.model, cfg.weights, device=device)
+
+
 def resolve_layers(model: nn.Module, cfg: ExtractConfig) -> dict[str, LayerSpec]:
     """The LayerSpec of every layer of `cfg`; ValueError naming an unknown or too-small layer."""
     specs = {s.name: s for s in list_layers(model)}
@@ -192,7 +201,7 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -202,7 +211,7 @@ class ShardExtractor:
     def __init__(self, cfg: ExtractConfig, out: str, atlas_id: str,
                  device: str | torch.device = "cpu") -> None:
         self.cfg, self.out, self.atlas_id = cfg, out, atlas_id
-        self.loaded = load_model(cfg.model, cfg.weights, device=device)
+        self.loaded = load(cfg, device)
         self.specs = resolve_layers(self.loaded.model, cfg)
         self.candidates = {n: candidate_positions(s, cfg.include_special)
                            for n, s in self.specs.items()}
@@ -214,7 +223,8 @@ class ShardExtractor:
         out = {n: np.empty((len(pixels), s.num_special + s.grid[0] * s.grid[1], s.channels), dtype)
                for n, s in self.specs.items()}
         for start in range(0, len(pixels), self.cfg.batch_size):
-            x = torch.from_numpy(pixels[start:start + self.cfg.batch_size]).to(self.loaded.device)
+            # a copy: arrays from Ray's object store are read-only
+            x = torch.tensor(pixels[start:start + self.cfg.batch_size], device=self.loaded.device)
             for name, pfvs in tap(self.loaded.model, x, self.cfg.layers).items():
                 out[name][start:start + len(x)] = pfvs.values.float().cpu().numpy()
         return out
@@ -303,7 +313,7 @@ def check_model(cfg: ExtractConfig) -> tuple[dict[str, LayerSpec], dict[str, Any
     Returns the layer specs, the timm data config and the weights fingerprint. Raises
     ValueError / FileNotFoundError naming an unknown model, weight source or layer.
     """
-    loaded = load_model(cfg.model, cfg.weights)
+    loaded = load(cfg)
     return resolve_layers(loaded.model, cfg), loaded.data_config, model_fingerprint(loaded.model)
 
 
@@ -318,7 +328,8 @@ def plan_extract(cfg: ExtractConfig, shards: str | list[str], out: str,
     from pipeline.data.shards import expand_shards
     from pipeline.store import Manifest, check_stage_config, fingerprint
 
-    shard_list = expand_shards(shards)
+    # absolute local paths: Ray workers (Train workers above all) run in other folders
+    shard_list = [s if "://" in s else os.path.abspath(s) for s in expand_shards(shards)]
     specs, data_config, weights_fp = check_model(cfg)
     identity = dict(cfg.identity(), weights_fingerprint=weights_fp, atlas_id=atlas_id)
     digest = check_stage_config(out, STAGE, identity)

@@ -1,0 +1,478 @@
+"""An SAE sweep on extracted PFVs: runs, resumable training, held-out metrics, the `saes` table.
+
+Ray-free: the training loop talks to a `Session` (rank, device, DDP wrapping, checkpoint
+persistence). `LocalSession` runs it in one process; the Ray Train job (`jobs/train_sae.py`)
+passes a session over `ray.train` (checkpoints reported to Ray Train's storage, restored by
+`ray.train.get_checkpoint()` after a worker failure or on a re-run).
+
+A run is one SAE config on one layer, named `sae_id = LAYER-NAME`. It is finished when the
+manifest (stage `train-sae`, part `sae_id`) holds its record under the run's config hash;
+the record is committed after the weights and the `saes` row are in place. Held-out data: the
+last `holdout_parts` extracted parts of the layer never reach training; FVU, L0, dead and dense
+fractions are measured on their PFVs, and logit fidelity on their images.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor, nn
+
+from pipeline.pfv.extract import ExtractConfig, decode_shard, load, model_fingerprint
+from pipeline.pfv.parts import PFVPart, committed_parts, read_layers, read_values
+from pipeline.pfv.stream import DEFAULT_CACHE_BYTES, PFVStream, Reader
+from pipeline.sae import (
+    SAE,
+    SAEConfig,
+    TrainState,
+    evaluate_sae,
+    load_checkpoint,
+    logit_fidelity,
+    make_optimizer,
+    reconstruct_hook,
+    save_checkpoint,
+    save_sae,
+    train_step,
+    unwrap,
+)
+from pipeline.store import Manifest, PartRecord, config_hash, fs, now, worker_id
+from schemas import SAES
+
+STAGE = "train-sae"
+_SUMMARY_WINDOW = 100
+_EVAL_BATCH = 8192
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Settings shared by every run of a sweep.
+
+    steps: optimiser steps per run (a run may override it); checkpoint_every: steps between
+    checkpoints; holdout_parts: last extracted parts kept for evaluation; window_parts: parts
+    shuffled together; fidelity_images: held-out images for logit fidelity; eval_pfvs: held-out
+    PFVs for FVU/L0/dead/dense; max_sae_gib: refuse SAEs whose weights, gradients and Adam
+    state exceed this; workers / cpus_per_worker / use_gpu: Ray Train scaling (use_gpu None:
+    when the cluster has GPUs); cache_bytes: per-worker in-memory PFV cache.
+    """
+
+    steps: int = 2000
+    checkpoint_every: int = 250
+    holdout_parts: int = 1
+    window_parts: int = 8
+    fidelity_images: int = 512
+    eval_pfvs: int = 200_000
+    max_sae_gib: float = 16.0
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "checkpoint_every", "window_parts", "fidelity_images",
+                     "eval_pfvs", "workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train_sae.{name}={value!r}: expected an int >= 1")
+        if not isinstance(self.holdout_parts, int) or self.holdout_parts < 1:
+            raise ValueError(f"train_sae.holdout_parts={self.holdout_parts!r}: expected an int >= 1 "
+                             "(fidelity and FVU are measured on held-out images)")
+
+
+@dataclass(frozen=True)
+class SAERun:
+    """One SAE of the sweep: `cfg` (d_in = the layer's channels) trained `steps` steps."""
+
+    sae_id: str
+    layer: str
+    cfg: SAEConfig
+    steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sae_id": self.sae_id, "layer": self.layer, "cfg": self.cfg.to_dict(),
+                "steps": self.steps}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAERun:
+        return cls(d["sae_id"], d["layer"], SAEConfig.from_dict(d["cfg"]), d["steps"])
+
+
+def make_runs(sweep: Sequence[dict[str, Any]], channels: dict[str, int],
+              options: TrainOptions) -> list[SAERun]:
+    """Validate the sweep entries `{layer, sae: {SAEConfig fields but d_in}, name?, steps?}`.
+
+    `channels` maps each extracted (or to-be-extracted) layer to its PFV width. Raises
+    ValueError naming the entry and the problem: an unknown layer, a bad SAEConfig field
+    (e.g. k > n_latents), an SAE too big for `max_sae_gib`, duplicate names.
+    """
+    if not sweep:
+        raise ValueError("train_sae.sweep is empty: list at least one {layer, sae} entry")
+    runs: list[SAERun] = []
+    for i, entry in enumerate(sweep):
+        where = f"train_sae.sweep[{i}]"
+        unknown = sorted(set(entry) - {"layer", "sae", "name", "steps"})
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; known: layer, sae, name, steps")
+        layer = entry.get("layer")
+        if layer not in channels:
+            raise ValueError(f"{where}: layer {layer!r} is not extracted; "
+                             f"extracted layers: {', '.join(channels) or 'none'}")
+        fields = dict(entry.get("sae") or {})
+        if "d_in" in fields:
+            raise ValueError(f"{where}: d_in is the layer's width ({channels[layer]}); remove it")
+        try:
+            cfg = SAEConfig.from_dict(dict(fields, d_in=channels[layer]))
+        except ValueError as exc:
+            raise ValueError(f"{where} (layer {layer}): {exc}") from None
+        _check_fits(cfg, options, where)
+        steps = entry.get("steps", options.steps)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"{where}: steps={steps!r}: expected an int >= 1")
+        k = f"-k{cfg.k}" if cfg.variant != "relu" else ""
+        name = entry.get("name") or f"{cfg.variant}-{cfg.n_latents}{k}"
+        runs.append(SAERun(f"{layer}-{name}", layer, cfg, steps))
+    ids = [r.sae_id for r in runs]
+    dupes = sorted({s for s in ids if ids.count(s) > 1})
+    if dupes:
+        raise ValueError(f"train_sae.sweep names runs twice: {dupes}; give each a distinct `name`")
+    return runs
+
+
+def _check_fits(cfg: SAEConfig, options: TrainOptions, where: str) -> None:
+    # weights + gradients + Adam's two moments, in the parameter dtype
+    need = 4 * 2 * cfg.n_latents * cfg.d_in * torch.empty((), dtype=cfg.torch_dtype).element_size()
+    if need > options.max_sae_gib * 2**30:
+        raise ValueError(
+            f"{where}: n_latents={cfg.n_latents} x d_in={cfg.d_in} needs ~{need / 2**30:.1f} GiB "
+            f"for weights, gradients and Adam state, more than max_sae_gib={options.max_sae_gib}")
+
+
+def split_holdout(parts: list[PFVPart], holdout_parts: int) -> tuple[list[PFVPart], list[PFVPart]]:
+    """(training parts, held-out parts): the last `holdout_parts` parts are held out."""
+    if len(parts) <= holdout_parts:
+        raise ValueError(f"{len(parts)} extracted parts cannot hold out {holdout_parts} and still "
+                         "train: extract more shards or lower train_sae.holdout_parts")
+    return parts[:-holdout_parts], parts[-holdout_parts:]
+
+
+def run_hash(run: SAERun, options: TrainOptions, extract_hash: str) -> str:
+    """What makes a finished run reusable: the run, the data it saw, the shuffling window."""
+    return config_hash({"run": run.to_dict(), "extract": extract_hash,
+                        "holdout_parts": options.holdout_parts,
+                        "window_parts": options.window_parts})
+
+
+# ---- sessions: where the loop runs and where its checkpoints go ---------------------------
+
+
+class Session(Protocol):
+    """What the training loop needs from its runtime (one process, or a Ray Train worker)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare(self, sae: SAE) -> nn.Module:
+        """Wrap for data parallelism (DDP) when world_size > 1."""
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        """A local folder holding the newest persisted checkpoint, or None."""
+
+    def persist(self, folder: str | None, metrics: dict[str, Any]) -> None:
+        """Persist the checkpoint in `folder` (rank 0; None on other ranks), with `metrics`."""
+
+
+class LocalSession:
+    """One process; checkpoints kept as `root/latest/` (replaced atomically)."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, root: str | os.PathLike[str], device: str = "cpu") -> None:
+        self.root, self.device = Path(root), torch.device(device)
+
+    def prepare(self, sae: SAE) -> nn.Module:
+        return sae
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        latest = self.root / "latest"
+        yield str(latest) if latest.is_dir() else None
+
+    def persist(self, folder: str | None, metrics: dict[str, Any]) -> None:
+        if folder is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".latest.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        shutil.rmtree(self.root / "latest", ignore_errors=True)
+        os.rename(tmp, self.root / "latest")
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by `crash_at_step` to test recovery."""
+
+
+# ---- training ---------------------------------------------------------------------------
+
+
+def train_run(run: SAERun, parts: list[PFVPart], options: TrainOptions, session: Session,
+              reader: Reader | None = None, crash_at_step: int | None = None,
+              log_every: int | None = None) -> tuple[SAE, dict[str, Any]]:
+    """Train `run` on `parts`, resuming from the session's checkpoint of this run if any.
+
+    Every rank calls this in lockstep. Checkpoints (every `checkpoint_every` steps and at the
+    end) hold weights, optimiser state, step and data position; a resumed run continues the
+    same batch sequence (`PFVStream`) and ends with the weights of an uninterrupted one.
+    `crash_at_step` raises InjectedFailure at that step unless the run was resumed (tests).
+
+    Returns the trained SAE (eval mode) and training metrics averaged over the last steps.
+    """
+    cfg, device = run.cfg, session.device
+    stream = PFVStream(parts, cfg.batch_size, cfg.seed, session.rank, session.world_size,
+                       options.window_parts, reader, options.cache_bytes)
+    sae = SAE(cfg).to(device)
+    optimizer = make_optimizer(sae, cfg)
+    state, saved = _restore(run, session, sae, optimizer)
+    resumed = state is not None
+    state = state or TrainState(step=0, position=0, tokens=0)
+    batches = stream(state.position)
+    if not resumed:
+        first = next(batches)
+        sae.initialize_from_sample(first.to(device))
+        batches = itertools.chain([first], batches)
+    model = session.prepare(sae)
+    history: deque[dict[str, float]] = deque(maxlen=_SUMMARY_WINDOW)
+    log_every = log_every or max(1, run.steps // 10)
+    t0, tokens0 = time.time(), state.tokens
+    for step in range(state.step + 1, run.steps + 1):
+        if step == crash_at_step and not resumed:
+            raise InjectedFailure(f"injected failure at step {step} of {run.sae_id}")
+        batch = next(batches).to(device, non_blocking=True)
+        history.append(train_step(model, optimizer, batch))
+        state = TrainState(step, state.position + 1,
+                           state.tokens + batch.shape[0] * session.world_size)
+        metrics = _average(history)
+        if step % options.checkpoint_every == 0 or step == run.steps:
+            _checkpoint(run, session, unwrap(model), optimizer, state, metrics)
+        if session.rank == 0 and (step % log_every == 0 or step == run.steps):
+            rate = (state.tokens - tokens0) / max(time.time() - t0, 1e-9)
+            print(f"[train-sae] {run.sae_id} step {step}/{run.steps} loss {metrics['loss']:.4f} "
+                  f"l0 {metrics['l0']:.1f} dead {metrics['dead_frac']:.3f} "
+                  f"{rate:,.0f} PFV/s", flush=True)
+    core = unwrap(model)
+    # a run resumed from its last checkpoint trains no step: keep the metrics saved with it
+    metrics = dict(_average(history) or saved, steps=run.steps, tokens=state.tokens,
+                   dead_frac_train=float(core.dead_mask.float().mean()),
+                   train_seconds=round(time.time() - t0, 2),
+                   tokens_per_s=round((state.tokens - tokens0) / max(time.time() - t0, 1e-9), 1))
+    return core.eval(), metrics
+
+
+def _average(history: deque[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(h[k] for h in history) / len(history) for k in history[-1]} if history else {}
+
+
+def _restore(run: SAERun, session: Session, sae: SAE, optimizer: torch.optim.Optimizer
+             ) -> tuple[TrainState | None, dict[str, float]]:
+    """Load the session's checkpoint into `sae` and `optimizer` when it belongs to `run`."""
+    with session.latest_checkpoint() as folder:
+        if folder is None:
+            return None, {}
+        info = json.loads((Path(folder) / "run.json").read_text())
+        if info["run"] != run.to_dict():
+            return None, {}  # the checkpoint of another (finished or changed) run
+        return load_checkpoint(folder, sae, optimizer), info["metrics"]
+
+
+def _checkpoint(run: SAERun, session: Session, sae: SAE, optimizer: torch.optim.Optimizer,
+                state: TrainState, metrics: dict[str, float]) -> None:
+    report = dict(metrics, sae_id=run.sae_id, step=state.step)
+    if session.rank != 0:
+        session.persist(None, report)
+        return
+    with tempfile.TemporaryDirectory(prefix="sae-ckpt-") as tmp:
+        folder = save_checkpoint(tmp, sae, optimizer, state, keep=1)
+        (folder / "run.json").write_text(json.dumps({"run": run.to_dict(), "metrics": metrics}))
+        session.persist(str(folder), report)
+
+
+# ---- evaluation and outputs (rank 0) ------------------------------------------------------
+
+
+def extract_config(root: str) -> tuple[ExtractConfig, dict[str, Any], str]:
+    """The ExtractConfig, its recorded identity and config hash of the extraction under `root`."""
+    url = fs.join(root, "stages", "extract.json")
+    if not fs.exists(url):
+        raise FileNotFoundError(f"no extraction under {root} (missing {url}); run extract first")
+    stage = fs.read_json(url)
+    ident = stage["config"]
+    names = {f.name for f in dataclasses.fields(ExtractConfig)}
+    cfg = ExtractConfig(**{k: v for k, v in ident.items() if k in names})
+    return cfg, ident, stage["config_hash"]
+
+
+class Evaluator:
+    """Held-out metrics of SAEs: FVU/L0/dead/dense on PFVs, logit fidelity on images.
+
+    Loads the extraction's model once (lazily) and checks that its weights are the ones the
+    PFVs were extracted with.
+    """
+
+    def __init__(self, root: str, options: TrainOptions, device: torch.device) -> None:
+        self.root, self.options, self.device = root, options, device
+        self.cfg, self.ident, _ = extract_config(root)
+        self.layers = read_layers(root)
+        self._model: nn.Module | None = None
+        self._images: dict[tuple[str, ...], tuple[Tensor, np.ndarray]] = {}
+
+    def model(self) -> nn.Module:
+        if self._model is None:
+            loaded = load(self.cfg, self.device)
+            if model_fingerprint(loaded.model) != self.ident["weights_fingerprint"]:
+                raise ValueError(f"the weights of {self.cfg.model} ({loaded.weights}) changed "
+                                 f"since the PFVs under {self.root} were extracted; re-extract")
+            self._model, self._data_config = loaded.model, loaded.data_config
+        return self._model
+
+    def images(self, held: list[PFVPart]) -> tuple[Tensor, np.ndarray]:
+        """Preprocessed held-out images Tensor[N, 3, H, W] and labels int[N] (-1 unknown)."""
+        key = tuple(p.part for p in held)
+        if key not in self._images:
+            self.model()
+            records = Manifest(self.root).records("extract")
+            pixels, labels, n = [], [], 0
+            for p in held:
+                if n >= self.options.fidelity_images:
+                    break
+                decoded = decode_shard(records[p.part].input, self._data_config)
+                take = self.options.fidelity_images - n
+                pixels.append(decoded.pixels[:take])
+                labels.append(decoded.labels[:take])
+                n += len(pixels[-1])
+            self._images[key] = (torch.from_numpy(np.concatenate(pixels)),
+                                 np.concatenate(labels))
+        return self._images[key]
+
+    @torch.no_grad()
+    def evaluate(self, sae: SAE, layer: str, held: list[PFVPart]) -> dict[str, Any]:
+        values = read_values(held, self.options.eval_pfvs)
+        batches = (torch.from_numpy(values[i:i + _EVAL_BATCH])
+                   for i in range(0, len(values), _EVAL_BATCH))
+        metrics: dict[str, Any] = evaluate_sae(sae.to(self.device), batches)
+        model = self.model()
+        pixels, labels = self.images(held)
+        module = dict(model.named_modules())[layer]
+        keep = 0 if self.cfg.include_special else int(self.layers[layer]["num_special"])
+        orig, recon = [], []
+        for i in range(0, len(pixels), 64):
+            x = pixels[i:i + 64].to(self.device)
+            orig.append(model(x).float().cpu())
+            handle = module.register_forward_hook(reconstruct_hook(sae, keep))
+            try:
+                recon.append(model(x).float().cpu())
+            finally:
+                handle.remove()
+        logits, logits_r = torch.cat(orig), torch.cat(recon)
+        fid = logit_fidelity(logits, logits_r)
+        known = labels >= 0
+        accuracy = (float((logits.argmax(1).numpy()[known] == labels[known]).mean())
+                    if known.any() else None)
+        metrics.update(logit_agreement=fid["top1_agreement"], logit_kl=fid["kl"],
+                       model_accuracy=accuracy, heldout_images=int(len(pixels)),
+                       heldout_pfvs=int(metrics.pop("n_tokens")))
+        return metrics
+
+
+def save_run(root: str, run: SAERun, sae: SAE, train_metrics: dict[str, Any],
+             eval_metrics: dict[str, Any], atlas_id: str, digest: str, started: float,
+             input_fingerprint: str) -> PartRecord:
+    """Write the SAE (safetensors + json), its `saes` row, then commit its manifest record."""
+    weights = fs.join(root, "sae_weights", run.sae_id)
+    metrics = {"train": train_metrics, "heldout": eval_metrics}
+    with tempfile.TemporaryDirectory(prefix="sae-") as tmp:
+        save_sae(sae, Path(tmp) / "sae", metrics)
+        for suffix in (".safetensors", ".json"):
+            data = (Path(tmp) / f"sae{suffix}").read_bytes()
+            fs.write_atomic(weights + suffix, lambda f, d=data: f.write(d))
+    cfg = run.cfg
+    row = {
+        "atlas_id": atlas_id, "layer": run.layer, "sae_id": run.sae_id, "variant": cfg.variant,
+        "d_in": cfg.d_in, "n_latents": cfg.n_latents,
+        "k": cfg.k if cfg.variant != "relu" else 0, "steps": run.steps,
+        "tokens": train_metrics["tokens"], "fvu": eval_metrics["fvu"], "l0": eval_metrics["l0"],
+        "dead_frac": eval_metrics["dead_frac"], "dense_frac": eval_metrics["dense_frac"],
+        "logit_agreement": eval_metrics["logit_agreement"], "logit_kl": eval_metrics["logit_kl"],
+        "model_accuracy": eval_metrics["model_accuracy"],
+        "heldout_images": eval_metrics["heldout_images"],
+        "heldout_pfvs": eval_metrics["heldout_pfvs"], "weights": weights,
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+    }
+    fs.write_parquet(pa.Table.from_pylist([row], schema=SAES),
+                     fs.join(root, "saes", f"part-{run.sae_id}.parquet"), SAES)
+    record = PartRecord(stage=STAGE, part=run.sae_id, input=run.layer,
+                        input_fingerprint=input_fingerprint, config_hash=digest, rows=1,
+                        outputs={"saes": 1, f"sae_weights/{run.sae_id}": 1}, errors=0,
+                        worker=worker_id(), started=started, finished=now())
+    Manifest(root).commit(record)
+    return record
+
+
+def parts_fingerprint(parts: list[PFVPart]) -> str:
+    """Identifies the PFV parts a run trained and was evaluated on."""
+    return config_hash({"parts": [(p.part, p.rows) for p in parts]})
+
+
+def train_runs(root: str, runs: Sequence[SAERun], options: TrainOptions, session: Session,
+               atlas_id: str, reader: Reader | None = None,
+               crash_at_step: int | None = None) -> list[str]:
+    """Train, evaluate and save every unfinished run of the sweep; returns the sae_ids trained.
+
+    Every rank calls this; rank 0 evaluates and writes. A finished run (committed record with
+    its current config hash) is skipped, so a re-run after a crash continues where it stopped.
+    """
+    _, _, extract_hash = extract_config(root)
+    evaluator = Evaluator(root, options, session.device) if session.rank == 0 else None
+    trained = []
+    for run in runs:
+        digest = run_hash(run, options, extract_hash)
+        done = Manifest(root).done(STAGE, digest)
+        if run.sae_id in done:
+            continue
+        started = now()
+        train_parts, held = split_holdout(committed_parts(root, run.layer), options.holdout_parts)
+        sae, train_metrics = train_run(run, train_parts, options, session, reader, crash_at_step)
+        if evaluator is not None:
+            eval_metrics = evaluator.evaluate(sae, run.layer, held)
+            save_run(root, run, sae, train_metrics, eval_metrics, atlas_id, digest, started,
+                     parts_fingerprint(train_parts + held))
+            print(f"[train-sae] {run.sae_id}: FVU {eval_metrics['fvu']:.4f} "
+                  f"L0 {eval_metrics['l0']:.1f} dead {eval_metrics['dead_frac']:.3f} "
+                  f"dense {eval_metrics['dense_frac']:.3f} top-1 agreement "
+                  f"{eval_metrics['logit_agreement']:.3f} KL {eval_metrics['logit_kl']:.4f}",
+                  flush=True)
+        trained.append(run.sae_id)
+    return trained
+
+
+def read_saes(root: str) -> list[dict[str, Any]]:
+    """Rows of the `saes` table under `root` (committed runs only), by sae_id."""
+    records = Manifest(root).records(STAGE)
+    rows = []
+    for sae_id in sorted(records):
+        url = fs.join(root, "saes", f"part-{sae_id}.parquet")
+        rows.extend(fs.read_parquet(url).to_pylist())
+    return rows
