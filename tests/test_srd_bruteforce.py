@@ -57,34 +57,41 @@ def contributions(fn, x: torch.Tensor, share: bool = True) -> tuple[torch.Tensor
     return c0, bias.flatten(1)
 
 
-def brute_block(r_t: torch.Tensor, z: torch.Tensor, branches: list[Branch],
-                const: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], float]:
-    """R(v_p) = sum_q mu(p->q) R(z_q), bias of each branch shared by ||c0(p->q)||: r_t [P_t], z [C, P_t]."""
-    den = (z * z).sum(0)
+def brute_block(r_t: torch.Tensor, z: torch.Tensor, branches: list[Branch], const: torch.Tensor | None = None,
+                u: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """R(v_p) = sum_q mu(p->q) R(z_q), bias of each branch shared by ||c0(p->q)||: r_t [P_t], z [C, P_t].
+    mu(p->q) = <c(p->q), u_q> / <z_q, u_q> with u = z (PFV ratio) or a latent direction u."""
+    u = z if u is None else u
+    den = (u * z).sum(0)
+    constant = float(r_t[den == 0].sum())  # no ratio at a zero denominator: all of R_q is constant
+    r_t = torch.where(den == 0, 0.0, r_t)
+    den = torch.where(den == 0, 1.0, den)
     out: dict[str, torch.Tensor] = {}
-    constant = 0.0 if const is None else float(((const * z).sum(0) / den * r_t).sum())
+    if const is not None:
+        constant += float(((const * u).sum(0) / den * r_t).sum())
     for name, c0, bias in branches:
         norms = c0.square().sum(1).sqrt()  # ||c0(p->q)|| [P_s, P_t]
         total = norms.sum(0)
         rel = torch.zeros(c0.shape[0], dtype=z.dtype)
         for p in range(c0.shape[0]):
             c = c0[p] if bias is None else c0[p] + bias * torch.where(total > 0, norms[p] / total, 0.0)
-            rel[p] = ((c * z).sum(0) / den * r_t).sum()
+            rel[p] = ((c * u).sum(0) / den * r_t).sum()
         if bias is not None:
-            constant += float(torch.where(total > 0, 0.0, (bias * z).sum(0) / den * r_t).sum())
+            constant += float(torch.where(total > 0, 0.0, (bias * u).sum(0) / den * r_t).sum())
         out[name] = out.get(name, 0) + rel
     return out, constant
 
 
 def brute_propagate(blocks: list[tuple[str, torch.Tensor, list[Branch], torch.Tensor | None]],
-                    seed_unit: str, seed: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Blocks in forward order (target, z [C, P], branches, const); returns (R on input, constant)."""
+                    seed_unit: str, seed: torch.Tensor, u: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Blocks in forward order (target, z [C, P], branches, const); returns (R on input, constant).
+    u [C, P]: latent direction on the seed unit's z for the first step only."""
     acc = {seed_unit: seed.flatten()}
     constant = 0.0
     for target, z, branches, const in reversed(blocks):
         if target not in acc:
             continue
-        shares, c = brute_block(acc.pop(target), z, branches, const)
+        shares, c = brute_block(acc.pop(target), z, branches, const, u if target == seed_unit else None)
         constant += c
         for name, rel in shares.items():
             acc[name] = acc.get(name, 0) + rel
@@ -265,7 +272,7 @@ def test_resnet_basic_block_matches_brute_force() -> None:
     """conv+BN+bias share, stem max-pool joined to the next conv, identity and projection shortcuts."""
     model = randomize(ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=(4, 6, 8, 8),
                              stem_width=4, num_classes=3), seed=1)
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    images = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     check_against_engine(model, images, resnet_reference)
 
 
@@ -321,3 +328,71 @@ def test_efficientnet_lite_matches_brute_force() -> None:
     model = randomize(tiny_lite(), seed=11)
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     check_against_engine(model, images, effnet_reference)
+
+
+def ratio_pull(blocks, v: torch.Tensor, unit: str, w: torch.Tensor) -> torch.Tensor:
+    """u = w * gate, gate = v/z (0 where z = 0): the frozen element-wise nonlinearity (section 4)."""
+    z = dict((b[0], b[1]) for b in blocks)[unit]
+    v = v.flatten(1)
+    return w[:, None] * torch.where(z != 0, v / torch.where(z != 0, z, 1.0), 0.0)
+
+
+def vit_pull(blk, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """u = w + J^T w through x + ls2 MLP(LN2(x)) with LN2's scale and the GELU ratios frozen (autograd)."""
+    y, ln = z.T, blk.norm2
+    sigma = torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    pre = blk.mlp.fc1(ln(y))
+    gate = blk.mlp.act(pre) / pre
+
+    def frozen(yy: torch.Tensor) -> torch.Tensor:
+        h = (yy - yy.mean(-1, keepdim=True)) / sigma * ln.weight + ln.bias
+        return yy + blk.ls2(blk.mlp.fc2(gate * blk.mlp.fc1(h)))
+
+    assert torch.allclose(frozen(y), y + blk.ls2(blk.mlp(ln(y))), atol=1e-12)
+    _, u = torch.autograd.functional.vjp(frozen, y, w.expand_as(y))
+    return u.T
+
+
+def check_ierf(model, images, reference, layer: str, unit: str, pull) -> None:
+    """Engine iERFs (one-hot seeds, PFV and latent directions) vs brute force from `unit`."""
+    graph, _ = srd.build(model, images)
+    pos = graph.units[unit].positions
+    seeds = torch.tensor([0, pos - 1])
+    w = torch.randn(2, graph.units[unit].z.shape[1], generator=torch.Generator().manual_seed(13), dtype=images.dtype)
+    maps, const = srd.ierf(model, images, layer, seeds, return_constant=True)
+    dmaps, dconst = srd.ierf(model, images, layer, seeds, direction=w, return_constant=True)
+    for i in range(images.shape[0]):
+        with torch.no_grad():
+            blocks, *_ = reference(model, images[i], 0)
+        v = graph.units[unit].v[i]
+        for s, r in enumerate(seeds.tolist()):
+            seed = torch.zeros(pos, dtype=images.dtype)
+            seed[r] = 1.0
+            for got, got_c, u in ((maps, const, None), (dmaps, dconst, pull(model, blocks, v, unit, w[s]))):
+                with torch.no_grad():
+                    ref, ref_c = brute_propagate(blocks, unit, seed, u)
+                ref = ref.view(images.shape[2:])
+                err = (got[i, s] - ref).abs().max() / ref.abs().max()
+                assert err < 1e-6, f"{layer} seed {r} direction={u is not None}: relative error {err:.2e}"
+                assert float(got_c[i, s]) == pytest.approx(ref_c, abs=1e-9)
+
+
+def test_ierf_and_latent_ierf_match_brute_force_cnn() -> None:
+    model = randomize(ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=(4, 6, 8, 8),
+                             stem_width=4, num_classes=3), seed=1)
+    images = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    pull = lambda m, blocks, v, unit, w: ratio_pull(blocks, v, unit, w)  # noqa: E731
+    check_ierf(model, images, resnet_reference, "layer2", "layer2.0.act2", pull)
+    lite = randomize(tiny_lite(), seed=11)
+    images = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    check_ierf(lite, images, effnet_reference, "blocks.1.1.bn2", "blocks.1.1.bn2", pull)
+    identity = lambda m, blocks, v, unit, w: w[:, None].expand(-1, v[0].numel())  # noqa: E731
+    check_ierf(lite, images, effnet_reference, "blocks.1", "blocks.1.1", identity)
+
+
+def test_ierf_and_latent_ierf_match_brute_force_vit() -> None:
+    model = perturb(randomize(VisionTransformer(img_size=24, patch_size=8, embed_dim=8, depth=2, num_heads=2,
+                                                num_classes=3, reg_tokens=1, init_values=0.7)), 0.3, 7)
+    images = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    pull = lambda m, blocks, v, unit, w: vit_pull(m.blocks[1], dict((b[0], b[1]) for b in blocks)[unit], w)  # noqa: E731
+    check_ierf(model, images, vit_reference, "blocks.1", "blocks.1", pull)

@@ -20,12 +20,12 @@ def narrow_vgg(name: str, bn: bool) -> VGG:
 
 CASES = {
     "resnet18": (lambda: timm.create_model("resnet18", num_classes=10), 64),
-    "resnet50": (lambda: timm.create_model("resnet50", num_classes=10), 64),
+    "resnet50": (lambda: timm.create_model("resnet50", num_classes=10), 48),
     "vgg11-topology": (lambda: narrow_vgg("vgg11", False), 224),
     "vgg16_bn-topology": (lambda: narrow_vgg("vgg16", True), 224),
-    "vit_base_patch16": (lambda: timm.create_model("vit_base_patch16_224", img_size=32, num_classes=10), 32),
-    "vit_small_patch16-meanpool": (lambda: timm.create_model(
-        "vit_small_patch16_224", img_size=48, global_pool="avg", num_classes=10), 48),
+    "vit_tiny_patch16": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10), 32),
+    "vit_tiny_patch16-meanpool": (lambda: timm.create_model(
+        "vit_tiny_patch16_224", img_size=48, global_pool="avg", num_classes=10), 48),
     "deit_tiny_patch16": (lambda: timm.create_model("deit_tiny_patch16_224", img_size=48, num_classes=10), 48),
     "efficientnet_lite0": (lambda: timm.create_model("efficientnet_lite0", num_classes=10), 32),
     "demo_resnet": (lambda: timm.create_model("demo_resnet"), 64),
@@ -48,6 +48,6 @@ def test_pixels_plus_constant_sum_to_logit(case: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vgg11", "vgg11_bn", "vgg16", "vgg16_bn"])
-def test_full_width_vgg_conserves_logit(name: str) -> None:
+@pytest.mark.parametrize("name", ["vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "vit_base_patch16_224"])
+def test_full_size_models_conserve_logit(name: str) -> None:
     check_conservation(randomize(timm.create_model(name, num_classes=10)), 224)
