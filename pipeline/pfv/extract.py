@@ -317,6 +317,11 @@ def check_model(cfg: ExtractConfig) -> tuple[dict[str, LayerSpec], dict[str, Any
     return resolve_layers(loaded.model, cfg), loaded.data_config, model_fingerprint(loaded.model)
 
 
+def stage_identity(cfg: ExtractConfig, weights_fingerprint: str, atlas_id: str) -> dict[str, Any]:
+    """What the extract stage's outputs depend on: recorded in `stages/extract.json`."""
+    return dict(cfg.identity(), weights_fingerprint=weights_fingerprint, atlas_id=atlas_id)
+
+
 def plan_extract(cfg: ExtractConfig, shards: str | list[str], out: str,
                  atlas_id: str) -> ExtractPlan:
     """Validate everything, then record the stage config and list the parts left to do.
@@ -331,8 +336,7 @@ def plan_extract(cfg: ExtractConfig, shards: str | list[str], out: str,
     # absolute local paths: Ray workers (Train workers above all) run in other folders
     shard_list = [s if "://" in s else os.path.abspath(s) for s in expand_shards(shards)]
     specs, data_config, weights_fp = check_model(cfg)
-    identity = dict(cfg.identity(), weights_fingerprint=weights_fp, atlas_id=atlas_id)
-    digest = check_stage_config(out, STAGE, identity)
+    digest = check_stage_config(out, STAGE, stage_identity(cfg, weights_fp, atlas_id))
     write_layers_table(out, atlas_id, specs, cfg)
     done = Manifest(out).done(STAGE, digest)
     pending = []

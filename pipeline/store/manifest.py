@@ -107,11 +107,11 @@ class Manifest:
         return pa.Table.from_pylist(rows, schema=MANIFEST)
 
 
-def check_stage_config(root: str, stage: str, config: dict[str, Any]) -> str:
+def check_stage_config(root: str, stage: str, config: dict[str, Any], write: bool = True) -> str:
     """Record `config` as the config of `stage` under `root`, or refuse a different one.
 
     Returns its hash. Raises ValueError naming the differing keys when `root` already holds
-    this stage's outputs under another config.
+    this stage's outputs under another config. `write=False` only checks.
     """
     url = fs.join(os.fspath(root), "stages", f"{stage}.json")
     digest = config_hash(config)
@@ -126,8 +126,9 @@ def check_stage_config(root: str, stage: str, config: dict[str, Any]) -> str:
                 f"{root} already holds '{stage}' outputs built with another config ({diffs}); "
                 f"use another output folder, or delete {root} to rebuild it")
         return digest
-    fs.write_json({"stage": stage, "config": config, "config_hash": digest,
-                   "schema_version": SCHEMA_VERSION}, url)
+    if write:
+        fs.write_json({"stage": stage, "config": config, "config_hash": digest,
+                       "schema_version": SCHEMA_VERSION}, url)
     return digest
 
 

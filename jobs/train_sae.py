@@ -1,0 +1,188 @@
+"""`concept-atlas train-sae`: an SAE sweep on extracted PFVs with Ray Train (DDP), resumable.
+
+One `TorchTrainer` runs the whole sweep (several layers, several SAE configs), one run after
+another, each data-parallel over `workers` workers (1 locally). PFV parts stream through Ray
+Data inside each worker, in the seeded, seekable order of `pipeline.pfv.stream.PFVStream`.
+Checkpoints (weights, optimiser state, step, data position) are reported to Ray Train, which
+persists them under `OUT/_ray_train/`; after a worker failure Ray Train restarts the group and
+the loop resumes from `ray.train.get_checkpoint()`; a re-run of the job restores the same
+Ray Train run (same name and storage path) and skips the SAEs already committed.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from jobs.common import cluster_gpus, init_ray
+from pipeline.pfv.parts import PFVPart, committed_parts, read_layers
+from pipeline.pfv.sae_runs import (
+    STAGE,
+    SAERun,
+    TrainOptions,
+    extract_config,
+    make_runs,
+    read_saes,
+    run_hash,
+    split_holdout,
+    train_runs,
+)
+from pipeline.sae import SAE
+from pipeline.store import Manifest, config_hash, fs
+
+
+class RayTrainSession:
+    """The training loop's runtime inside a Ray Train worker."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare(self, sae: SAE) -> nn.Module:
+        return ray.train.torch.prepare_model(sae)  # DDP only when world_size > 1
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:
+            yield folder
+
+    def persist(self, folder: str | None, metrics: dict[str, Any]) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def ray_data_reader(parts: Sequence[PFVPart]) -> Iterator[np.ndarray]:
+    """Each part's PFVs [rows, C], read in parallel by Ray Data, in part order."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # parts come back in the order asked
+    # one small read per window or run: per-read progress bars would drown the job's log
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ds = ray.data.read_numpy([p.values for p in parts], override_num_blocks=len(parts))
+    pending: list[np.ndarray] = []
+    held, index = 0, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        pending.append(batch["data"])
+        held += len(batch["data"])
+        # blocks need not match files: regroup rows by the manifest's row counts
+        while index < len(parts) and held >= parts[index].rows:
+            rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            yield rows[:parts[index].rows]
+            pending, held = [rows[parts[index].rows:]], held - parts[index].rows
+            index += 1
+    if index != len(parts):
+        raise ValueError(f"Ray Data read {index} of {len(parts)} PFV parts completely")
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Per-worker entry point of the TorchTrainer."""
+    torch.set_num_threads(max(1, int(config["threads"])))
+    train_runs(config["root"], [SAERun.from_dict(d) for d in config["runs"]],
+               TrainOptions(**config["options"]), RayTrainSession(), config["atlas_id"],
+               reader=ray_data_reader, crash_at_step=config.get("crash_at_step"))
+
+
+def plan_runs(root: str, sweep: Sequence[dict[str, Any]],
+              options: TrainOptions) -> tuple[list[SAERun], list[SAERun]]:
+    """Validate the sweep against the extraction under `root`: (all runs, unfinished runs).
+
+    Raises before any work for an unknown layer, a bad or oversized SAE config, or too few
+    extracted parts to hold some out.
+    """
+    _, _, extract_hash = extract_config(root)
+    channels = {name: row["channels"] for name, row in read_layers(root).items()}
+    runs = make_runs(sweep, channels, options)
+    for layer in {r.layer for r in runs}:
+        train, _ = split_holdout(committed_parts(root, layer), options.holdout_parts)
+        if len(train) < options.workers:
+            raise ValueError(f"layer {layer}: {len(train)} training parts for "
+                             f"{options.workers} workers; use at most {len(train)} workers")
+    manifest = Manifest(root)
+    pending = [r for r in runs
+               if r.sae_id not in manifest.done(STAGE, run_hash(r, options, extract_hash))]
+    return runs, pending
+
+
+def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
+        atlas_id: str = "atlas", address: str | None = None, max_failures: int = 3,
+        crash_at_step: int | None = None) -> list[dict[str, Any]]:
+    """Train every unfinished SAE of `sweep` on the PFVs under `root`; returns `saes` rows.
+
+    Args:
+        root: the extraction's output root (local path or fsspec URL); SAEs are written there.
+        sweep: entries {layer, sae: {SAEConfig fields but d_in}, name?, steps?}.
+        options: steps, checkpointing, held-out parts, scaling (see TrainOptions).
+        max_failures: worker-group restarts Ray Train allows (each resumes from a checkpoint).
+        crash_at_step: raise at that step of each run once (tests of recovery).
+    """
+    t0 = time.time()
+    root = root if "://" in root else os.path.abspath(root)
+    runs, pending = plan_runs(root, sweep, options)
+    print(f"[train-sae] {len(runs)} SAEs under {root}: {len(runs) - len(pending)} done, "
+          f"{len(pending)} to train", flush=True)
+    if pending:
+        init_ray(address)
+        use_gpu = options.use_gpu if options.use_gpu is not None else cluster_gpus() > 0
+        trainer = ray.train.torch.TorchTrainer(
+            _train_loop,
+            train_loop_config={
+                "root": root, "runs": [r.to_dict() for r in pending], "atlas_id": atlas_id,
+                "options": dataclasses.asdict(options), "threads": options.cpus_per_worker,
+                "crash_at_step": crash_at_step,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=options.workers, use_gpu=use_gpu,
+                resources_per_worker={"CPU": options.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                # the same pending runs give the same name, so a re-run restores this run
+                name="train-sae-" + config_hash({"runs": [r.to_dict() for r in pending]}),
+                storage_path=fs.join(root, "_ray_train"),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        )
+        trainer.fit()
+    rows = [r for r in read_saes(root) if r["sae_id"] in {x.sae_id for x in runs}]
+    print_summary(rows, time.time() - t0)
+    return rows
+
+
+def print_summary(rows: list[dict[str, Any]], seconds: float) -> None:
+    print(f"[train-sae] {len(rows)} SAEs in {seconds:.1f}s (held-out metrics)")
+    print(f"{'sae_id':<28} {'latents':>7} {'k':>3} {'FVU':>7} {'L0':>6} {'dead%':>6} "
+          f"{'dense%':>6} {'top1agr':>7} {'KL':>7}")
+    for r in rows:
+        print(f"{r['sae_id']:<28} {r['n_latents']:>7} {r['k']:>3} {r['fvu']:>7.4f} "
+              f"{r['l0']:>6.1f} {100 * r['dead_frac']:>6.2f} {100 * r['dense_frac']:>6.2f} "
+              f"{r['logit_agreement']:>7.3f} {r['logit_kl']:>7.4f}")
+    accuracy = [r["model_accuracy"] for r in rows if r["model_accuracy"] is not None]
+    if accuracy:
+        print(f"[accuracy] model top-1 on {rows[0]['heldout_images']} held-out images: "
+              f"{accuracy[0]:.2%}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jobs.train_sae ARGS` is `concept-atlas train-sae ARGS`."""
+    from pipeline.cli import main as cli_main
+
+    return cli_main(["train-sae", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
