@@ -88,6 +88,36 @@ def _cmd_extract(a: argparse.Namespace) -> int:
     return 1 if summary["parts_failed"] else 0
 
 
+def _cmd_train_sae(a: argparse.Namespace) -> int:
+    from jobs.train_sae import run
+    from pipeline.build import load_build_config
+    from pipeline.pfv.sae_runs import TrainOptions
+
+    if a.config:
+        cfg = load_build_config(a.config, a.out)
+        if cfg.train is None:
+            raise ValueError(f"{a.config} has no train_sae section")
+        options, sweep = cfg.train, cfg.sweep
+    else:
+        if not a.layers:
+            raise ValueError("give --layers (one SAE per layer) or --config CONFIG.yaml")
+        sae = {"n_latents": a.n_latents, "k": a.k, "variant": a.variant,
+               "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed}
+        sweep = [{"layer": layer, "sae": sae} for layer in a.layers]
+        options = TrainOptions(steps=a.steps, checkpoint_every=a.checkpoint_every,
+                               holdout_parts=a.holdout_parts, workers=a.workers,
+                               cpus_per_worker=a.cpus_per_worker)
+    run(a.out, sweep, options, atlas_id=a.atlas_id, address=a.address)
+    return 0
+
+
+def _cmd_build(a: argparse.Namespace) -> int:
+    from jobs.build import run
+
+    run(a.config, out=a.out, address=a.address, stages=a.stages)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (each `--help` lists examples)."""
     p = argparse.ArgumentParser(prog="concept-atlas", description=__doc__.splitlines()[0])
@@ -164,6 +194,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: 1 when the cluster has GPUs, else 0")
     sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     sp.add_argument("--no-progress", action="store_true")
+
+    sp = add("train-sae", _cmd_train_sae, "train SAEs on extracted PFVs (Ray Train, resumable)",
+             "  concept-atlas train-sae --out atlas/ --layers layer2 layer4 --n-latents 512 --k 16\n"
+             "  concept-atlas train-sae --out demo_out --config configs/demo.yaml   # its sweep\n"
+             "  concept-atlas train-sae --out s3://b/atlas --config sweep.yaml --address auto")
+    sp.add_argument("--out", required=True, help="the extraction's output root (path or URL)")
+    sp.add_argument("--config", default=None, help="a build YAML: train its train_sae sweep")
+    sp.add_argument("--layers", nargs="+", default=None, help="one SAE per layer")
+    sp.add_argument("--n-latents", type=int, default=1024)
+    sp.add_argument("--k", type=int, default=32)
+    sp.add_argument("--variant", default="topk", choices=["topk", "batchtopk", "relu"])
+    sp.add_argument("--batch-size", type=int, default=4096)
+    sp.add_argument("--lr", type=float, default=2e-4)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--steps", type=int, default=2000)
+    sp.add_argument("--checkpoint-every", type=int, default=250)
+    sp.add_argument("--holdout-parts", type=int, default=1,
+                    help="last extracted parts kept for held-out metrics")
+    sp.add_argument("--workers", type=int, default=1, help="DDP workers (Ray Train)")
+    sp.add_argument("--cpus-per-worker", type=float, default=1.0)
+    sp.add_argument("--atlas-id", default="atlas")
+    sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+
+    sp = add("build", _cmd_build, "run every stage of a build config in order (resumable)",
+             "  concept-atlas build configs/demo.yaml\n"
+             "  concept-atlas build configs/demo.yaml --out /tmp/atlas --stages make-data extract\n"
+             "  ray job submit --address http://HEAD:8265 --working-dir . -- "
+             "concept-atlas build configs/demo.yaml --out s3://b/atlas")
+    sp.add_argument("config", help="build YAML (see configs/demo.yaml)")
+    sp.add_argument("--out", default=None, help="output root (default: the config's `out`)")
+    sp.add_argument("--stages", nargs="+", default=None, help="run only these stages")
+    sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
 
     sp = add("demo", _cmd_demo, "run the main job end to end on the embedded demo data and models",
              "  concept-atlas demo\n  concept-atlas demo --out /tmp/atlas --n 4000")

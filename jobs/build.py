@@ -1,0 +1,106 @@
+"""`concept-atlas build CONFIG.yaml`: every implemented stage in order, each resumable.
+
+The stages are an explicit registry (`STAGES`): a stage says when the config asks for it and
+how to run it. Later stages (CAFE exemplars, ICAT edges) append entries here. Every stage's
+checks run first (`pipeline.build.check_build`), so a bad config fails before any work.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.build import BuildConfig, CheckedBuild, check_build, load_build_config
+from pipeline.store import fs
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A build stage: `wanted(config)` says whether the config asks for it."""
+
+    name: str
+    wanted: Callable[[BuildConfig], bool]
+    run: Callable[[BuildConfig, CheckedBuild, str | None], Any]
+
+
+def _make_data(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
+    from pipeline.data.synthetic import write_shards
+
+    syn = cfg.synthetic
+    if fs.exists(fs.join(cfg.data_dir, "dataset.json")):  # check_build found it identical
+        print(f"[make-data] reusing {syn['n']} synthetic images in {cfg.data_dir}", flush=True)
+        return {"images": syn["n"], "reused": True}
+    local = fs.local_path(cfg.data_dir)
+    if local is None:
+        raise ValueError(f"make-data writes local shards only; {cfg.data_dir} is remote: write "
+                         "them locally with `concept-atlas make-data` and copy them, then "
+                         "point data.shards at the copy")
+    t = time.time()
+    write_shards(local, n=syn["n"], seed=syn["seed"], size=syn["size"],
+                 shard_size=syn["shard_size"], shortcut_prob=syn["shortcut_prob"])
+    print(f"[make-data] wrote {syn['n']} images to {cfg.data_dir} in {time.time() - t:.1f}s",
+          flush=True)
+    return {"images": syn["n"], "reused": False}
+
+
+def _extract(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
+    from jobs.extract import run
+
+    summary = run(cfg.extract, cfg.shard_spec, cfg.out, atlas_id=cfg.atlas_id, address=address,
+                  **cfg.extract_runtime)
+    if summary["parts_failed"]:
+        raise RuntimeError(f"extract: {len(summary['parts_failed'])} parts failed (see the "
+                           "errors table); re-run the build to retry them")
+    return summary
+
+
+def _train_sae(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> Any:
+    from jobs.train_sae import run
+
+    return run(cfg.out, cfg.sweep, cfg.train, atlas_id=cfg.atlas_id, address=address)
+
+
+STAGES: list[Stage] = [
+    Stage("make-data", lambda c: c.synthetic is not None, _make_data),
+    Stage("extract", lambda c: True, _extract),
+    Stage("train-sae", lambda c: c.train is not None, _train_sae),
+]
+
+
+def run(config: str, out: str | None = None, address: str | None = None,
+        stages: Sequence[str] | None = None) -> dict[str, Any]:
+    """Check the whole config, then run the wanted stages (or only `stages`) in order.
+
+    Returns {stage name: its result}. Each stage skips the work a previous run finished.
+    """
+    known = [s.name for s in STAGES]
+    unknown = sorted(set(stages or ()) - set(known))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; stages: {known}")
+    cfg = load_build_config(config, out)
+    t0 = time.time()
+    checked = check_build(cfg)
+    plan = [s for s in STAGES if s.wanted(cfg) and (not stages or s.name in stages)]
+    print(f"[build] {config} -> {cfg.out}: stages {', '.join(s.name for s in plan)} "
+          f"(checked in {time.time() - t0:.1f}s)", flush=True)
+    results, times = {}, {}
+    for stage in plan:
+        t = time.time()
+        results[stage.name] = stage.run(cfg, checked, address)
+        times[stage.name] = time.time() - t
+    print("[build] done in " + ", ".join(f"{n} {s:.0f}s" for n, s in times.items())
+          + f"; total {time.time() - t0:.0f}s. Outputs in {cfg.out}/", flush=True)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jobs.build ARGS` is `concept-atlas build ARGS`."""
+    from pipeline.cli import main as cli_main
+
+    return cli_main(["build", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
