@@ -41,7 +41,7 @@ FAMILIES = {f.name + ("_reg4" if "reg_tokens" in f.kwargs else ""): f for f in [
     Family("vgg16", "features.29", 512, (4, 4), kwargs=dict(mlp_ratio=1 / 16)),
     Family("vgg16_bn", "features.42", 512, (4, 4), kwargs=dict(mlp_ratio=1 / 16)),
     Family("efficientnet_lite0", "blocks.4", 112, (4, 4)),
-    Family("demo_resnet", "layer3", 128, (4, 4)),
+    Family("demo_resnet", "layer3", 64, (4, 4)),
     Family("vit_tiny_patch16_224", "blocks.7", 192, (4, 4), 1, kwargs=dict(img_size=64)),
     Family("vit_small_patch16_224", "blocks.5", 384, (4, 4), 1, kwargs=dict(img_size=64)),
     Family("vit_small_patch16_224", "blocks.5", 384, (4, 4), 5,
@@ -49,7 +49,7 @@ FAMILIES = {f.name + ("_reg4" if "reg_tokens" in f.kwargs else ""): f for f in [
     Family("deit_tiny_patch16_224", "blocks.11", 192, (4, 4), 1, kwargs=dict(img_size=64)),
     # at its native 224 px: the heaviest model here, one image, one forward (shape test only)
     Family("vit_base_patch16_224", "blocks.7", 768, (14, 14), 1, side=224, batch=1),
-    Family("demo_vit", "blocks.3", 192, (8, 8), 1, side=128),
+    Family("demo_vit", "blocks.3", 96, (8, 8), 0, side=128),
 ]}
 LIGHT_FAMILIES = [k for k in FAMILIES if k != "vit_base_patch16_224"]
 
@@ -101,7 +101,7 @@ def test_tap_gives_n_by_positions_by_channels_with_grid_and_prefix_flags(family)
     assert isinstance(pfv, PFVs)
     assert pfv.values.shape == (fam.batch, fam.num_special + h * w, fam.channels)
     assert pfv.grid == fam.grid
-    assert pfv.kind == ("vit" if fam.num_special else "cnn")
+    assert pfv.kind == ("vit" if "vit" in fam.name else "cnn")
     assert pfv.special.dtype == torch.bool
     assert pfv.special.tolist() == [True] * fam.num_special + [False] * (h * w)
     assert pfv.spatial().shape == (fam.batch, fam.channels, h, w)
@@ -153,7 +153,7 @@ def test_mixed_stage_and_module_taps_agree_with_stage_only_taps(demo_resnet):
     stage_only = tap(demo_resnet, x, ["layer2"])["layer2"]
     mixed = tap(demo_resnet, x, ["layer2", "layer3.0.conv1"])
     torch.testing.assert_close(mixed["layer2"].values, stage_only.values, rtol=0, atol=0)
-    assert mixed["layer3.0.conv1"].values.shape == (2, 16, 128)
+    assert mixed["layer3.0.conv1"].values.shape == (2, 16, 64)
 
 
 def test_vit_spatial_is_the_patch_tokens_row_major():

@@ -56,7 +56,11 @@ def demo_resnet(pretrained: bool = False, **kwargs: Any) -> ResNet:
 
 @register_model
 def demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT with patch 16 at 128 px (8x8 tokens + CLS), width 128, depth 4, 4 heads, CLS head."""
-    args = dict(img_size=IMAGE_SIZE, patch_size=16, embed_dim=128, depth=4, num_heads=4,
-                num_classes=NUM_CLASSES, global_pool="token")
+    """ViT with patch 16 at 128 px (8x8 tokens), width 96, depth 4, 3 heads, mean-pool head.
+
+    No CLS token: a mean-pooled head trains several times faster from scratch on a CPU than a
+    CLS head (the CLS path is exercised on timm's ViTs instead).
+    """
+    args = dict(img_size=IMAGE_SIZE, patch_size=16, embed_dim=96, depth=4, num_heads=3,
+                num_classes=NUM_CLASSES, class_token=False, global_pool="avg")
     return build_model_with_cfg(VisionTransformer, "demo_vit", pretrained, **dict(args, **kwargs))
