@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `concept-atlas` console script."""
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():
+        # progress bars in a log file or CI: one line every 30 s, not ten a second
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, KeyError) as e:
