@@ -1,0 +1,224 @@
+"""The SAE training job: seekable streams, true resume, held-out metrics, the saes table.
+
+The PFVs come from a tiny in-process extraction (3 shards of 12 images, demo_resnet with
+seeded random weights). Ray-free tests drive the training loop with `LocalSession`; the Ray
+tests run the same loop inside Ray Train and compare weights with it.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.data.synthetic import write_shards
+from pipeline.pfv.extract import ExtractConfig, ShardExtractor, decode_shard, plan_extract
+from pipeline.pfv.parts import PFVPart, committed_parts
+from pipeline.pfv.sae_runs import (
+    InjectedFailure,
+    LocalSession,
+    TrainOptions,
+    make_runs,
+    read_saes,
+    train_runs,
+)
+from pipeline.pfv.stream import PFVStream
+from pipeline.sae import load_sae
+from pipeline.store import Manifest, fs
+
+CFG = ExtractConfig(model="demo_resnet", weights=None, layers=("layer2", "layer4"),
+                    positions=16, batch_size=36)
+SWEEP = [
+    {"layer": "layer2", "sae": {"n_latents": 64, "k": 4, "batch_size": 64, "lr": 1e-3}},
+    {"layer": "layer4", "name": "small", "sae": {"n_latents": 96, "k": 8, "batch_size": 48,
+                                                 "lr": 1e-3, "dead_tokens": 2000}},
+]
+OPTIONS = TrainOptions(steps=40, checkpoint_every=10, fidelity_images=12, eval_pfvs=5000)
+CHANNELS = {"layer2": 32, "layer4": 128}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory) -> str:
+    """An extraction root with 3 parts (the last one held out), made without Ray."""
+    root = tmp_path_factory.mktemp("sae_job")
+    shards = [str(p) for p in write_shards(root / "data", n=36, seed=1, size=64, shard_size=12,
+                                           workers=1, progress=False)]
+    out = str(root / "out")
+    plan = plan_extract(CFG, shards, out, "t")
+    extractor = ShardExtractor(CFG, out, "t")
+    for task in plan.pending:
+        Manifest(out).commit(extractor.run(task, decode_shard(task.shard, plan.data_config)))
+    return out
+
+
+def copy_of(extracted: str, dest: Path) -> str:
+    shutil.copytree(extracted, dest)
+    return str(dest)
+
+
+def weights(root: str, sae_id: str) -> dict[str, torch.Tensor]:
+    return load_file(fs.join(root, "sae_weights", f"{sae_id}.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+# ---- the stream ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def counted_parts(tmp_path_factory) -> list[PFVPart]:
+    """Parts whose row r of part i holds the value 1000·i + r in every column."""
+    root = tmp_path_factory.mktemp("parts")
+    parts = []
+    for i, rows in enumerate([37, 50, 13, 64, 20, 41]):
+        values = (np.arange(rows)[:, None] + 1000 * i + np.zeros((1, 3))).astype(np.float32)
+        fs.write_npy(values, str(root / f"p{i}.npy"))
+        parts.append(PFVPart(f"part-{i:06d}", str(root / f"p{i}.npy"), "", rows))
+    return parts
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30])
+def test_stream_restarted_at_any_position_yields_the_same_batches(counted_parts,
+                                                                  cache_bytes) -> None:
+    stream = PFVStream(counted_parts, batch_size=16, seed=3, window_parts=2,
+                       cache_bytes=cache_bytes)
+    it = stream(0)
+    full = [next(it) for _ in range(50)]  # > 3 epochs of 225 rows
+    for position in (1, 7, 13, 14, 29, 45):
+        it = stream(position)
+        for expected in full[position:]:
+            assert torch.equal(next(it), expected)
+
+
+def test_stream_epoch_visits_every_row_once_in_a_seeded_order(counted_parts) -> None:
+    total = sum(p.rows for p in counted_parts)
+    rows = torch.cat([b for b, _ in zip(PFVStream(counted_parts, 25, seed=0)(0), range(9))])
+    epoch = rows[:total, 0].tolist()
+    assert sorted(epoch) == sorted(1000 * i + r for i, p in enumerate(counted_parts)
+                                   for r in range(p.rows))
+    assert epoch != sorted(epoch)
+    other = torch.cat([b for b, _ in zip(PFVStream(counted_parts, 25, seed=1)(0), range(9))])
+    assert not torch.equal(rows, other)
+
+
+def test_stream_gives_each_worker_its_own_parts(counted_parts) -> None:
+    seen = []
+    for rank in range(3):
+        stream = PFVStream(counted_parts, 8, seed=0, rank=rank, world_size=3)
+        seen.append({int(v) // 1000 for b, _ in zip(stream(0), range(20)) for v in b[:, 0]})
+    assert seen == [{0, 3}, {1, 4}, {2, 5}]
+    with pytest.raises(ValueError, match="worker 6 of 7 gets no PFV part"):
+        PFVStream(counted_parts, 8, seed=0, rank=6, world_size=7)
+
+
+# ---- the sweep -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry, named", [
+    ({"layer": "layer3", "sae": {"n_latents": 64}}, "layer 'layer3' is not extracted"),
+    ({"layer": "layer2", "sae": {"n_latents": 64, "k": 65}}, "k=65: must be <= n_latents=64"),
+    ({"layer": "layer4", "sae": {"n_latents": 2**24}}, "n_latents=16777216 x d_in=128 needs"),
+    ({"layer": "layer2", "sae": {"d_in": 32}}, "d_in is the layer's width"),
+    ({"layer": "layer2", "sae": {"n_latent": 64}}, "unknown SAEConfig fields"),
+    ({"layer": "layer2", "sea": {}}, "unknown keys \\['sea'\\]"),
+])
+def test_bad_sweep_entry_fails_naming_the_entry_and_the_problem(entry, named) -> None:
+    with pytest.raises(ValueError, match=named):
+        make_runs([entry], CHANNELS, OPTIONS)
+
+
+def test_duplicate_run_names_are_refused() -> None:
+    entry = {"layer": "layer2", "sae": {"n_latents": 64, "k": 4}}
+    with pytest.raises(ValueError, match="names runs twice"):
+        make_runs([entry, entry], CHANNELS, OPTIONS)
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(extracted, tmp_path) -> None:
+    runs = make_runs(SWEEP, CHANNELS, OPTIONS)
+    straight = copy_of(extracted, tmp_path / "straight")
+    assert train_runs(straight, runs, OPTIONS, LocalSession(tmp_path / "ckpt-a"), "t") == [
+        r.sae_id for r in runs]
+
+    crashed = copy_of(extracted, tmp_path / "crashed")
+    session = LocalSession(tmp_path / "ckpt-b")
+    with pytest.raises(InjectedFailure):  # dies at step 25, after the step-20 checkpoint
+        train_runs(crashed, runs, OPTIONS, session, "t", crash_at_step=25)
+    assert read_saes(crashed) == []
+    assert train_runs(crashed, runs, OPTIONS, session, "t") == [r.sae_id for r in runs]
+    for run in runs:
+        assert_same_weights(weights(straight, run.sae_id), weights(crashed, run.sae_id))
+    # finished runs are skipped by a further re-run
+    assert train_runs(crashed, runs, OPTIONS, session, "t") == []
+
+
+def test_saes_table_holds_held_out_metrics_and_loadable_weights(extracted, tmp_path) -> None:
+    root = copy_of(extracted, tmp_path / "root")
+    runs = make_runs(SWEEP, CHANNELS, OPTIONS)
+    train_runs(root, runs, OPTIONS, LocalSession(tmp_path / "ckpt"), "t")
+    table = pq.read_table(fs.join(root, "saes"))
+    assert table.schema.metadata[b"table"] == b"saes"
+    rows = {r["sae_id"]: r for r in table.to_pylist()}
+    assert sorted(rows) == ["layer2-topk-64-k4", "layer4-small"]
+    held = committed_parts(root, "layer4")[-1]
+    for run in runs:
+        row = rows[run.sae_id]
+        assert 0 <= row["fvu"] < 1 and row["l0"] == pytest.approx(run.cfg.k)
+        assert 0 <= row["dead_frac"] <= 1 and 0 <= row["dense_frac"] <= 1
+        assert 0 <= row["logit_agreement"] <= 1 and row["logit_kl"] >= 0
+        assert row["heldout_images"] == 12 and row["tokens"] == 40 * run.cfg.batch_size
+        sae = load_sae(row["weights"])
+        assert sae.cfg == run.cfg
+    assert rows["layer4-small"]["heldout_pfvs"] == held.rows == 12 * 16 and held.part == "part-000002"
+
+
+# ---- on Ray Train ----------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_ray_train_job_recovers_from_a_worker_failure_with_the_same_weights(
+        ray_cluster, extracted, tmp_path) -> None:
+    from jobs.train_sae import run
+
+    reference = copy_of(extracted, tmp_path / "reference")
+    runs = make_runs(SWEEP[1:], CHANNELS, OPTIONS)
+    train_runs(reference, runs, OPTIONS, LocalSession(tmp_path / "ckpt"), "t")
+
+    root = copy_of(extracted, tmp_path / "ray")
+    rows = run(root, SWEEP[1:], OPTIONS, atlas_id="t", max_failures=1, crash_at_step=25)
+    assert [r["sae_id"] for r in rows] == ["layer4-small"]
+    assert_same_weights(weights(reference, "layer4-small"), weights(root, "layer4-small"))
+
+
+@pytest.mark.ray
+def test_ray_train_rerun_after_a_failed_job_resumes_from_its_checkpoint(
+        ray_cluster, extracted, tmp_path) -> None:
+    import ray.train
+
+    from jobs.train_sae import run
+
+    reference = copy_of(extracted, tmp_path / "reference")
+    runs = make_runs(SWEEP[:1], CHANNELS, OPTIONS)
+    train_runs(reference, runs, OPTIONS, LocalSession(tmp_path / "ckpt"), "t")
+
+    root = copy_of(extracted, tmp_path / "ray")
+    with pytest.raises(ray.train.TrainingFailedError):
+        run(root, SWEEP[:1], OPTIONS, atlas_id="t", max_failures=0, crash_at_step=25)
+    assert read_saes(root) == []
+    run(root, SWEEP[:1], OPTIONS, atlas_id="t", max_failures=0)
+    assert_same_weights(weights(reference, runs[0].sae_id), weights(root, runs[0].sae_id))
