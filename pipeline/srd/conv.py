@@ -189,33 +189,49 @@ class ConvRule:
             self._norms = self._pool_norms() if self.pool is not None else self._conv_norms()
         return self._norms
 
-    def _tap_weight(self, i: int, j: int) -> Tensor:
-        return self.weight[:, :, i:i + 1, j:j + 1]
+    def _kind(self) -> str:
+        """How per-tap norms are formed: element-wise for a depthwise conv (output o reads input
+        o // (cout/G) only); the Gram form x^T W_t^T W_t x where a tap writes >= 4x the channels
+        it reads (e.g. RGB -> 768 in a patch embedding); else the direct product W_t x."""
+        cout, cin = self.weight.shape[:2]
+        if cin == 1:
+            return "depthwise"
+        return "gram" if 4 * cin <= cout // self.groups else "direct"
 
-    def _tap_norm(self, x: Tensor, i: int, j: int) -> Tensor:
-        """||W_t x|| per position for one tap t: element-wise for a depthwise conv, the Gram
-        form x^T W_t^T W_t x when the tap maps to more channels than it reads (cheaper; e.g.
-        RGB -> 768 in a patch embedding), else the direct 1x1 product."""
-        w = self._tap_weight(i, j)
-        cout, cin = w.shape[:2]
-        per_group = cout // self.groups
-        if cin == 1:  # depthwise: output channel o reads input channel o // per_group only
-            wsq = w.view(self.groups, per_group).square().sum(1)
-            return torch.einsum("nchw,c->nhw", x.square(), wsq).sqrt()
-        if cin >= per_group:
-            return F.conv2d(x, w, groups=self.groups).square().sum(1).sqrt()
-        wg = w.view(self.groups, per_group, cin)
-        gram = torch.einsum("goc,god->gcd", wg, wg)
-        xg = x.view(x.shape[0], self.groups, cin, *x.shape[2:])
-        return torch.einsum("ngchw,gcd,ngdhw->nhw", xg, gram, xg).clamp(min=0).sqrt()
+    def _tap_matrices(self, kind: str) -> Tensor:
+        """Per tap t: [K, G, cin, cout/G] (direct), [K, G, cin, cin] (Gram) or [K, G] (depthwise)."""
+        cout, cin = self.weight.shape[:2]
+        w = self.weight.flatten(2).permute(2, 0, 1).reshape(-1, self.groups, cout // self.groups, cin)
+        if kind == "depthwise":
+            return w.square().sum((2, 3))
+        return w.transpose(2, 3) @ w if kind == "gram" else w.transpose(2, 3)
+
+    def _tap_norm(self, x: Tensor, w: Tensor, kind: str) -> Tensor:
+        """||W_t x|| for channels-last PFVs x [M, C_in] read by one tap: [M]."""
+        if kind == "depthwise":
+            return (x.square() @ w).sqrt()
+        xg = x.view(x.shape[0], self.groups, -1).transpose(0, 1)  # [G, M, cin]
+        if kind == "gram":
+            return ((xg @ w) * xg).sum((0, 2)).clamp(min=0).sqrt()
+        return torch.linalg.vector_norm(xg @ w, dim=(0, 2))
+
+    @staticmethod
+    def _rows(x: Tensor) -> Tensor:
+        """[N, C, h, w] map (a strided tap view) -> channels-last rows [N*h*w, C]."""
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
     def _conv_norms(self) -> Tensor:
-        xp = self.geo.pad(self.src)
-        kh, kw = self.geo.k
-        taps = [self._tap_norm(self.geo.tap_slice(xp, i, j), i, j) for i in range(kh) for j in range(kw)]
-        return torch.stack(taps, 1).flatten(2)
+        """Per tap t, ||W_t x_{s q + t - p}|| at every output q: k^2 products with the cost of one
+        conv (no Python loop over positions); padded taps read zeros."""
+        xp, (kh, kw), kind = self.geo.pad(self.src), self.geo.k, self._kind()
+        ws = self._tap_matrices(kind)
+        taps = [self._tap_norm(self._rows(self.geo.tap_slice(xp, i, j)), ws[i * kw + j], kind)
+                for i in range(kh) for j in range(kw)]
+        return torch.stack(taps).view(len(taps), self.src.shape[0], -1).transpose(0, 1)
 
     def _pool_norms(self) -> Tensor:
+        """Norms of the composite pool -> conv: p reaches q through every (conv tap t, pool tap u)
+        with s_p t + u = d (the displacement); paths sharing d are summed before the norm."""
         pg, cg, pair = self.pool.geo, self.geo, self.pair_geo
         sel = self.pool.taps(self.src)  # [N, C, kp*kp, H'*W']
         sel = cg.pad(sel.view(*sel.shape[:3], *pg.out_size).movedim(2, 0))  # [kp*kp, N, C, ..]
@@ -225,18 +241,18 @@ class ConvRule:
                 for u in range(pg.taps):
                     d = (pg.s[0] * i + u // pg.k[1], pg.s[1] * j + u % pg.k[1])
                     paths.setdefault(d, []).append((i, j, u))
-        n, (ho, wo) = self.src.shape[0], cg.out_size
-        norms = self.src.new_zeros(n, pair.taps, ho, wo)
+        n, (ho, wo), kind = self.src.shape[0], cg.out_size, self._kind()
+        ws, direct = self._tap_matrices(kind), self._tap_matrices("direct")
+        norms = self.src.new_zeros(n, pair.taps, ho * wo)
         for (dh, dw), combos in paths.items():
-            if len(combos) == 1:
-                i, j, u = combos[0]
-                nrm = self._tap_norm(cg.tap_slice(sel[u], i, j), i, j)
-            else:  # several (conv tap, pool tap) paths reach q from the same p: sum, then norm
-                y = sum(F.conv2d(cg.tap_slice(sel[u], i, j), self._tap_weight(i, j), groups=self.groups)
-                        for i, j, u in combos)
-                nrm = y.square().sum(1).sqrt()
-            norms[:, dh * pair.k[1] + dw] = nrm
-        return norms.flatten(2)
+            rows = [(self._rows(cg.tap_slice(sel[u], i, j)), i * cg.k[1] + j) for i, j, u in combos]
+            if len(rows) == 1:
+                nrm = self._tap_norm(rows[0][0], ws[rows[0][1]], kind)
+            else:  # several paths reach q from the same p: sum the contributions, then the norm
+                y = sum(x.view(x.shape[0], self.groups, -1).transpose(0, 1) @ direct[t] for x, t in rows)
+                nrm = torch.linalg.vector_norm(y, dim=(0, 2))
+            norms[:, dh * pair.k[1] + dw] = nrm.view(n, ho * wo)
+        return norms
 
     def norm_total(self) -> Tensor:
         return self.norms().sum(1).view(-1, *self.geo.out_size)
