@@ -56,7 +56,8 @@ class ExtractActor:
 def run(cfg: ExtractConfig, shards: str | Sequence[str], out: str, *, atlas_id: str = "atlas",
         actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float | None = None,
         max_retries: int = 3, address: str | None = None, progress: bool = True,
-        stats: bool = True, on_part: OnPart | None = None) -> dict[str, Any]:
+        stats: bool = True, on_part: OnPart | None = None,
+        in_process: bool = False) -> dict[str, Any]:
     """Extract the PFVs of `cfg.layers` from `shards` into `out`; returns the summary.
 
     Args:
@@ -69,6 +70,8 @@ def run(cfg: ExtractConfig, shards: str | Sequence[str], out: str, *, atlas_id: 
         address: Ray cluster address (default `RAY_ADDRESS`, else a local instance).
         stats: add per-layer PFV statistics (from up to STATS_ROWS PFVs) to the summary.
         on_part: called with each record right after it is committed.
+        in_process: run the parts one by one in this process, without Ray (debugging, small
+            jobs, tests); the outputs are identical.
 
     Every check (shards exist, model, weights, layers, positions, output config) runs before
     Ray starts; bad samples go to the errors table; parts that fail are reported and left
@@ -80,19 +83,56 @@ def run(cfg: ExtractConfig, shards: str | Sequence[str], out: str, *, atlas_id: 
     fs.remove_temporaries(out)
     print(f"[extract] {len(plan.shards)} shards -> {out}: {len(plan.done)} done, "
           f"{len(plan.pending)} to do; layers {', '.join(cfg.layers)}", flush=True)
-    failed: dict[str, str] = {}
-    if plan.pending:
+    done = _Committer(plan, progress, on_part)
+    if plan.pending and in_process:
+        _run_in_process(plan, done)
+    elif plan.pending:
         init_ray(address)
-        failed = _run_parts(plan, actors, cpus_per_actor, gpus_per_actor, max_retries,
-                            progress, on_part)
-    summary = summarize(plan, failed, time.time() - t0, stats)
+        _run_on_ray(plan, done, actors, cpus_per_actor, gpus_per_actor, max_retries)
+    done.bar.close()
+    summary = summarize(plan, done.failed, time.time() - t0, stats)
     print_summary(summary)
     return summary
 
 
-def _run_parts(plan: ExtractPlan, n_actors: int, cpus: float, gpus: float | None,
-               max_retries: int, progress: bool, on_part: OnPart | None) -> dict[str, str]:
-    """Feed the pending parts to the actors; commit each finished part; return the failures."""
+class _Committer:
+    """Commits finished parts, records failed ones, and keeps the progress bar."""
+
+    def __init__(self, plan: ExtractPlan, progress: bool, on_part: OnPart | None) -> None:
+        self.plan, self.on_part = plan, on_part
+        self.manifest, self.failed = Manifest(plan.out), {}
+        self.images = self.parts = 0
+        self.bar = tqdm(total=None, unit="img", desc="extract", disable=not progress,
+                        smoothing=0.1)
+
+    def ok(self, record: PartRecord) -> None:
+        self.manifest.commit(record)
+        self.images, self.parts = self.images + record.rows, self.parts + 1
+        self.bar.total = round(self.images / self.parts * len(self.plan.pending))  # ETA
+        self.bar.update(record.rows)
+        if self.on_part is not None:
+            self.on_part(record)
+
+    def fail(self, task: PartTask, reason: str) -> None:
+        self.failed[task.part] = _fail(self.plan, task, reason)
+
+
+def _run_in_process(plan: ExtractPlan, done: _Committer) -> None:
+    """Every pending part in this process, one after the other (no Ray)."""
+    extractor = ShardExtractor(plan.cfg, plan.out, plan.atlas_id,
+                               device="cuda" if torch.cuda.is_available() else "cpu")
+    for task in plan.pending:
+        try:
+            record = extractor.run(task, decode_shard(task.shard, plan.data_config))
+        except Exception as exc:  # one broken part must not stop the others
+            done.fail(task, f"{type(exc).__name__}: {exc}")
+        else:
+            done.ok(record)
+
+
+def _run_on_ray(plan: ExtractPlan, done: _Committer, n_actors: int, cpus: float,
+                gpus: float | None, max_retries: int) -> None:
+    """Feed the pending parts to model actors, decoding ahead in CPU tasks."""
     if gpus is None:
         gpus = 1.0 if cluster_gpus() > 0 else 0.0
     actor_cls = ray.remote(ExtractActor).options(
@@ -116,10 +156,6 @@ def _run_parts(plan: ExtractPlan, n_actors: int, cpus: float, gpus: float | None
         for _ in range(QUEUE_PER_ACTOR):
             if queue:
                 submit(slot)
-
-    manifest, failed = Manifest(plan.out), {}
-    images = parts = 0
-    bar = tqdm(total=None, unit="img", desc="extract", disable=not progress, smoothing=0.1)
     while in_flight:
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
         slot, task = in_flight.pop(ref)
@@ -127,21 +163,14 @@ def _run_parts(plan: ExtractPlan, n_actors: int, cpus: float, gpus: float | None
             record: PartRecord = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             # out of restarts: this actor is gone; give its slot a fresh one
-            failed[task.part] = _fail(plan, task, f"model actor died: {exc}")
+            done.fail(task, f"model actor died: {exc}")
             actors[slot] = new_actor()
         except ray.exceptions.RayError as exc:
-            failed[task.part] = _fail(plan, task, f"{type(exc).__name__}: {exc}")
+            done.fail(task, f"{type(exc).__name__}: {exc}")
         else:
-            manifest.commit(record)
-            images, parts = images + record.rows, parts + 1
-            bar.total = round(images / parts * len(plan.pending))  # ETA from the mean shard
-            bar.update(record.rows)
-            if on_part is not None:
-                on_part(record)
+            done.ok(record)
         if queue:
             submit(slot)
-    bar.close()
-    return failed
 
 
 def _fail(plan: ExtractPlan, task: PartTask, reason: str) -> str:

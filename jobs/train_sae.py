@@ -30,6 +30,7 @@ from jobs.common import cluster_gpus, init_ray
 from pipeline.pfv.parts import PFVPart, committed_parts, read_layers
 from pipeline.pfv.sae_runs import (
     STAGE,
+    LocalSession,
     SAERun,
     TrainOptions,
     extract_config,
@@ -137,7 +138,15 @@ def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
     runs, pending = plan_runs(root, sweep, options)
     print(f"[train-sae] {len(runs)} SAEs under {root}: {len(runs) - len(pending)} done, "
           f"{len(pending)} to train", flush=True)
-    if pending:
+    if pending and options.in_process:
+        local = fs.local_path(root)
+        if local is None:
+            raise ValueError(f"in_process training keeps checkpoints on a local disk; {root} "
+                             "is remote: train on Ray instead")
+        torch.set_num_threads(max(1, int(options.cpus_per_worker)))
+        train_runs(root, pending, options, LocalSession(os.path.join(local, "_local_train")),
+                   atlas_id, crash_at_step=crash_at_step)
+    elif pending:
         init_ray(address)
         use_gpu = options.use_gpu if options.use_gpu is not None else cluster_gpus() > 0
         trainer = ray.train.torch.TorchTrainer(

@@ -9,7 +9,7 @@ A config has these sections (see `configs/demo.yaml`):
       shards: PATTERN_OR_LIST       # existing WebDataset shards
     model: {name, weights}
     extract: {layers, positions, include_special, seed, dtype, batch_size,
-              actors, cpus_per_actor, gpus_per_actor}
+              actors, cpus_per_actor, gpus_per_actor, in_process}
     train_sae: {sweep: [{layer, sae: {...}, name?, steps?}], steps, checkpoint_every,
                 holdout_parts, workers, ...}  # TrainOptions fields
 
@@ -42,7 +42,7 @@ from pipeline.store import check_stage_config, fs
 SECTIONS = ("atlas_id", "out", "data", "model", "extract", "train_sae")
 SYNTHETIC_KEYS = ("n", "seed", "size", "shard_size", "shortcut_prob")
 SYNTHETIC_DEFAULTS = {"seed": 0, "size": 128, "shard_size": 1000, "shortcut_prob": 0.0}
-EXTRACT_RUNTIME_KEYS = ("actors", "cpus_per_actor", "gpus_per_actor")
+EXTRACT_RUNTIME_KEYS = ("actors", "cpus_per_actor", "gpus_per_actor", "in_process")
 
 
 @dataclass

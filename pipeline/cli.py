@@ -85,7 +85,7 @@ def _cmd_extract(a: argparse.Namespace) -> int:
                         dtype=a.dtype, batch_size=a.batch_size)
     summary = run(cfg, a.shards, a.out, atlas_id=a.atlas_id, actors=a.actors,
                   cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
-                  address=a.address, progress=not a.no_progress)
+                  address=a.address, progress=not a.no_progress, in_process=a.in_process)
     return 1 if summary["parts_failed"] else 0
 
 
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: 1 when the cluster has GPUs, else 0")
     sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--in-process", action="store_true",
+                    help="run every part in this process, without Ray (debugging, small jobs)")
 
     sp = add("train-sae", _cmd_train_sae, "train SAEs on extracted PFVs (Ray Train, resumable)",
              "  concept-atlas train-sae --out atlas/ --layers layer2 layer4 --n-latents 512 --k 16\n"

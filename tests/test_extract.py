@@ -128,7 +128,7 @@ def test_other_config_in_the_same_output_is_refused_naming_the_key(tmp_path) -> 
 @pytest.mark.parametrize("kwargs, named", [
     (dict(layers=("layer9",)), "unknown layer 'layer9'"),
     (dict(model="demo_resnett"), "unknown model 'demo_resnett'"),
-    (dict(positions=300), "positions=300 exceeds the 16 positions of layer 'layer4'"),
+    (dict(positions=100), "positions=100 exceeds the 16 positions of layer 'layer4'"),
     (dict(weights="missing.safetensors"), "weights file not found"),
 ])
 def test_bad_config_fails_before_any_output_is_written(tmp_path, shards, kwargs, named) -> None:
@@ -153,20 +153,24 @@ def test_extract_config_rejects_bad_values(kwargs, named) -> None:
         ExtractConfig(**{**CFG.__dict__, **kwargs})
 
 
-# ---- on Ray ----------------------------------------------------------------------------
+# ---- whole jobs: in process by default, on Ray with --runray -----------------------------
 
 
 @pytest.fixture(scope="module")
-def extracted(ray_cluster, shards, tmp_path_factory) -> tuple[str, dict]:
+def extracted(shards, tmp_path_factory) -> tuple[str, dict]:
+    """The reference extraction, run in process (no Ray)."""
     from jobs.extract import run
 
     out = str(tmp_path_factory.mktemp("extracted") / "out")
-    summary = run(CFG, shards, out, atlas_id="t", progress=False, stats=False)
+    summary = run(CFG, shards, out, atlas_id="t", progress=False, stats=False, in_process=True)
     return out, summary
 
 
 def test_row_counts_are_exact(extracted, shards) -> None:
-    out, summary = extracted
+    check_row_counts(*extracted, shards)
+
+
+def check_row_counts(out: str, summary: dict, shards: list[str]) -> None:
     records = Manifest(out).records("extract")
     assert sorted(records) == [f"part-{i:06d}" for i in range(5)] and not summary["parts_failed"]
     for i, shard in enumerate(shards):
@@ -202,18 +206,81 @@ def test_corrupt_shards_are_reported_and_skipped(extracted, shards) -> None:
     assert summary["images"] == 36 + len(expected_images(shards[3]))
 
 
-def test_rerun_skips_every_committed_part_without_starting_ray(extracted, shards) -> None:
+def test_rerun_skips_every_committed_part(extracted, shards) -> None:
     from jobs.extract import run
 
     out, _ = extracted
     before = read_outputs(out)
-    summary = run(CFG, shards, out, atlas_id="t", progress=False, stats=False)
+    summary = run(CFG, shards, out, atlas_id="t", progress=False, stats=False)  # Ray not needed
     assert summary["parts_skipped"] == 5 and summary["parts_new"] == 0
     assert_same_outputs(before, read_outputs(out))
 
 
+def test_rewritten_shard_is_extracted_again(extracted, shards, tmp_path) -> None:
+    from jobs.extract import run
+
+    out = str(tmp_path / "out")
+    shutil.copytree(extracted[0], out)
+    copies = [str(tmp_path / Path(s).name) for s in shards]
+    for src, dst in zip(shards, copies):
+        shutil.copy(src, dst)
+    shutil.copytree(extracted[0], out, dirs_exist_ok=True)
+    summary = run(CFG, copies, out, atlas_id="t", progress=False, stats=False, in_process=True)
+    assert summary["parts_new"] == 5  # other paths: other fingerprints
+    Path(copies[1]).write_bytes(Path(shards[1]).read_bytes())  # same bytes, new mtime
+    os.utime(copies[1], (1, 1))
+    summary = run(CFG, copies, out, atlas_id="t", progress=False, stats=False, in_process=True)
+    assert summary["parts_new"] == 1 and summary["parts_skipped"] == 4
+
+
+def kill_driver_after_first_part_and_rerun(args: list[str], out: Path, parts: int) -> str:
+    """Start the extract CLI, SIGKILL it once a part is committed, re-run it; its stdout."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    manifest = out / "manifest" / "stage=extract"
+    deadline = time.time() + 240
+    while time.time() < deadline and driver.poll() is None:
+        if manifest.is_dir() and any(manifest.glob("*.json")):
+            break
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    done_before = len(list(manifest.glob("*.json")))
+    assert 1 <= done_before < parts, "the driver should die after the first part, before the last"
+    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{done_before} done, {parts - done_before} to do" in rerun.stdout
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    return rerun.stdout
+
+
+def extract_args(shards: list[str], out: Path) -> list[str]:
+    return [sys.executable, "-m", "jobs.extract", "--shards", *shards, "--model", "demo_resnet",
+            "--weights", "none", "--layers", *CFG.layers, "--positions", "5", "--batch-size",
+            "16", "--out", str(out), "--atlas-id", "t", "--no-progress"]
+
+
+def test_killed_driver_resumes_and_the_output_is_identical(extracted, shards, tmp_path) -> None:
+    out = tmp_path / "out"
+    kill_driver_after_first_part_and_rerun(extract_args(shards, out) + ["--in-process"], out, 5)
+    assert_same_outputs(read_outputs(extracted[0]), read_outputs(str(out)))
+
+
+@pytest.mark.ray
+def test_on_ray_the_rows_equal_the_in_process_run(ray_cluster, extracted, shards,
+                                                  tmp_path) -> None:
+    from jobs.extract import run
+
+    out = str(tmp_path / "out")
+    summary = run(CFG, shards, out, atlas_id="t", progress=False, stats=False)
+    check_row_counts(out, summary, shards)
+    assert_same_outputs(read_outputs(extracted[0]), read_outputs(out))
+
+
+@pytest.mark.ray
 def test_killed_model_actor_mid_job_gives_the_same_rows_without_duplicates(
-        extracted, shards, tmp_path) -> None:
+        ray_cluster, extracted, shards, tmp_path) -> None:
     from jobs.extract import run
 
     killed: list[int] = []
@@ -234,37 +301,20 @@ def test_killed_model_actor_mid_job_gives_the_same_rows_without_duplicates(
     assert_same_outputs(read_outputs(extracted[0]), read_outputs(out))
 
 
-def test_killed_driver_resumes_and_the_output_is_identical(extracted, shards, tmp_path,
-                                                           ray_cluster) -> None:
+@pytest.mark.ray
+def test_killed_ray_driver_resumes_and_the_output_is_identical(ray_cluster, extracted, shards,
+                                                               tmp_path) -> None:
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "jobs.extract", "--shards", *shards, "--model", "demo_resnet",
-            "--weights", "none", "--layers", *CFG.layers, "--positions", "5", "--batch-size",
-            "16", "--out", str(out), "--atlas-id", "t", "--no-progress", "--address", ray_cluster]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
-    driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    manifest = out / "manifest" / "stage=extract"
-    deadline = time.time() + 240
-    while time.time() < deadline and driver.poll() is None:
-        if manifest.is_dir() and any(manifest.glob("*.json")):
-            break
-        time.sleep(0.05)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    done_before = len(list(manifest.glob("*.json")))
-    assert 1 <= done_before < 5, "the driver should die after the first part, before the last"
-
-    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"{done_before} done, {5 - done_before} to do" in rerun.stdout
+    # the driver joins the test's Ray instance; its actors die with it
+    kill_driver_after_first_part_and_rerun(extract_args(shards, out) + ["--address", ray_cluster],
+                                           out, 5)
     assert_same_outputs(read_outputs(extracted[0]), read_outputs(str(out)))
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
-def test_extraction_reads_a_fsspec_url(ray_cluster, shards, tmp_path) -> None:
+@pytest.mark.ray
+def test_extraction_writes_to_a_fsspec_url(ray_cluster, shards, tmp_path) -> None:
     from jobs.extract import run
 
     out = "file://" + str(tmp_path / "out")
     summary = run(CFG, shards[:1], out, atlas_id="t", progress=False, stats=False)
     assert summary["images"] == 12 and committed_parts(out, "layer2")[0].values.startswith("file://")
-    shutil.rmtree(tmp_path / "out")

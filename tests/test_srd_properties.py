@@ -140,3 +140,21 @@ def test_zero_pre_activation_books_its_relevance_as_constant() -> None:
     assert torch.equal(g[0, 0, :, 0], torch.zeros(2, dtype=torch.float64))
     assert float(lost) == 3.0
     assert torch.allclose((g[0, 0, :, 1] * z[0, :, 1]).sum(), torch.tensor(5.0, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, layer", [("resnet-bottleneck-d", "layer2"), ("vit-reg-ls", "blocks.1"),
+                                         ("effnet-lite", "blocks.1")])
+def test_cuda_matches_cpu(name: str, layer: str) -> None:
+    """Device-agnostic: the same maps and constant shares on CUDA as on CPU (float64)."""
+    model, size = MODELS[name]
+    images = images_for(size)
+    cpu = srd.ierf(model, images, layer, torch.tensor([0, 1]), return_constant=True)
+    cpu_sal = srd.saliency(model, images)
+    try:
+        gpu = srd.ierf(model.cuda(), images.cuda(), layer, torch.tensor([0, 1]), return_constant=True)
+        gpu_sal = srd.saliency(model, images.cuda())
+    finally:
+        model.cpu()
+    for a, b in zip(cpu + (cpu_sal,), gpu + (gpu_sal,)):
+        assert torch.allclose(a, b.cpu(), rtol=1e-9, atol=1e-12)

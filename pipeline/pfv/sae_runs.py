@@ -66,7 +66,8 @@ class TrainOptions:
     shuffled together; fidelity_images: held-out images for logit fidelity; eval_pfvs: held-out
     PFVs for FVU/L0/dead/dense; max_sae_gib: refuse SAEs whose weights, gradients and Adam
     state exceed this; workers / cpus_per_worker / use_gpu: Ray Train scaling (use_gpu None:
-    when the cluster has GPUs); cache_bytes: per-worker in-memory PFV cache.
+    when the cluster has GPUs); cache_bytes: per-worker in-memory PFV cache; in_process: train
+    in the calling process without Ray (LocalSession; debugging, small jobs, tests).
     """
 
     steps: int = 2000
@@ -80,6 +81,7 @@ class TrainOptions:
     cpus_per_worker: float = 1.0
     use_gpu: bool | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    in_process: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "checkpoint_every", "window_parts", "fidelity_images",

@@ -76,7 +76,7 @@ def relevance(model: nn.Module, images: Tensor, target: int | Tensor | None,
 
 def ierf(model: nn.Module, images: Tensor, layer: str, seeds: Tensor,
          direction: Tensor | None = None, *, return_constant: bool = False,
-         chunk: int = 64) -> Tensor | tuple[Tensor, Tensor]:
+         chunk: int = 64, graph: Graph | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Instance-specific effective receptive fields (METHOD.md section 4): images [N, 3, H, W] ->
     Tensor[N, S, H, W], one signed map per seed, each summing to its seed total less its
     constant share (returned as Tensor[N, S] with return_constant).
@@ -89,9 +89,10 @@ def ierf(model: nn.Module, images: Tensor, layer: str, seeds: Tensor,
     index for ViTs, prefix tokens first) for one-hot seeds, or float Tensor[N, S, P] seed maps.
     direction: Tensor[S, C] or [N, S, C] latent directions w_f read on v; the first step then
     uses mu_f(p->r) = <w_f*gate_r, c(p->r)> / <w_f*gate_r, z_r> (latent iERF), ordinary PFV
-    ratios below. Seeds are propagated `chunk` at a time (the frozen pattern is recorded once).
+    ratios below. Seeds are propagated `chunk` at a time (the frozen pattern is recorded once);
+    pass `graph=srd.build(model, images)[0]` to reuse one recording across calls.
     """
-    graph, _ = build(model, images)
+    graph = graph if graph is not None else build(model, images)[0]
     unit = graph.unit(layer)
     seed = _seed_maps(unit, seeds, images.shape[0])
     if direction is not None:

@@ -101,7 +101,8 @@ class FrozenPool:
         if not module.count_include_pad:
             return valid / valid.sum(0, keepdim=True)
         # torch counts padded taps but not a ceil-mode overhang beyond the padding
-        ones = F.pad(torch.ones(1, 1, h, w, dtype=torch.float64, device=src.device), [self.geo.p[1]] * 2 + [self.geo.p[0]] * 2, value=1.0)
+        ones = torch.ones(1, 1, h, w, dtype=torch.float64, device=src.device)
+        ones = F.pad(ones, [self.geo.p[1]] * 2 + [self.geo.p[0]] * 2, value=1.0)
         padded = Geometry(self.geo.k, self.geo.s, 0, 1, ones.shape[2:], self.geo.out_size).unfold(ones)[0, 0]
         return valid / padded.sum(0, keepdim=True)
 
@@ -153,7 +154,7 @@ class ConvRule:
                  out_size: tuple[int, int], pool: FrozenPool | None = None, path: str = "") -> None:
         self.source, self.pool, self.src = source, pool, src
         if conv.padding_mode != "zeros":
-            raise UnsupportedModuleError(conv, path, f"padding_mode {conv.padding_mode!r}: padding must contribute nothing")
+            raise UnsupportedModuleError(conv, path, f"padding_mode {conv.padding_mode!r}: padding must be zeros")
         if bn is not None and bn.running_var is None:
             raise UnsupportedModuleError(bn, path, "BatchNorm without running statistics is not affine")
         self.weight, self.bias = fold_bn(conv, bn)
@@ -260,4 +261,5 @@ class ConvRule:
     def scatter(self, beta: Tensor) -> Tensor:
         n, s = beta.shape[:2]
         cols = self.norms().unsqueeze(1) * beta.reshape(n, s, 1, -1)
-        return self.pair_geo.fold(cols.reshape(n * s, 1, self.pair_geo.taps, -1)).view(n, s, *self.pair_geo.in_size)
+        out = self.pair_geo.fold(cols.reshape(n * s, 1, self.pair_geo.taps, -1))
+        return out.view(n, s, *self.pair_geo.in_size)

@@ -41,7 +41,8 @@ def _parts(c: Claims, path: str, blk: nn.Module) -> list[tuple[str, str]]:
     """(conv, bn) path pairs of a block in order; the last bn has no activation."""
     if getattr(blk, "conv_s2d", None) is not None:
         raise UnsupportedModuleError(blk.conv_s2d, f"{path}.conv_s2d", "space-to-depth stem")
-    names = ["conv_dw", "conv_pw"] if isinstance(blk, DepthwiseSeparableConv) else ["conv_pw", "conv_dw", "conv_pwl"]
+    ds = isinstance(blk, DepthwiseSeparableConv)
+    names = ["conv_dw", "conv_pw"] if ds else ["conv_pw", "conv_dw", "conv_pwl"]
     parts = []
     for i, conv in enumerate(names, 1):
         c.get(f"{path}.{conv}", nn.Conv2d)

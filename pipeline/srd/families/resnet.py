@@ -32,7 +32,7 @@ def _block_parts(c: Claims, path: str, block: nn.Module) -> list[tuple[str, str,
     return parts
 
 
-def _shortcut(c: Claims, path: str, block: nn.Module) -> tuple[nn.Module | None, nn.Conv2d | None, nn.Module | None]:
+def _shortcut(c: Claims, path: str, block: nn.Module) -> tuple[nn.Module | None, ...]:
     """(avg-pool or None, conv, bn) of a projection shortcut, or (None, None, None) for identity."""
     if block.downsample is None:
         return None, None, None
@@ -45,7 +45,8 @@ def _shortcut(c: Claims, path: str, block: nn.Module) -> tuple[nn.Module | None,
     if len(mods) != 2:
         raise UnsupportedModuleError(ds, f"{path}.downsample", "expected [avg-pool,] conv, bn")
     off = len(ds) - 2
-    return pool, c.get(f"{path}.downsample.{off}", nn.Conv2d), c.get(f"{path}.downsample.{off + 1}", nn.BatchNorm2d)
+    conv = c.get(f"{path}.downsample.{off}", nn.Conv2d)
+    return pool, conv, c.get(f"{path}.downsample.{off + 1}", nn.BatchNorm2d)
 
 
 def build(model: ResNet, images: Tensor, head: str) -> tuple[Graph, Head]:
@@ -61,7 +62,7 @@ def build(model: ResNet, images: Tensor, head: str) -> tuple[Graph, Head]:
             blocks.append((f"layer{k}.{i}", c.get(f"layer{k}.{i}", BasicBlock, Bottleneck)))
     pool_mod = c.get("global_pool", SelectAdaptivePool2d)
     if pool_mod.pool_type != "avg" or not pool_mod.flatten:
-        raise UnsupportedModuleError(pool_mod, "global_pool", f"pool_type {pool_mod.pool_type!r}: only 'avg' is linear")
+        raise UnsupportedModuleError(pool_mod, "global_pool", f"pool_type {pool_mod.pool_type!r}: only 'avg'")
     c.claimed.update({"global_pool.pool", "global_pool.flatten"})
     fc = c.get("fc", nn.Linear)
     parts = {p: _block_parts(c, p, b) for p, b in blocks}

@@ -93,9 +93,11 @@ def build(model: VisionTransformer, images: Tensor, head: str) -> tuple[Graph, H
     for l, blk in enumerate(model.blocks):
         p = f"blocks.{l}"
         y = tok(rec.inputs[f"{p}.norm2"])
-        pull = mlp_pull(y, blk.norm2, blk.mlp, rec.inputs[f"{p}.mlp.act"], rec.outputs[f"{p}.mlp.act"], _scale(blk.ls2))
+        act_in, act_out = rec.inputs[f"{p}.mlp.act"], rec.outputs[f"{p}.mlp.act"]
+        pull = mlp_pull(y, blk.norm2, blk.mlp, act_in, act_out, _scale(blk.ls2))
         units.append(Unit(p, y, tok(rec.outputs[p]), pull=pull, prefix=prefix, grid=grid))
-        attn = AttentionRule(src, rec.inputs[f"{p}.attn"], blk.attn, rec.outputs[f"{p}.attn"], _scale(blk.ls1), f"{p}.attn")
+        attn = AttentionRule(src, rec.inputs[f"{p}.attn"], blk.attn, rec.outputs[f"{p}.attn"],
+                             _scale(blk.ls1), f"{p}.attn")
         blocks.append(Block(p, [IdentityRule(src), attn]))
         src = p
     graph = graph_of(units, blocks, {"blocks": src}, rec.logits)
