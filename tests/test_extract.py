@@ -261,7 +261,34 @@ def extract_args(shards: list[str], out: Path) -> list[str]:
             "16", "--out", str(out), "--atlas-id", "t", "--no-progress"]
 
 
-def test_killed_driver_resumes_and_the_output_is_identical(extracted, shards, tmp_path) -> None:
+class DriverCrash(BaseException):
+    """Stands for the driver dying: not an Exception, so no part-level handler catches it."""
+
+
+def test_crashed_driver_resumes_and_the_output_is_identical(extracted, shards, tmp_path) -> None:
+    from jobs.extract import run
+
+    def crash_after_first_part(record) -> None:
+        raise DriverCrash(record.part)
+
+    out = tmp_path / "out"
+    with pytest.raises(DriverCrash):
+        run(CFG, shards, str(out), atlas_id="t", progress=False, stats=False, in_process=True,
+            on_part=crash_after_first_part)
+    # what a crash mid-part leaves: a finished but uncommitted file, a temporary
+    layer2 = out / "pfv" / "layer=layer2"
+    (layer2 / "part-000001.npy").write_bytes(b"stale")
+    (layer2 / ".part-000002.npy.tmp-0123456789ab").write_bytes(b"half")
+    summary = run(CFG, shards, str(out), atlas_id="t", progress=False, stats=False,
+                  in_process=True)
+    assert summary["parts_skipped"] == 1 and summary["parts_new"] == 4
+    assert_same_outputs(read_outputs(extracted[0]), read_outputs(str(out)))
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
+def test_killed_driver_process_resumes_and_the_output_is_identical(extracted, shards,
+                                                                   tmp_path) -> None:
     out = tmp_path / "out"
     kill_driver_after_first_part_and_rerun(extract_args(shards, out) + ["--in-process"], out, 5)
     assert_same_outputs(read_outputs(extracted[0]), read_outputs(str(out)))
