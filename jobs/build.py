@@ -7,9 +7,11 @@ checks run first (`pipeline.build.check_build`), so a bad config fails before an
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.build import BuildConfig, CheckedBuild, check_build, load_build_config
@@ -32,14 +34,16 @@ def _make_data(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> 
     if fs.exists(fs.join(cfg.data_dir, "dataset.json")):  # check_build found it identical
         print(f"[make-data] reusing {syn['n']} synthetic images in {cfg.data_dir}", flush=True)
         return {"images": syn["n"], "reused": True}
-    local = fs.local_path(cfg.data_dir)
-    if local is None:
-        raise ValueError(f"make-data writes local shards only; {cfg.data_dir} is remote: write "
-                         "them locally with `concept-atlas make-data` and copy them, then "
-                         "point data.shards at the copy")
     t = time.time()
-    write_shards(local, n=syn["n"], seed=syn["seed"], size=syn["size"],
-                 shard_size=syn["shard_size"], shortcut_prob=syn["shortcut_prob"])
+    local = fs.local_path(cfg.data_dir)
+    with tempfile.TemporaryDirectory(prefix="make-data-") as tmp:
+        # a remote output gets shards written locally, then uploaded one object each
+        paths = write_shards(local or tmp, n=syn["n"], seed=syn["seed"], size=syn["size"],
+                             shard_size=syn["shard_size"], shortcut_prob=syn["shortcut_prob"])
+        if local is None:
+            for path in [*paths, Path(tmp) / "dataset.json"]:  # dataset.json last: the marker
+                data = path.read_bytes()
+                fs.write_atomic(fs.join(cfg.data_dir, path.name), lambda f, d=data: f.write(d))
     print(f"[make-data] wrote {syn['n']} images to {cfg.data_dir} in {time.time() - t:.1f}s",
           flush=True)
     return {"images": syn["n"], "reused": False}

@@ -1,0 +1,122 @@
+"""`concept-atlas build`: the demo config, checks of every stage before any work, the stages."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs import build
+from pipeline.build import check_build, load_build_config
+from pipeline.store import Manifest, check_stage_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "atlas_id": "tiny",
+    "data": {"synthetic": {"n": 24, "seed": 3, "size": 64, "shard_size": 8}},
+    "model": {"name": "demo_resnet", "weights": "none"},
+    "extract": {"layers": ["layer2", "layer4"], "positions": 8, "batch_size": 24,
+                "in_process": True},
+    "train_sae": {"steps": 20, "checkpoint_every": 10, "fidelity_images": 8,
+                  "in_process": True, "sweep": [
+                      {"layer": "layer2", "sae": {"n_latents": 32, "k": 4, "batch_size": 32}},
+                      {"layer": "layer4", "sae": {"n_latents": 64, "k": 8, "batch_size": 32}}]},
+}
+
+
+def write_config(tmp_path: Path, config: dict, name: str = "build.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def with_changes(**sections) -> dict:
+    """TINY with some sections replaced (None removes a section)."""
+    config = {k: v for k, v in TINY.items()}
+    for key, value in sections.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    return config
+
+
+def test_demo_config_passes_every_check(tmp_path) -> None:
+    cfg = load_build_config(REPO / "configs" / "demo.yaml", out=str(tmp_path / "out"))
+    cfg.extract = dataclasses.replace(cfg.extract, weights=None)  # no trained weights needed
+    checked = check_build(cfg)
+    assert [s.name for s in build.STAGES if s.wanted(cfg)] == ["make-data", "extract", "train-sae"]
+    assert {n: s.channels for n, s in checked.specs.items()} == {"layer2": 32, "layer4": 128}
+    assert checked.n_shards > cfg.train.holdout_parts
+    assert all(r.cfg.k <= 32 for r in checked.runs) and {r.layer for r in checked.runs} == {
+        "layer2", "layer4"}
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> None:
+    assert [s.name for s in build.STAGES] == ["make-data", "extract", "train-sae"]
+    with pytest.raises(ValueError, match=r"unknown stages \['cafe'\]; stages: \['make-data'"):
+        build.run(write_config(tmp_path, TINY), out=str(tmp_path / "out"), stages=["cafe"])
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(extract={"layers": ["layer2", "layer7"]}), "unknown layer 'layer7'"),
+    (dict(model={"name": "resnet5O"}), "unknown model 'resnet5O'"),
+    (dict(data={"shards": "/nonexistent/shard-{000000..000002}.tar"}),
+     "shard files not found: /nonexistent/shard-000000.tar"),
+    (dict(train_sae={"sweep": [{"layer": "layer4", "sae": {"n_latents": 16, "k": 32}}]}),
+     "k=32: must be <= n_latents=16"),
+    (dict(train_sae={"sweep": [{"layer": "layer4", "sae": {"n_latents": 2**25}}]}),
+     "n_latents=33554432 x d_in=128 needs"),
+    (dict(train_sae={"sweep": [{"layer": "layer3", "sae": {"n_latents": 64}}]}),
+     "layer 'layer3' is not extracted"),
+    (dict(train_sae={"holdout_parts": 3, "sweep": TINY["train_sae"]["sweep"]}),
+     "3 shards cannot hold out train_sae.holdout_parts=3"),
+    (dict(extract={"layers": ["layer2"], "positions": 0}), "positions=0"),
+    (dict(data={"synthetic": {"n": 24}, "shards": "x"}), "exactly one of 'synthetic' or 'shards'"),
+    (dict(modle={"name": "demo_resnet"}), "unknown keys \\['modle'\\]"),
+    (dict(extract={"layers": ["layer2"], "actor": 2}), "extract: unknown keys \\['actor'\\]"),
+    (dict(model=None), "missing section 'model'"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, changes, named) -> None:
+    with pytest.raises((ValueError, FileNotFoundError), match=named):
+        build.run(write_config(tmp_path, with_changes(**changes)), out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_built_with_another_config_is_refused_before_any_work(tmp_path) -> None:
+    out = tmp_path / "out"
+    check_stage_config(str(out), "extract", {"model": "demo_vit"})
+    with pytest.raises(ValueError, match="already holds 'extract' outputs built with another"):
+        build.run(write_config(tmp_path, TINY), out=str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["stages"]
+
+
+def test_tiny_build_runs_every_stage_and_a_rerun_skips_them(tmp_path) -> None:
+    out = str(tmp_path / "out")
+    config = write_config(tmp_path, TINY)
+    results = build.run(config, out=out)
+    assert results["make-data"] == {"images": 24, "reused": False}
+    assert results["extract"]["images"] == 24 and results["extract"]["parts_new"] == 3
+    saes = {r["sae_id"]: r for r in results["train-sae"]}
+    assert sorted(saes) == ["layer2-topk-32-k4", "layer4-topk-64-k8"]
+    assert all(r["heldout_images"] == 8 and 0 <= r["fvu"] for r in saes.values())
+    assert pq.read_table(Path(out) / "images").num_rows == 24
+    assert len(Manifest(out).records("train-sae")) == 2
+
+    again = build.run(config, out=out)
+    assert again["make-data"]["reused"] and again["extract"]["parts_new"] == 0
+    assert again["extract"]["parts_skipped"] == 3 and again["train-sae"] == results["train-sae"]
+
+
+@pytest.mark.ray
+def test_tiny_build_on_ray(ray_cluster, tmp_path) -> None:
+    extract = {k: v for k, v in TINY["extract"].items() if k != "in_process"}
+    train = {k: v for k, v in TINY["train_sae"].items() if k != "in_process"}
+    results = build.run(write_config(tmp_path, with_changes(extract=extract, train_sae=train)),
+                        out=str(tmp_path / "out"))
+    assert results["extract"]["images"] == 24
+    assert len(results["train-sae"]) == 2
