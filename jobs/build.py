@@ -79,15 +79,20 @@ def run(config: str, out: str | None = None, address: str | None = None,
 
     Returns {stage name: its result}. Each stage skips the work a previous run finished.
     """
+    return run_build(load_build_config(config, out), address, stages, name=config)
+
+
+def run_build(cfg: BuildConfig, address: str | None = None, stages: Sequence[str] | None = None,
+              name: str = "build") -> dict[str, Any]:
+    """`run` for an already parsed (possibly edited) config."""
     known = [s.name for s in STAGES]
     unknown = sorted(set(stages or ()) - set(known))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; stages: {known}")
-    cfg = load_build_config(config, out)
     t0 = time.time()
     checked = check_build(cfg)
     plan = [s for s in STAGES if s.wanted(cfg) and (not stages or s.name in stages)]
-    print(f"[build] {config} -> {cfg.out}: stages {', '.join(s.name for s in plan)} "
+    print(f"[build] {name} -> {cfg.out}: stages {', '.join(s.name for s in plan)} "
           f"(checked in {time.time() - t0:.1f}s)", flush=True)
     results, times = {}, {}
     for stage in plan:

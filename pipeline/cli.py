@@ -230,10 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stages", nargs="+", default=None, help="run only these stages")
     sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
 
-    sp = add("demo", _cmd_demo, "run the main job end to end on the embedded demo data and models",
+    sp = add("demo", _cmd_demo, "build configs/demo.yaml: demo data, PFVs, one SAE per layer",
              "  concept-atlas demo\n  concept-atlas demo --out /tmp/atlas --n 4000")
     sp.add_argument("--out", default="demo_out")
-    sp.add_argument("--n", type=int, default=2000, help="synthetic images to generate")
+    sp.add_argument("--n", type=int, default=None,
+                    help="synthetic images to generate (default: configs/demo.yaml's)")
     sp.add_argument("--model", default="demo_resnet")
     sp.add_argument("--layers", nargs="+", default=None, help="layers to tap (default: two per model)")
     return p
