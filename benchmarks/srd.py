@@ -43,7 +43,8 @@ METHODS = ("grad", "srd", "ig")
 
 def make(model_name: str, batch: int, size: int, device: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False).eval().to(device)
+    kwargs = {"img_size": size} if "vit" in model_name else {}
+    model = timm.create_model(model_name, pretrained=False, **kwargs).eval().to(device)
     images = torch.randn(batch, 3, size, size, device=device)
     with torch.no_grad():
         target = model(images).argmax(1)
@@ -66,20 +67,23 @@ def method(name: str, model: torch.nn.Module, images: torch.Tensor, target: torc
     return lambda: ig.attribute(images, target=target, n_steps=ig_steps, internal_batch_size=ig_batch)
 
 
-def timed(fn: Callable[[], object], repeats: int, device: str, warmup: bool = True) -> float:
-    """Median wall time of `repeats` calls (after one warm-up call)."""
-    if warmup:
+def timed(fns: dict[str, Callable[[], object]], repeats: int, device: str,
+          warmup: bool = True) -> dict[str, float]:
+    """Best wall time of each function over `repeats` rounds (after a warm-up round). The rounds
+    interleave the functions, so that a shared machine's changing load hits them alike."""
+    for fn in fns.values() if warmup else ():
         fn()
-    times = []
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
 
 
 def _rss() -> int:
@@ -113,8 +117,9 @@ def peak_memory(fn: Callable[[], object], device: str) -> int:
     return max(peak[0], _rss()) - base
 
 
-def reference_style_time(model: torch.nn.Module, images: torch.Tensor, device: str) -> float:
-    """Per-image time of 2 k^2 full convolutions per conv layer (the reference's SRD cost), batch 1."""
+def reference_style(model: torch.nn.Module, images: torch.Tensor) -> Callable[[], None]:
+    """The reference's SRD cost for one image: 2 k^2 full convolutions per conv layer at batch 1
+    (2 k^2 k_p^2 for a conv after the stem max-pool), with the model's real layer shapes."""
     convs: list[tuple[torch.nn.Conv2d, torch.Tensor]] = []
     hooks = [m.register_forward_pre_hook(lambda m, a: convs.append((m, a[0])))
              for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -130,7 +135,7 @@ def reference_style_time(model: torch.nn.Module, images: torch.Tensor, device: s
                 k = conv.weight.shape[2] * conv.weight.shape[3] * (9 if id(conv) in pooled else 1)
                 for _ in range(2 * k):
                     F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return timed(run, 1, device)
+    return run
 
 
 def _convs_after_maxpool(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
@@ -166,7 +171,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["resnet50", "vit_base_patch16_224"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=3, help="timed calls of grad and SRD (median)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds of grad and SRD (best)")
     p.add_argument("--ig-steps", type=int, default=50)
     p.add_argument("--ig-batch", type=int, default=None,
                    help="rows per IG forward/backward (captum internal_batch_size; default: --batch)")
@@ -183,14 +188,15 @@ def main() -> None:
     rows = []
     for name in args.models:
         model, images, target = make(name, args.batch, args.size, args.device)
-        # IG: one timed call, no separate warm-up (its 50 steps amortise it; grad and SRD ran first)
-        t = {m: timed(method(m, model, images, target, args.ig_steps, args.ig_batch),
-                      1 if m == "ig" else args.repeats, args.device, warmup=m != "ig") for m in METHODS}
+        fns = {m: method(m, model, images, target, args.ig_steps, args.ig_batch) for m in ("grad", "srd")}
+        if "vit" not in name:  # the reference code covers CNNs only
+            fns["reference_style_1img"] = reference_style(model, images)
+        t = timed(fns, args.repeats, args.device)
+        # IG: one call, after grad and SRD warmed the model up (its 50 steps amortise the rest)
+        ig = method("ig", model, images, target, args.ig_steps, args.ig_batch)
+        t["ig"] = timed({"ig": ig}, 1, args.device, warmup=False)["ig"]
         row = {"model": name, "seconds": t, "srd_over_grad": t["srd"] / t["grad"],
-               "srd_over_ig": t["srd"] / t["ig"],
-               "reference_style_seconds_per_image": None if "vit" in name else
-               reference_style_time(model, images, args.device),
-               "srd_seconds_per_image": t["srd"] / args.batch}
+               "srd_over_ig": t["srd"] / t["ig"], "srd_seconds_per_image": t["srd"] / args.batch}
         if not args.no_memory:
             row["peak_bytes"] = {m: memory_in_subprocess(args, name, m) for m in METHODS}
         rows.append(row)
@@ -208,14 +214,13 @@ def main() -> None:
 
 
 def print_row(row: dict) -> None:
-    s = row["seconds"]
-    mem = row.get("peak_bytes", {})
-    fmt = lambda m: f"{mem[m] / 2**20:8.0f}" if m in mem else "       -"  # noqa: E731
-    print(f"{row['model']:>24} | grad {s['grad']:7.2f}s | SRD {s['srd']:7.2f}s | IG {s['ig']:8.2f}s | "
-          f"SRD/grad {row['srd_over_grad']:5.2f} (<=4) | SRD/IG {row['srd_over_ig']:5.3f} (<=0.2) | "
-          f"ref-style {row['reference_style_seconds_per_image'] or float('nan'):6.2f}s/img vs SRD "
-          f"{row['srd_seconds_per_image']:5.2f}s/img | "
-          f"peak MiB grad {fmt('grad')} SRD {fmt('srd')} IG {fmt('ig')}")
+    s, mem = row["seconds"], row.get("peak_bytes", {})
+    mib = " ".join(f"{m} {mem[m] / 2**20:.0f}" for m in mem) or "-"
+    ref = s.get("reference_style_1img")
+    ref_txt = f" | reference-style {ref:.2f} s/img vs SRD {row['srd_seconds_per_image']:.2f} s/img" if ref else ""
+    print(f"{row['model']}: grad {s['grad']:.2f}s  SRD {s['srd']:.2f}s  IG {s['ig']:.2f}s | "
+          f"SRD/grad {row['srd_over_grad']:.2f} (target <= 4) | SRD/IG {row['srd_over_ig']:.3f} (target <= 0.2)"
+          f"{ref_txt} | peak MiB {mib}")
 
 
 if __name__ == "__main__":

@@ -192,29 +192,55 @@ class ConvRule:
 
     def _kind(self) -> str:
         """How per-tap norms are formed: element-wise for a depthwise conv (output o reads input
-        o // (cout/G) only); the Gram form x^T W_t^T W_t x where a tap writes >= 4x the channels
-        it reads (e.g. RGB -> 768 in a patch embedding); else the direct product W_t x."""
-        cout, cin = self.weight.shape[:2]
+        o // (cout/G) only); as a quadratic form x^T W_t^T W_t x over the cin(cin+1)/2 products
+        x_c x_d when that is much smaller than the k^2 cout outputs (RGB input: the stem, a
+        patch embedding); else directly as ||W_t x||."""
+        cout, cin, kh, kw = self.weight.shape
         if cin == 1:
             return "depthwise"
-        return "gram" if 4 * cin <= cout // self.groups else "direct"
+        small = self.groups == 1 and 4 * cin * (cin + 1) // 2 <= kh * kw * cout
+        return "gram" if small else "direct"
 
     def _tap_matrices(self, kind: str) -> Tensor:
-        """Per tap t: [K, G, cin, cout/G] (direct), [K, G, cin, cin] (Gram) or [K, G] (depthwise)."""
+        """Per tap t: [K, G, cin, cout/G] (direct), [K, cin(cin+1)/2] quadratic-form coefficients
+        (Gram), or [K, G] summed squared weights (depthwise)."""
         cout, cin = self.weight.shape[:2]
         w = self.weight.flatten(2).permute(2, 0, 1).reshape(-1, self.groups, cout // self.groups, cin)
         if kind == "depthwise":
             return w.square().sum((2, 3))
-        return w.transpose(2, 3) @ w if kind == "gram" else w.transpose(2, 3)
+        if kind == "gram":
+            gram = w[:, 0].transpose(1, 2) @ w[:, 0]  # [K, cin, cin]
+            iu = torch.triu_indices(cin, cin, device=w.device)
+            return gram[:, iu[0], iu[1]] * torch.where(iu[0] == iu[1], 1.0, 2.0).to(w.dtype)
+        return w.transpose(2, 3)
 
     def _tap_norm(self, x: Tensor, w: Tensor, kind: str) -> Tensor:
         """||W_t x|| for channels-last PFVs x [M, C_in] read by one tap: [M]."""
+        return self._row_norms(x, w.unsqueeze(0), kind)[:, 0]
+
+    def _row_norms(self, x: Tensor, w: Tensor, kind: str, budget: int = 1 << 24) -> Tensor:
+        """||W_t x_m|| for rows x [M, C_in] and T taps' matrices w [T, ...] at once: [M, T],
+        as one GEMM against all taps side by side, in row chunks of bounded memory."""
         if kind == "depthwise":
-            return (x.square() @ w).sqrt()
-        xg = x.view(x.shape[0], self.groups, -1).transpose(0, 1)  # [G, M, cin]
+            return (x.square() @ w.T).sqrt()
         if kind == "gram":
-            return ((xg @ w) * xg).sum((0, 2)).clamp(min=0).sqrt()
-        return torch.linalg.vector_norm(xg @ w, dim=(0, 2))
+            iu = torch.triu_indices(x.shape[1], x.shape[1], device=x.device)
+            step = max(1, budget // iu.shape[1])
+            sq = torch.cat([(r[:, iu[0]] * r[:, iu[1]]) @ w.T for r in x.split(step)])
+            return sq.clamp(min=0).sqrt()
+        if self.groups > 1:  # grouped (non-depthwise) conv: group by group, squared norms add
+            xg = x.view(x.shape[0], self.groups, -1)
+            sq = sum(self._direct_norms(xg[:, g], w[:, g], budget).square() for g in range(self.groups))
+            return sq.sqrt()
+        return self._direct_norms(x, w[:, 0], budget)
+
+    @staticmethod
+    def _direct_norms(x: Tensor, w: Tensor, budget: int) -> Tensor:
+        """Rows x [M, cin] against T tap matrices w [T, cin, cout]: ||x W_t|| as [M, T]."""
+        t, cin, cout = w.shape
+        wcat = w.permute(1, 0, 2).reshape(cin, t * cout)
+        step = max(1, budget // (t * cout))
+        return torch.cat([torch.linalg.vector_norm((r @ wcat).view(-1, t, cout), dim=2) for r in x.split(step)])
 
     @staticmethod
     def _rows(x: Tensor) -> Tensor:
@@ -222,13 +248,28 @@ class ConvRule:
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
     def _conv_norms(self) -> Tensor:
-        """Per tap t, ||W_t x_{s q + t - p}|| at every output q: k^2 products with the cost of one
-        conv (no Python loop over positions); padded taps read zeros."""
-        xp, (kh, kw), kind = self.geo.pad(self.src), self.geo.k, self._kind()
-        ws = self._tap_matrices(kind)
-        taps = [self._tap_norm(self._rows(self.geo.tap_slice(xp, i, j)), ws[i * kw + j], kind)
-                for i in range(kh) for j in range(kw)]
-        return torch.stack(taps).view(len(taps), self.src.shape[0], -1).transpose(0, 1)
+        """Per tap t, ||W_t x_{s q + t - p}|| at every output q, with the cost of one conv and no
+        Python loop over positions. Taps are grouped by the residue of their offset modulo the
+        stride: one such class reads one strided sub-grid of the padded map, whose PFVs go
+        through one GEMM against the class's taps side by side; each tap then reads its norms
+        at its shift. Padded positions read zeros."""
+        geo, kind = self.geo, self._kind()
+        xp, mats = geo.pad(self.src), self._tap_matrices(kind)
+        (kh, kw), (sh, sw), (dh, dw), (ho, wo) = geo.k, geo.s, geo.d, geo.out_size
+        n = self.src.shape[0]
+        norms = self.src.new_empty(n, kh * kw, ho, wo)
+        for rh in range(sh):
+            for rw in range(sw):
+                taps = [(i, j) for i in range(kh) for j in range(kw) if (i * dh) % sh == rh and (j * dw) % sw == rw]
+                if not taps:
+                    continue
+                sub = xp[..., rh::sh, rw::sw]
+                idx = [i * kw + j for i, j in taps]
+                tap_norms = self._row_norms(self._rows(sub), mats[idx], kind).view(n, *sub.shape[2:], len(taps))
+                for c, (i, j) in enumerate(taps):
+                    oh, ow = (i * dh - rh) // sh, (j * dw - rw) // sw
+                    norms[:, i * kw + j] = tap_norms[:, oh:oh + ho, ow:ow + wo, c]
+        return norms.flatten(2)
 
     def _pool_norms(self) -> Tensor:
         """Norms of the composite pool -> conv: p reaches q through every (conv tap t, pool tap u)
