@@ -53,10 +53,8 @@ def run(out: Path, n_images: int | None = None, model_name: str = "demo_resnet",
                                     "dense_frac", "logit_agreement", "logit_kl")} for r in saes],
     }
     (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if accuracy is not None:
-        print(f"\n[accuracy] {cfg.extract.model}: {accuracy:.2%} on {summary['heldout_images']} "
-              "held-out demo images")
-    print(f"[done] in {time.time() - t0:.0f}s. Results in {out}/ (summary.json; tables images/, "
+    # the accuracy line was printed by train-sae's summary
+    print(f"\n[done] in {time.time() - t0:.0f}s. Results in {out}/ (summary.json; tables images/, "
           "layers/, pfv/, saes/, errors/, manifest/; SAE weights in sae_weights/).")
     print(f"Next: `concept-atlas layers --model demo_vit`, or "
           f"`concept-atlas demo --model demo_vit --out {out}_vit`.")

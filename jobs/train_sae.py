@@ -168,11 +168,11 @@ def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
         )
         trainer.fit()
     rows = [r for r in read_saes(root) if r["sae_id"] in {x.sae_id for x in runs}]
-    print_summary(rows, time.time() - t0)
+    print_summary(rows, time.time() - t0, extract_config(root)[0].model)
     return rows
 
 
-def print_summary(rows: list[dict[str, Any]], seconds: float) -> None:
+def print_summary(rows: list[dict[str, Any]], seconds: float, model: str) -> None:
     print(f"[train-sae] {len(rows)} SAEs in {seconds:.1f}s (held-out metrics)")
     print(f"{'sae_id':<28} {'latents':>7} {'k':>3} {'FVU':>7} {'L0':>6} {'dead%':>6} "
           f"{'dense%':>6} {'top1agr':>7} {'KL':>7}")
@@ -182,8 +182,8 @@ def print_summary(rows: list[dict[str, Any]], seconds: float) -> None:
               f"{r['logit_agreement']:>7.3f} {r['logit_kl']:>7.4f}")
     accuracy = [r["model_accuracy"] for r in rows if r["model_accuracy"] is not None]
     if accuracy:
-        print(f"[accuracy] model top-1 on {rows[0]['heldout_images']} held-out images: "
-              f"{accuracy[0]:.2%}")
+        print(f"[accuracy] {model}: {accuracy[0]:.2%} on {rows[0]['heldout_images']} "
+              "held-out images")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

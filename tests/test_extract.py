@@ -305,7 +305,7 @@ def test_on_ray_the_rows_equal_the_in_process_run(ray_cluster, extracted, shards
     assert_same_outputs(read_outputs(extracted[0]), read_outputs(out))
 
 
-@pytest.mark.ray
+# runs by default (about 30 s with Ray's start-up): the acceptance test of fault tolerance
 def test_killed_model_actor_mid_job_gives_the_same_rows_without_duplicates(
         ray_cluster, extracted, shards, tmp_path) -> None:
     from jobs.extract import run

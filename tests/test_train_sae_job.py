@@ -222,3 +222,16 @@ def test_ray_train_rerun_after_a_failed_job_resumes_from_its_checkpoint(
     assert read_saes(root) == []
     run(root, SWEEP[:1], OPTIONS, atlas_id="t", max_failures=0)
     assert_same_weights(weights(reference, runs[0].sae_id), weights(root, runs[0].sae_id))
+
+
+@pytest.mark.ray
+def test_ray_train_job_trains_data_parallel_on_two_workers(ray_cluster, extracted,
+                                                           tmp_path) -> None:
+    from jobs.train_sae import run
+
+    root = copy_of(extracted, tmp_path / "ddp")
+    options = TrainOptions(steps=20, checkpoint_every=10, fidelity_images=12, workers=2,
+                           cpus_per_worker=0.5)  # leaves a CPU for Ray Data's read tasks
+    [row] = run(root, SWEEP[1:], options, atlas_id="t")
+    assert row["tokens"] == 20 * 48 * 2  # both workers' batches count
+    assert 0 <= row["fvu"] and row["heldout_images"] == 12
