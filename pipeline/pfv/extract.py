@@ -24,9 +24,17 @@ import torch
 from torch import nn
 
 from pipeline.data.errors import ErrorLog, ErrorRecord
-from pipeline.data.shards import iter_samples
+from pipeline.data.shards import expand_shards, iter_samples
 from pipeline.models import LayerSpec, LoadedModel, list_layers, load_model, make_transform, tap
-from pipeline.store import PartRecord, fs, now, worker_id
+from pipeline.store import (
+    Manifest,
+    PartRecord,
+    check_stage_config,
+    fingerprint,
+    fs,
+    now,
+    worker_id,
+)
 from schemas import ERRORS, IMAGES, LAYERS, PFV_IDS
 
 STAGE = "extract"
@@ -330,9 +338,6 @@ def plan_extract(cfg: ExtractConfig, shards: str | list[str], out: str,
     the shard's current fingerprint. Nothing but `stages/extract.json` and the `layers`
     table is written, and only after every check passed.
     """
-    from pipeline.data.shards import expand_shards
-    from pipeline.store import Manifest, check_stage_config, fingerprint
-
     # absolute local paths: Ray workers (Train workers above all) run in other folders
     shard_list = [s if "://" in s else os.path.abspath(s) for s in expand_shards(shards)]
     specs, data_config, weights_fp = check_model(cfg)
