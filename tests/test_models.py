@@ -101,7 +101,7 @@ def test_tap_gives_n_by_positions_by_channels_with_grid_and_prefix_flags(family)
     assert isinstance(pfv, PFVs)
     assert pfv.values.shape == (fam.batch, fam.num_special + h * w, fam.channels)
     assert pfv.grid == fam.grid
-    assert pfv.kind == ("vit" if "vit" in fam.name else "cnn")
+    assert pfv.kind == ("vit" if "vit" in fam.name or "deit" in fam.name else "cnn")
     assert pfv.special.dtype == torch.bool
     assert pfv.special.tolist() == [True] * fam.num_special + [False] * (h * w)
     assert pfv.spatial().shape == (fam.batch, fam.channels, h, w)
