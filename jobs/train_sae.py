@@ -147,6 +147,9 @@ def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
         train_runs(root, pending, options, LocalSession(os.path.join(local, "_local_train")),
                    atlas_id, crash_at_step=crash_at_step)
     elif pending:
+        # Ray Train tees a worker's print into its logger too, and the driver then shows each
+        # progress line twice; the setting is propagated to the workers
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         init_ray(address)
         use_gpu = options.use_gpu if options.use_gpu is not None else cluster_gpus() > 0
         trainer = ray.train.torch.TorchTrainer(
