@@ -83,14 +83,17 @@ def run(cfg: ExtractConfig, shards: str | Sequence[str], out: str, *, atlas_id: 
     fs.remove_temporaries(out)
     print(f"[extract] {len(plan.shards)} shards -> {out}: {len(plan.done)} done, "
           f"{len(plan.pending)} to do; layers {', '.join(cfg.layers)}", flush=True)
-    done = _Committer(plan, progress, on_part)
-    if plan.pending and in_process:
-        _run_in_process(plan, done)
-    elif plan.pending:
-        init_ray(address)
-        _run_on_ray(plan, done, actors, cpus_per_actor, gpus_per_actor, max_retries)
-    done.bar.close()
-    summary = summarize(plan, done.failed, time.time() - t0, stats)
+    failed: dict[str, str] = {}
+    if plan.pending:
+        done = _Committer(plan, progress, on_part)
+        if in_process:
+            _run_in_process(plan, done)
+        else:
+            init_ray(address)
+            _run_on_ray(plan, done, actors, cpus_per_actor, gpus_per_actor, max_retries)
+        done.bar.close()
+        failed = done.failed
+    summary = summarize(plan, failed, time.time() - t0, stats)
     print_summary(summary)
     return summary
 
