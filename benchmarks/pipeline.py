@@ -106,7 +106,8 @@ def bench_scaling(cfg: ExtractConfig, shards: list[str], sizes: list[int], work:
 def bench_sae(root: str, layer: str, steps: int, work: Path) -> dict:
     sweep = [{"layer": layer, "sae": {"n_latents": 512, "k": 16, "batch_size": 1024,
                                       "lr": 1e-3, "dead_tokens": 100_000}}]
-    options = TrainOptions(steps=steps, checkpoint_every=max(1, steps // 3), fidelity_images=64)
+    # the demo's checkpoint cadence: its cost is part of the job's rate
+    options = TrainOptions(steps=steps, checkpoint_every=250, fidelity_images=64)
     rows = train_job.run(root, sweep, options, atlas_id="bench")
     ray_rate = read_sae_info(rows[0]["weights"])["metrics"]["train"]["tokens_per_s"]
 
@@ -151,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="demo_resnet")
     p.add_argument("--layers", nargs="+", default=["layer2", "layer4"])
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--sae-steps", type=int, default=300)
+    p.add_argument("--sae-steps", type=int, default=750)
+    p.add_argument("--parts", nargs="+", default=["extraction", "sae", "scaling", "demo"],
+                   choices=["extraction", "sae", "scaling", "demo"], help="what to measure")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the actors use 1)")
     p.add_argument("--demo-out", default="demo_out",
                    help="read (or build) the demo here; '' skips the demo SAEs")
@@ -172,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
 
     t0 = time.time()
-    extraction = bench_extraction(cfg, shards[:a.bench_images // SHARD_SIZE], work)
-    sae = bench_sae(extraction.pop("out"), a.layers[-1], a.sae_steps, work)
-    scaling = bench_scaling(cfg, shards, a.sizes, work)
-    demo = demo_saes(a.demo_out)
+    extraction = sae = None
+    if {"extraction", "sae"} & set(a.parts):
+        extraction = bench_extraction(cfg, shards[:a.bench_images // SHARD_SIZE], work)
+        out = extraction.pop("out")
+        sae = bench_sae(out, a.layers[-1], a.sae_steps, work) if "sae" in a.parts else None
+    scaling = bench_scaling(cfg, shards, a.sizes, work) if "scaling" in a.parts else []
+    demo = demo_saes(a.demo_out) if "demo" in a.parts else []
 
     result = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -197,17 +203,21 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(r: dict) -> None:
     e, s = r["extraction"], r["sae_training"]
     print(f"\nmachine: {r['machine']}")
-    print(f"\n{'extraction (' + r['model'] + ', ' + '+'.join(r['layers']) + ')':<44} {'value':>12}")
-    print(f"{'  pipeline, steady state (img/s)':<44} {e['pipeline_img_s']:>12}")
-    print(f"{'  bare model forward, same batches (img/s)':<44} {e['bare_forward_img_s']:>12}")
-    print(f"{'  overhead (target <= 0.25)':<44} {e['overhead']:>12}")
-    print(f"{'  job wall time incl. start-up (s)':<44} {e['wall_s']:>12}")
-    print(f"\n{'SAE training (' + s['layer'] + ', 1 worker)':<44} {'value':>12}")
-    print(f"{'  Ray Train job (PFV/s)':<44} {s['ray_train_pfv_s']:>12}")
-    print(f"{'  minimal single-process loop (PFV/s)':<44} {s['minimal_loop_pfv_s']:>12}")
-    print(f"{'  ratio (target >= 0.8)':<44} {s['ratio']:>12}")
-    print(f"\n{'scaling: images':<16} {'wall s':>8} {'time ratio':>11} {'size ratio':>11} "
-          f"{'steady img/s':>13}")
+    if e:
+        print(f"\n{'extraction (' + r['model'] + ', ' + '+'.join(r['layers']) + ')':<44} "
+              f"{'value':>12}")
+        print(f"{'  pipeline, steady state (img/s)':<44} {e['pipeline_img_s']:>12}")
+        print(f"{'  bare model forward, same batches (img/s)':<44} {e['bare_forward_img_s']:>12}")
+        print(f"{'  overhead (target <= 0.25)':<44} {e['overhead']:>12}")
+        print(f"{'  job wall time incl. start-up (s)':<44} {e['wall_s']:>12}")
+    if s:
+        print(f"\n{'SAE training (' + s['layer'] + ', 1 worker)':<44} {'value':>12}")
+        print(f"{'  Ray Train job (PFV/s)':<44} {s['ray_train_pfv_s']:>12}")
+        print(f"{'  minimal single-process loop (PFV/s)':<44} {s['minimal_loop_pfv_s']:>12}")
+        print(f"{'  ratio (target >= 0.8)':<44} {s['ratio']:>12}")
+    if r["scaling"]:
+        print(f"\n{'scaling: images':<16} {'wall s':>8} {'time ratio':>11} {'size ratio':>11} "
+              f"{'steady img/s':>13}")
     for row in r["scaling"]:
         print(f"{row['images']:<16} {row['wall_s']:>8} {row['time_ratio']:>11} "
               f"{row['size_ratio']:>11} {row['steady_img_s']:>13}")
