@@ -10,8 +10,9 @@
 2. SAE training: PFVs/s of the Ray Train job (Ray Data reads, seeded shuffle, checkpoints
    reported to Ray Train) against a minimal single-process loop of the same `train_step` over
    an in-memory tensor (target >= 0.8x).
-3. Scaling: wall time of extraction jobs of growing size (linear growth: time ratio close to
-   the size ratio; start-up is a constant offset, so the steady-state rate is shown too).
+3. Scaling: wall time of extraction jobs of growing size. Start-up (actors, model loading)
+   is a constant offset, so growth is linear when the steady-state rate and the marginal rate
+   (extra images / extra seconds between sizes) stay flat.
 4. The demo SAEs: FVU, L0, dead fraction of `concept-atlas build configs/demo.yaml`.
 
 Prints a table and writes JSON to benchmarks/results/.
@@ -97,9 +98,12 @@ def bench_scaling(cfg: ExtractConfig, shards: list[str], sizes: list[int], work:
         rows.append({"images": summary["images"], "wall_s": round(time.perf_counter() - t, 2),
                      "steady_img_s": round(steady_rate(out), 1)})
         shutil.rmtree(out)
-    for row in rows:
+    for prev, row in zip([None, *rows], rows):
         row["time_ratio"] = round(row["wall_s"] / rows[0]["wall_s"], 2)
         row["size_ratio"] = round(row["images"] / rows[0]["images"], 2)
+        # the start-up (actor, model load) is a constant: growth shows in the increments
+        row["marginal_img_s"] = (round((row["images"] - prev["images"])
+                                       / (row["wall_s"] - prev["wall_s"]), 1) if prev else None)
     return rows
 
 
@@ -217,10 +221,10 @@ def print_table(r: dict) -> None:
         print(f"{'  ratio (target >= 0.8)':<44} {s['ratio']:>12}")
     if r["scaling"]:
         print(f"\n{'scaling: images':<16} {'wall s':>8} {'time ratio':>11} {'size ratio':>11} "
-              f"{'steady img/s':>13}")
+              f"{'steady img/s':>13} {'marginal img/s':>15}")
     for row in r["scaling"]:
         print(f"{row['images']:<16} {row['wall_s']:>8} {row['time_ratio']:>11} "
-              f"{row['size_ratio']:>11} {row['steady_img_s']:>13}")
+              f"{row['size_ratio']:>11} {row['steady_img_s']:>13} {str(row['marginal_img_s']):>15}")
     if r["demo_saes"]:
         print(f"\n{'demo SAE':<24} {'FVU':>7} {'L0':>6} {'dead%':>6} {'top1agr':>8} {'KL':>8}")
         for d in r["demo_saes"]:
