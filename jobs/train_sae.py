@@ -41,7 +41,7 @@ from pipeline.pfv.sae_runs import (
     train_runs,
 )
 from pipeline.sae import SAE
-from pipeline.store import Manifest, config_hash, fs
+from pipeline.store import Manifest, fs
 
 
 class RayTrainSession:
@@ -97,7 +97,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config["threads"])))
     train_runs(config["root"], [SAERun.from_dict(d) for d in config["runs"]],
                TrainOptions(**config["options"]), RayTrainSession(), config["atlas_id"],
-               reader=ray_data_reader, crash_at_step=config.get("crash_at_step"))
+               reader=ray_data_reader, crash_at=config.get("crash_at"))
 
 
 def plan_runs(root: str, sweep: Sequence[dict[str, Any]],
@@ -123,7 +123,7 @@ def plan_runs(root: str, sweep: Sequence[dict[str, Any]],
 
 def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
         atlas_id: str = "atlas", address: str | None = None, max_failures: int = 3,
-        crash_at_step: int | None = None) -> list[dict[str, Any]]:
+        crash_at: tuple[str, int] | None = None) -> list[dict[str, Any]]:
     """Train every unfinished SAE of `sweep` on the PFVs under `root`; returns `saes` rows.
 
     Args:
@@ -131,7 +131,7 @@ def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
         sweep: entries {layer, sae: {SAEConfig fields but d_in}, name?, steps?}.
         options: steps, checkpointing, held-out parts, scaling (see TrainOptions).
         max_failures: worker-group restarts Ray Train allows (each resumes from a checkpoint).
-        crash_at_step: raise at that step of each run once (tests of recovery).
+        crash_at: (sae_id, step): that run fails once at that step (tests of recovery).
     """
     t0 = time.time()
     root = root if "://" in root else os.path.abspath(root)
@@ -145,7 +145,7 @@ def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
                              "is remote: train on Ray instead")
         torch.set_num_threads(max(1, int(options.cpus_per_worker)))
         train_runs(root, pending, options, LocalSession(os.path.join(local, "_local_train")),
-                   atlas_id, crash_at_step=crash_at_step)
+                   atlas_id, crash_at=crash_at)
     elif pending:
         # Ray Train tees a worker's print into its logger too, and the driver then shows each
         # progress line twice; the setting is propagated to the workers
@@ -157,14 +157,15 @@ def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
             train_loop_config={
                 "root": root, "runs": [r.to_dict() for r in pending], "atlas_id": atlas_id,
                 "options": dataclasses.asdict(options), "threads": options.cpus_per_worker,
-                "crash_at_step": crash_at_step,
+                "crash_at": crash_at,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=options.workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": options.cpus_per_worker}),
             run_config=ray.train.RunConfig(
-                # the same pending runs give the same name, so a re-run restores this run
-                name="train-sae-" + config_hash({"runs": [r.to_dict() for r in pending]}),
+                # one name per output: a re-run restores the latest checkpoint, which the loop
+                # uses only for the run it belongs to (its config is stored with it)
+                name="train-sae",
                 storage_path=fs.join(root, "_ray_train"),
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),

@@ -157,10 +157,10 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(extracted, tm
 
     crashed = copy_of(extracted, tmp_path / "crashed")
     session = LocalSession(tmp_path / "ckpt-b")
-    with pytest.raises(InjectedFailure):  # dies at step 25, after the step-20 checkpoint
-        train_runs(crashed, runs, OPTIONS, session, "t", crash_at_step=25)
-    assert read_saes(crashed) == []
-    assert train_runs(crashed, runs, OPTIONS, session, "t") == [r.sae_id for r in runs]
+    with pytest.raises(InjectedFailure):  # the second dies at step 25, after its checkpoint
+        train_runs(crashed, runs, OPTIONS, session, "t", crash_at=(runs[1].sae_id, 25))
+    assert [r["sae_id"] for r in read_saes(crashed)] == [runs[0].sae_id]
+    assert train_runs(crashed, runs, OPTIONS, session, "t") == [runs[1].sae_id]
     for run in runs:
         assert_same_weights(weights(straight, run.sae_id), weights(crashed, run.sae_id))
     # finished runs are skipped by a further re-run
@@ -200,7 +200,8 @@ def test_ray_train_job_recovers_from_a_worker_failure_with_the_same_weights(
     train_runs(reference, runs, OPTIONS, LocalSession(tmp_path / "ckpt"), "t")
 
     root = copy_of(extracted, tmp_path / "ray")
-    rows = run(root, SWEEP[1:], OPTIONS, atlas_id="t", max_failures=1, crash_at_step=25)
+    rows = run(root, SWEEP[1:], OPTIONS, atlas_id="t", max_failures=1,
+               crash_at=("layer4-small", 25))
     assert [r["sae_id"] for r in rows] == ["layer4-small"]
     assert_same_weights(weights(reference, "layer4-small"), weights(root, "layer4-small"))
 
@@ -213,15 +214,17 @@ def test_ray_train_rerun_after_a_failed_job_resumes_from_its_checkpoint(
     from jobs.train_sae import run
 
     reference = copy_of(extracted, tmp_path / "reference")
-    runs = make_runs(SWEEP[:1], CHANNELS, OPTIONS)
+    runs = make_runs(SWEEP, CHANNELS, OPTIONS)
     train_runs(reference, runs, OPTIONS, LocalSession(tmp_path / "ckpt"), "t")
 
     root = copy_of(extracted, tmp_path / "ray")
-    with pytest.raises(ray.train.TrainingFailedError):
-        run(root, SWEEP[:1], OPTIONS, atlas_id="t", max_failures=0, crash_at_step=25)
-    assert read_saes(root) == []
-    run(root, SWEEP[:1], OPTIONS, atlas_id="t", max_failures=0)
-    assert_same_weights(weights(reference, runs[0].sae_id), weights(root, runs[0].sae_id))
+    with pytest.raises(ray.train.TrainingFailedError):  # the first SAE finishes, the second dies
+        run(root, SWEEP, OPTIONS, atlas_id="t", max_failures=0, crash_at=("layer4-small", 25))
+    assert [r["sae_id"] for r in read_saes(root)] == ["layer2-topk-64-k4"]
+    rows = run(root, SWEEP, OPTIONS, atlas_id="t", max_failures=0)
+    assert [r["sae_id"] for r in rows] == ["layer2-topk-64-k4", "layer4-small"]
+    for r in runs:
+        assert_same_weights(weights(reference, r.sae_id), weights(root, r.sae_id))
 
 
 @pytest.mark.ray

@@ -440,11 +440,12 @@ def parts_fingerprint(parts: list[PFVPart]) -> str:
 
 def train_runs(root: str, runs: Sequence[SAERun], options: TrainOptions, session: Session,
                atlas_id: str, reader: Reader | None = None,
-               crash_at_step: int | None = None) -> list[str]:
+               crash_at: tuple[str, int] | None = None) -> list[str]:
     """Train, evaluate and save every unfinished run of the sweep; returns the sae_ids trained.
 
     Every rank calls this; rank 0 evaluates and writes. A finished run (committed record with
     its current config hash) is skipped, so a re-run after a crash continues where it stopped.
+    `crash_at` = (sae_id, step) makes that run fail once at that step (tests of recovery).
     """
     _, _, extract_hash = extract_config(root)
     evaluator = Evaluator(root, options, session.device) if session.rank == 0 else None
@@ -456,7 +457,8 @@ def train_runs(root: str, runs: Sequence[SAERun], options: TrainOptions, session
             continue
         started = now()
         train_parts, held = split_holdout(committed_parts(root, run.layer), options.holdout_parts)
-        sae, train_metrics = train_run(run, train_parts, options, session, reader, crash_at_step)
+        crash = crash_at[1] if crash_at and crash_at[0] == run.sae_id else None
+        sae, train_metrics = train_run(run, train_parts, options, session, reader, crash)
         if evaluator is not None:
             eval_metrics = evaluator.evaluate(sae, run.layer, held)
             save_run(root, run, sae, train_metrics, eval_metrics, atlas_id, digest, started,
