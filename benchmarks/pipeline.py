@@ -78,6 +78,7 @@ def bare_forward_rate(cfg: ExtractConfig, shards: list[str]) -> float:
 
 def bench_extraction(cfg: ExtractConfig, shards: list[str], work: Path) -> dict:
     out = str(work / "extract-bench")
+    shutil.rmtree(out, ignore_errors=True)  # a fresh job: a resumed one would measure nothing
     t = time.perf_counter()
     summary = extract_job.run(cfg, shards, out, atlas_id="bench", progress=False, stats=False)
     wall = time.perf_counter() - t
@@ -92,6 +93,7 @@ def bench_scaling(cfg: ExtractConfig, shards: list[str], sizes: list[int], work:
     rows = []
     for n in sizes:
         out = str(work / f"scale-{n}")
+        shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
         summary = extract_job.run(cfg, shards[:n // SHARD_SIZE], out, atlas_id="bench",
                                   progress=False, stats=False)
