@@ -1,7 +1,21 @@
-"""SRD: Sharing Ratio Decomposition of timm vision models (METHOD.md sections 1-4).
+"""SRD: Sharing Ratio Decomposition of unmodified timm vision models (METHOD.md sections 1-4).
 
-`saliency` (class maps), `relevance` (hidden-layer maps), `ierf` (instance-specific effective
-receptive fields, incl. latent directions), `explain` (everything, with the constant share).
+    maps = srd.saliency(model, images)                      # Tensor[N, H, W], predicted class
+    maps, const = srd.saliency(model, images, 3, return_constant=True)
+    rel = srd.relevance(model, images, None, ["layer3"])    # {layer: Tensor[N, h, w]}
+    erfs = srd.ierf(model, images, "layer3", torch.tensor([0, 5]))          # Tensor[N, 2, H, W]
+    erfs = srd.ierf(model, images, "blocks.7", seeds, direction=w_f)        # latent iERFs
+
+Supported families (one table: `adapters._families`): timm ResNet (BasicBlock / Bottleneck,
+projection and ResNet-D avg-pool shortcuts; resnet18, resnet50, demo_resnet), VGG (with and
+without BN; exact FC head or the reference's Grad-CAM seed), VisionTransformer (ViT / DeiT,
+CLS or mean-pool head, register tokens, layer scale; demo_vit) and EfficientNet without SE
+(EfficientNet-Lite0). Anything else raises UnsupportedModuleError naming the module type and
+path. Where METHOD.md leaves a choice, the code says so at the place it is made:
+BN shift with eps (conv.fold_bn), zero pre-activations (graph.upstream_signal), the gate of a
+latent direction (graph.Unit.pull_direction, transformer.mlp_pull), the seed map of the
+contrastive rule (graph.propagate), linear bottlenecks (families/efficientnet), the ViT rules
+(transformer), the VGG heads (families/vgg).
 """
 from pipeline.srd.adapters import build
 from pipeline.srd.api import SRDResult, explain, ierf, relevance, saliency

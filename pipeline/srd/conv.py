@@ -154,7 +154,7 @@ class ConvRule:
                  out_size: tuple[int, int], pool: FrozenPool | None = None, path: str = "") -> None:
         self.source, self.pool, self.src = source, pool, src
         if conv.padding_mode != "zeros":
-            raise UnsupportedModuleError(conv, path, f"padding_mode {conv.padding_mode!r}: padding must be zeros")
+            raise UnsupportedModuleError(conv, path, f"padding_mode {conv.padding_mode!r}: pads must be zeros")
         if bn is not None and bn.running_var is None:
             raise UnsupportedModuleError(bn, path, "BatchNorm without running statistics is not affine")
         self.weight, self.bias = fold_bn(conv, bn)
@@ -162,7 +162,8 @@ class ConvRule:
             self.bias = self.bias.reshape(1, -1, 1, 1)
         self.groups = conv.groups
         conv_in = pool.geo.out_size if pool is not None else tuple(src.shape[2:])
-        self.geo = Geometry(self.weight.shape[2:], conv.stride, conv.padding, conv.dilation, conv_in, out_size)
+        self.geo = Geometry(self.weight.shape[2:], conv.stride, conv.padding, conv.dilation,
+                            conv_in, out_size)
         if pool is None:
             self.pair_geo = self.geo
         else:  # the composite pool -> conv as one sliding window over the pre-pool map
@@ -260,12 +261,14 @@ class ConvRule:
         norms = self.src.new_empty(n, kh * kw, ho, wo)
         for rh in range(sh):
             for rw in range(sw):
-                taps = [(i, j) for i in range(kh) for j in range(kw) if (i * dh) % sh == rh and (j * dw) % sw == rw]
+                taps = [(i, j) for i in range(kh) for j in range(kw)
+                        if (i * dh) % sh == rh and (j * dw) % sw == rw]
                 if not taps:
                     continue
                 sub = xp[..., rh::sh, rw::sw]
-                idx = [i * kw + j for i, j in taps]
-                tap_norms = self._row_norms(self._rows(sub), mats[idx], kind).view(n, *sub.shape[2:], len(taps))
+                rows = self._rows(sub)
+                tap_norms = self._row_norms(rows, mats[[i * kw + j for i, j in taps]], kind)
+                tap_norms = tap_norms.view(n, *sub.shape[2:], len(taps))
                 for c, (i, j) in enumerate(taps):
                     oh, ow = (i * dh - rh) // sh, (j * dw - rw) // sw
                     norms[:, i * kw + j] = tap_norms[:, oh:oh + ho, ow:ow + wo, c]

@@ -41,15 +41,17 @@ class AttentionRule:
 
     def contribution_relevance(self, g: Tensor, src: Tensor) -> Tensor:
         """sum_j <c(i->j), g_j> = sum_h <u^h_i, sum_j A^h_ji W_O^h^T g_j>: [N,S,D,T] -> [N,S,T]."""
-        gh = torch.einsum("nsdj,dhe->nshje", g, self.w)
-        return torch.einsum("nhji,nshje,nhie->nsi", self.a, gh, self.u)
+        gh = torch.einsum("nsdj,dhe->nshje", g, self.w)  # W_O^h^T g_j
+        agg = torch.einsum("nhji,nshje->nshie", self.a, gh)  # sum_j A^h_ji W_O^h^T g_j
+        return (agg * self.u.unsqueeze(1)).sum((2, 4))
 
     def norms(self) -> Tensor:
         """||c0(i->j)||^2 = sum_{h,h'} A^h_ji A^h'_ji <o^h_i, o^h'_i>, o^h_i = W_O^h u^h_i: [N, T_j, T_i]."""
         if self._norms is None:
             o = torch.einsum("dhe,nhie->nihd", self.w, self.u)
             gram = torch.einsum("nihd,nigd->nihg", o, o)
-            sq = torch.einsum("nhji,nihg,ngji->nji", self.a, gram, self.a)
+            mixed = torch.einsum("nihg,ngji->nhji", gram, self.a)  # sum_h' <o^h_i, o^h'_i> A^h'_ji
+            sq = (self.a * mixed).sum(1)
             self._norms = sq.clamp(min=0).sqrt()
         return self._norms
 
@@ -82,22 +84,23 @@ class PatchRule:
         return self.conv.scatter(self._grid(beta))
 
 
-def mlp_pull(y: Tensor, norm2: nn.LayerNorm, mlp: nn.Module, pre: Tensor, post: Tensor,
-             scale: Tensor | None):
+def mlp_pull(y: Tensor, norm2: nn.Module, mlp: nn.Module, scale: Tensor | None):
     """Pull a direction w on x + ls2 * MLP(LN2(x)) back to x through its frozen linear part:
-    u = w + J^T w, J = diag(ls2) W2 diag(act(a)/a) W1 diag(gamma/sigma) (I - 11^T/D) per token.
-    y [N, D, T]; pre / post: the MLP activation's input / output [N, T, 4D]."""
-    sigma = torch.sqrt(y.var(1, unbiased=False, keepdim=True) + norm2.eps)  # [N, 1, T]
-    ln = (norm2.weight.detach().reshape(1, -1, 1) if norm2.weight is not None else 1.0) / sigma
-    nz = pre != 0
-    gate = torch.where(nz, post / torch.where(nz, pre, torch.ones_like(pre)), 0.0)  # [N, T, 4D]
-    w1, w2 = mlp.fc1.weight.detach(), mlp.fc2.weight.detach()
+    u = w + J^T w, J = diag(ls2) W2 diag(act(a)/a) W1 diag(gamma/sigma) (I - 11^T/D) per token,
+    with a = fc1(LN2(y)) recomputed from y [N, D, T] when a direction is pulled (not stored)."""
 
     def pull(w: Tensor) -> Tensor:
+        tokens = y.transpose(1, 2)
+        sigma = torch.sqrt(tokens.var(2, unbiased=False, keepdim=True) + norm2.eps)  # [N, T, 1]
+        ln = (norm2.weight.detach() if norm2.weight is not None else 1.0) / sigma  # [N, T, D]
+        pre = mlp.fc1(norm2(tokens))
+        nz = pre != 0
+        gate = torch.where(nz, mlp.act(pre) / torch.where(nz, pre, torch.ones_like(pre)), 0.0)
         w = w.expand(*w.shape[:3], y.shape[2])
         t = w if scale is None else w * scale.reshape(1, 1, -1, 1)
-        t = (t.transpose(2, 3) @ w2) * gate.unsqueeze(1)  # [N, S, T, 4D]
-        t = (t @ w1).transpose(2, 3) * ln.unsqueeze(1)  # [N, S, D, T]
+        t = (t.transpose(2, 3) @ mlp.fc2.weight.detach()) * gate.unsqueeze(1)  # [N, S, T, 4D]
+        t = (t @ mlp.fc1.weight.detach()) * ln.unsqueeze(1)  # [N, S, T, D]
+        t = t.transpose(2, 3)
         return w + t - t.mean(2, keepdim=True)
 
     return pull

@@ -70,8 +70,8 @@ def build(model: VisionTransformer, images: Tensor, head: str) -> tuple[Graph, H
     _validate(c, model)
     c.finish()
     depth = len(model.blocks)
-    ins = [f"blocks.{l}{s}" for l in range(depth) for s in ("", ".attn", ".norm2", ".mlp.act")]
-    outs = ["patch_embed"] + [f"blocks.{l}{s}" for l in range(depth) for s in ("", ".attn", ".mlp.act")]
+    ins = ["blocks.0"] + [f"blocks.{l}{s}" for l in range(depth) for s in (".attn", ".norm2")]
+    outs = ["patch_embed"] + [f"blocks.{l}{s}" for l in range(depth) for s in ("", ".attn")]
     rec = record(model, images, inputs=ins, outputs=outs)
     tok = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  [N, T, D] -> [N, D, T]
     prefix = model.num_prefix_tokens
@@ -93,8 +93,7 @@ def build(model: VisionTransformer, images: Tensor, head: str) -> tuple[Graph, H
     for l, blk in enumerate(model.blocks):
         p = f"blocks.{l}"
         y = tok(rec.inputs[f"{p}.norm2"])
-        act_in, act_out = rec.inputs[f"{p}.mlp.act"], rec.outputs[f"{p}.mlp.act"]
-        pull = mlp_pull(y, blk.norm2, blk.mlp, act_in, act_out, _scale(blk.ls2))
+        pull = mlp_pull(y, blk.norm2, blk.mlp, _scale(blk.ls2))
         units.append(Unit(p, y, tok(rec.outputs[p]), pull=pull, prefix=prefix, grid=grid))
         attn = AttentionRule(src, rec.inputs[f"{p}.attn"], blk.attn, rec.outputs[f"{p}.attn"],
                              _scale(blk.ls1), f"{p}.attn")
