@@ -56,6 +56,7 @@ def run(out: Path, n_images: int | None = None, model_name: str = "demo_resnet",
     # the accuracy line was printed by train-sae's summary
     print(f"\n[done] in {time.time() - t0:.0f}s. Results in {out}/ (summary.json; tables images/, "
           "layers/, pfv/, saes/, errors/, manifest/; SAE weights in sae_weights/).")
-    print(f"Next: `concept-atlas layers --model demo_vit`, or "
-          f"`concept-atlas demo --model demo_vit --out {out}_vit`.")
+    print("Next: every table is Parquet under the output folder; in Python, for example:\n"
+          f"  import duckdb; duckdb.sql(\"SELECT sae_id, fvu, l0, dead_frac FROM '{out}/saes/*.parquet'\").show()\n"
+          "and `concept-atlas layers --model demo_resnet` lists the layers a build can tap.")
     return summary
