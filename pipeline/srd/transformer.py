@@ -26,8 +26,9 @@ class AttentionRule:
                  path: str) -> None:
         n, t, _ = h.shape
         heads, dh = attn.num_heads, attn.head_dim
-        q, k, self.u = attn.qkv(h).view(n, t, 3, heads, dh).permute(2, 0, 3, 1, 4)  # [N, H, T, d]
+        q, k, v = attn.qkv(h).view(n, t, 3, heads, dh).permute(2, 0, 3, 1, 4)  # [N, H, T, d]
         self.a = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1)  # [N, H, T_j, T_i]
+        self.u = v.contiguous()  # value vectors W_V^h LN1(x_i) + b_V^h
         w = attn.proj.weight.detach().view(-1, heads, dh)  # W_O^h: [D, H, d]
         b = attn.proj.bias.detach() if attn.proj.bias is not None else None
         if scale is not None:
