@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("build", _cmd_build, "run every stage of a build config in order (resumable)",
              "  concept-atlas build configs/demo.yaml\n"
-             "  concept-atlas build configs/demo.yaml --out /tmp/atlas --stages make-data extract\n"
+             "  concept-atlas build configs/demo.yaml --out atlas_out --stages make-data extract\n"
              "  ray job submit --address http://HEAD:8265 --working-dir . -- "
              "concept-atlas build configs/demo.yaml --out s3://b/atlas")
     sp.add_argument("config", help="build YAML (see configs/demo.yaml)")
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
 
     sp = add("demo", _cmd_demo, "build configs/demo.yaml: demo data, PFVs, one SAE per layer",
-             "  concept-atlas demo\n  concept-atlas demo --out /tmp/atlas --n 4000")
+             "  concept-atlas demo\n  concept-atlas demo --out atlas_demo --n 4000")
     sp.add_argument("--out", default="demo_out")
     sp.add_argument("--n", type=int, default=None,
                     help="synthetic images to generate (default: configs/demo.yaml's)")
