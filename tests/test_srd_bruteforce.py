@@ -24,19 +24,38 @@ Branch = tuple[str, torch.Tensor, "torch.Tensor | None"]  # source, C0 [P_s, C, 
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """float64, eval, random BN running stats and affine (so BN is non-trivial), random biases."""
+    """float64, eval, and every parameter redrawn from `seed` (so a test's model does not depend
+    on what ran before it): weights N(0, 1/fan_in), random biases, LayerNorm affine and
+    embeddings; BN with random running stats and affine and a large eps (so BN is non-trivial
+    and the eps in its shift [choice] is visible)."""
     gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
     model = model.double().eval()
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.eps = 0.1  # large, so the eps in the BN shift [choice] is visible
-                mod.running_mean.copy_(torch.rand(mod.num_features, generator=gen, dtype=torch.float64) - 0.5)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=gen, dtype=torch.float64) + 0.5)
-                mod.weight.copy_(torch.rand(mod.num_features, generator=gen, dtype=torch.float64) + 0.5)
-                mod.bias.copy_(torch.rand(mod.num_features, generator=gen, dtype=torch.float64) - 0.5)
-            elif isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and mod.bias is not None:
-                mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=gen, dtype=torch.float64))
+                c = mod.num_features
+                mod.eps = 0.1
+                mod.running_mean.copy_(0.3 * rand(c))
+                mod.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
+                mod.weight.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
+                mod.bias.copy_(0.3 * rand(c))
+            elif isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                mod.weight.copy_(rand(*mod.weight.shape) / mod.weight[0].numel() ** 0.5)
+                if mod.bias is not None:
+                    mod.bias.copy_(0.2 * rand(*mod.bias.shape))
+            elif isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.copy_(1 + 0.1 * rand(*mod.weight.shape))
+                mod.bias.copy_(0.1 * rand(*mod.bias.shape))
+            elif isinstance(mod, LayerScale):
+                mod.gamma.copy_(mod.init_values + 0.1 * rand(*mod.gamma.shape))
+        for name in ("cls_token", "reg_token", "pos_embed"):
+            p = getattr(model, name, None)
+            if isinstance(p, torch.nn.Parameter):
+                p.copy_(0.1 * rand(*p.shape))
     return model
 
 
