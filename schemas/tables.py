@@ -11,6 +11,12 @@ part per input shard (or per SAE) so a stage resumes part by part (ARCHITECTURE.
 | `errors/stage=S/part-NNNNNN.parquet` | ERRORS | every stage |
 | `saes/part-SAE_ID.parquet` | SAES | train-sae |
 | `sae_weights/SAE_ID.safetensors` + `.json` | (pipeline.sae format) | train-sae |
+| `activations/layer=L/part-NNNNNN.parquet` | ACTIVATIONS (sparse per-image top latents) | scan |
+| `latent_stats/layer=L/part-000000.parquet` | LATENT_STATS (reduce over all parts) | scan |
+| `exemplar_picks/layer=L/part-000000.parquet` | EXEMPLAR_PICKS (top-N + quantile picks) | scan |
+| `exemplars/part-NNNNNN.parquet` | EXEMPLARS (picks with iERF masks + CAFE scores), one part per image shard | cafe |
+| `index/…` | FAISS indexes (decoder directions, exemplar regions) + their id maps | index |
+| `edges/…` | EDGES (ICAT) | icat |
 | `manifest/stage=S/PART.json` | MANIFEST (one JSON record per finished part) | every stage |
 | `stages/S.json` | the stage config whose hash every manifest record carries | every stage |
 
@@ -107,6 +113,87 @@ SAES = _schema("saes", [
     pa.field("config", pa.string(), nullable=False),  # JSON SAEConfig
 ])
 
+# --- scan stage: SAE latents over every stored PFV (METHOD.md sections 5-6) ---
+
+ACTIVATIONS = _schema("activations", [
+    pa.field("atlas_id", pa.string(), nullable=False),
+    pa.field("image_id", pa.int64(), nullable=False),
+    pa.field("layer", pa.string(), nullable=False),
+    pa.field("sae_id", pa.string(), nullable=False),
+    pa.field("latent", pa.int32(), nullable=False),
+    pa.field("max_act", pa.float32(), nullable=False),  # max over the image's positions
+    pa.field("position", pa.int32(), nullable=False),  # argmax, in the layer's [P] layout
+    pa.field("y", pa.int32(), nullable=False),  # grid cell of `position`; -1 for special tokens
+    pa.field("x", pa.int32(), nullable=False),
+    pa.field("rank", pa.int16(), nullable=False),  # 0 = the image's strongest latent
+])
+
+LATENT_STATS = _schema("latent_stats", [
+    pa.field("atlas_id", pa.string(), nullable=False),
+    pa.field("layer", pa.string(), nullable=False),
+    pa.field("sae_id", pa.string(), nullable=False),
+    pa.field("latent", pa.int32(), nullable=False),
+    pa.field("freq", pa.float64(), nullable=False),  # fraction of PFVs where the latent is > 0
+    pa.field("image_freq", pa.float64(), nullable=False),  # fraction of images where it fires
+    pa.field("mean_act", pa.float64(), nullable=False),  # mean over the PFVs where it fires
+    pa.field("max_act", pa.float64(), nullable=False),
+    pa.field("dead", pa.bool_(), nullable=False),  # never fired on the scanned PFVs
+    pa.field("n_pfvs", pa.int64(), nullable=False),  # PFVs scanned
+    pa.field("n_images", pa.int64(), nullable=False),
+])
+
+EXEMPLAR_PICKS = _schema("exemplar_picks", [
+    pa.field("atlas_id", pa.string(), nullable=False),
+    pa.field("layer", pa.string(), nullable=False),
+    pa.field("sae_id", pa.string(), nullable=False),
+    pa.field("latent", pa.int32(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),  # "top" (top-N by activation) or "quantile"
+    pa.field("rank", pa.int32(), nullable=False),  # 0 = strongest within (latent, kind)
+    pa.field("image_id", pa.int64(), nullable=False),
+    pa.field("activation", pa.float32(), nullable=False),
+    pa.field("position", pa.int32(), nullable=False),
+    pa.field("y", pa.int32(), nullable=False),
+    pa.field("x", pa.int32(), nullable=False),
+])
+
+# --- cafe stage: an exemplar pick with its latent iERF and faithfulness scores ---
+
+EXEMPLARS = _schema("exemplars", [
+    *EXEMPLAR_PICKS,
+    pa.field("ierf_png", pa.binary(), nullable=False),  # 8-bit PNG at input resolution
+    pa.field("bbox", pa.list_(pa.int32(), 4)),  # x0, y0, x1, y1 of the mask; null if empty
+    pa.field("mask_frac", pa.float32(), nullable=False),  # mask area / image area
+    pa.field("act_overlap", pa.float32(), nullable=False),  # IoU mask vs upsampled act map
+    pa.field("ierf_constant", pa.float32(), nullable=False),  # share with no pixel source
+    pa.field("ins_auc_ierf", pa.float32()),  # CAFE insertion/deletion AUCs (null: not run)
+    pa.field("del_auc_ierf", pa.float32()),
+    pa.field("ins_auc_act", pa.float32()),
+    pa.field("del_auc_act", pa.float32()),
+    pa.field("ins_auc_random", pa.float32()),
+    pa.field("del_auc_random", pa.float32()),
+    pa.field("gt_shape", pa.string()),  # synthetic data: the object the iERF mask hits most
+    pa.field("gt_colour", pa.string()),
+    pa.field("gt_texture", pa.string()),
+    pa.field("gt_iou_ierf", pa.float32()),  # IoU of the iERF mask with that object's mask
+    pa.field("gt_iou_act", pa.float32()),  # IoU of the thresholded activation map with it
+])
+
+# --- icat stage: the interlayer concept graph (METHOD.md section 7) ---
+
+EDGES = _schema("edges", [
+    pa.field("atlas_id", pa.string(), nullable=False),
+    pa.field("src_layer", pa.string(), nullable=False),
+    pa.field("src_latent", pa.int32(), nullable=False),  # -1 = the layer's error node
+    pa.field("dst_layer", pa.string(), nullable=False),  # "logits" for the class head
+    pa.field("dst_latent", pa.int32(), nullable=False),  # class index when dst is "logits"
+    pa.field("method", pa.string(), nullable=False),  # ig | grad_x_act | grad | srd
+    pa.field("scope", pa.string(), nullable=False),  # "all" or "class=C"
+    pa.field("weight", pa.float64(), nullable=False),  # sum over images
+    pa.field("n_images", pa.int64(), nullable=False),  # images where the edge was non-zero
+])
+
 TABLES: dict[str, pa.Schema] = {
-    s.metadata[b"table"].decode(): s for s in (IMAGES, LAYERS, PFV_IDS, ERRORS, MANIFEST, SAES)
+    s.metadata[b"table"].decode(): s
+    for s in (IMAGES, LAYERS, PFV_IDS, ERRORS, MANIFEST, SAES, ACTIVATIONS, LATENT_STATS,
+              EXEMPLAR_PICKS, EXEMPLARS, EDGES)
 }
