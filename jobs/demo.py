@@ -52,6 +52,7 @@ def run(out: Path, n_images: int | None = None, model_name: str = "demo_resnet",
         "saes": [{k: r[k] for k in ("sae_id", "layer", "n_latents", "k", "fvu", "l0", "dead_frac",
                                     "dense_frac", "logit_agreement", "logit_kl")} for r in saes],
     }
+    summary["saliency"] = write_saliency(Path(out), cfg)
     (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     # the accuracy line was printed by train-sae's summary
     print(f"\n[done] in {time.time() - t0:.0f}s. Results in {out}/ (summary.json; tables images/, "
@@ -60,3 +61,28 @@ def run(out: Path, n_images: int | None = None, model_name: str = "demo_resnet",
           f"  import duckdb; duckdb.sql(\"SELECT sae_id, fvu, l0, dead_frac FROM '{out}/saes/*.parquet'\").show()\n"
           "and `concept-atlas layers --model demo_resnet` lists the layers a build can tap.")
     return summary
+
+
+def write_saliency(out: Path, cfg: Any, n: int = 4) -> list[dict[str, Any]]:
+    """SRD saliency panels (input | signed map | overlay) of the first `n` images of the last
+    (held-out) shard -> `out/saliency/KEY.png`; returns one record per image."""
+    from pipeline.data.errors import ErrorLog
+    from pipeline.data.shards import expand_shards, iter_samples
+    from pipeline.explain import explain_images
+    from pipeline.models import load_model
+
+    loaded = load_model(cfg.extract.model, cfg.extract.weights)
+    samples = []
+    for s in iter_samples(expand_shards(cfg.shard_spec)[-1:], ErrorLog(), stage="demo"):
+        samples.append(s)
+        if len(samples) == n:
+            break
+    (out / "saliency").mkdir(exist_ok=True)
+    records = []
+    for s, (panel, facts) in zip(samples, explain_images(loaded, [s.image for s in samples])):
+        path = out / "saliency" / f"{s.key}.png"
+        panel.save(path)
+        records.append({"key": s.key, "label": s.cls, **facts, "png": str(path)})
+    print(f"[saliency] SRD maps of {len(records)} held-out images in {out}/saliency/ "
+          "(input | signed map, red = for the class | overlay)")
+    return records
