@@ -145,6 +145,100 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     return 0
 
 
+def _latent_ref(value: str) -> tuple[str, int]:
+    """`LAYER:ID` (or `SAE_ID:ID`) -> (name, latent)."""
+    name, sep, latent = value.rpartition(":")
+    if not sep or not name or not latent.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: expected LAYER:ID, e.g. layer4:17")
+    return name, int(latent)
+
+
+def _print_table(table, fmt: str = "table", out: str | None = None) -> None:
+    """Write an Arrow table as a text table, CSV, JSON lines or Parquet (to `out` or stdout)."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        if not out:
+            raise ValueError("--format parquet needs --out FILE")
+        pq.write_table(table, out, compression="zstd")
+    elif fmt == "csv":
+        # lists and blobs have no CSV form: written as their text
+        nested = (pa.types.is_list, pa.types.is_fixed_size_list, pa.types.is_binary)
+        table = table.cast(pa.schema([f.with_type(pa.string()) if any(t(f.type) for t in nested)
+                                      else f for f in table.schema]))
+        pacsv.write_csv(table, out or sys.stdout.buffer)
+    else:
+        if fmt == "json":
+            text = "".join(json.dumps(r, default=str) + "\n" for r in table.to_pylist())
+        else:
+            # a private in-memory connection only renders the result (the atlas's stays locked)
+            text = str(duckdb.connect().from_arrow(table)) if table.num_columns else "(empty)\n"
+        if out:
+            Path(out).write_text(text)
+        else:
+            sys.stdout.write(text)
+    if out:
+        print(f"wrote {table.num_rows} rows to {out}", file=sys.stderr)
+
+
+def _cmd_sql(a: argparse.Namespace) -> int:
+    from pipeline.atlas import Atlas
+
+    _print_table(Atlas.open(a.atlas).sql(a.query), a.format, a.out)
+    return 0
+
+
+def _cmd_search(a: argparse.Namespace) -> int:
+    from pipeline.atlas import Atlas
+    from pipeline.atlas.regions import parse_box
+
+    atlas = Atlas.open(a.atlas)
+    box = parse_box(a.box) if a.box else None
+    results = atlas.search(a.image, box=box, layer=a.layer, k=a.k)
+    _print_table(results)
+    if a.out:
+        from pipeline.atlas.sheets import search_sheet
+
+        search_sheet(atlas, atlas.input_image(a.image)[1], box, results).save(a.out)
+        print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_similar(a: argparse.Namespace) -> int:
+    from pipeline.atlas import Atlas
+
+    layer, latent = a.latent
+    _print_table(Atlas.open(a.atlas).similar(layer, latent, k=a.k, layers=a.layers))
+    return 0
+
+
+def _cmd_latent(a: argparse.Namespace) -> int:
+    from pipeline.atlas import Atlas
+    from pipeline.atlas.sheets import latent_sheet
+
+    atlas = Atlas.open(a.atlas)
+    layer, latent = a.latent
+    info = atlas.latent(layer, latent)
+    print(json.dumps({"sae_id": info.sae["sae_id"], "latent": info.latent,
+                      "stats": info.stats, "exemplars": info.exemplars.num_rows,
+                      "masks": sum(m is not None for m in info.masks)}, default=str, indent=2))
+    if a.out:
+        latent_sheet(atlas, info).save(a.out)
+        print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_index(a: argparse.Namespace) -> int:
+    from jobs.index import build_indexes, report
+
+    report(build_indexes(a.atlas, exact_below=a.exact_below, factory=a.factory,
+                         progress=not a.no_progress))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (each `--help` lists examples)."""
     p = argparse.ArgumentParser(prog="concept-atlas", description=__doc__.splitlines()[0])
@@ -275,6 +369,53 @@ def build_parser() -> argparse.ArgumentParser:
                     help="synthetic images to generate (default: configs/demo.yaml's)")
     sp.add_argument("--model", default="demo_resnet")
     sp.add_argument("--layers", nargs="+", default=None, help="layers to tap (default: two per model)")
+    sp = add("sql", _cmd_sql, "run a read-only SQL query over an atlas's views (docs/atlas.md)",
+             "  concept-atlas sql demo_out \"SELECT layer, sae_id, fvu, l0 FROM saes\"\n"
+             "  concept-atlas sql demo_out \"SELECT * FROM latents WHERE NOT dead ORDER BY freq DESC "
+             "LIMIT 20\"\n"
+             "  concept-atlas sql demo_out \"FROM activations WHERE latent = 17\" --format parquet "
+             "--out acts.parquet")
+    sp.add_argument("atlas", help="atlas root (a build's output folder or URL)")
+    sp.add_argument("query", help="one SELECT statement (WITH, FROM, DESCRIBE, SUMMARIZE too)")
+    sp.add_argument("--format", default="table", choices=["table", "csv", "parquet", "json"])
+    sp.add_argument("--out", default=None, help="write the result to this file")
+
+    sp = add("search", _cmd_search, "latents whose exemplar regions match an image region",
+             "  concept-atlas search demo_out --image img.png\n"
+             "  concept-atlas search demo_out --image img.png --box 32,32,24,24 --layer layer4 "
+             "-k 5 --out sheet.png")
+    sp.add_argument("atlas", help="atlas root with indexes (`concept-atlas index ATLAS`)")
+    sp.add_argument("--image", required=True, help="an image file Pillow can read")
+    sp.add_argument("--box", default=None,
+                    help="x,y,w,h in pixels of the model input (default: the whole image)")
+    sp.add_argument("--layer", default=None, help="layer or sae_id (default: every SAE)")
+    sp.add_argument("-k", type=int, default=10, help="latents to return")
+    sp.add_argument("--out", default=None, help="contact sheet PNG of the results")
+
+    sp = add("similar", _cmd_similar, "latents nearest to a latent by decoder direction",
+             "  concept-atlas similar demo_out --latent layer4:17\n"
+             "  concept-atlas similar atlas --latent blocks.7:301 --layers blocks.5 blocks.9 -k 20")
+    sp.add_argument("atlas", help="atlas root with indexes (`concept-atlas index ATLAS`)")
+    sp.add_argument("--latent", required=True, type=_latent_ref, help="LAYER:ID or SAE_ID:ID")
+    sp.add_argument("-k", type=int, default=10)
+    sp.add_argument("--layers", nargs="+", default=None,
+                    help="layers or sae_ids to search (default: every SAE of the same width)")
+
+    sp = add("latent", _cmd_latent, "a latent's stats and a contact sheet of its exemplars (PNG)",
+             "  concept-atlas latent demo_out layer4:17 --out latent.png")
+    sp.add_argument("atlas", help="atlas root")
+    sp.add_argument("latent", type=_latent_ref, help="LAYER:ID or SAE_ID:ID")
+    sp.add_argument("--out", default=None, help="contact sheet PNG (exemplars, iERF masks)")
+
+    sp = add("index", _cmd_index, "build the FAISS indexes of an atlas (decoder directions, "
+             "exemplar regions)",
+             "  concept-atlas index demo_out\n  concept-atlas index demo_out --exact-below 0  "
+             "# IVF/PQ at any size")
+    sp.add_argument("atlas", help="atlas root")
+    sp.add_argument("--exact-below", type=int, default=100_000,
+                    help="vectors below which an index is exact (Flat); IVF/PQ above")
+    sp.add_argument("--factory", default=None, help="force a FAISS factory string")
+    sp.add_argument("--no-progress", action="store_true")
     return p
 
 

@@ -41,3 +41,67 @@ def side_by_side(panels: Sequence[np.ndarray], gap: int = 4) -> Image.Image:
         canvas[:, x : x + p.shape[1]] = p
         x += p.shape[1] + gap
     return Image.fromarray(canvas)
+
+
+def denormalise(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A model input float[3, H, W] (normalised with `mean`/`std`) -> the image uint8[H, W, 3]."""
+    m = np.asarray(mean, np.float64).reshape(3, 1, 1)
+    s = np.asarray(std, np.float64).reshape(3, 1, 1)
+    rgb = np.clip(np.asarray(x, np.float64) * s + m, 0.0, 1.0)
+    return (rgb * 255).round().astype(np.uint8).transpose(1, 2, 0)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (255, 0, 0),
+                 alpha: float = 0.6) -> np.ndarray:
+    """Tint image uint8[H, W, 3] with `colour` where mask uint8[H, W] is high (255 = full `alpha`)."""
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
+    a = alpha * (np.asarray(mask, np.float64) / 255.0)[..., None]
+    tint = np.asarray(colour, np.float64).reshape(1, 1, 3)
+    return ((1 - a) * image + a * tint).round().astype(np.uint8)
+
+
+def draw_box(image: np.ndarray, box: Sequence[int], colour: tuple[int, int, int] = (255, 220, 0),
+             width: int = 1) -> np.ndarray:
+    """A copy of image uint8[H, W, 3] with the outline of box (x0, y0, x1, y1), end exclusive."""
+    out = np.array(image, copy=True)
+    h, w = out.shape[:2]
+    x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+    x1, y1 = min(w, int(box[2])), min(h, int(box[3]))
+    if x1 <= x0 or y1 <= y0:
+        return out
+    c = np.asarray(colour, np.uint8)
+    out[y0:min(y1, y0 + width), x0:x1] = c
+    out[max(y0, y1 - width):y1, x0:x1] = c
+    out[y0:y1, x0:min(x1, x0 + width)] = c
+    out[y0:y1, max(x0, x1 - width):x1] = c
+    return out
+
+
+def contact_sheet(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None,
+                  tile: int = 96, gap: int = 4, label_height: int = 14,
+                  title: str | None = None) -> Image.Image:
+    """A grid of uint8 [H, W, 3] tiles, one list per row, each row under its text label.
+
+    Tiles are resized to `tile` x `tile` pixels (nearest: masks stay crisp).
+    """
+    from PIL import ImageDraw
+
+    columns = max((len(r) for r in rows), default=1) or 1
+    band = label_height if labels else 0
+    width = columns * tile + (columns + 1) * gap
+    top = label_height + gap if title else 0
+    height = top + len(rows) * (tile + band + gap) + gap
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((gap, gap), title, fill=(0, 0, 0))
+    y = gap + top
+    for i, row in enumerate(rows):
+        if labels:
+            draw.text((gap, y), labels[i], fill=(0, 0, 0))
+        for j, t in enumerate(row):
+            im = Image.fromarray(np.asarray(t, np.uint8)).resize((tile, tile), Image.NEAREST)
+            sheet.paste(im, (gap + j * (tile + gap), y + band))
+        y += tile + band + gap
+    return sheet

@@ -1,0 +1,384 @@
+"""`Atlas`: the read side of a built atlas - SQL over its views, latents, search, similar.
+
+    atlas = Atlas.open("demo_out")
+    atlas.sql("SELECT layer, count(*) FROM latents WHERE NOT dead GROUP BY layer")
+    atlas.latent("layer4", 17)                      # stats + exemplars with decoded iERF masks
+    atlas.similar("layer4", 17, k=10)               # nearest latents by decoder direction
+    atlas.search("img.png", box=(32, 32, 24, 24))   # latents whose exemplar regions look alike
+
+A layer name stands for its SAE when the layer has one; with a sweep of several SAEs per
+layer, name the SAE (`sae_id`) instead. The model and the SAEs are loaded on first use.
+"""
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from PIL import Image
+
+from pipeline.atlas import index as idx
+from pipeline.atlas.regions import box_positions
+from pipeline.atlas.views import SOURCES, check_read_only, connect, literal as _q
+from pipeline.data.errors import ErrorLog
+from pipeline.data.shards import iter_samples
+from pipeline.models import LoadedModel, tap
+from pipeline.sae import SAE, load_sae
+from pipeline.store import fs
+from pipeline.viz import denormalise
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+# exemplar regions fetched per requested latent before aggregating by latent (max similarity)
+_REGIONS_PER_RESULT = 50
+_EXEMPLARS_SHOWN = 8
+
+
+@dataclass
+class LatentInfo:
+    """One SAE latent: its SAE's row, its `latents` row, its exemplars and their iERF masks.
+
+    `exemplars`: the latent's rows of `exemplars` (or of `exemplar_picks` before the cafe
+    stage), ordered by kind then rank, without the PNG column; `masks[i]` is exemplar i's iERF
+    mask uint8[H, W] at input resolution (None without the cafe stage).
+    """
+
+    sae: dict[str, Any]
+    latent: int
+    stats: dict[str, Any] | None
+    exemplars: pa.Table
+    masks: list[np.ndarray | None] = field(repr=False)
+
+
+class Atlas:
+    """A built atlas, opened read-only (see the module docstring)."""
+
+    def __init__(self, root: str, con: duckdb.DuckDBPyConnection, files: dict[str, int],
+                 atlas_id: str) -> None:
+        self.root, self.atlas_id, self._con, self._files = root, atlas_id, con, files
+        self._saes: dict[str, SAE] = {}
+        self._indexes: dict[tuple[str, str], idx.LoadedIndex] = {}
+        self._model: LoadedModel | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, threads: int | None = None) -> Atlas:
+        """Open the atlas at `path` (a local folder or an fsspec URL) read-only.
+
+        Tables still missing (a stage not run yet) do not stop it: a query that reads one
+        fails naming the stage to run. FileNotFoundError when `path` holds no atlas table.
+        """
+        root = os.fspath(path)
+        if not fs.exists(root):
+            raise FileNotFoundError(f"no atlas at {root}: the folder does not exist")
+        atlas_id = Path(root.rstrip("/")).name
+        stage = fs.join(root, "stages", "extract.json")
+        if fs.exists(stage):
+            atlas_id = fs.read_json(stage)["config"].get("atlas_id", atlas_id)
+        con, files = connect(root, atlas_id, threads=threads)
+        if not any(files.values()):
+            raise FileNotFoundError(f"no atlas at {root}: none of the tables "
+                                    f"{', '.join(SOURCES)} has files there; build one with "
+                                    f"`concept-atlas build CONFIG --out {root}`")
+        return cls(root, con, files, atlas_id)
+
+    # ---- SQL ------------------------------------------------------------------------------
+
+    def sql(self, query: str) -> pa.Table:
+        """Run one read-only query (SELECT / WITH / FROM / DESCRIBE / SUMMARIZE) -> Arrow table.
+
+        Anything else (COPY, ATTACH, INSTALL, CREATE, INSERT, SET, PRAGMA, CALL...) raises
+        ReadOnlyError before it runs; reading files outside the atlas is refused by DuckDB.
+        """
+        statement = check_read_only(self._con, query)
+        try:
+            return self._con.sql(statement).to_arrow_table()
+        except duckdb.Error as exc:
+            raise ValueError(str(exc)) from None
+
+    def has(self, table: str) -> bool:
+        """Whether table `table` has files in this atlas."""
+        if table not in self._files:
+            raise ValueError(f"unknown table {table!r}; tables: {', '.join(self._files)}")
+        return self._files[table] > 0
+
+    def tables(self) -> pa.Table:
+        """One row per table: name, present, files, folder, the stage that writes it."""
+        return pa.Table.from_pylist([
+            {"table": name, "present": n > 0, "files": n,
+             "folder": fs.join(self.root, SOURCES[name].folder), "stage": SOURCES[name].stage}
+            for name, n in self._files.items()])
+
+    # ---- SAEs and latents -----------------------------------------------------------------
+
+    @cached_property
+    def saes(self) -> dict[str, dict[str, Any]]:
+        """Rows of the `saes` table by sae_id."""
+        if not self.has("saes"):
+            return {}
+        return {r["sae_id"]: r for r in self.sql("SELECT * FROM saes ORDER BY sae_id").to_pylist()}
+
+    def resolve_sae(self, name: str) -> dict[str, Any]:
+        """The `saes` row of an sae_id, or of the only SAE of a layer; ValueError otherwise."""
+        if name in self.saes:
+            return self.saes[name]
+        of_layer = [r for r in self.saes.values() if r["layer"] == name]
+        if len(of_layer) == 1:
+            return of_layer[0]
+        layers = sorted({r["layer"] for r in self.saes.values()})
+        if of_layer:
+            raise ValueError(f"layer {name!r} has {len(of_layer)} SAEs "
+                             f"({', '.join(r['sae_id'] for r in of_layer)}); name one of them")
+        raise ValueError(f"unknown layer or SAE {name!r}; layers with an SAE: "
+                         f"{', '.join(layers) or 'none'}; SAEs: {', '.join(self.saes) or 'none'}")
+
+    def sae(self, sae_id: str) -> SAE:
+        """The trained SAE `sae_id` (loaded once, on CPU)."""
+        if sae_id not in self._saes:
+            row = self.resolve_sae(sae_id)
+            # the atlas may have moved since training: prefer the weights inside it
+            inside = fs.join(self.root, "sae_weights", row["sae_id"])
+            path = inside if fs.exists(inside + ".safetensors") else row["weights"]
+            local = fs.local_path(path)
+            if local is None:
+                raise ValueError(f"SAE weights at {path} are remote; copy the atlas locally")
+            self._saes[sae_id] = load_sae(local)
+        return self._saes[sae_id]
+
+    def check_latent(self, sae: dict[str, Any], latent: int) -> int:
+        """`latent` as an int if SAE `sae` has it; ValueError giving the valid range."""
+        n = int(sae["n_latents"])
+        if not 0 <= int(latent) < n:
+            raise ValueError(f"latent {latent} is out of range for SAE {sae['sae_id']} "
+                             f"(layer {sae['layer']}): valid latents are 0..{n - 1}")
+        return int(latent)
+
+    def latent(self, layer: str, latent: int) -> LatentInfo:
+        """Stats row and exemplars (with decoded iERF masks) of latent `latent` of `layer`'s SAE."""
+        sae = self.resolve_sae(layer)
+        latent = self.check_latent(sae, latent)
+        where = f"WHERE sae_id = {_q(sae['sae_id'])} AND latent = {latent}"
+        stats = None
+        if self.has("latent_stats"):
+            rows = self.sql(f"SELECT * FROM latents {where}").to_pylist()
+            stats = rows[0] if rows else None
+        table = "exemplars" if self.has("exemplars") else (
+            "exemplar_picks" if self.has("exemplar_picks") else None)
+        if table is None:
+            return LatentInfo(sae, latent, stats, pa.table({}), [])
+        ex = self.sql(f"SELECT * FROM {table} {where} ORDER BY kind DESC, rank")
+        masks: list[np.ndarray | None] = [None] * ex.num_rows
+        if "ierf_png" in ex.column_names:
+            masks = [_decode_png(b) for b in ex["ierf_png"].to_pylist()]
+            ex = ex.drop_columns(["ierf_png"])
+        return LatentInfo(sae, latent, stats, ex, masks)
+
+    # ---- latent -> latent ----------------------------------------------------------------
+
+    def comparable(self, sae_id: str) -> list[str]:
+        """The SAEs whose decoder directions live in a space of the same width as `sae_id`'s."""
+        d = self.saes[sae_id]["d_in"]
+        return [s for s, r in self.saes.items() if r["d_in"] == d]
+
+    def similar(self, layer: str, latent: int, k: int = 10,
+                layers: Sequence[str] | None = None) -> pa.Table:
+        """The `k` latents whose unit decoder directions are nearest (cosine) to this latent's.
+
+        `layers`: layers or sae_ids to search (default: every SAE of the same width d_in,
+        this one included, so the latent itself comes first with similarity 1).
+
+        [choice] Decoder directions are compared only between SAEs of the same width: two
+        layers of different widths have no common space (ViT blocks share the residual
+        stream's width and space; CNN stages of equal width are compared formally, their
+        channels need not mean the same). A layer of another width is refused with a message
+        naming the comparable ones; its relation to this latent is what ICAT edges measure.
+        """
+        src = self.resolve_sae(layer)
+        latent = self.check_latent(src, latent)
+        targets = [self.resolve_sae(n)["sae_id"] for n in layers] if layers else \
+            self.comparable(src["sae_id"])
+        ok = self.comparable(src["sae_id"])
+        bad = [t for t in targets if t not in ok]
+        if bad:
+            names = ", ".join(f"{self.saes[t]['layer']} ({t}, d_in={self.saes[t]['d_in']})"
+                              for t in bad)
+            comparable = ", ".join(f"{self.saes[t]['layer']} ({t})" for t in ok)
+            raise ValueError(
+                f"cannot compare decoder directions of {src['layer']} (d_in={src['d_in']}) with "
+                f"{names}: they live in spaces of different widths; comparable: {comparable}. "
+                f"Cross-width relations come from ICAT edges (the `edges` view)")
+        query = idx.decoder_vectors(self.sae(src["sae_id"]))[latent:latent + 1]
+        rows = []
+        for target in dict.fromkeys(targets):
+            index = self.index("decoder", target)
+            sims, ids = index.search(query, k)
+            found = index.ids.take(pa.array(ids[0][ids[0] >= 0]))
+            for s, r in zip(sims[0][ids[0] >= 0], found.to_pylist()):
+                rows.append({"layer": r["layer"], "sae_id": r["sae_id"],
+                             "latent": r["latent"], "similarity": float(s)})
+        # self first on ties (another SAE may hold an identical direction)
+        rows.sort(key=lambda r: (-r["similarity"],
+                                 (r["sae_id"], r["latent"]) != (src["sae_id"], latent)))
+        return self._with_hints(rows[:k])
+
+    def index(self, kind: str, sae_id: str) -> idx.LoadedIndex:
+        """The FAISS index `kind` ('decoder' or 'regions') of `sae_id` (read once)."""
+        if (kind, sae_id) not in self._indexes:
+            self._indexes[(kind, sae_id)] = idx.read_index(self.root, kind, sae_id)
+        return self._indexes[(kind, sae_id)]
+
+    # ---- image -> latent -----------------------------------------------------------------
+
+    def model(self) -> LoadedModel:
+        """The extraction's model (loaded on first use), checked against the PFVs' weights."""
+        if self._model is None:
+            from pipeline.pfv.extract import load, model_fingerprint
+            from pipeline.pfv.sae_runs import extract_config
+
+            cfg, ident, _ = extract_config(self.root)
+            loaded = load(cfg)
+            if model_fingerprint(loaded.model) != ident["weights_fingerprint"]:
+                raise ValueError(f"the weights of {cfg.model} ({loaded.weights}) changed since "
+                                 f"the atlas {self.root} was extracted; search would compare "
+                                 f"PFVs of two different models")
+            self._model = loaded
+        return self._model
+
+    def input_image(self, image: ImageInput) -> tuple[torch.Tensor, np.ndarray]:
+        """(model input Tensor[1, 3, H, W], the same image as uint8[H, W, 3]) of an image."""
+        loaded = self.model()
+        if isinstance(image, (str, os.PathLike)):
+            with Image.open(image) as im:
+                image = im.convert("RGB")
+        x = loaded.preprocess(image)
+        cfg = loaded.data_config
+        return x, denormalise(x[0].cpu().numpy(), cfg["mean"], cfg["std"])
+
+    def layer_info(self, layer: str) -> dict[str, Any]:
+        """The `layers` row of `layer`."""
+        rows = self.sql(f"SELECT * FROM layers WHERE layer = {_q(layer)}").to_pylist()
+        if not rows:
+            raise ValueError(f"layer {layer!r} was not extracted; layers: "
+                             f"{', '.join(self.sql('SELECT layer FROM layers')['layer'].to_pylist())}")
+        return rows[0]
+
+    @torch.no_grad()
+    def search(self, image: ImageInput, box: Sequence[int] | None = None,
+               layer: str | None = None, k: int = 10) -> pa.Table:
+        """Latents whose exemplar regions are nearest to a region of `image`.
+
+        The region is `box` = (x, y, w, h) in pixels of the model input (after resize and crop;
+        the whole image when None). For each SAE searched (`layer`'s, or every SAE with a
+        region index):
+        (a) the region's mean PFV, embedded like the index (`index.region_vectors`), is matched
+            against every exemplar region of the SAE's latents; a latent scores the best
+            cosine similarity among its exemplars (`similarity`; its best exemplar is
+            `match_image_id`/`match_position`);
+        (b) `activation` is the latent's SAE activation on the region: the max over the
+            region's positions of the SAE encoding of each PFV (0 when it does not fire there).
+        Rows are ranked by (a), the `k` best over all SAEs searched; `exemplar_image_ids`
+        lists the latent's top exemplars (by rank), `label_hint` comes from `latents`.
+        """
+        targets = [self.resolve_sae(layer)["sae_id"]] if layer else [
+            s for s in self.saes if fs.exists(idx.paths(self.root, "regions", s)["meta"])]
+        if not targets:
+            raise FileNotFoundError(f"no region index in {self.root}; build the indexes with "
+                                    f"`concept-atlas index {self.root}`")
+        x, _ = self.input_image(image)
+        layer_names = sorted({self.saes[t]["layer"] for t in targets})
+        pfvs = tap(self.model().model, x, layer_names)
+        rows = []
+        for sae_id in targets:
+            rows += self._search_sae(sae_id, pfvs[self.saes[sae_id]["layer"]].values[0],
+                                     tuple(x.shape[-2:]), box, k)
+        rows.sort(key=lambda r: -r["similarity"])
+        return self._with_hints(rows[:k])
+
+    def _search_sae(self, sae_id: str, values: torch.Tensor, input_hw: tuple[int, int],
+                    box: Sequence[int] | None, k: int) -> list[dict[str, Any]]:
+        row = self.saes[sae_id]
+        info = self.layer_info(row["layer"])
+        positions = box_positions(box, input_hw, (info["grid_h"], info["grid_w"]),
+                                  info["num_special"])
+        region = values[positions].float().cpu()
+        sae = self.sae(sae_id)
+        query = idx.region_vectors(sae, region.mean(0, keepdim=True).numpy())
+        index = self.index("regions", sae_id)
+        sims, ids = index.search(query, max(k * _REGIONS_PER_RESULT, 500))
+        keep = ids[0] >= 0
+        hits = index.ids.take(pa.array(ids[0][keep])).to_pylist()
+        best: dict[int, dict[str, Any]] = {}
+        for s, hit in zip(sims[0][keep], hits):  # sorted by similarity: the first hit is the max
+            best.setdefault(hit["latent"], {"similarity": float(s), **hit})
+        acts = sae.encode(region).amax(0)
+        tops = _top_exemplars(index.ids)
+        return [{"layer": row["layer"], "sae_id": sae_id, "latent": lat,
+                 "similarity": h["similarity"], "activation": float(acts[lat]),
+                 "match_image_id": h["image_id"], "match_position": h["position"],
+                 "exemplar_image_ids": tops.get(lat, [])}
+                for lat, h in list(best.items())[:k]]
+
+    def _with_hints(self, rows: list[dict[str, Any]]) -> pa.Table:
+        """`rows` as a table with each latent's `label_hint` (null before the cafe stage)."""
+        hints: dict[tuple[str, int], str | None] = {}
+        if rows and self.has("latent_stats"):
+            pairs = ", ".join(f"({_q(r['sae_id'])}, {int(r['latent'])})" for r in rows)
+            found = self.sql(f"SELECT sae_id, latent, label_hint FROM latents "
+                             f"WHERE (sae_id, latent) IN ({pairs})").to_pylist()
+            hints = {(h["sae_id"], h["latent"]): h["label_hint"] for h in found}
+        for r in rows:
+            r["label_hint"] = hints.get((r["sae_id"], r["latent"]))
+        table = pa.Table.from_pylist(rows)
+        if table.num_rows == 0 or table.schema.field("label_hint").type == pa.null():
+            table = table.set_column(table.schema.get_field_index("label_hint"), "label_hint",
+                                     pa.nulls(table.num_rows, pa.string()))
+        return table
+
+    def images(self, image_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """The images `image_ids` as the model saw them: uint8[H, W, 3] at input resolution.
+
+        Read from the shards named in the `images` table (one pass per shard, decoding only
+        the wanted samples); FileNotFoundError names a shard that is gone.
+        """
+        wanted = sorted({int(i) for i in image_ids})
+        if not wanted:
+            return {}
+        rows = self.sql(f"SELECT image_id, shard, key FROM images WHERE image_id IN "
+                        f"({', '.join(map(str, wanted))})").to_pylist()
+        by_shard: dict[str, dict[str, int]] = {}
+        for r in rows:
+            by_shard.setdefault(r["shard"], {})[r["key"]] = r["image_id"]
+        out = {}
+        for shard, keys in by_shard.items():
+            if not fs.exists(shard):
+                raise FileNotFoundError(f"shard {shard} of the atlas's images is gone; the "
+                                        f"exemplar images cannot be shown")
+            for sample in iter_samples([shard], ErrorLog(), decode_image=set(keys)):
+                if sample.key in keys and sample.image is not None:
+                    out[keys[sample.key]] = self.input_image(sample.image)[1]
+        return out
+
+
+def _top_exemplars(ids: pa.Table) -> dict[int, list[int]]:
+    """{latent: image_ids of its `top` exemplars by rank} from a region index's id table."""
+    top = ids.filter(pc.equal(ids["kind"], "top")).sort_by([("latent", "ascending"),
+                                                                     ("rank", "ascending")])
+    out: dict[int, list[int]] = {}
+    for lat, img in zip(top["latent"].to_pylist(), top["image_id"].to_pylist()):
+        if len(out.setdefault(lat, [])) < _EXEMPLARS_SHOWN:
+            out[lat].append(img)
+    return out
+
+
+def _decode_png(data: bytes | None) -> np.ndarray | None:
+    if data is None:
+        return None
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("L"))

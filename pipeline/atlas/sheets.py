@@ -1,0 +1,62 @@
+"""Contact sheets of an atlas: a latent's exemplars with their iERF masks, search results."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline.atlas.api import Atlas, LatentInfo
+from pipeline.atlas.regions import cell_box
+from pipeline.viz import contact_sheet, draw_box, mask_overlay
+
+COLUMNS = 8
+
+
+def exemplar_tile(image: np.ndarray, mask: np.ndarray | None,
+                  cell: tuple[int, int, int, int] | None) -> np.ndarray:
+    """One exemplar uint8[H, W, 3]: its iERF mask tinted red, its peak grid cell outlined."""
+    out = mask_overlay(image, mask) if mask is not None else image
+    return draw_box(out, cell) if cell is not None else out
+
+
+def latent_sheet(atlas: Atlas, info: LatentInfo, columns: int = COLUMNS) -> Image.Image:
+    """Rows of exemplars of one latent (top picks first), `columns` per row, captioned."""
+    ex = info.exemplars
+    if ex.num_rows == 0:
+        raise ValueError(f"latent {info.latent} of {info.sae['sae_id']} has no exemplars in "
+                         f"this atlas; run the scan stage (and cafe for iERF masks)")
+    layer = atlas.layer_info(info.sae["layer"])
+    images = atlas.images(ex["image_id"].to_pylist())
+    tiles, captions = [], []
+    for i, r in enumerate(ex.to_pylist()):
+        image = images[r["image_id"]]
+        cell = cell_box(r["position"], image.shape[:2], (layer["grid_h"], layer["grid_w"]),
+                        layer["num_special"])
+        tiles.append(exemplar_tile(image, info.masks[i], cell))
+        captions.append(f"{r['kind']} {r['rank']}: {r['activation']:.2f}")
+    rows = [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
+    # one caption per row (a tile is too narrow for its own): kind, rank and activation
+    labels = [" | ".join(captions[i:i + columns]) for i in range(0, len(captions), columns)]
+    stats = info.stats or {}
+    title = (f"{info.sae['sae_id']} latent {info.latent}  label {stats.get('label_hint') or '-'}"
+             f"  freq {stats.get('freq', float('nan')):.4f}  (red: iERF mask, box: peak cell)")
+    return contact_sheet(rows, labels, tile=128, title=title)
+
+
+def search_sheet(atlas: Atlas, query: np.ndarray, box: Sequence[int] | None,
+                 results: pa.Table, per_row: int = COLUMNS - 1) -> Image.Image:
+    """The query (box outlined), then one row per result: its best exemplars as thumbnails."""
+    shown = query if box is None else draw_box(query, (box[0], box[1], box[0] + box[2],
+                                                       box[1] + box[3]))
+    rows: list[list[np.ndarray]] = [[shown]]
+    labels = ["query" + ("" if box is None else f" box {tuple(box)}")]
+    wanted = {i for ids in results["exemplar_image_ids"].to_pylist() for i in ids[:per_row]}
+    images = atlas.images(sorted(wanted))
+    for r in results.to_pylist():
+        rows.append([images[i] for i in r["exemplar_image_ids"][:per_row] if i in images])
+        labels.append(f"{r['sae_id']} latent {r['latent']}: sim {r['similarity']:.3f} "
+                      f"act {r['activation']:.2f} {r['label_hint'] or ''}")
+    return contact_sheet(rows, labels, tile=96)
+

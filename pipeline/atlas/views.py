@@ -1,0 +1,172 @@
+"""A read-only DuckDB connection whose views (schemas/views.sql) cover an atlas's Parquet parts.
+
+User SQL runs against these views only (ARCHITECTURE.md principle 7). Two locks, both needed:
+* every statement must be a SELECT (`check_read_only`, from DuckDB's own parser): COPY, ATTACH,
+  INSTALL/LOAD, CREATE/INSERT, SET/PRAGMA/CALL, EXPLAIN ANALYZE of a write are refused before
+  anything runs (the `query()` table function itself accepts only a SELECT);
+* the connection may read files only under the atlas root (`enable_external_access = false`
+  with `allowed_directories`), cannot load extensions, and its settings are locked
+  (`lock_configuration`). DuckDB would still let a COPY write inside an allowed directory,
+  which is why the statement check comes first.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from string import Template
+
+import duckdb
+import pyarrow as pa
+
+from pipeline.store import fs
+from schemas import TABLES
+
+STATEMENTS_ALLOWED = (duckdb.StatementType.SELECT,)
+
+
+class ReadOnlyError(ValueError):
+    """A statement that is not a plain query (the atlas is read-only)."""
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """Where a view's rows come from: files `pattern` under the root, written by `stage`."""
+
+    name: str
+    pattern: str
+    stage: str
+    schema: pa.Schema
+    fmt: str = "parquet"
+
+    @property
+    def folder(self) -> str:
+        return self.pattern.split("/", 1)[0]
+
+
+def _with(schema: pa.Schema, *fields: pa.Field) -> pa.Schema:
+    return pa.schema([*schema, *fields])
+
+
+# `**` also matches no folder, so a table may be flat (part-N.parquet) or partitioned
+# (key=value/part-N.parquet) without a change here
+SOURCES: dict[str, TableSource] = {s.name: s for s in (
+    TableSource("images", "images/**/*.parquet", "extract", TABLES["images"]),
+    TableSource("layers", "layers/**/*.parquet", "extract", TABLES["layers"]),
+    TableSource("saes", "saes/**/*.parquet", "train-sae", TABLES["saes"]),
+    TableSource("errors", "errors/**/*.parquet", "any stage", TABLES["errors"]),
+    TableSource("manifest", "manifest/*/*.json", "any stage",
+                pa.schema([f for f in TABLES["manifest"] if f.name != "atlas_id"]), fmt="json"),
+    TableSource("pfv", "pfv/*/*.parquet", "extract",
+                _with(TABLES["pfv_ids"], pa.field("layer", pa.string()),
+                      pa.field("filename", pa.string()), pa.field("file_row_number", pa.int64()))),
+    TableSource("activations", "activations/**/*.parquet", "scan", TABLES["activations"]),
+    TableSource("latent_stats", "latent_stats/**/*.parquet", "scan", TABLES["latent_stats"]),
+    TableSource("exemplar_picks", "exemplar_picks/**/*.parquet", "scan", TABLES["exemplar_picks"]),
+    TableSource("exemplars", "exemplars/**/*.parquet", "cafe", TABLES["exemplars"]),
+    TableSource("edges", "edges/**/*.parquet", "icat", TABLES["edges"]),
+)}
+VIEWS: tuple[str, ...] = (*SOURCES, "latents")
+_MANIFEST_COLUMNS = (  # the JSON record of a PartRecord (pipeline.store.manifest)
+    "{stage: 'VARCHAR', part: 'VARCHAR', input: 'VARCHAR', input_fingerprint: 'VARCHAR', "
+    "config_hash: 'VARCHAR', rows: 'BIGINT', outputs: 'JSON', errors: 'BIGINT', "
+    "worker: 'VARCHAR', started: 'DOUBLE', finished: 'DOUBLE'}")
+
+
+def views_sql() -> str:
+    """The text of schemas/views.sql (installed with the `schemas` package)."""
+    return resources.files("schemas").joinpath("views.sql").read_text()
+
+
+def table_files(root: str, name: str) -> list[str]:
+    """The files of table `name` under atlas `root` (visible names only), sorted."""
+    filesystem, path = fs.filesystem(root)
+    found = filesystem.glob(fs.join(path, SOURCES[name].pattern))
+    return sorted(p for p in found if not any(part.startswith((".", "_"))
+                                              for part in p[len(path):].split("/")))
+
+
+def connect(root: str, atlas_id: str, threads: int | None = None,
+            memory_limit: str | None = None) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]]:
+    """An in-memory DuckDB connection holding the views of atlas `root`, locked read-only.
+
+    Returns the connection and {table: number of files} (0 for a table the atlas lacks). `root`
+    is a local path or an fsspec URL (its filesystem is registered with DuckDB).
+    """
+    root = os.fspath(root).rstrip("/")
+    con = duckdb.connect(":memory:")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    if memory_limit:
+        con.execute(f"SET memory_limit = {literal(memory_limit)}")
+    local = fs.local_path(root)
+    if local is None:
+        filesystem, _ = fs.filesystem(root)
+        con.register_filesystem(filesystem)
+        prefix = root + "/"
+    else:
+        root = prefix = os.path.abspath(local)
+        prefix += "/"
+    files = {name: len(table_files(root, name)) for name in SOURCES}
+    con.execute(f"SET allowed_directories = [{literal(prefix)}]")
+    for setting in ("enable_external_access", "autoinstall_known_extensions",
+                    "autoload_known_extensions", "allow_community_extensions",
+                    "allow_persistent_secrets"):
+        con.execute(f"SET {setting} = false")
+    sources = {name: _source(con, root, SOURCES[name]) if files[name] else _missing(con, root, s)
+               for name, s in SOURCES.items()}
+    sources["exemplars_or_empty"] = ("exemplars" if files["exemplars"]
+                                     else _typed_nulls(con, TABLES["exemplars"], "false"))
+    sources["atlas_id"] = literal(atlas_id)
+    # safe_substitute leaves the placeholders named in the file's comments alone; a misspelt
+    # one in a view stays `${...}` and fails DuckDB's parser loudly
+    for statement in con.extract_statements(Template(views_sql()).safe_substitute(sources)):
+        con.execute(statement.query)
+    con.execute("SET lock_configuration = true")
+    return con, files
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
+    """The one statement of `query` if it is a SELECT; ReadOnlyError naming it otherwise."""
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error as exc:
+        raise ValueError(f"cannot parse the query: {exc}") from None
+    if len(statements) != 1:
+        raise ReadOnlyError(f"expected one SELECT statement, got {len(statements)}")
+    kind = statements[0].type
+    if kind not in STATEMENTS_ALLOWED:
+        name = str(kind).rsplit(".", 1)[-1]
+        raise ReadOnlyError(f"the atlas is read-only: {name} statements are refused; only SELECT "
+                            f"queries (SELECT, WITH, FROM, DESCRIBE, SUMMARIZE) over the views "
+                            f"{', '.join(VIEWS)} may run")
+    return statements[0].query
+
+
+def _source(con: duckdb.DuckDBPyConnection, root: str, s: TableSource) -> str:
+    pattern = literal(fs.join(root, s.pattern))
+    if s.fmt == "json":
+        return f"read_json({pattern}, format = 'auto', columns = {_MANIFEST_COLUMNS})"
+    # hive values stay strings (a layer named `4` must not become an integer); union_by_name
+    # lets parts written by an older schema version sit beside newer ones
+    return (f"read_parquet({pattern}, hive_partitioning = true, hive_types_autocast = false, "
+            f"union_by_name = true, filename = true, file_row_number = true)")
+
+
+def _missing(con: duckdb.DuckDBPyConnection, root: str, s: TableSource) -> str:
+    message = (f"table {s.name} is not in this atlas (no files under {fs.join(root, s.folder)}/);"
+               f" run stage {s.stage}" if s.stage != "any stage" else
+               f"table {s.name} is not in this atlas (no files under {fs.join(root, s.folder)}/)")
+    return _typed_nulls(con, s.schema, f"error({literal(message)}) IS NULL")
+
+
+def _typed_nulls(con: duckdb.DuckDBPyConnection, schema: pa.Schema, where: str) -> str:
+    """One row of NULLs with the columns and DuckDB types of `schema`, filtered by `where`."""
+    types = con.from_arrow(schema.empty_table()).types
+    columns = ", ".join(f'NULL::{t} AS "{f.name}"' for f, t in zip(schema, types))
+    return f"(SELECT {columns} WHERE {where})"
+
+
+def literal(text: str) -> str:
+    """`text` as a SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
