@@ -1,0 +1,290 @@
+"""The icat stage, Ray-free: plan the layer pairs, score one shard (map), reduce to `edges`.
+
+Inputs: an atlas root after extract and train-sae. Pairs: the layers with an SAE, in forward
+order, each with the next one, and the last one with the class logits (METHOD.md section 7).
+
+Outputs (every file atomic, every part committed in the manifest after its files):
+    icat_partial/part-N.parquet   EDGES sums and counts of shard N, all edges (stage icat-map)
+    edges/part-K.parquet          EDGES of layer pair K after the reduce and the top-k cut
+                                  (stage icat, one record per pair)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.icat.aggregate import combine, edge_rows, top_incoming
+from pipeline.icat.attribution import (
+    METHODS,
+    RULES,
+    Decomposed,
+    LayerSAE,
+    PairScores,
+    Readout,
+    attribute,
+    downstream_rows,
+)
+from pipeline.icat.segment import LOGITS, Segment, layer_order
+from pipeline.icat.srd_scores import srd_scores
+from pipeline.models import tap
+from pipeline.pfv.extract import (
+    ExtractConfig,
+    candidate_positions,
+    decode_shard,
+    load,
+    model_fingerprint,
+    resolve_layers,
+)
+from pipeline.pfv.sae_runs import STAGE as TRAIN_STAGE
+from pipeline.pfv.sae_runs import extract_config, read_saes
+from pipeline.sae import load_sae
+from pipeline.store import Manifest, PartRecord, check_stage_config, config_hash, fs, now, worker_id
+from schemas import EDGES
+
+STAGE = "icat"
+MAP_STAGE = "icat-map"
+ALL_METHODS: tuple[str, ...] = METHODS + ("srd",)
+
+
+@dataclass(frozen=True)
+class ICATOptions:
+    """What the icat stage computes. Every field but `batch_size` / `image_batch` is part of
+    the config hash.
+
+    methods: any of ig, grad_x_act, grad, srd. steps / rule / scale_error: ICAT-IG quadrature
+    and the error term ([choice] held fixed by default). images_per_shard: images scored per
+    shard (evenly spaced in shard order; None = all). top_edges / min_weight: the cut per
+    downstream node. position: read downstream latents at this SAE position instead of the sum.
+    saes: {layer: sae_id} ([choice] default: the SAE of lowest held-out FVU per layer).
+    layers: the layers to connect (default: every layer with an SAE). logits: add the last
+    layer -> class logits pair. batch_size: (image, node) rows per forward; image_batch:
+    images decomposed together.
+    """
+
+    methods: tuple[str, ...] = ALL_METHODS
+    steps: int = 32
+    rule: str = "gauss_legendre"
+    scale_error: bool = False
+    images_per_shard: int | None = 16
+    top_edges: int = 32
+    min_weight: float = 0.0
+    position: int | None = None
+    saes: dict[str, str] | None = None
+    layers: tuple[str, ...] | None = None
+    logits: bool = True
+    batch_size: int = 64
+    image_batch: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(self.methods))
+        bad = [m for m in self.methods if m not in ALL_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods={list(self.methods)!r}: expected a non-empty subset of "
+                             f"{list(ALL_METHODS)}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule={self.rule!r}: expected one of {list(RULES)}")
+        for name in ("steps", "top_edges", "batch_size", "image_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 1")
+        if self.images_per_shard is not None and self.images_per_shard < 1:
+            raise ValueError(f"images_per_shard={self.images_per_shard!r}: expected None or >= 1")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def identity(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key in ("batch_size", "image_batch"):
+            d.pop(key)
+        return d
+
+
+@dataclass(frozen=True)
+class MapTask:
+    """Score the images of extract part `part` (shard `shard`, index `index`)."""
+
+    index: int
+    part: str
+    shard: str
+    fingerprint: str
+    config_hash: str
+
+
+@dataclass
+class ICATPlan:
+    """A validated icat run: pairs, SAEs, the map tasks left, the config hash."""
+
+    root: str
+    options: ICATOptions
+    extract: ExtractConfig
+    data_config: dict[str, Any]
+    atlas_id: str
+    saes: dict[str, dict[str, Any]]  # layer -> saes row, in forward order
+    pairs: list[tuple[str, str]]
+    config_hash: str
+    tasks: list[MapTask]
+    pending: list[MapTask]
+
+
+def plan_icat(root: str, options: ICATOptions) -> ICATPlan:
+    """Check the atlas, pick the SAEs and pairs, record the stage config, list the work left.
+
+    Raises FileNotFoundError without an extraction, ValueError naming a layer or SAE that does
+    not exist, or when `root` holds icat outputs of another config.
+    """
+    cfg, ident, extract_hash = extract_config(root)
+    saes = _choose_saes(root, options)
+    loaded = load(cfg)
+    if model_fingerprint(loaded.model) != ident["weights_fingerprint"]:
+        raise ValueError(f"the weights of {cfg.model} changed since {root} was extracted")
+    order = layer_order(loaded.model, list(saes))
+    saes = {layer: saes[layer] for layer in order}
+    pairs = list(zip(order, order[1:])) + ([(order[-1], LOGITS)] if options.logits else [])
+    if not pairs:
+        raise ValueError(f"one layer with an SAE ({order}) and logits=False: no pair to connect")
+    train = Manifest(root).records(TRAIN_STAGE)
+    identity = dict(options.identity(), extract=extract_hash, pairs=pairs,
+                    saes={layer: [row["sae_id"], train[row["sae_id"]].config_hash]
+                          for layer, row in saes.items()})
+    digest = check_stage_config(root, STAGE, identity)
+    done = Manifest(root).done(MAP_STAGE, digest)
+    tasks = [MapTask(int(r.part.split("-")[1]), r.part, r.input, r.input_fingerprint, digest)
+             for r in sorted(Manifest(root).done("extract", extract_hash).values(),
+                             key=lambda r: r.part)]
+    pending = [t for t in tasks if t.part not in done or done[t.part].input_fingerprint != t.fingerprint]
+    return ICATPlan(root, options, cfg, loaded.data_config, ident["atlas_id"], saes, pairs,
+                    digest, tasks, pending)
+
+
+def _choose_saes(root: str, options: ICATOptions) -> dict[str, dict[str, Any]]:
+    rows = read_saes(root)
+    if not rows:
+        raise ValueError(f"no trained SAEs under {root}; run train-sae first")
+    by_layer: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_layer.setdefault(row["layer"], []).append(row)
+    layers = list(options.layers) if options.layers is not None else sorted(by_layer)
+    chosen = {}
+    for layer in layers:
+        if layer not in by_layer:
+            raise ValueError(f"layer {layer!r} has no SAE under {root}; layers with SAEs: "
+                             f"{', '.join(sorted(by_layer))}")
+        want = (options.saes or {}).get(layer)
+        cands = [r for r in by_layer[layer] if want is None or r["sae_id"] == want]
+        if not cands:
+            raise ValueError(f"sae_id {want!r} is not an SAE of layer {layer!r}; SAEs: "
+                             f"{', '.join(r['sae_id'] for r in by_layer[layer])}")
+        chosen[layer] = min(cands, key=lambda r: (r["fvu"], r["sae_id"]))
+    return chosen
+
+
+def sample_images(n: int, k: int | None) -> np.ndarray:
+    """Indices of the images scored in a shard of n: all, or k evenly spaced (deterministic)."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+
+
+class ShardScorer:
+    """Holds the model, the SAEs and the segments; scores shards into partial edge tables."""
+
+    def __init__(self, plan: ICATPlan, device: str | torch.device = "cpu") -> None:
+        self.plan, self.options = plan, plan.options
+        self.loaded = load(plan.extract, device)
+        model = self.loaded.model
+        for p in model.parameters():
+            p.requires_grad_(False)  # gradients are taken w.r.t. activations only
+        specs = resolve_layers(model, dataclasses.replace(plan.extract, layers=tuple(plan.saes)))
+        self.saes = {
+            layer: LayerSAE(layer, load_sae(row["weights"], device),
+                            torch.as_tensor(candidate_positions(specs[layer], plan.extract.include_special),
+                                            device=device).long())
+            for layer, row in plan.saes.items()}
+        self.segments = {(a, b): Segment(model, a, b, specs) for a, b in plan.pairs}
+
+    def score(self, pixels: torch.Tensor, labels: np.ndarray) -> list[Any]:
+        """EDGES tables (per-image rows) of every pair for a batch of preprocessed images."""
+        opts, model = self.options, self.loaded.model
+        taps = tap(model, pixels, list(self.saes))
+        labels_t = torch.as_tensor(labels, device=pixels.device).long()
+        tables = []
+        for (a, b), segment in self.segments.items():
+            dec = Decomposed.of(self.saes[a], taps[a].values)
+            down = None if b == LOGITS else self.saes[b]
+            readout = Readout(down, opts.position)
+            image, node, mask = downstream_rows(segment, dec, pixels, readout, labels=labels_t)
+            scores: dict[str, PairScores] = {}
+            grad_methods = tuple(m for m in opts.methods if m in METHODS)
+            if grad_methods:
+                s = attribute(segment, dec, readout, image, node, mask, pixels,
+                              methods=grad_methods, steps=opts.steps, rule=opts.rule,
+                              scale_error=opts.scale_error, batch_size=opts.batch_size)
+                scores.update({m: s for m in grad_methods})
+            if "srd" in opts.methods:
+                down_acts = None if down is None else down.encode(taps[b].values)
+                if down_acts is not None and opts.position is not None:
+                    keep = torch.zeros_like(down_acts)
+                    keep[:, opts.position] = 1
+                    down_acts = down_acts * keep
+                srd = srd_scores(model, pixels, dec, down, down_acts, image, node, opts.batch_size)
+                scores["srd"] = PairScores(image, node, srd.sum(1), srd.new_zeros(len(image)),
+                                           {"srd": srd})
+            tables.append(edge_rows(scores, labels, a, b, self.plan.atlas_id))
+        return tables
+
+    def run(self, task: MapTask, crash_after_batches: int | None = None) -> PartRecord:
+        """Score part `task` and write its partial edges; return its (uncommitted) record."""
+        started = now()
+        decoded = decode_shard(task.shard, self.plan.data_config)
+        take = sample_images(len(decoded.keys), self.options.images_per_shard)
+        pixels, labels = decoded.pixels[take], decoded.labels[take]
+        tables = []
+        batch = self.options.image_batch
+        for i, lo in enumerate(tqdm(range(0, len(take), batch), desc=f"icat {task.part}",
+                                    unit="batch", leave=False, disable=len(take) <= batch)):
+            if crash_after_batches is not None and i >= crash_after_batches:
+                raise InjectedFailure(f"injected failure in {task.part} after {i} batches")
+            x = torch.as_tensor(pixels[lo:lo + batch], device=self.loaded.device)
+            tables.extend(self.score(x, labels[lo:lo + batch]))
+        partial = combine(tables, self.plan.atlas_id)
+        fs.write_parquet(partial, fs.join(self.plan.root, "icat_partial", f"{task.part}.parquet"), EDGES)
+        return PartRecord(stage=MAP_STAGE, part=task.part, input=task.shard,
+                          input_fingerprint=task.fingerprint, config_hash=task.config_hash,
+                          rows=len(take), outputs={"icat_partial": partial.num_rows},
+                          errors=len(decoded.errors), worker=worker_id(), started=started,
+                          finished=now())
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by `ShardScorer.run(crash_after_batches=...)` to test recovery."""
+
+
+def reduce_edges(plan: ICATPlan) -> dict[str, int]:
+    """Sum the committed partials, cut to the top incoming edges, write one part per pair.
+
+    Re-runs rewrite the same deterministic parts (the reduce is cheap and reads only partials),
+    then commit one `icat` record per pair; returns {part: rows}.
+    """
+    done = Manifest(plan.root).done(MAP_STAGE, plan.config_hash)
+    parts = sorted(done)
+    partials = [fs.read_parquet(fs.join(plan.root, "icat_partial", f"{p}.parquet")) for p in parts]
+    total = combine(partials, plan.atlas_id)
+    inputs = config_hash({"parts": [(p, done[p].input_fingerprint) for p in parts]})
+    written = {}
+    for k, (a, b) in enumerate(plan.pairs):
+        started = now()
+        mask = (np.asarray(total.column("src_layer").to_pylist(), dtype=object) == a) & \
+               (np.asarray(total.column("dst_layer").to_pylist(), dtype=object) == b)
+        edges = top_incoming(total.filter(mask), plan.options.top_edges, plan.options.min_weight)
+        part = f"part-{k:06d}"
+        fs.write_parquet(edges, fs.join(plan.root, "edges", f"{part}.parquet"), EDGES)
+        Manifest(plan.root).commit(PartRecord(
+            stage=STAGE, part=part, input=f"{a}->{b}", input_fingerprint=inputs,
+            config_hash=plan.config_hash, rows=edges.num_rows, outputs={"edges": edges.num_rows},
+            errors=0, worker=worker_id(), started=started, finished=now()))
+        written[part] = edges.num_rows
+    return written
