@@ -1,0 +1,366 @@
+"""The scan stage: sparse activations, latent statistics and exemplar picks over every PFV.
+
+The atlas is tiny: the in-process extraction of tests/test_train_sae_job.py (3 parts of 12
+images; layer2 keeps 16 sampled positions per image, layer4 all 16) and three SAEs trained
+for a few steps on it, two of them on layer4. Every table is checked against a brute-force
+computation over all PFVs at once, with plain Python sorts for the selections.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_train_sae_job import _one_torch_thread, copy_of, extracted  # noqa: F401 (fixtures)
+
+from jobs.scan import run
+from pipeline.latents import LatentSketch, Picks, ScanOptions, priority
+from pipeline.pfv.parts import committed_parts, read_layers, read_values
+from pipeline.pfv.sae_runs import LocalSession, TrainOptions, make_runs, read_saes, train_runs
+from pipeline.sae import load_sae
+from pipeline.store import Manifest, fs
+
+SWEEP = [
+    {"layer": "layer2", "sae": {"n_latents": 64, "k": 4, "batch_size": 64, "lr": 1e-3}},
+    {"layer": "layer4", "sae": {"n_latents": 96, "k": 8, "batch_size": 48, "lr": 1e-3}},
+    {"layer": "layer4", "sae": {"n_latents": 40, "k": 12, "batch_size": 48, "lr": 1e-3}},
+]
+TRAIN = TrainOptions(steps=15, checkpoint_every=15, fidelity_images=4, eval_pfvs=500)
+# small enough that every selection truncates: images fire on more than 5 latents, latents
+# on more than 4 + 6 images; 50 PFVs per batch = 3 images, so parts span several batches
+OPTIONS = ScanOptions(top_per_image=5, n_top=4, n_quantile=3, sample_size=6, seed=7,
+                      batch_pfvs=50)
+TABLES = {"activations": ("sae_id", "image_id", "rank"),
+          "latent_stats": ("sae_id", "latent"),
+          "exemplar_picks": ("sae_id", "latent", "kind", "rank")}
+
+
+@pytest.fixture(scope="module")
+def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811 (the imported fixture)
+    """The extraction with the SAEs of SWEEP trained on it (no scan yet)."""
+    root = copy_of(extracted, tmp_path_factory.mktemp("scan") / "atlas")
+    channels = {n: r["channels"] for n, r in read_layers(root).items()}
+    runs = make_runs(SWEEP, channels, TRAIN)
+    train_runs(root, runs, TRAIN, LocalSession(Path(root) / "_ckpt"), "t")
+    return root
+
+
+@pytest.fixture(scope="module")
+def scanned(atlas, tmp_path_factory) -> tuple[str, dict]:
+    """An uninterrupted in-process scan of a copy of `atlas`: (root, summary)."""
+    root = copy_of(atlas, tmp_path_factory.mktemp("scanned") / "atlas")
+    return root, run(root, OPTIONS, in_process=True, progress=False)
+
+
+def read_tables(root: str) -> dict[str, pa.Table]:
+    """The three scan tables, every part, sorted by their keys (hive column dropped)."""
+    out = {}
+    for name, keys in TABLES.items():
+        files = sorted(Path(root, name).glob("sae=*/*.parquet"))
+        table = pa.concat_tables([pq.read_table(f) for f in files])
+        out[name] = table.sort_by([(k, "ascending") for k in keys])
+    return out
+
+
+# ---- brute force over all PFVs at once ---------------------------------------------------
+
+
+def brute_force(root: str, sae_row: dict, options: ScanOptions) -> dict[str, list[dict]]:
+    """The three tables of one SAE from one encode of every PFV and Python sorts."""
+    layer = read_layers(root)[sae_row["layer"]]
+    parts = committed_parts(root, sae_row["layer"])
+    ids = pa.concat_tables([pq.read_table(p.ids) for p in parts])
+    p = layer["positions_per_image"]
+    with torch.inference_mode():
+        acts = load_sae(sae_row["weights"]).encode(torch.from_numpy(read_values(parts))).numpy()
+    n_pfvs, n_latents = acts.shape
+    per_image = acts.reshape(-1, p, n_latents)
+    images = ids["image_id"].to_numpy()[::p]
+    positions = ids["position"].to_numpy().reshape(-1, p)
+    peak, arg = per_image.max(1), per_image.argmax(1)  # argmax: first position at the max
+
+    def cell(pos: int) -> tuple[int, int]:
+        return divmod(pos - layer["num_special"], layer["grid_w"])
+
+    def pick(i: int, f: int) -> dict:
+        pos = int(positions[i, arg[i, f]])
+        y, x = cell(pos)
+        return {"image_id": int(images[i]), "latent": f, "act": float(peak[i, f]),
+                "position": pos, "y": y, "x": x}
+
+    activations = []
+    for i in range(len(images)):
+        fired = sorted((f for f in range(n_latents) if peak[i, f] > 0),
+                       key=lambda f: (-peak[i, f], f))[:options.top_per_image]
+        activations += [dict(pick(i, f), rank=r) for r, f in enumerate(fired)]
+    picks, stats = [], []
+    for f in range(n_latents):
+        firing = [i for i in range(len(images)) if peak[i, f] > 0]
+        top = sorted(firing, key=lambda i: (-peak[i, f], images[i]))[:options.n_top]
+        picks += [dict(pick(i, f), kind="top", rank=r) for r, i in enumerate(top)]
+        prio = priority(images, np.full(len(images), f), options.seed)
+        sample = sorted(firing, key=lambda i: (prio[i], images[i]))[:options.sample_size]
+        rest = sorted((i for i in sample if i not in top), key=lambda i: (peak[i, f], images[i]))
+        m, q = len(rest), options.n_quantile
+        chosen = sorted({math.floor((j + 0.5) * m / q) for j in range(q)}) if m else []
+        picks += [dict(pick(rest[c], f), kind="quantile", rank=len(chosen) - 1 - r)
+                  for r, c in enumerate(chosen)]
+        col = acts[:, f]
+        stats.append({"latent": f, "count": int((col > 0).sum()), "images": len(firing),
+                      "total": float(col.astype(np.float64).sum()), "max": float(col.max())})
+    return {"activations": activations, "picks": picks, "stats": stats,
+            "n_pfvs": n_pfvs, "n_images": len(images)}
+
+
+def rows_of(table: pa.Table, sae_id: str, *columns: str) -> list[tuple]:
+    t = table.filter(pc.equal(table["sae_id"], sae_id))
+    return list(zip(*(t[c].to_pylist() for c in columns)))
+
+
+def test_tables_equal_a_brute_force_computation_over_all_pfvs(scanned) -> None:
+    root, summary = scanned
+    tables = read_tables(root)
+    saes = read_saes(root)
+    assert len(saes) == 3 and summary["reduced"] == [s["sae_id"] for s in saes]
+    for sae in saes:
+        bf = brute_force(root, sae, OPTIONS)
+        got = rows_of(tables["activations"], sae["sae_id"], "image_id", "rank", "latent",
+                      "max_act", "position", "y", "x")
+        want = sorted((a["image_id"], a["rank"], a["latent"], np.float32(a["act"]),
+                       a["position"], a["y"], a["x"]) for a in bf["activations"])
+        assert got == want, sae["sae_id"]
+        got = rows_of(tables["exemplar_picks"], sae["sae_id"], "latent", "kind", "rank",
+                      "image_id", "activation", "position", "y", "x")
+        want = sorted((p["latent"], p["kind"], p["rank"], p["image_id"], np.float32(p["act"]),
+                       p["position"], p["y"], p["x"]) for p in bf["picks"])
+        assert got == want, sae["sae_id"]
+        kinds = {k for _, k, *_ in got}
+        assert kinds == {"top", "quantile"}
+        stats = tables["latent_stats"].filter(
+            pc.equal(tables["latent_stats"]["sae_id"], sae["sae_id"])).to_pydict()
+        count = np.array([s["count"] for s in bf["stats"]])
+        np.testing.assert_array_equal(stats["latent"], np.arange(sae["n_latents"]))
+        np.testing.assert_array_equal(stats["freq"], count / bf["n_pfvs"])
+        np.testing.assert_array_equal(stats["image_freq"],
+                                      [s["images"] / bf["n_images"] for s in bf["stats"]])
+        np.testing.assert_allclose(stats["mean_act"], [s["total"] / max(1, s["count"])
+                                                       for s in bf["stats"]], rtol=1e-5)
+        np.testing.assert_array_equal(stats["max_act"], [s["max"] for s in bf["stats"]])
+        np.testing.assert_array_equal(stats["dead"], count == 0)
+        assert set(stats["n_pfvs"]) == {bf["n_pfvs"]} and set(stats["n_images"]) == {36}
+
+
+def test_each_image_keeps_min_of_top_per_image_and_its_firing_latents(scanned) -> None:
+    root, summary = scanned
+    table = read_tables(root)["activations"]
+    for sae in read_saes(root):
+        layer = read_layers(root)[sae["layer"]]
+        parts = committed_parts(root, sae["layer"])
+        with torch.inference_mode():
+            acts = load_sae(sae["weights"]).encode(torch.from_numpy(read_values(parts)))
+        firing = (acts.reshape(36, layer["positions_per_image"], -1) > 0).any(1).sum(1)
+        images = [i for i, in rows_of(table, sae["sae_id"], "image_id")]
+        counts = np.unique(images, return_counts=True)[1]
+        np.testing.assert_array_equal(counts, np.minimum(OPTIONS.top_per_image, firing.numpy()))
+        assert (firing > OPTIONS.top_per_image).any()  # the cap was exercised
+    assert summary["parts_new"] == 9 and summary["pfvs_new"] == 3 * 36 * 16
+
+
+# ---- the sketches ------------------------------------------------------------------------
+
+
+def random_picks(rng: np.random.Generator, images: np.ndarray, n_latents: int) -> Picks:
+    """Per image a random set of firing latents; activations on a coarse grid (many ties)."""
+    lat, img = [], []
+    for i in images:
+        fired = rng.choice(n_latents, size=rng.integers(1, n_latents), replace=False)
+        lat.append(fired)
+        img.append(np.full(len(fired), i))
+    lat, img = np.concatenate(lat).astype(np.int32), np.concatenate(img).astype(np.int64)
+    act = (rng.integers(1, 5, len(lat)) / 4).astype(np.float32)
+    return Picks(lat, img, act, rng.integers(0, 9, len(lat)).astype(np.int32))
+
+
+def test_merged_part_sketches_equal_the_sketch_of_all_images_ties_included() -> None:
+    rng = np.random.default_rng(0)
+    n_latents, n_top, k, seed = 7, 5, 9, 3
+    images = rng.permutation(400).astype(np.int64) * 1000  # parts hold unsorted image ids
+    all_picks = random_picks(rng, images, n_latents)
+    # brute force: plain sorts per latent over every (image, latent) pair
+    want_top, want_sample = [], []
+    for f in range(n_latents):
+        mine = [j for j in range(len(all_picks)) if all_picks.latent[j] == f]
+        want_top += sorted(mine, key=lambda j: (-all_picks.activation[j],
+                                                all_picks.image_id[j]))[:n_top]
+        prio = priority(all_picks.image_id[mine], all_picks.latent[mine], seed)
+        order = sorted(range(len(mine)), key=lambda j: (prio[j], all_picks.image_id[mine[j]]))
+        want_sample += [mine[j] for j in order[:k]]
+    sketches = []
+    for chunk in np.array_split(images, 6):
+        part = all_picks.take(np.flatnonzero(np.isin(all_picks.image_id, chunk)))
+        zeros = np.zeros(n_latents)
+        sketches.append(LatentSketch(0, len(chunk), zeros, zeros, zeros, zeros.astype(np.float32),
+                                     part.top(n_top), part.sample(k, seed)))
+    random.Random(1).shuffle(sketches)  # any merge order
+    merged = sketches[0]
+    for s in sketches[1:]:
+        merged = merged.merge(s, n_top, k, seed)
+    assert merged.n_images == 400
+    for got, want in ((merged.top, want_top), (merged.sample, want_sample)):
+        expect = all_picks.take(np.array(want))
+        assert sorted(zip(got.latent, got.image_id, got.activation, got.position)) == \
+            sorted(zip(expect.latent, expect.image_id, expect.activation, expect.position))
+    ties = np.unique(merged.top.activation[merged.top.latent == 0], return_counts=True)[1]
+    assert ties.max() > 1  # ties at equal activation were broken by image_id
+
+
+def test_sample_is_uniform_over_firing_images_whatever_the_activation() -> None:
+    # the priority hash ignores activations: strong and weak halves are sampled alike
+    images = np.arange(20000, dtype=np.int64)
+    act = np.where(images < 10000, 1.0, 0.01).astype(np.float32)
+    picks = Picks(np.zeros(20000, np.int32), images, act, np.zeros(20000, np.int32))
+    sample = picks.sample(2000, seed=0)
+    strong = int((sample.activation == 1).sum())
+    assert len(sample) == 2000 and abs(strong - 1000) < 100  # ~3 standard deviations
+    assert not np.array_equal(sample.image_id, picks.sample(2000, seed=1).image_id)
+
+
+def test_sketch_survives_a_save_and_load(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    picks = random_picks(rng, np.arange(30, dtype=np.int64), 5)
+    sketch = LatentSketch(99, 30, np.arange(5), np.arange(5) * 2, np.linspace(0, 1, 5),
+                          np.ones(5, np.float32), picks.top(3), picks.sample(4, 0))
+    sketch.save(str(tmp_path / "s.npz"))
+    back = LatentSketch.load(str(tmp_path / "s.npz"))
+    assert (back.n_pfvs, back.n_images) == (99, 30)
+    for name in ("count", "images", "total", "peak"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(sketch, name))
+    for kind in ("top", "sample"):
+        for name in ("latent", "image_id", "activation", "position"):
+            np.testing.assert_array_equal(getattr(getattr(back, kind), name),
+                                          getattr(getattr(sketch, kind), name))
+
+
+# ---- crashes, re-runs, failures ----------------------------------------------------------
+
+
+class DriverCrash(BaseException):
+    """Stands for the driver dying: not an Exception, so no part-level handler catches it."""
+
+
+def assert_same_tables(a: dict[str, pa.Table], b: dict[str, pa.Table]) -> None:
+    for name in TABLES:
+        assert a[name].num_rows == b[name].num_rows, name
+        assert a[name].equals(b[name]), name
+
+
+def test_crashed_driver_resumes_and_the_output_is_identical(atlas, scanned, tmp_path) -> None:
+    root = copy_of(atlas, tmp_path / "atlas")
+    committed = []
+
+    def crash_after_four_parts(record) -> None:
+        committed.append(record.part)
+        if len(committed) == 4:
+            raise DriverCrash(record.part)
+
+    with pytest.raises(DriverCrash):
+        run(root, OPTIONS, in_process=True, progress=False, on_part=crash_after_four_parts)
+    # what a crash mid-part leaves: finished but uncommitted files, a temporary
+    # units run SAE by SAE, part by part: the second SAE's last part was not committed
+    folder = Path(root, "activations", f"sae={read_saes(root)[1]['sae_id']}")
+    (folder / "part-000002.parquet").write_bytes(b"stale")
+    (folder / ".part-000002.parquet.tmp-0123456789ab").write_bytes(b"half")
+    assert not Path(root, "latent_stats").exists()  # nothing reduced: SAEs were incomplete
+    summary = run(root, OPTIONS, in_process=True, progress=False)
+    assert (summary["parts_skipped"], summary["parts_new"]) == (4, 5)
+    assert len(summary["reduced"]) == 3 and not summary["incomplete"]
+    assert_same_tables(read_tables(scanned[0]), read_tables(root))
+    assert not [p for p in Path(root).rglob("*") if ".tmp-" in p.name]
+    # a further re-run does nothing, not even a reduce
+    again = run(root, OPTIONS, in_process=True, progress=False)
+    assert (again["parts_new"], again["parts_skipped"], again["reduced"]) == (0, 9, [])
+
+
+def test_crash_before_the_reduce_reduces_on_rerun_without_rescanning(atlas, scanned,
+                                                                      tmp_path) -> None:
+    root = copy_of(atlas, tmp_path / "atlas")
+
+    def crash_at_last_part(record) -> None:
+        if len(Manifest(root).records("scan")) == 9:
+            raise DriverCrash(record.part)
+
+    with pytest.raises(DriverCrash):
+        run(root, OPTIONS, in_process=True, progress=False, on_part=crash_at_last_part)
+    summary = run(root, OPTIONS, in_process=True, progress=False)
+    assert summary["parts_new"] == 0 and len(summary["reduced"]) == 3
+    assert_same_tables(read_tables(scanned[0]), read_tables(root))
+
+
+def test_failed_part_is_reported_and_only_its_sae_waits(atlas, tmp_path) -> None:
+    root = copy_of(atlas, tmp_path / "atlas")
+    broken = committed_parts(root, "layer2")[1]
+    Path(broken.values).write_bytes(b"not an npy file")
+    summary = run(root, OPTIONS, in_process=True, progress=False)
+    [(name, reason)] = summary["parts_failed"].items()
+    assert name == "layer2-topk-64-k4__part-000001" and "ValueError" in reason
+    assert summary["incomplete"] == ["layer2-topk-64-k4"]
+    assert sorted(summary["reduced"]) == ["layer4-topk-40-k12", "layer4-topk-96-k8"]
+    assert summary["saes"]["layer2-topk-64-k4"]["dead"] is None
+
+
+def test_other_options_in_the_same_output_are_refused_naming_the_key(scanned) -> None:
+    root, _ = scanned
+    with pytest.raises(ValueError, match="n_top"):
+        run(root, ScanOptions(top_per_image=5, n_top=8, n_quantile=3, sample_size=6, seed=7),
+            in_process=True, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"top_per_image": 0}, "top_per_image=0"),
+    ({"top_per_image": 40000}, "int16"),
+    ({"sample_size": 4, "n_quantile": 8}, "sample_size=4 < scan.n_quantile=8"),
+    ({"seed": -1}, "seed=-1"),
+])
+def test_bad_options_are_refused_naming_the_value(kwargs, named) -> None:
+    with pytest.raises(ValueError, match=named):
+        ScanOptions(**kwargs)
+
+
+def test_unknown_sae_is_refused_naming_the_trained_ones(atlas) -> None:
+    with pytest.raises(ValueError, match="layer4-topk-96-k8"):
+        run(atlas, OPTIONS, in_process=True, progress=False, sae_ids=["layer9-x"])
+
+
+# ---- on Ray ------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_on_ray_with_a_killed_worker_the_tables_equal_the_in_process_run(
+        ray_cluster, atlas, scanned, tmp_path) -> None:
+    root = copy_of(atlas, tmp_path / "atlas")
+    killed: list[int] = []
+
+    def kill_a_worker_once(record) -> None:
+        # the worker that wrote this part is busy with a queued one, which Ray retries
+        if not killed:
+            pid = int(record.worker.rsplit(":", 1)[1])
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    options = dataclasses.replace(OPTIONS, cpus_per_task=0.5)
+    summary = run(root, options, address=ray_cluster, progress=False,
+                  on_part=kill_a_worker_once)
+    assert killed and not summary["parts_failed"] and summary["parts_new"] == 9
+    assert len(summary["reduced"]) == 3
+    assert_same_tables(read_tables(scanned[0]), read_tables(root))
+    assert fs.listdir(fs.join(root, "scan_parts", "sae=layer2-topk-64-k4")) and len(
+        Manifest(root).records("scan")) == 9
