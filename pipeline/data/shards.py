@@ -26,7 +26,7 @@ import operator
 import os
 import tarfile
 from dataclasses import dataclass
-from typing import IO, Iterator, Sequence
+from typing import IO, Collection, Iterator, Sequence
 
 import fsspec
 from braceexpand import braceexpand
@@ -112,12 +112,14 @@ def split_shards(shards: Sequence[str], rank: int, world_size: int) -> list[str]
 
 
 def iter_samples(
-    shards: Sequence[str], errors: ErrorLog, stage: str = "read", decode_image: bool = True
+    shards: Sequence[str], errors: ErrorLog, stage: str = "read",
+    decode_image: bool | Collection[str] = True,
 ) -> Iterator[Sample]:
     """Yield the samples of ``shards`` in order; record every failure in ``errors`` and go on.
 
     See the module docstring for what is recorded. With ``decode_image=False`` an image member
-    must still be present, but ``Sample.image`` is None.
+    must still be present, but ``Sample.image`` is None; with a collection of keys only those
+    samples' images are decoded (a stage that needs a few images of a shard).
     """
     if isinstance(shards, (str, os.PathLike)):
         raise TypeError(f"shards must be a list of shards, got {shards!r}: expand it with expand_shards()")
@@ -167,7 +169,8 @@ def _tar_members(fileobj: IO[bytes]) -> Iterator[tuple[str, bytes]]:
         raise tarfile.ReadError(f"no end-of-archive block ({stop or 'end of data'})")
 
 
-def _iter_shard(shard: str, errors: ErrorLog, stage: str, decode_image: bool) -> Iterator[Sample]:
+def _iter_shard(shard: str, errors: ErrorLog, stage: str,
+                decode_image: bool | Collection[str]) -> Iterator[Sample]:
     # The sample being grouped: its key, members by extension, and problems found so far;
     # `expected` is the member set of the previous sample, to judge one cut short by damage.
     key, members, problems, expected, last = "", {}, [], None, None
@@ -208,7 +211,8 @@ def _iter_shard(shard: str, errors: ErrorLog, stage: str, decode_image: bool) ->
 
 
 def _finish(
-    shard: str, key: str, members: dict[str, bytes], problems: list[str], errors: ErrorLog, stage: str, decode_image: bool
+    shard: str, key: str, members: dict[str, bytes], problems: list[str], errors: ErrorLog, stage: str,
+    decode_image: bool | Collection[str],
 ) -> Iterator[Sample]:
     """Decode one grouped sample; yield it, or record why it cannot be used."""
     problems = list(problems)
@@ -216,7 +220,7 @@ def _finish(
     image_ext = next((ext for ext in members if ext in _IMAGE_EXTENSIONS), None)
     if image_ext is None:
         problems.append(f"no image member (members: {', '.join(sorted(members))})")
-    elif decode_image:
+    elif decode_image is True or (decode_image is not False and key in decode_image):
         try:
             with Image.open(io.BytesIO(members[image_ext])) as im:
                 image = im.convert("RGB")

@@ -1,0 +1,376 @@
+"""The cafe stage, Ray-free: plan the parts, and turn one image part's picks into exemplar rows.
+
+Input: the exemplar picks (`exemplar_picks/**.parquet`, EXEMPLAR_PICKS rows written by the
+scan stage), the extraction (model, preprocessing, images table, shards) and the SAEs.
+Picks are grouped by the image part they come from (image_id // IMAGES_PER_PART): part
+`part-NNNNNN` reads shard NNNNNN once, decodes only its picked images, records the frozen
+pattern once per image batch and propagates every seed of those images together, and writes
+    exemplars/part-NNNNNN.parquet          EXEMPLARS rows, one per pick
+    errors/stage=cafe/part-NNNNNN.parquet  picks whose image could not be read
+The driver (`jobs/cafe.py`) commits the manifest record after both are in place. A part's input
+fingerprint covers its shard and its picks, so new picks for a part recompute it.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import Tensor, nn
+
+from pipeline import srd
+from pipeline.cafe import faithfulness, groundtruth
+from pipeline.cafe.ierf import batched_latent_ierfs, latent_directions
+from pipeline.cafe.masks import act_masks, bbox, encode_png, iou, mass_masks, upsample
+from pipeline.data.errors import ErrorLog, ErrorRecord
+from pipeline.data.shards import iter_samples
+from pipeline.models import make_transform, tap
+from pipeline.pfv.extract import (
+    IMAGES_PER_PART,
+    ExtractConfig,
+    load,
+    model_fingerprint,
+    part_name,
+    write_errors,
+)
+from pipeline.pfv.parts import read_layers
+from pipeline.pfv.sae_runs import STAGE as TRAIN_STAGE
+from pipeline.pfv.sae_runs import extract_config, read_saes
+from pipeline.sae import SAE, load_sae
+from pipeline.store import (
+    Manifest,
+    PartRecord,
+    check_stage_config,
+    config_hash,
+    fingerprint,
+    fs,
+    now,
+    worker_id,
+)
+from schemas import EXEMPLAR_PICKS, EXEMPLARS
+
+STAGE = "cafe"
+PICKS_DIR = "exemplar_picks"
+
+
+@dataclass(frozen=True)
+class CafeOptions:
+    """How exemplars are explained. Only `identity()` fields change the rows (and the hash).
+
+    Attributes:
+        mask_mass: the iERF mask is the smallest pixel set holding this fraction of the
+            positive relevance (METHOD.md section 6: 0.5).
+        act_threshold: the activation map is thresholded at this fraction of its maximum
+            (act_overlap, gt_iou_act).
+        faithfulness_per_latent: insertion / deletion curves for the `top` picks of rank below
+            this (per latent; they cost 2 + 6 (steps - 1) forwards each); the others get nulls.
+        steps: insertion / deletion steps (equal fractions of the patches).
+        patch: side of the square input patches, pixels.
+        seed: seeds the random patch order.
+        image_batch: images per recorded SRD pattern (their seeds propagate together).
+        seed_chunk: seeds per image per propagation pass (bounds memory).
+        forward_batch: perturbed images per forward pass of the faithfulness check.
+    """
+
+    mask_mass: float = 0.5
+    act_threshold: float = 0.5
+    faithfulness_per_latent: int = 4
+    steps: int = 16
+    patch: int = 8
+    seed: int = 0
+    image_batch: int = 8
+    seed_chunk: int = 64
+    forward_batch: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("mask_mass", "act_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"{name}={value!r}: expected a fraction in (0, 1]")
+        lows = {"faithfulness_per_latent": 0, "steps": 2, "patch": 1, "seed": 0,
+                "image_batch": 1, "seed_chunk": 1, "forward_batch": 1}
+        for name, low in lows.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r}: expected an int >= {low}")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields the rows depend on (batch sizes only change the speed)."""
+        d = asdict(self)
+        for name in ("image_batch", "seed_chunk", "forward_batch"):
+            d.pop(name)
+        return d
+
+
+@dataclass(frozen=True)
+class CafeTask:
+    """Image part `index` (its shard read once) with its picks (EXEMPLAR_PICKS rows)."""
+
+    index: int
+    shard: str
+    fingerprint: str
+    config_hash: str
+    picks: pa.Table
+
+    @property
+    def part(self) -> str:
+        return part_name(self.index)
+
+
+@dataclass(frozen=True)
+class CafeContext:
+    """What a worker needs besides its tasks (small and picklable, sent once per actor)."""
+
+    root: str
+    atlas_id: str
+    options: CafeOptions
+    extract: ExtractConfig
+    weights_fingerprint: str
+    data_config: dict[str, Any]
+    saes: dict[str, dict[str, str]]  # sae_id -> {"layer", "weights"}
+    layers: dict[str, dict[str, Any]]  # the layers table by layer
+
+
+@dataclass
+class CafePlan:
+    """A validated cafe run: the parts left to do and the ones committed under this config."""
+
+    context: CafeContext
+    config_hash: str
+    pending: list[CafeTask]
+    done: dict[str, PartRecord]
+    picks: int
+
+
+def read_picks(root: str) -> pa.Table:
+    """Every exemplar pick under `root/exemplar_picks/` (any folder layout), as EXEMPLAR_PICKS."""
+    folder = fs.join(root, PICKS_DIR)
+    filesystem, path = fs.filesystem(folder)
+    files = sorted(p for p in (filesystem.find(path) if filesystem.isdir(path) else [])
+                   if p.endswith(".parquet") and not any(
+                       s.startswith((".", "_")) for s in p[len(path):].split("/")))
+    if not files:
+        raise FileNotFoundError(f"no exemplar picks under {folder}; run the scan stage first")
+    tables = []
+    for p in files:
+        t = fs.read_parquet(filesystem.unstrip_protocol(p) if "://" in root else p)
+        missing = sorted(set(EXEMPLAR_PICKS.names) - set(t.column_names))
+        if missing:
+            raise ValueError(f"{p} is not an exemplar_picks table: columns {missing} missing")
+        tables.append(t.select(EXEMPLAR_PICKS.names).cast(EXEMPLAR_PICKS))
+    return pa.concat_tables(tables)
+
+
+def plan_cafe(root: str, options: CafeOptions, atlas_id: str | None = None) -> CafePlan:
+    """Check the inputs, record the stage config and list the parts left to do.
+
+    Raises ValueError / FileNotFoundError naming a missing extraction, a pick of an unknown SAE
+    or image part, or a config that differs from the one `root` already holds cafe rows of.
+    """
+    cfg, ident, extract_hash = extract_config(root)
+    atlas_id = atlas_id or ident["atlas_id"]
+    saes = {r["sae_id"]: r for r in read_saes(root)}
+    picks = read_picks(root)
+    _check_picks(picks, saes)
+    train = Manifest(root).records(TRAIN_STAGE)
+    extract = Manifest(root).records("extract")
+    identity = dict(options.identity(), atlas_id=atlas_id, extract=extract_hash,
+                    saes={s: train[s].config_hash for s in sorted(set(picks["sae_id"].to_pylist()))})
+    digest = check_stage_config(root, STAGE, identity)
+    loaded = load(cfg)
+    context = CafeContext(
+        root=root, atlas_id=atlas_id, options=options, extract=cfg,
+        weights_fingerprint=ident["weights_fingerprint"], data_config=loaded.data_config,
+        saes={s: {"layer": r["layer"], "weights": r["weights"]} for s, r in saes.items()},
+        layers=read_layers(root))
+    done = Manifest(root).done(STAGE, digest)
+    parts = pc.floor(pc.divide(picks["image_id"], IMAGES_PER_PART)).to_numpy().astype(np.int64)
+    pending, kept = [], {}
+    for index in np.unique(parts).tolist():
+        name = part_name(index)
+        if name not in extract:
+            raise ValueError(f"picks of image part {name} (image_id {index * IMAGES_PER_PART}..) "
+                             f"but the extraction under {root} has no such part")
+        part_picks = picks.filter(pa.array(parts == index))
+        shard = extract[name].input
+        task = CafeTask(index, shard, _part_fingerprint(shard, part_picks), digest, part_picks)
+        rec = done.get(name)
+        if rec is not None and rec.input == shard and rec.input_fingerprint == task.fingerprint:
+            kept[name] = rec
+        else:
+            pending.append(task)
+    return CafePlan(context, digest, pending, kept, len(picks))
+
+
+def _check_picks(picks: pa.Table, saes: dict[str, dict[str, Any]]) -> None:
+    pairs = set(zip(picks["sae_id"].to_pylist(), picks["layer"].to_pylist()))
+    for sae_id, layer in sorted(pairs):
+        if sae_id not in saes:
+            raise ValueError(f"picks of SAE {sae_id!r}, which is not trained here; "
+                             f"SAEs: {', '.join(sorted(saes)) or 'none'}")
+        if saes[sae_id]["layer"] != layer:
+            raise ValueError(f"picks of SAE {sae_id!r} on layer {layer!r}; it reads layer "
+                             f"{saes[sae_id]['layer']!r}")
+
+
+def _part_fingerprint(shard: str, picks: pa.Table) -> str:
+    cols = picks.select(["sae_id", "latent", "kind", "rank", "image_id", "position"])
+    return config_hash({"shard": fingerprint(shard), "picks": cols.to_pydict()})
+
+
+class CafeWorker:
+    """Holds the model and the SAEs (loaded once) and turns tasks into written parts."""
+
+    def __init__(self, context: CafeContext, device: str | torch.device = "cpu") -> None:
+        self.ctx, self.opt = context, context.options
+        self.loaded = load(context.extract, device)
+        if model_fingerprint(self.loaded.model) != context.weights_fingerprint:
+            raise ValueError(f"the weights of {context.extract.model} changed since the PFVs "
+                             f"under {context.root} were extracted; re-extract")
+        self.model, self.device = self.loaded.model.eval(), self.loaded.device
+        self.transform = make_transform(context.data_config)
+        self._saes: dict[str, SAE] = {}
+
+    def sae(self, sae_id: str) -> SAE:
+        if sae_id not in self._saes:
+            self._saes[sae_id] = load_sae(self.ctx.saes[sae_id]["weights"], self.device)
+        return self._saes[sae_id]
+
+    def run(self, task: CafeTask) -> PartRecord:
+        """Explain every pick of `task`, write its exemplars and errors parts, return its record."""
+        started = now()
+        keys = _image_keys(self.ctx.root, task)
+        picks = task.picks.to_pylist()
+        wanted = {keys[p["image_id"]] for p in picks if p["image_id"] in keys}
+        errors = ErrorLog()
+        pixels, metas = {}, {}
+        for sample in iter_samples([task.shard], errors, STAGE, decode_image=wanted):
+            if sample.key in wanted:
+                pixels[sample.key] = self.transform(sample.image)
+                metas[sample.key] = sample.meta
+        # a picked sample the reader could not use is recorded by it; an image_id that the
+        # images table does not know (picks from another extraction) is recorded here
+        bad = [e for e in errors if e.key in wanted or e.key == ""]
+        bad += [ErrorRecord(STAGE, task.shard, "", f"image_id {i} of a pick is not in the "
+                            f"images table of {task.part}")
+                for i in sorted({p["image_id"] for p in picks} - set(keys))]
+        by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for p in picks:
+            if keys.get(p["image_id"]) in pixels:
+                by_image[p["image_id"]].append(p)
+        ids = sorted(by_image)
+        rows: list[dict[str, Any]] = []
+        for lo in range(0, len(ids), self.opt.image_batch):
+            batch = ids[lo:lo + self.opt.image_batch]
+            x = torch.stack([pixels[keys[i]] for i in batch]).to(self.device)
+            gts = [groundtruth.objects(metas[keys[i]], self.ctx.data_config) for i in batch]
+            rows += self.explain(x, [by_image[i] for i in batch], gts)
+        rows.sort(key=lambda r: (r["sae_id"], r["latent"], r["kind"], r["rank"]))
+        table = pa.Table.from_pylist([dict(r, atlas_id=self.ctx.atlas_id) for r in rows],
+                                     schema=EXEMPLARS)
+        fs.write_parquet(table, fs.join(self.ctx.root, "exemplars", f"{task.part}.parquet"),
+                         EXEMPLARS)
+        write_errors(self.ctx.root, STAGE, task.part, self.ctx.atlas_id, bad)
+        return PartRecord(stage=STAGE, part=task.part, input=task.shard,
+                          input_fingerprint=task.fingerprint, config_hash=task.config_hash,
+                          rows=len(rows), outputs={"exemplars": len(rows), "errors": len(bad)},
+                          errors=len(bad), worker=worker_id(), started=started, finished=now())
+
+    @torch.no_grad()
+    def explain(self, x: Tensor, picks: list[list[dict[str, Any]]],
+                gts: list[list[groundtruth.GTObject]]) -> list[dict[str, Any]]:
+        """Rows of every pick of an image batch x Tensor[N, 3, H, W]; picks[i] are image i's."""
+        graph = srd.build(self.model, x)[0]
+        by_layer: dict[str, list[list[dict[str, Any]]]] = defaultdict(lambda: [[] for _ in x])
+        for i, image_picks in enumerate(picks):
+            for p in image_picks:
+                by_layer[p["layer"]][i].append(p)
+        pfvs = tap(self.model, x, list(by_layer))
+        rows = []
+        for layer, layer_picks in by_layer.items():
+            positions = [torch.tensor([p["position"] for p in ps], dtype=torch.long)
+                         for ps in layer_picks]
+            directions = [self._directions(ps, x) for ps in layer_picks]
+            maps, consts = batched_latent_ierfs(self.model, graph, x, layer, positions,
+                                                directions, self.opt.seed_chunk)
+            for i, ps in enumerate(layer_picks):
+                if ps:
+                    acts = self._act_maps(layer, ps, pfvs[layer].values[i])
+                    rows += self._rows(x[i], layer, ps, maps[i], consts[i], acts, gts[i])
+        return rows
+
+    def _directions(self, picks: list[dict[str, Any]], x: Tensor) -> Tensor:
+        if not picks:
+            return x.new_zeros(0, 0)
+        return torch.stack([latent_directions(self.sae(p["sae_id"]).W_enc,
+                                              torch.tensor([p["latent"]]))[0] for p in picks])
+
+    def _act_maps(self, layer: str, picks: list[dict[str, Any]], values: Tensor) -> Tensor:
+        """Each pick's latent activation over the image's grid positions: Tensor[S, h, w]."""
+        spec = self.ctx.layers[layer]
+        grid = values[spec["num_special"]:].float()
+        acts = {s: self.sae(s).encode(grid) for s in {p["sae_id"] for p in picks}}  # [h*w, F]
+        return torch.stack([acts[p["sae_id"]][:, p["latent"]] for p in picks]).reshape(
+            len(picks), spec["grid_h"], spec["grid_w"])
+
+    def _rows(self, image: Tensor, layer: str, picks: list[dict[str, Any]], maps: Tensor,
+              consts: Tensor, acts: Tensor, gt: list[groundtruth.GTObject]) -> list[dict[str, Any]]:
+        masks, thresholds = mass_masks(maps, self.opt.mask_mass)
+        act_up = upsample(acts, tuple(image.shape[1:]))
+        act_on = act_masks(act_up, self.opt.act_threshold)
+        masks_np, act_np = masks.cpu().numpy(), act_on.cpu().numpy()
+        maps_np, thr = maps.cpu().numpy(), thresholds.cpu().numpy()
+        rows = []
+        for j, p in enumerate(picks):
+            row = dict(p, ierf_png=encode_png(maps_np[j], masks_np[j], float(thr[j])),
+                       bbox=bbox(masks_np[j]), mask_frac=float(masks_np[j].mean()),
+                       act_overlap=iou(masks_np[j], act_np[j]), ierf_constant=float(consts[j]))
+            row.update(dict.fromkeys(f"{m}_auc_{o}" for o in faithfulness.ORDERS
+                                     for m in ("ins", "del")))
+            if p["kind"] == "top" and p["rank"] < self.opt.faithfulness_per_latent:
+                row.update(self._faithfulness(image, layer, p, maps[j], act_up[j]))
+            row.update(groundtruth.match(masks_np[j], act_np[j], gt))
+            rows.append(row)
+        return rows
+
+    def _faithfulness(self, image: Tensor, layer: str, pick: dict[str, Any], ierf: Tensor,
+                      act_up: Tensor) -> dict[str, float | None]:
+        gen = torch.Generator().manual_seed(zlib.crc32(
+            f"{self.opt.seed}:{pick['sae_id']}:{pick['latent']}:{pick['image_id']}".encode()))
+        orders = faithfulness.patch_orders(ierf.cpu(), act_up.cpu(), self.opt.patch, gen)
+        read = self.readout(layer, pick["sae_id"], pick["latent"], pick["position"])
+        c = faithfulness.curves(image, orders, read, self.opt.patch, self.opt.steps,
+                                self.opt.forward_batch)
+        return faithfulness.aucs(c)
+
+    def readout(self, layer: str, sae_id: str, latent: int, position: int) -> faithfulness.Readout:
+        """The latent's value at `position` for a batch of images: Tensor[B, 3, H, W] -> [B].
+
+        [choice] ReLU of the latent's pre-activation, not its TopK activation: the TopK
+        selection is a competition with the other latents that the iERF does not decompose, and
+        it would zero the curve whenever another latent overtakes this one. At the pick the two
+        are equal (a picked latent is selected).
+        """
+        sae = self.sae(sae_id)
+        w, b = sae.W_enc[latent].float(), sae.b_enc[latent].float()
+        shift = float(sae.b_dec.float() @ w)
+
+        def read(images: Tensor) -> Tensor:
+            v = tap(self.model, images.to(self.device), [layer])[layer].values[:, position]
+            return torch.relu(float(sae.scale) * (v.float() @ w) - shift + b)
+
+        return read
+
+
+def _image_keys(root: str, task: CafeTask) -> dict[int, str]:
+    """image_id -> sample key of the picked images of `task`'s part (the images table)."""
+    wanted = set(task.picks["image_id"].to_pylist())
+    images = fs.read_parquet(fs.join(root, "images", f"{task.part}.parquet"),
+                             columns=["image_id", "key"])
+    return {i: k for i, k in zip(images["image_id"].to_pylist(), images["key"].to_pylist())
+            if i in wanted}

@@ -1,0 +1,299 @@
+"""CAFE exemplars: batched latent iERFs, mass masks, the PNG, AUCs, ground truth, the stage.
+
+The atlas is tiny: the train-sae tests' extraction (3 shards of 12 images at 64 px,
+demo_resnet with seeded random weights) plus their two SAEs, and picks taken from the stored
+PFVs for a handful of latents (`pipeline.cafe.devpicks`, standing in for the scan stage).
+"""
+from __future__ import annotations
+
+import itertools
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import srd
+from pipeline.cafe import (
+    CafeOptions,
+    bbox,
+    decode_png,
+    encode_png,
+    iou,
+    mask_from_png,
+    mass_masks,
+    plan_cafe,
+)
+from pipeline.cafe.devpicks import top_picks
+from pipeline.cafe.faithfulness import ORDERS, aucs, curves, patch_orders
+from pipeline.cafe.groundtruth import GTObject, match, to_input_frame
+from pipeline.cafe.ierf import batched_latent_ierfs
+from pipeline.data.errors import ErrorLog
+from pipeline.data.shards import iter_samples
+from pipeline.models import load_model
+from pipeline.pfv.sae_runs import LocalSession, make_runs, train_runs
+from pipeline.store import fs
+from schemas import EXEMPLAR_PICKS, EXEMPLARS
+from tests.test_train_sae_job import CHANNELS, OPTIONS, SWEEP, _one_torch_thread, extracted  # noqa: F401
+
+LATENTS = 3  # latents per SAE whose picks the stage tests explain
+OPTS = CafeOptions(faithfulness_per_latent=1, steps=4, patch=16, image_batch=4)
+
+
+class DriverCrash(BaseException):
+    """Stands for the driver dying: not an Exception, so no part-level handler catches it."""
+
+
+@pytest.fixture(scope="module")
+def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811
+    """The extraction + both SAEs + picks (top 2 images) of the first LATENTS live latents."""
+    root = str(tmp_path_factory.mktemp("cafe") / "atlas")
+    shutil.copytree(extracted, root)
+    runs = make_runs(SWEEP, CHANNELS, OPTIONS)
+    train_runs(root, runs, OPTIONS, LocalSession(Path(root) / "_ckpt"), "t")
+    for run in runs:
+        picks = top_picks(root, run.sae_id, per_latent=2, atlas_id="t")
+        live = sorted(set(picks["latent"].to_pylist()))[:LATENTS]
+        picks = picks.filter(pc.is_in(picks["latent"], value_set=pc.cast(live, "int32")))
+        fs.write_parquet(picks, fs.join(root, "exemplar_picks", f"sae={run.sae_id}",
+                                        "part-000000.parquet"), EXEMPLAR_PICKS)
+    return root
+
+
+def copy_of(root: str, dest: Path) -> str:
+    shutil.copytree(root, dest)
+    return str(dest)
+
+
+def read_rows(root: str) -> list[dict]:
+    rows = pq.read_table(fs.join(root, "exemplars")).to_pylist()
+    return sorted(rows, key=lambda r: (r["sae_id"], r["latent"], r["rank"]))
+
+
+# ---- latent iERFs ----------------------------------------------------------------------
+
+
+def test_batched_latent_ierfs_equal_one_seed_at_a_time() -> None:
+    torch.manual_seed(0)
+    model = load_model("demo_resnet", None).model.eval()
+    images = torch.randn(3, 3, 64, 64)
+    positions = [torch.tensor([0, 5, 63]), torch.tensor([], dtype=torch.long), torch.tensor([9])]
+    directions = [torch.randn(len(p), 32) for p in positions]
+    graph = srd.build(model, images)[0]
+    maps, consts = batched_latent_ierfs(model, graph, images, "layer2", positions, directions,
+                                        chunk=2)
+    assert [len(m) for m in maps] == [3, 0, 1]
+    for i, (pos, dirs) in enumerate(zip(positions, directions)):
+        for s in range(len(pos)):
+            one, c = srd.ierf(model, images[i:i + 1], "layer2", pos[s:s + 1], dirs[s:s + 1],
+                              return_constant=True)
+            torch.testing.assert_close(maps[i][s], one[0, 0], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(consts[i][s], c[0, 0], rtol=1e-4, atol=1e-6)
+            # a one-hot seed of 1: pixels + constant share sum to 1 (conservation)
+            assert float(one.sum() + c.sum()) == pytest.approx(1.0, abs=1e-4)
+
+
+# ---- masks and their PNG ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.9, 1.0])
+def test_mass_mask_is_the_smallest_set_holding_the_fraction(fraction) -> None:
+    gen = torch.Generator().manual_seed(1)
+    maps = torch.randn(20, 3, 4, generator=gen)
+    maps[0] = -maps[0].abs()  # no positive relevance: empty mask
+    maps[1] = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.5, 0.5, -1, 0], [0, 0, 2, 0]])  # ties
+    masks, thresholds = mass_masks(maps, fraction)
+    pixels = range(12)
+    for m, mask, thr in zip(maps, masks, thresholds):
+        pos = m.flatten().clamp(min=0).double().numpy()
+        total = pos.sum()
+        if total == 0:
+            assert not mask.any() and thr == 0
+            continue
+        smallest = next(k for k in range(1, 13) if any(
+            pos[list(c)].sum() >= fraction * total - 1e-9 for c in itertools.combinations(pixels, k)))
+        chosen = mask.flatten().numpy()
+        assert chosen.sum() == smallest
+        assert pos[chosen].sum() >= fraction * total - 1e-6
+        assert thr == pytest.approx(pos[chosen].min())
+
+
+def test_png_round_trip_recovers_the_mask_exactly_and_keeps_the_order() -> None:
+    gen = torch.Generator().manual_seed(2)
+    maps = torch.randn(6, 32, 40, generator=gen)
+    maps[1] = torch.round(maps[1] * 2) / 2  # many ties, also at the threshold
+    maps[2] = -maps[2].abs()  # empty mask
+    maps[3] = 0.0
+    maps[3, 5, 7] = 1.0  # one pixel: max == threshold
+    masks, thresholds = mass_masks(maps, 0.5)
+    for m, mask, thr in zip(maps.numpy(), masks.numpy(), thresholds.numpy()):
+        png = encode_png(m, mask, float(thr))
+        assert np.array_equal(mask_from_png(png), mask)
+        grey = decode_png(png).astype(np.int64).ravel()
+        order = np.argsort(m.ravel(), kind="stable")
+        pos = np.clip(m.ravel()[order], 0, None)
+        g = grey[order]
+        # monotone: a larger positive relevance never gets a darker grey
+        assert np.all(np.diff(g)[np.diff(pos) > 0] >= 0)
+        assert (g[pos <= 0] == 0).all()
+
+
+def test_bbox_and_iou_of_hand_built_masks() -> None:
+    a = np.zeros((6, 8), bool)
+    a[1:3, 2:5] = True  # 6 pixels
+    b = np.zeros((6, 8), bool)
+    b[2:4, 4:6] = True  # 4 pixels, 1 shared
+    assert bbox(a) == [2, 1, 5, 3] and bbox(np.zeros((3, 3), bool)) is None
+    assert iou(a, b) == pytest.approx(1 / 9)
+    assert iou(a, a) == 1.0 and iou(a & False, b & False) == 0.0
+
+
+# ---- faithfulness ------------------------------------------------------------------------
+
+
+def test_aucs_of_a_toy_readout_have_the_known_values() -> None:
+    """4 patches of 2x2 px, 4 steps, the readout sees patch 0 only: iERF order puts it first,
+    activation order last, so the areas are trapezoids of step functions known exactly."""
+    image = torch.ones(3, 4, 4)
+
+    def readout(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :2, :2].sum((1, 2, 3))
+
+    ierf = torch.tensor([[4.0, 4, 3, 3], [4, 4, 3, 3], [2, 2, 1, 1], [2, 2, 1, 1]])
+    orders = patch_orders(ierf, -ierf, 2, torch.Generator().manual_seed(0))
+    assert orders["ierf"].tolist() == [0, 1, 2, 3] and orders["act"].tolist() == [3, 2, 1, 0]
+    c = curves(image, orders, readout, patch=2, steps=4, batch=5)
+    assert c.unmodified == 12.0
+    assert c.deletion["ierf"].tolist() == [12, 0, 0, 0, 0]
+    assert c.insertion["act"].tolist() == [0, 0, 0, 0, 12]
+    got = aucs(c)
+    assert got["del_auc_ierf"] == pytest.approx(0.125) and got["ins_auc_ierf"] == pytest.approx(0.875)
+    assert got["del_auc_act"] == pytest.approx(0.875) and got["ins_auc_act"] == pytest.approx(0.125)
+    rank = orders["random"].tolist().index(0)  # patch 0 goes at step rank + 1
+    assert got["del_auc_random"] == pytest.approx((rank + 0.5) / 4)
+    assert got["ins_auc_random"] + got["del_auc_random"] == pytest.approx(1.0)
+    assert set(ORDERS) == {"ierf", "act", "random"}
+
+
+# ---- ground truth ------------------------------------------------------------------------
+
+
+def test_ground_truth_is_the_object_the_mask_overlaps_most() -> None:
+    def box(y0, y1, x0, x1):
+        m = np.zeros((10, 10), bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    objs = [GTObject("circle", "red", "dots", box(0, 4, 0, 4)),
+            GTObject("star", "blue", "solid", box(5, 10, 5, 10))]
+    gt = match(box(6, 10, 6, 10), box(0, 2, 0, 2), objs)
+    assert (gt["gt_shape"], gt["gt_colour"], gt["gt_texture"]) == ("star", "blue", "solid")
+    assert gt["gt_iou_ierf"] == pytest.approx(16 / 25) and gt["gt_iou_act"] == 0.0
+    assert match(box(0, 1, 9, 10), box(0, 1, 0, 1), objs)["gt_shape"] is None  # background
+    assert match(box(0, 2, 0, 2), box(0, 2, 0, 2), [])["gt_iou_ierf"] is None
+
+
+def test_masks_follow_the_resize_and_centre_crop_of_the_images() -> None:
+    mask = np.zeros((20, 40), bool)
+    mask[:, 10:20] = True  # a band in the left half
+    cfg = {"input_size": (3, 8, 8), "crop_pct": 0.8, "crop_mode": "center"}
+    # shorter side 20 -> floor(8 / 0.8) = 10, so 20x40 -> 10x20, then the middle 8x8 (x 6..13)
+    out = to_input_frame(mask, cfg)
+    assert out.shape == (8, 8)
+    assert out[:, :4].all() and not out[:, 4:].any()
+
+
+def test_reader_decodes_only_the_asked_images(extracted) -> None:  # noqa: F811
+    from pipeline.store import Manifest
+
+    shard = Manifest(extracted).records("extract")["part-000000"].input
+    samples = list(iter_samples([shard], ErrorLog(), decode_image={"00000003"}))
+    assert len(samples) == 12
+    assert [s.key for s in samples if s.image is not None] == ["00000003"]
+
+
+# ---- the stage -----------------------------------------------------------------------------
+
+
+def test_stage_writes_one_consistent_row_per_pick(atlas, tmp_path) -> None:
+    from jobs.cafe import run
+
+    root = copy_of(atlas, tmp_path / "a")
+    picks = plan_cafe(root, OPTS).picks
+    summary = run(root, OPTS, progress=False, in_process=True)
+    table = pq.read_table(fs.join(root, "exemplars"))
+    assert table.schema.remove_metadata().equals(EXEMPLARS.remove_metadata(), check_metadata=False)
+    rows = read_rows(root)
+    assert len(rows) == picks == summary["exemplars"] and picks <= 4 * LATENTS  # 2 SAEs x 2
+    assert {r["sae_id"] for r in rows} == {"layer2-topk-64-k4", "layer4-small"}
+    for r in rows:
+        mask = mask_from_png(r["ierf_png"])
+        assert mask.shape == (128, 128)  # 64 px images, resized to the model input
+        assert r["mask_frac"] == pytest.approx(mask.mean())
+        assert r["bbox"] == bbox(mask)
+        assert 0 <= r["act_overlap"] <= 1 and abs(r["ierf_constant"]) < 1
+        faithful = r["rank"] < OPTS.faithfulness_per_latent
+        assert (r["ins_auc_ierf"] is not None) == faithful
+        if faithful:  # areas in units of the exemplar's activation, over x in [0, 1]
+            assert all(r[f"del_auc_{o}"] >= 0 for o in ORDERS)
+        # synthetic images: the mask lands on an object, or every gt column is null
+        assert (r["gt_shape"] is None) == (r["gt_iou_ierf"] is None)
+
+
+def test_crashed_driver_resumes_with_exact_row_counts(atlas, tmp_path) -> None:
+    from jobs.cafe import run
+
+    straight = copy_of(atlas, tmp_path / "straight")
+    run(straight, OPTS, progress=False, in_process=True)
+
+    def crash_after_first_part(record) -> None:
+        raise DriverCrash(record.part)
+
+    root = copy_of(atlas, tmp_path / "crashed")
+    with pytest.raises(DriverCrash):
+        run(root, OPTS, progress=False, in_process=True, on_part=crash_after_first_part)
+    # what a crash mid-part leaves: an uncommitted part file and a temporary
+    (Path(root) / "exemplars" / "part-000001.parquet").write_bytes(b"stale")
+    (Path(root) / "exemplars" / ".part-000002.parquet.tmp-0123456789ab").write_bytes(b"half")
+    summary = run(root, OPTS, progress=False, in_process=True)
+    parts = summary["parts_done"]
+    assert summary["parts_skipped"] == 1 and summary["parts_new"] == parts - 1
+    a, b = read_rows(straight), read_rows(root)
+    assert len(b) == len(a) == plan_cafe(root, OPTS).picks
+    assert [(r["sae_id"], r["latent"], r["rank"], r["ierf_png"]) for r in b] == [
+        (r["sae_id"], r["latent"], r["rank"], r["ierf_png"]) for r in a]
+    assert run(root, OPTS, progress=False, in_process=True)["parts_new"] == 0
+
+
+def test_other_options_in_the_same_atlas_are_refused_naming_the_key(atlas, tmp_path) -> None:
+    root = copy_of(atlas, tmp_path / "a")
+    plan_cafe(root, OPTS)
+    with pytest.raises(ValueError, match="mask_mass: 0.5 -> 0.3"):
+        plan_cafe(root, CafeOptions(**{**OPTS.__dict__, "mask_mass": 0.3}))
+    plan_cafe(root, CafeOptions(**{**OPTS.__dict__, "image_batch": 1}))  # speed only: accepted
+
+
+@pytest.mark.parametrize("kwargs, named", [({"mask_mass": 0}, "mask_mass=0"),
+                                           ({"steps": 1}, "steps=1: expected an int >= 2"),
+                                           ({"patch": 2.5}, "patch=2.5")])
+def test_bad_options_are_refused_naming_the_value(kwargs, named) -> None:
+    with pytest.raises(ValueError, match=named):
+        CafeOptions(**kwargs)
+
+
+@pytest.mark.ray
+def test_on_ray_the_rows_equal_the_in_process_run(ray_cluster, atlas, tmp_path) -> None:
+    from jobs.cafe import run
+
+    local = copy_of(atlas, tmp_path / "local")
+    run(local, OPTS, progress=False, in_process=True)
+    root = copy_of(atlas, tmp_path / "ray")
+    summary = run(root, OPTS, progress=False, actors=1, cpus_per_actor=0.5)
+    assert summary["parts_failed"] == {} and summary["exemplars"] == plan_cafe(root, OPTS).picks
+    a, b = read_rows(local), read_rows(root)
+    assert [r["ierf_png"] for r in a] == [r["ierf_png"] for r in b]
+    assert [r["ins_auc_ierf"] for r in a] == pytest.approx([r["ins_auc_ierf"] for r in b],
+                                                           abs=1e-5, nan_ok=True)
