@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -130,10 +131,11 @@ class ICATPlan:
     pending: list[MapTask]
 
 
-def plan_icat(root: str, options: ICATOptions) -> ICATPlan:
+def plan_icat(root: str, options: ICATOptions, record: bool = True) -> ICATPlan:
     """Check the atlas, pick the SAEs and pairs, record the stage config, list the work left.
 
-    Raises FileNotFoundError without an extraction, ValueError naming a layer or SAE that does
+    `record=False` only reads the atlas (no stage config written or checked: the protocol and
+    the benchmarks score pairs without writing edges). Raises FileNotFoundError without an extraction, ValueError naming a layer or SAE that does
     not exist, or when `root` holds icat outputs of another config.
     """
     cfg, ident, extract_hash = extract_config(root)
@@ -150,7 +152,7 @@ def plan_icat(root: str, options: ICATOptions) -> ICATPlan:
     identity = dict(options.identity(), extract=extract_hash, pairs=pairs,
                     saes={layer: [row["sae_id"], train[row["sae_id"]].config_hash]
                           for layer, row in saes.items()})
-    digest = check_stage_config(root, STAGE, identity)
+    digest = check_stage_config(root, STAGE, identity) if record else config_hash(identity)
     done = Manifest(root).done(MAP_STAGE, digest)
     tasks = [MapTask(int(r.part.split("-")[1]), r.part, r.input, r.input_fingerprint, digest)
              for r in sorted(Manifest(root).done("extract", extract_hash).values(),
@@ -189,6 +191,34 @@ def sample_images(n: int, k: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
 
 
+@dataclass
+class PairResult:
+    """Scores of one layer pair on a batch, with what produced them (the protocol reuses it).
+
+    image, node: LongTensor[Q] rows; mask: the frozen readout mask (None for logits);
+    scores: {method: PairScores} (PairScores.scores[method] is Tensor[Q, F + 1]).
+    """
+
+    segment: Segment
+    dec: Decomposed
+    readout: Readout
+    image: torch.Tensor
+    node: torch.Tensor
+    mask: torch.Tensor | None
+    scores: dict[str, PairScores]
+
+
+def _sample_rows(image: torch.Tensor, per_image: int, seed: int) -> torch.Tensor:
+    """Indices of at most `per_image` rows per image, a seeded sample, in row order."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.rand(len(image), generator=gen).to(image.device)
+    order = torch.argsort(image.double() * 2 + noise)  # by image, shuffled within
+    ranks = torch.empty_like(order)
+    first = torch.searchsorted(image[order].contiguous(), image[order].contiguous(), right=False)
+    ranks[order] = torch.arange(len(order), device=image.device) - first
+    return torch.nonzero(ranks < per_image)[:, 0]
+
+
 class ShardScorer:
     """Holds the model, the SAEs and the segments; scores shards into partial edge tables."""
 
@@ -206,35 +236,49 @@ class ShardScorer:
             for layer, row in plan.saes.items()}
         self.segments = {(a, b): Segment(model, a, b, specs) for a, b in plan.pairs}
 
-    def score(self, pixels: torch.Tensor, labels: np.ndarray) -> list[Any]:
-        """EDGES tables (per-image rows) of every pair for a batch of preprocessed images."""
+    def score_pair(self, pair: tuple[str, str], pixels: torch.Tensor, labels: np.ndarray,
+                   taps: dict[str, Any] | None = None, rows_per_image: int | None = None,
+                   seed: int = 0) -> PairResult:
+        """Every method's scores of one layer pair for a batch of preprocessed images.
+
+        rows_per_image: score at most this many downstream nodes per image (seeded sample;
+        the protocol uses it), else every active node.
+        """
         opts, model = self.options, self.loaded.model
-        taps = tap(model, pixels, list(self.saes))
+        a, b = pair
+        taps = taps if taps is not None else tap(model, pixels, list(self.saes))
+        segment = self.segments[pair]
+        dec = Decomposed.of(self.saes[a], taps[a].values)
+        down = None if b == LOGITS else self.saes[b]
+        readout = Readout(down, opts.position)
         labels_t = torch.as_tensor(labels, device=pixels.device).long()
-        tables = []
-        for (a, b), segment in self.segments.items():
-            dec = Decomposed.of(self.saes[a], taps[a].values)
-            down = None if b == LOGITS else self.saes[b]
-            readout = Readout(down, opts.position)
-            image, node, mask = downstream_rows(segment, dec, pixels, readout, labels=labels_t)
-            scores: dict[str, PairScores] = {}
-            grad_methods = tuple(m for m in opts.methods if m in METHODS)
-            if grad_methods:
-                s = attribute(segment, dec, readout, image, node, mask, pixels,
-                              methods=grad_methods, steps=opts.steps, rule=opts.rule,
-                              scale_error=opts.scale_error, batch_size=opts.batch_size)
-                scores.update({m: s for m in grad_methods})
-            if "srd" in opts.methods:
-                down_acts = None if down is None else down.encode(taps[b].values)
-                if down_acts is not None and opts.position is not None:
-                    keep = torch.zeros_like(down_acts)
-                    keep[:, opts.position] = 1
-                    down_acts = down_acts * keep
-                srd = srd_scores(model, pixels, dec, down, down_acts, image, node, opts.batch_size)
-                scores["srd"] = PairScores(image, node, srd.sum(1), srd.new_zeros(len(image)),
-                                           {"srd": srd})
-            tables.append(edge_rows(scores, labels, a, b, self.plan.atlas_id))
-        return tables
+        image, node, mask = downstream_rows(segment, dec, pixels, readout, labels=labels_t)
+        if rows_per_image is not None:
+            keep = _sample_rows(image, rows_per_image, seed)
+            image, node, mask = image[keep], node[keep], None if mask is None else mask[keep]
+        scores: dict[str, PairScores] = {}
+        grad_methods = tuple(m for m in opts.methods if m in METHODS)
+        if grad_methods:
+            s = attribute(segment, dec, readout, image, node, mask, pixels,
+                          methods=grad_methods, steps=opts.steps, rule=opts.rule,
+                          scale_error=opts.scale_error, batch_size=opts.batch_size)
+            scores.update({m: s for m in grad_methods})
+        if "srd" in opts.methods:
+            down_acts = None if down is None else down.encode(taps[b].values)
+            if down_acts is not None and opts.position is not None:
+                keep_pos = torch.zeros_like(down_acts)
+                keep_pos[:, opts.position] = 1
+                down_acts = down_acts * keep_pos
+            srd = srd_scores(model, pixels, dec, down, down_acts, image, node, opts.batch_size)
+            scores["srd"] = PairScores(image, node, srd.sum(1), srd.new_zeros(len(image)),
+                                       {"srd": srd})
+        return PairResult(segment, dec, readout, image, node, mask, scores)
+
+    def score(self, pixels: torch.Tensor, labels: np.ndarray) -> list[pa.Table]:
+        """EDGES tables (per-image rows) of every pair for a batch of preprocessed images."""
+        taps = tap(self.loaded.model, pixels, list(self.saes))
+        return [edge_rows(self.score_pair(pair, pixels, labels, taps).scores, labels, *pair,
+                          self.plan.atlas_id) for pair in self.segments]
 
     def run(self, task: MapTask, crash_after_batches: int | None = None) -> PartRecord:
         """Score part `task` and write its partial edges; return its (uncommitted) record."""
