@@ -41,6 +41,12 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray
 _REGIONS_PER_RESULT = 50
 _EXEMPLARS_SHOWN = 8
 
+SIMILAR = pa.schema([("layer", pa.string()), ("sae_id", pa.string()), ("latent", pa.int32()),
+                     ("similarity", pa.float32()), ("label_hint", pa.string())])
+SEARCH = pa.schema([*list(SIMILAR)[:4], ("activation", pa.float32()),
+                    ("match_image_id", pa.int64()), ("match_position", pa.int32()),
+                    ("exemplar_image_ids", pa.list_(pa.int64())), ("label_hint", pa.string())])
+
 
 @dataclass
 class LatentInfo:
@@ -226,7 +232,7 @@ class Atlas:
         # self first on ties (another SAE may hold an identical direction)
         rows.sort(key=lambda r: (-r["similarity"],
                                  (r["sae_id"], r["latent"]) != (src["sae_id"], latent)))
-        return self._with_hints(rows[:k])
+        return self._with_hints(rows[:k], SIMILAR)
 
     def index(self, kind: str, sae_id: str) -> idx.LoadedIndex:
         """The FAISS index `kind` ('decoder' or 'regions') of `sae_id` (read once)."""
@@ -299,7 +305,7 @@ class Atlas:
             rows += self._search_sae(sae_id, pfvs[self.saes[sae_id]["layer"]].values[0],
                                      tuple(x.shape[-2:]), box, k)
         rows.sort(key=lambda r: -r["similarity"])
-        return self._with_hints(rows[:k])
+        return self._with_hints(rows[:k], SEARCH)
 
     def _search_sae(self, sae_id: str, values: torch.Tensor, input_hw: tuple[int, int],
                     box: Sequence[int] | None, k: int) -> list[dict[str, Any]]:
@@ -325,7 +331,7 @@ class Atlas:
                  "exemplar_image_ids": tops.get(lat, [])}
                 for lat, h in list(best.items())[:k]]
 
-    def _with_hints(self, rows: list[dict[str, Any]]) -> pa.Table:
+    def _with_hints(self, rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
         """`rows` as a table with each latent's `label_hint` (null before the cafe stage)."""
         hints: dict[tuple[str, int], str | None] = {}
         if rows and self.has("latent_stats"):
@@ -335,11 +341,7 @@ class Atlas:
             hints = {(h["sae_id"], h["latent"]): h["label_hint"] for h in found}
         for r in rows:
             r["label_hint"] = hints.get((r["sae_id"], r["latent"]))
-        table = pa.Table.from_pylist(rows)
-        if table.num_rows == 0 or table.schema.field("label_hint").type == pa.null():
-            table = table.set_column(table.schema.get_field_index("label_hint"), "label_hint",
-                                     pa.nulls(table.num_rows, pa.string()))
-        return table
+        return pa.Table.from_pylist(rows, schema=schema)
 
     def images(self, image_ids: Sequence[int]) -> dict[int, np.ndarray]:
         """The images `image_ids` as the model saw them: uint8[H, W, 3] at input resolution.

@@ -55,8 +55,9 @@ SOURCES: dict[str, TableSource] = {s.name: s for s in (
     TableSource("layers", "layers/**/*.parquet", "extract", TABLES["layers"]),
     TableSource("saes", "saes/**/*.parquet", "train-sae", TABLES["saes"]),
     TableSource("errors", "errors/**/*.parquet", "any stage", TABLES["errors"]),
-    TableSource("manifest", "manifest/*/*.json", "any stage",
-                pa.schema([f for f in TABLES["manifest"] if f.name != "atlas_id"]), fmt="json"),
+    TableSource("manifest", "manifest/*/*.json", "any stage", pa.schema(
+        [f.with_type(pa.float64()) if f.name in ("started", "finished") else f
+         for f in TABLES["manifest"] if f.name != "atlas_id"]), fmt="json"),
     TableSource("pfv", "pfv/*/*.parquet", "extract",
                 _with(TABLES["pfv_ids"], pa.field("layer", pa.string()),
                       pa.field("filename", pa.string()), pa.field("file_row_number", pa.int64()))),
@@ -67,7 +68,8 @@ SOURCES: dict[str, TableSource] = {s.name: s for s in (
     TableSource("edges", "edges/**/*.parquet", "icat", TABLES["edges"]),
 )}
 VIEWS: tuple[str, ...] = (*SOURCES, "latents")
-_MANIFEST_COLUMNS = (  # the JSON record of a PartRecord (pipeline.store.manifest)
+# the JSON record of a PartRecord (pipeline.store.manifest): times are epoch seconds
+_MANIFEST_COLUMNS = (
     "{stage: 'VARCHAR', part: 'VARCHAR', input: 'VARCHAR', input_fingerprint: 'VARCHAR', "
     "config_hash: 'VARCHAR', rows: 'BIGINT', outputs: 'JSON', errors: 'BIGINT', "
     "worker: 'VARCHAR', started: 'DOUBLE', finished: 'DOUBLE'}")
