@@ -1,8 +1,8 @@
 """CAFE exemplars: batched latent iERFs, mass masks, the PNG, AUCs, ground truth, the stage.
 
 The atlas is tiny: the train-sae tests' extraction (3 shards of 12 images at 64 px,
-demo_resnet with seeded random weights) plus their two SAEs, and picks taken from the stored
-PFVs for a handful of latents (`pipeline.cafe.devpicks`, standing in for the scan stage).
+demo_resnet with seeded random weights) plus their two SAEs, and the scan stage's picks of a
+handful of latents.
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ from pipeline.cafe import (
     mass_masks,
     plan_cafe,
 )
-from pipeline.cafe.devpicks import top_picks
 from pipeline.cafe.faithfulness import ORDERS, aucs, curves, patch_orders
 from pipeline.cafe.groundtruth import GTObject, match, to_input_frame
 from pipeline.cafe.ierf import batched_latent_ierfs
 from pipeline.data.errors import ErrorLog
 from pipeline.data.shards import iter_samples
+from pipeline.latents.scan import ScanOptions
 from pipeline.models import load_model
 from pipeline.pfv.sae_runs import LocalSession, make_runs, train_runs
 from pipeline.store import fs
@@ -49,17 +49,22 @@ class DriverCrash(BaseException):
 
 @pytest.fixture(scope="module")
 def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811
-    """The extraction + both SAEs + picks (top 2 images) of the first LATENTS live latents."""
+    """The extraction + both SAEs + the scan's picks (2 top, 1 quantile) of the first LATENTS
+    latents that fire, per SAE."""
+    from jobs.scan import run as scan
+
     root = str(tmp_path_factory.mktemp("cafe") / "atlas")
     shutil.copytree(extracted, root)
     runs = make_runs(SWEEP, CHANNELS, OPTIONS)
     train_runs(root, runs, OPTIONS, LocalSession(Path(root) / "_ckpt"), "t")
+    scan(root, ScanOptions(top_per_image=4, n_top=2, n_quantile=1, sample_size=4),
+         progress=False, in_process=True)
     for run in runs:
-        picks = top_picks(root, run.sae_id, per_latent=2, atlas_id="t")
+        url = fs.join(root, "exemplar_picks", f"sae={run.sae_id}", "part-000000.parquet")
+        picks = fs.read_parquet(url)
         live = sorted(set(picks["latent"].to_pylist()))[:LATENTS]
         picks = picks.filter(pc.is_in(picks["latent"], value_set=pc.cast(live, "int32")))
-        fs.write_parquet(picks, fs.join(root, "exemplar_picks", f"sae={run.sae_id}",
-                                        "part-000000.parquet"), EXEMPLAR_PICKS)
+        fs.write_parquet(picks, url, EXEMPLAR_PICKS)
     return root
 
 
@@ -70,7 +75,7 @@ def copy_of(root: str, dest: Path) -> str:
 
 def read_rows(root: str) -> list[dict]:
     rows = pq.read_table(fs.join(root, "exemplars")).to_pylist()
-    return sorted(rows, key=lambda r: (r["sae_id"], r["latent"], r["rank"]))
+    return sorted(rows, key=lambda r: (r["sae_id"], r["latent"], r["kind"], r["rank"]))
 
 
 # ---- latent iERFs ----------------------------------------------------------------------
@@ -227,7 +232,7 @@ def test_stage_writes_one_consistent_row_per_pick(atlas, tmp_path) -> None:
     table = pq.read_table(fs.join(root, "exemplars"))
     assert table.schema.remove_metadata().equals(EXEMPLARS.remove_metadata(), check_metadata=False)
     rows = read_rows(root)
-    assert len(rows) == picks == summary["exemplars"] and picks <= 4 * LATENTS  # 2 SAEs x 2
+    assert len(rows) == picks == summary["exemplars"] and picks <= 2 * 3 * LATENTS
     assert {r["sae_id"] for r in rows} == {"layer2-topk-64-k4", "layer4-small"}
     for r in rows:
         mask = mask_from_png(r["ierf_png"])
@@ -235,7 +240,7 @@ def test_stage_writes_one_consistent_row_per_pick(atlas, tmp_path) -> None:
         assert r["mask_frac"] == pytest.approx(mask.mean())
         assert r["bbox"] == bbox(mask)
         assert 0 <= r["act_overlap"] <= 1 and abs(r["ierf_constant"]) < 1
-        faithful = r["rank"] < OPTS.faithfulness_per_latent
+        faithful = r["kind"] == "top" and r["rank"] < OPTS.faithfulness_per_latent
         assert (r["ins_auc_ierf"] is not None) == faithful
         if faithful:  # areas in units of the exemplar's activation, over x in [0, 1]
             assert all(r[f"del_auc_{o}"] >= 0 for o in ORDERS)
