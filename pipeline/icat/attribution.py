@@ -54,6 +54,10 @@ class LayerSAE:
     sae: SAE
     positions: Tensor
 
+    def __post_init__(self) -> None:
+        # frozen: scores are gradients w.r.t. activations, never w.r.t. the dictionary
+        self.sae.requires_grad_(False)
+
     def encode(self, pfvs: Tensor) -> Tensor:
         """PFVs Tensor[N, P, C] -> activations Tensor[N, P_s, F] at `positions`."""
         return self.sae.encode(pfvs[:, self.positions])

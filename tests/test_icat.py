@@ -1,0 +1,368 @@
+"""ICAT: isolated layer pairs, edge scores, aggregation, the icat stage and its resume.
+
+Scores are checked on float64 models with random weights and SAEs initialised from the
+model's own PFVs; the stage runs on the tiny atlas of tests/test_train_sae_job.py (3 shards of
+12 images, demo_resnet with seeded random weights) after an in-process SAE training.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_train_sae_job import CHANNELS, OPTIONS, SWEEP, copy_of, extracted  # noqa: F401
+
+import jobs.icat
+from pipeline.icat.aggregate import combine, edge_rows, top_incoming
+from pipeline.icat.attribution import (
+    Decomposed,
+    LayerSAE,
+    PairScores,
+    Readout,
+    attribute,
+    downstream_rows,
+    quadrature,
+)
+from pipeline.icat.protocol import auc, curves
+from pipeline.icat.segment import LOGITS, Segment
+from pipeline.icat.srd_scores import srd_scores
+from pipeline.icat.stage import MAP_STAGE, ICATOptions
+from pipeline.models import list_layers, load_model, tap
+from pipeline.pfv.sae_runs import LocalSession, make_runs, train_runs
+from pipeline.sae import SAE, SAEConfig
+from pipeline.store import Manifest, fs
+from schemas import EDGES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return load_model(name, None, **kwargs).model.double()
+
+
+def _sae(pfvs: torch.Tensor, positions: torch.Tensor, layer: str, n_latents: int, k: int) -> LayerSAE:
+    sae = SAE(SAEConfig(d_in=pfvs.shape[-1], n_latents=n_latents, k=k, seed=1)).double()
+    sae.initialize_from_sample(pfvs[:, positions].reshape(-1, pfvs.shape[-1]))
+    return LayerSAE(layer, sae.eval(), positions)
+
+
+# ---- pair isolation ----------------------------------------------------------------------
+
+SEGMENTS = [
+    ("demo_resnet", {}, 64, "layer2", "layer4", True),
+    ("demo_resnet", {}, 64, "act1", "layer1", True),
+    ("demo_resnet", {}, 64, "layer4", LOGITS, True),
+    ("demo_resnet", {}, 64, "layer1.0.bn1", "layer3", False),  # inside a block: hook fallback
+    ("vit_tiny_patch16_224", {"img_size": 32}, 32, "blocks.1", "blocks.3", True),
+    ("vit_tiny_patch16_224", {"img_size": 32}, 32, "blocks.2", LOGITS, True),
+    ("vit_tiny_patch16_224", {"img_size": 32}, 32, "patch_embed", "blocks.0", False),
+    ("efficientnet_lite0", {}, 64, "blocks.2", "blocks.4", True),
+    ("efficientnet_lite0", {}, 64, "blocks.5", LOGITS, True),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,size,src,dst,isolated", SEGMENTS)
+def test_segment_output_equals_the_full_models_layer(name, kwargs, size, src, dst, isolated) -> None:
+    model = _model(name, **kwargs)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    specs = {s.name: s for s in list_layers(model, (size, size))}
+    segment = Segment(model, src, dst, specs)
+    assert segment.isolated is isolated
+    taps = tap(model, x, [src] + ([] if dst == LOGITS else [dst]))
+    with torch.no_grad():
+        out = segment(taps[src].values, x)
+        ref = model(x) if dst == LOGITS else taps[dst].values
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_segment_runs_only_the_modules_between_the_layers() -> None:
+    model = _model("demo_resnet")
+    specs = {s.name: s for s in list_layers(model, (64, 64))}
+    ran: list[str] = []
+    for path, mod in model.named_modules():
+        if path.count(".") == 1 and path.startswith("layer"):
+            mod.register_forward_hook(lambda m, i, o, p=path: ran.append(p))
+    x = tap(model, torch.randn(1, 3, 64, 64, dtype=torch.float64), ["layer2"])["layer2"].values
+    ran.clear()
+    Segment(model, "layer2", "layer4", specs)(x)
+    assert ran == ["layer3.0", "layer4.0"]
+    with pytest.raises(ValueError, match="does not come after"):
+        Segment(model, "layer4", "layer2", specs)
+
+
+# ---- scores ------------------------------------------------------------------------------
+
+
+def _pair(name: str, kwargs: dict, size: int, src: str, dst: str, prefix_free: bool):
+    model = _model(name, **kwargs)
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    specs = {s.name: s for s in list_layers(model, (size, size))}
+    taps = tap(model, x, [src] + ([] if dst == LOGITS else [dst]))
+
+    def positions(layer: str) -> torch.Tensor:
+        spec = specs[layer]
+        total = taps[layer].values.shape[1]
+        return torch.arange(spec.num_special if prefix_free else 0, total)
+
+    up = _sae(taps[src].values, positions(src), src, 48, 4)
+    down = None if dst == LOGITS else _sae(taps[dst].values, positions(dst), dst, 64, 6)
+    segment = Segment(model, src, dst, specs)
+    dec = Decomposed.of(up, taps[src].values)
+    readout = Readout(down)
+    image, node, mask = downstream_rows(segment, dec, x, readout, labels=torch.tensor([1, -1, 2]))
+    return model, x, segment, dec, readout, down, taps, image[:8], node[:8], \
+        None if mask is None else mask[:8]
+
+
+PAIRS = [
+    ("demo_resnet", {}, 64, "layer2", "layer3", False),
+    ("demo_resnet", {}, 64, "layer3", LOGITS, False),
+    # CLS token outside the SAE: held at its recorded value, relevance booked to the error node
+    ("vit_tiny_patch16_224", {"img_size": 32}, 32, "blocks.0", "blocks.2", True),
+]
+
+
+@pytest.mark.parametrize("scale_error", [False, True])
+@pytest.mark.parametrize("case", PAIRS, ids=lambda c: f"{c[0]}:{c[3]}->{c[4]}")
+def test_ig_completeness_error_shrinks_with_steps(case, scale_error) -> None:
+    _, x, segment, dec, readout, _, _, image, node, mask = _pair(*case)
+    assert len(image) > 0
+    errors = []
+    for steps in (2, 8, 32):
+        s = attribute(segment, dec, readout, image, node, mask, x, methods=("ig",), steps=steps,
+                      scale_error=scale_error)
+        # fixed error: the error node holds g(dec(0) + err), so the row sums to g(x);
+        # scaled error: the error node holds its IG share, the row sums to g(x) - g(dec(0))
+        target = s.value - s.baseline if scale_error else s.value
+        errors.append(float(((s.scores["ig"].sum(1) - target).abs() / s.value.abs()).max()))
+    assert errors[2] < errors[0] and errors[2] < 0.02, errors
+    # the baseline really is the path's start: a row with every latent zeroed
+    full, _ = dec.at(image, 0.0, 0.0 if scale_error else 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(readout(segment(full, x[image]), node, mask), s.baseline)
+
+
+@pytest.mark.parametrize("case", PAIRS, ids=lambda c: f"{c[0]}:{c[3]}->{c[4]}")
+def test_gradient_scores_equal_autograd_per_latent_and_finite_differences(case) -> None:
+    _, x, segment, dec, readout, _, _, image, node, mask = _pair(*case)
+    s = attribute(segment, dec, readout, image, node, mask, x, methods=("grad_x_act", "grad"))
+    up = dec.up
+    for q in range(min(4, len(image))):
+        n = int(image[q])
+        a = dec.acts[n].clone().requires_grad_(True)
+
+        def g(acts: torch.Tensor) -> torch.Tensor:
+            full = dec.pfvs[n][None].clone()
+            full[:, up.positions] = up.sae.decode(acts)[None] + dec.err[n][None]
+            return readout(segment(full, x[n:n + 1]), node[q:q + 1],
+                           None if mask is None else mask[q:q + 1])[0]
+
+        (grad,) = torch.autograd.grad(g(a), a)
+        torch.testing.assert_close(s.scores["grad_x_act"][q, :-1], (grad * a).sum(0).detach())
+        torch.testing.assert_close(s.scores["grad"][q, :-1], (grad * (a > 0)).sum(0).detach())
+        # central finite difference along "scale latent f at every position": d/dt g(a + t a_f)
+        f = int(a.detach().sum(0).argmax())
+        bump = torch.zeros_like(a)
+        bump[:, f] = a.detach()[:, f]
+        eps = 1e-6
+        with torch.no_grad():
+            fd = (g(a.detach() + eps * bump) - g(a.detach() - eps * bump)) / (2 * eps)
+        assert float(s.scores["grad_x_act"][q, f]) == pytest.approx(float(fd), rel=1e-4, abs=1e-8)
+        # error node: derivative along the SAE error
+        d = torch.zeros_like(dec.pfvs[n][None])
+        d[:, up.positions] = dec.err[n]
+        with torch.no_grad():
+            base = dec.pfvs[n][None]
+            gp = readout(segment(base + eps * d, x[n:n + 1]), node[q:q + 1],
+                         None if mask is None else mask[q:q + 1])
+            gm = readout(segment(base - eps * d, x[n:n + 1]), node[q:q + 1],
+                         None if mask is None else mask[q:q + 1])
+        assert float(s.scores["grad_x_act"][q, -1]) == pytest.approx(
+            float((gp - gm) / (2 * eps)), rel=1e-4, abs=1e-8)
+
+
+@pytest.mark.parametrize("case", PAIRS, ids=lambda c: f"{c[0]}:{c[3]}->{c[4]}")
+def test_srd_scores_conserve_the_downstream_value(case) -> None:
+    model, x, segment, dec, readout, down, taps, image, node, mask = _pair(*case)
+    down_acts = None if down is None else down.encode(taps[down.layer].values)
+    s = srd_scores(model, x, dec, down, down_acts, image, node, chunk=5)
+    value = attribute(segment, dec, readout, image, node, mask, x, methods=("grad",)).value
+    torch.testing.assert_close(s.sum(1), value, rtol=1e-8, atol=1e-10)
+    # a latent absent from the image gets no share
+    absent = ~(dec.acts[image] > 0).any(1)
+    assert float(s[:, :-1][absent].abs().max()) == 0.0
+
+
+def test_quadrature_integrates_polynomials_exactly() -> None:
+    nodes, weights = quadrature(5)
+    assert float((weights * nodes ** 9).sum()) == pytest.approx(0.1, abs=1e-14)
+    nodes, weights = quadrature(4, "riemann")
+    assert nodes.tolist() == [0.125, 0.375, 0.625, 0.875] and weights.sum() == 1.0
+    with pytest.raises(ValueError, match="rule="):
+        quadrature(4, "simpson")
+
+
+# ---- protocol ----------------------------------------------------------------------------
+
+
+def test_protocol_curves_end_at_the_full_value_and_at_the_error_only_value() -> None:
+    _, x, segment, dec, readout, _, _, image, node, mask = _pair(*PAIRS[0])
+    s = attribute(segment, dec, readout, image[:2], node[:2], mask[:2], x, steps=8)
+    c = curves(segment, dec, readout, int(image[0]), int(node[0]), mask[:1],
+               {m: s.scores[m][0] for m in s.scores}, x, points=8, random_orders=2)
+    full_in = 1.0
+    empty = float(s.baseline[0] / s.value[0])  # g(dec(0) + err) / g(x)
+    for name in list(s.scores) + ["random"]:
+        assert c.insertion[name][0] == pytest.approx(empty) and c.insertion[name][-1] == pytest.approx(full_in)
+        assert c.deletion[name][0] == pytest.approx(full_in) and c.deletion[name][-1] == pytest.approx(empty)
+    assert auc(np.array([0.0, 1.0])) == 0.5
+
+
+# ---- aggregation -------------------------------------------------------------------------
+
+
+def _random_scores(rng: np.random.Generator, q: int, f: int, n_images: int) -> PairScores:
+    w = rng.normal(size=(q, f + 1)) * (rng.random((q, f + 1)) < 0.4)
+    return PairScores(torch.as_tensor(rng.integers(0, n_images, q)), torch.as_tensor(rng.integers(0, 5, q)),
+                      torch.zeros(q), torch.zeros(q), {"ig": torch.as_tensor(w)})
+
+
+def test_aggregation_and_top_k_equal_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1, -1, 1])
+    batches = [_random_scores(rng, 30, 7, 4) for _ in range(3)]
+    tables = [edge_rows({"ig": s}, labels, "a", "b", "t") for s in batches]
+    got = combine([combine(tables[:2], "t"), tables[2]], "t")  # partials combine like rows
+    assert got.schema == EDGES
+    want: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0])
+    for s in batches:
+        w = s.scores["ig"].numpy()
+        for q, f in zip(*np.nonzero(w)):
+            src = -1 if f == w.shape[1] - 1 else int(f)
+            label = labels[int(s.image[q])]
+            for scope in ["all"] + ([f"class={label}"] if label >= 0 else []):
+                key = (src, int(s.node[q]), scope)
+                want[key][0] += w[q, f]
+                want[key][1] += 1
+    rows = {(r["src_latent"], r["dst_latent"], r["scope"]): (r["weight"], r["n_images"])
+            for r in got.to_pylist()}
+    assert rows.keys() == want.keys()
+    for key, (weight, count) in rows.items():
+        assert weight == pytest.approx(want[key][0]) and count == want[key][1]
+
+    for top, min_weight in [(2, 0.0), (3, 0.5), (100, 0.0)]:
+        kept = top_incoming(got, top, min_weight)
+        groups: dict[tuple, list[tuple]] = defaultdict(list)
+        for key, (weight, _) in rows.items():
+            groups[(key[1], key[2])].append((key[0], weight))
+        expect = set()
+        for (dst, scope), edges in groups.items():
+            lat = sorted((e for e in edges if e[0] != -1), key=lambda e: (-abs(e[1]), e[0]))
+            expect |= {(s, dst, scope) for s, w in lat[:top] if abs(w) >= min_weight}
+            expect |= {(s, dst, scope) for s, _ in edges if s == -1}
+        assert {(r["src_latent"], r["dst_latent"], r["scope"]) for r in kept.to_pylist()} == expect
+
+
+# ---- the stage ---------------------------------------------------------------------------
+
+STAGE_OPTIONS = ICATOptions(steps=4, images_per_shard=2, top_edges=4, image_batch=2)
+
+
+@pytest.fixture(scope="module")
+def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811
+    """The tiny extraction with one SAE per layer trained in process."""
+    root = copy_of(extracted, tmp_path_factory.mktemp("icat") / "atlas")
+    train_runs(root, make_runs(SWEEP, CHANNELS, OPTIONS), OPTIONS,
+               LocalSession(tmp_path_factory.mktemp("ckpt")), "t")
+    return root
+
+
+def _edges(root: str) -> pa.Table:
+    return pq.read_table(fs.join(root, "edges")).sort_by([(k, "ascending") for k in EDGES.names])
+
+
+@pytest.fixture(scope="module")
+def straight(atlas, tmp_path_factory) -> tuple[str, dict]:
+    root = copy_of(atlas, tmp_path_factory.mktemp("straight") / "root")
+    return root, jobs.icat.run(root, STAGE_OPTIONS, in_process=True, progress=False)
+
+
+def test_stage_writes_edges_with_error_nodes_and_scopes(straight) -> None:
+    root, summary = straight
+    assert summary["pairs"] == ["layer2->layer4", "layer4->logits"]
+    assert summary["parts_done"] == 3 and summary["images"] == 6
+    edges = _edges(root)
+    assert edges.schema.metadata[b"table"] == b"edges"
+    assert edges.num_rows == sum(summary["edges"].values())
+    rows = edges.to_pylist()
+    assert {r["method"] for r in rows} == {"ig", "grad_x_act", "grad", "srd"}
+    assert {r["dst_layer"] for r in rows} == {"layer4", "logits"}
+    assert any(r["src_latent"] == -1 for r in rows)
+    assert any(r["scope"].startswith("class=") for r in rows)
+    per_node = defaultdict(int)
+    for r in rows:
+        if r["src_latent"] != -1:
+            per_node[(r["dst_layer"], r["dst_latent"], r["method"], r["scope"])] += 1
+    assert max(per_node.values()) <= STAGE_OPTIONS.top_edges
+    # a scope's image count never exceeds the images scored
+    assert max(r["n_images"] for r in rows) <= 6
+
+
+def test_stage_resumes_after_a_crash_with_the_rows_of_an_uninterrupted_run(straight, atlas, tmp_path) -> None:
+    ref_root, _ = straight
+    root = copy_of(atlas, tmp_path / "crashed")
+
+    def crash(record) -> None:
+        raise RuntimeError(f"driver killed after {record.part}")
+
+    with pytest.raises(RuntimeError, match="driver killed after part-000000"):
+        jobs.icat.run(root, STAGE_OPTIONS, in_process=True, progress=False, on_part=crash)
+    assert sorted(Manifest(root).records(MAP_STAGE)) == ["part-000000"]
+    assert not fs.exists(fs.join(root, "edges"))
+    summary = jobs.icat.run(root, STAGE_OPTIONS, in_process=True, progress=False)
+    assert summary["parts_new"] == 2 and summary["parts_done"] == 3
+    ref = Manifest(ref_root).records(MAP_STAGE)
+    got = Manifest(root).records(MAP_STAGE)
+    assert {p: r.outputs for p, r in got.items()} == {p: r.outputs for p, r in ref.items()}
+    assert _edges(root).num_rows == _edges(ref_root).num_rows
+    assert _edges(root).drop_columns(["weight"]).equals(_edges(ref_root).drop_columns(["weight"]))
+    np.testing.assert_allclose(_edges(root).column("weight"), _edges(ref_root).column("weight"),
+                               rtol=1e-5)
+    again = jobs.icat.run(root, STAGE_OPTIONS, in_process=True, progress=False)
+    assert again["parts_new"] == 0 and _edges(root).num_rows == _edges(ref_root).num_rows
+
+
+def test_stage_refuses_another_config_in_the_same_root(straight) -> None:
+    root, _ = straight
+    with pytest.raises(ValueError, match="steps"):
+        jobs.icat.run(root, ICATOptions(steps=8, images_per_shard=2, top_edges=4),
+                      in_process=True, progress=False)
+
+
+def test_bad_options_name_the_value() -> None:
+    with pytest.raises(ValueError, match="methods="):
+        ICATOptions(methods=("ig", "lrp"))
+    with pytest.raises(ValueError, match="rule="):
+        ICATOptions(rule="simpson")
+
+
+@pytest.mark.ray
+def test_ray_job_writes_the_edges_of_the_in_process_run(ray_cluster, straight, atlas, tmp_path) -> None:
+    ref_root, _ = straight
+    root = copy_of(atlas, tmp_path / "ray")
+    summary = jobs.icat.run(root, STAGE_OPTIONS, address=ray_cluster, progress=False,
+                            cpus_per_actor=0.5)
+    assert summary["parts_new"] == 3 and not summary["parts_failed"]
+    assert _edges(root).drop_columns(["weight"]).equals(_edges(ref_root).drop_columns(["weight"]))
+    np.testing.assert_allclose(_edges(root).column("weight"), _edges(ref_root).column("weight"),
+                               rtol=1e-5)
