@@ -1,0 +1,14 @@
+"""Saliency evaluation (METHOD.md section 8): baselines under one signature, metrics, and the
+targeted-manipulation attack. `benchmarks/saliency_eval.py` runs them; `docs/saliency_eval.md`
+has the measured table.
+
+    from pipeline.evaluation import make_method, metrics
+    explain = make_method("SRD", model)                 # (images, target) -> maps [N, H, W]
+    hit = metrics.pointing_game(explain(x, y), masks)   # Tensor[N]
+"""
+from pipeline.evaluation import metrics
+from pipeline.evaluation.manipulation import Attack, manipulate, smooth_copy
+from pipeline.evaluation.methods import METHODS, Unsupported, cam, cam_layer, differentiable, make_method
+
+__all__ = ["Attack", "METHODS", "Unsupported", "cam", "cam_layer", "differentiable", "make_method",
+           "manipulate", "metrics", "smooth_copy"]

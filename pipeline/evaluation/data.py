@@ -1,0 +1,45 @@
+"""Evaluation images: synthetic scenes with ground-truth masks, and bundled real photos."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.data.synthetic import render_sample, rle_decode
+
+# scikit-image's bundled photos of ImageNet-like objects (grey ones are repeated to RGB) and
+# scikit-learn's two sample photos; no download needed for any of them
+SKIMAGE_PHOTOS: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket", "camera", "clock",
+                                   "coins", "stereo_motorcycle")
+SKLEARN_PHOTOS: tuple[str, ...] = ("china.jpg", "flower.jpg")
+
+
+def synthetic_set(n: int, seed: int, size: int = 128) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """`n` synthetic images of dataset `seed`: (images uint8 [H, W, 3] each, labels int[n],
+    masks bool[n, H, W]). The mask is the visible pixels of the largest object, whose shape is
+    the class: the evidence a faithful map of the true class should point at."""
+    images, labels, masks = [], [], []
+    for index in range(n):
+        img, meta = render_sample(seed, index, size)
+        largest = max(meta["objects"], key=lambda o: o["area"])
+        images.append(img)
+        labels.append(meta["class"])
+        masks.append(rle_decode(largest["mask"]))
+    return images, np.asarray(labels), np.stack(masks)
+
+
+def real_photos() -> tuple[list[tuple[str, np.ndarray]], list[str]]:
+    """The bundled real photos as (name, uint8 [H, W, 3]) and notes on any that are missing
+    (scikit-learn is optional)."""
+    import skimage.data
+
+    photos, notes = [], []
+    for name in SKIMAGE_PHOTOS:
+        img = getattr(skimage.data, name)()
+        img = img[0] if name == "stereo_motorcycle" else img  # (left, right, disparity)
+        photos.append((name, np.repeat(img[..., None], 3, 2) if img.ndim == 2 else img[..., :3]))
+    try:
+        from sklearn.datasets import load_sample_image
+    except ImportError as e:
+        notes.append(f"skipped {', '.join(SKLEARN_PHOTOS)}: scikit-learn not importable ({e})")
+    else:
+        photos += [(name.split(".")[0], load_sample_image(name)) for name in SKLEARN_PHOTOS]
+    return photos, notes
