@@ -21,32 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from jobs.common import init_ray
-from pipeline.latents.scan import (
-    FOLDERS,
-    STAGE,
-    ScanOptions,
-    ScanPlan,
-    ScanUnit,
-    plan_scan,
-    reduce_sae,
-    reduce_status,
-    scan_unit,
-    summary_rows,
-)
+from pipeline.latents.plan import ScanPlan, plan_scan, reduce_status, summary_rows
+from pipeline.latents.reduce import reduce_sae
+from pipeline.latents.scan import FOLDERS, STAGE, ScanOptions, ScanUnit, scan_task, scan_unit
 from pipeline.store import Manifest, PartRecord, fs
 
 OnPart = Callable[[PartRecord], None]
 # tasks in flight per CPU the tasks may use: keeps workers busy without queueing every part
 QUEUE_PER_SLOT = 2
-
-
-def _task(unit: ScanUnit, options: ScanOptions, root: str) -> PartRecord:
-    """Ray task body: one unit with int(cpus_per_task) torch threads, on a GPU if granted."""
-    import ray
-
-    torch.set_num_threads(max(1, int(options.cpus_per_task)))
-    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    return scan_unit(unit, options, root, device)
 
 
 def run(root: str, options: ScanOptions | None = None, *, address: str | None = None,
@@ -87,7 +69,7 @@ def run(root: str, options: ScanOptions | None = None, *, address: str | None = 
         failed = committer.failed
     todo, incomplete = reduce_status(plan)
     for sae in todo:
-        reduce_sae(plan, sae)
+        reduce_sae(plan.root, sae, options)
     summary = summarize(plan, failed, [s.sae_id for s in todo],
                         [s.sae_id for s in incomplete], time.time() - t0)
     print_summary(summary)
@@ -133,7 +115,8 @@ def _run_on_ray(plan: ScanPlan, done: _Committer) -> None:
     import ray
 
     opts = plan.options
-    task = ray.remote(_task).options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
+    # workers import only pipeline.latents.scan (no model stack): they start in seconds
+    task = ray.remote(scan_task).options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
                                      max_retries=opts.max_retries)
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) / opts.cpus_per_task))
     queue = list(reversed(plan.pending))  # pop() takes them in order

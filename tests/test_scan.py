@@ -12,6 +12,8 @@ import math
 import os
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from test_train_sae_job import _one_torch_thread, copy_of, extracted  # noqa: F4
 
 from jobs.scan import run
 from pipeline.latents import LatentSketch, Picks, ScanOptions, priority
+from pipeline.latents.scan import Layout, ScanUnit, activations_table
 from pipeline.pfv.parts import committed_parts, read_layers, read_values
 from pipeline.pfv.sae_runs import LocalSession, TrainOptions, make_runs, read_saes, train_runs
 from pipeline.sae import load_sae
@@ -173,6 +176,19 @@ def test_each_image_keeps_min_of_top_per_image_and_its_firing_latents(scanned) -
         np.testing.assert_array_equal(counts, np.minimum(OPTIONS.top_per_image, firing.numpy()))
         assert (firing > OPTIONS.top_per_image).any()  # the cap was exercised
     assert summary["parts_new"] == 9 and summary["pfvs_new"] == 3 * 36 * 16
+
+
+def test_activations_order_ties_by_latent_and_map_positions_to_grid_cells() -> None:
+    # a ViT-like layout: 1 CLS token, then a 3-wide grid
+    unit = ScanUnit("s", "blocks.1", "", None, Layout(grid_w=3, num_special=1,
+                                                      positions_per_image=10), "", "t")
+    picks = Picks(np.array([5, 2, 9, 7, 1], np.int32), np.array([8, 8, 8, 8, 3], np.int64),
+                  np.array([0.5, 0.5, 0.9, 0.5, 0.1], np.float32),
+                  np.array([0, 4, 9, 1, 2], np.int32))
+    table = activations_table(picks, 3, unit).to_pydict()
+    assert list(zip(table["image_id"], table["rank"], table["latent"])) == [
+        (3, 0, 1), (8, 0, 9), (8, 1, 2), (8, 2, 5)]  # latent 7 ties with 2 and 5 and loses
+    assert list(zip(table["y"], table["x"])) == [(0, 1), (2, 2), (1, 0), (-1, -1)]
 
 
 # ---- the sketches ------------------------------------------------------------------------
@@ -338,6 +354,15 @@ def test_bad_options_are_refused_naming_the_value(kwargs, named) -> None:
 def test_unknown_sae_is_refused_naming_the_trained_ones(atlas) -> None:
     with pytest.raises(ValueError, match="layer4-topk-96-k8"):
         run(atlas, OPTIONS, in_process=True, progress=False, sae_ids=["layer9-x"])
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds on a loaded machine
+def test_worker_module_imports_no_model_stack() -> None:
+    code = ("import sys, pipeline.latents.scan; "
+            "print(sorted(m for m in ('timm', 'ray', 'pipeline.pfv.extract') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == "[]"
 
 
 # ---- on Ray ------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from pipeline.pfv.extract import _splitmix64  # the project's one seeded hash (position sampling)
 from pipeline.store import fs
+from pipeline.store.hashing import splitmix64
 
 
 def rank_within(groups: np.ndarray, *keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -43,8 +43,8 @@ def rank_within(groups: np.ndarray, *keys: np.ndarray) -> tuple[np.ndarray, np.n
 
 def priority(image_id: np.ndarray, latent: np.ndarray, seed: int) -> np.ndarray:
     """uint64 sampling priority of (image, latent) pairs: a hash, the same on every worker."""
-    salt = _splitmix64(np.asarray([seed], np.uint64))[0]
-    return _splitmix64(_splitmix64(image_id.astype(np.uint64) ^ salt)
+    salt = splitmix64(np.asarray([seed], np.uint64))[0]
+    return splitmix64(splitmix64(image_id.astype(np.uint64) ^ salt)
                        + latent.astype(np.uint64))
 
 

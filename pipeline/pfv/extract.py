@@ -35,6 +35,7 @@ from pipeline.store import (
     now,
     worker_id,
 )
+from pipeline.store.hashing import splitmix64
 from schemas import ERRORS, IMAGES, LAYERS, PFV_IDS
 
 STAGE = "extract"
@@ -193,8 +194,8 @@ def sample_positions(image_ids: np.ndarray, candidates: np.ndarray, k: int | Non
     if k is None:
         return np.broadcast_to(candidates, (n, len(candidates)))
     salt = np.uint64(zlib.crc32(layer.encode()) ^ (seed << 32))
-    keys = _splitmix64(_splitmix64(image_ids.astype(np.uint64)[:, None] ^ salt)
-                       + candidates.astype(np.uint64)[None, :])
+    keys = splitmix64(splitmix64(image_ids.astype(np.uint64)[:, None] ^ salt)
+                      + candidates.astype(np.uint64)[None, :])
     chosen = np.argpartition(keys, k - 1, axis=1)[:, :k]
     return np.sort(candidates[chosen], axis=1)
 
@@ -281,15 +282,6 @@ def write_errors(out: str, stage: str, part: str, atlas_id: str,
     rows = [dict(asdict(e), atlas_id=atlas_id) for e in errors]
     table = pa.Table.from_pylist(rows, schema=ERRORS)
     fs.write_parquet(table, fs.join(out, "errors", f"stage={stage}", f"{part}.parquet"), ERRORS)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic is intended)."""
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 def _is_int(v: object) -> bool:
