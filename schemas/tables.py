@@ -11,9 +11,10 @@ part per input shard (or per SAE) so a stage resumes part by part (ARCHITECTURE.
 | `errors/stage=S/part-NNNNNN.parquet` | ERRORS | every stage |
 | `saes/part-SAE_ID.parquet` | SAES | train-sae |
 | `sae_weights/SAE_ID.safetensors` + `.json` | (pipeline.sae format) | train-sae |
-| `activations/layer=L/part-NNNNNN.parquet` | ACTIVATIONS (sparse per-image top latents) | scan |
-| `latent_stats/layer=L/part-000000.parquet` | LATENT_STATS (reduce over all parts) | scan |
-| `exemplar_picks/layer=L/part-000000.parquet` | EXEMPLAR_PICKS (top-N + quantile picks) | scan |
+| `activations/sae=SAE_ID/part-NNNNNN.parquet` | ACTIVATIONS (sparse per-image top latents) | scan |
+| `scan_parts/sae=SAE_ID/part-NNNNNN.npz` | per-part latent sketches the reduce merges | scan |
+| `latent_stats/sae=SAE_ID/part-000000.parquet` | LATENT_STATS (reduce over all parts) | scan |
+| `exemplar_picks/sae=SAE_ID/part-000000.parquet` | EXEMPLAR_PICKS (top-N + quantile picks) | scan |
 | `exemplars/part-NNNNNN.parquet` | EXEMPLARS (picks with iERF masks + CAFE scores), one part per image shard | cafe |
 | `index/…` | FAISS indexes (decoder directions, exemplar regions) + their id maps | index |
 | `edges/…` | EDGES (ICAT) | icat |
