@@ -338,8 +338,10 @@ def test_stage_resumes_after_a_crash_with_the_rows_of_an_uninterrupted_run(strai
     assert _edges(root).drop_columns(["weight"]).equals(_edges(ref_root).drop_columns(["weight"]))
     np.testing.assert_allclose(_edges(root).column("weight"), _edges(ref_root).column("weight"),
                                rtol=1e-5)
+    reduced = Manifest(root).records("icat")
     again = jobs.icat.run(root, STAGE_OPTIONS, in_process=True, progress=False)
     assert again["parts_new"] == 0 and _edges(root).num_rows == _edges(ref_root).num_rows
+    assert Manifest(root).records("icat") == reduced  # nothing new: the reduce is skipped too
 
 
 def test_stage_refuses_another_config_in_the_same_root(straight) -> None:
