@@ -172,19 +172,31 @@ def print_summary(s: dict[str, Any]) -> None:
         print(f"  not reduced (parts missing; re-run scan): {', '.join(s['incomplete'])}")
 
 
+_HELP = {
+    "top_per_image": "latents kept per image in `activations`",
+    "n_top": "'top' exemplar picks per latent",
+    "n_quantile": "'quantile' exemplar picks per latent",
+    "sample_size": "per-latent sample of firing images the quantile picks come from",
+    "seed": "seed of that sample",
+    "batch_pfvs": "PFVs encoded at once (memory ~ batch_pfvs x n_latents x 4 bytes)",
+    "max_retries": "Ray retries of a part whose worker died",
+    "cpus_per_task": "Ray CPUs per part (and torch threads)",
+    "gpus_per_task": "Ray GPUs per part (> 0: encode on CUDA)",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scan command's arguments (for `concept-atlas scan` and `python -m jobs.scan`)."""
-    d = ScanOptions()
+    defaults = ScanOptions()
     parser.add_argument("--out", required=True, help="build output root (local path or URL)")
     parser.add_argument("--sae", nargs="+", dest="sae_ids", help="only these sae_ids")
-    for name in ("top_per_image", "n_top", "n_quantile", "sample_size", "seed", "batch_pfvs",
-                 "max_retries"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("cpus_per_task", "gpus_per_task"):
-        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    for name, help_ in _HELP.items():
+        value = getattr(defaults, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                            help=f"{help_} (default {value})")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    parser.add_argument("--in-process", action="store_true", help="no Ray: one unit at a time")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--in-process", action="store_true", help="no Ray: one part at a time")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,9 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                "  python -m jobs.scan --out s3://b/atlas --address auto --gpus-per-task 0.25")
     add_arguments(parser)
     a = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    names = ("top_per_image", "n_top", "n_quantile", "sample_size", "seed", "batch_pfvs",
-             "max_retries", "cpus_per_task", "gpus_per_task")
-    options = ScanOptions(**{k: getattr(a, k) for k in names})
+    try:
+        options = ScanOptions(**{k: getattr(a, k) for k in _HELP})
+    except ValueError as exc:
+        parser.error(str(exc))
     summary = run(a.out, options, address=a.address, progress=not a.no_progress,
                   in_process=a.in_process, sae_ids=a.sae_ids)
     return 1 if summary["parts_failed"] else 0

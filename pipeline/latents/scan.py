@@ -138,8 +138,12 @@ def path(root: str, folder: str, sae_id: str, part: str, suffix: str = ".parquet
 
 
 @functools.lru_cache(maxsize=4)
-def _sae(weights: str, device: str) -> SAE:
-    """The SAE saved at `weights` (no suffix), cached: a worker scans many parts of one SAE."""
+def _sae(weights: str, digest: str, device: str) -> SAE:
+    """The SAE saved at `weights` (no suffix), cached: a worker scans many parts of one SAE.
+
+    `digest` (the unit's config hash, which covers the weights file's fingerprint) is in the
+    cache key so SAE weights rewritten in place are loaded again.
+    """
     local = fs.local_path(weights + ".safetensors")
     if local is not None:
         return load_sae(local[: -len(".safetensors")], device)
@@ -179,10 +183,10 @@ def image_maxima(sae: SAE, values: np.ndarray, image_ids: np.ndarray, positions:
         total += flat.sum(dim=0).double()
         peak, arg = flat.reshape(stop - start, p, -1).max(dim=1)  # first position at the max
         img, lat = (peak > 0).nonzero(as_tuple=True)
+        value, where = peak[img, lat].cpu().numpy(), arg[img, lat].cpu().numpy()
         img, lat = img.cpu().numpy(), lat.cpu().numpy()
-        picks.append(Picks(lat.astype(np.int32), image_ids[start + img],
-                           peak[img, lat].cpu().numpy().astype(np.float32),
-                           positions[start + img, arg[img, lat].cpu().numpy()]))
+        picks.append(Picks(lat.astype(np.int32), image_ids[start + img], value,
+                           positions[start + img, where]))
     merged = functools.reduce(Picks.concat, picks)
     return merged, count.cpu().numpy(), total.cpu().numpy()
 
@@ -191,7 +195,7 @@ def scan_unit(unit: ScanUnit, options: ScanOptions, root: str,
               device: str | torch.device = "cpu") -> PartRecord:
     """Scan one (SAE, PFV part): write its activations and sketch; return its record."""
     started = now()
-    sae = _sae(unit.weights, str(device))
+    sae = _sae(unit.weights, unit.config_hash, str(device))
     ids = fs.read_parquet(unit.pfv.ids)
     image_col = ids.column("image_id").to_numpy()
     p = unit.layout.positions_per_image
