@@ -2,7 +2,8 @@
 
 Baselines are Captum's (Saliency, InputXGradient, IntegratedGradients, GuidedBackprop,
 SmoothGrad = NoiseTunnel over Saliency, LRP), plus Grad-CAM and LayerCAM written here (they
-must also read ViT token layouts, which Captum's LayerGradCam does not), and SRD, our method.
+must also read ViT token layouts, which Captum's LayerGradCam does not), and SRD, our method
+(plain, and with the contrastive seed rule of METHOD.md section 3).
 
 Reduction over colour channels **[choice]**: every pixel-space attribution is summed over its
 three channels, keeping its sign; Saliency and SmoothGrad are |gradient| summed (Captum's
@@ -28,7 +29,7 @@ from pipeline import srd
 Explainer = Callable[[Tensor, Tensor], Tensor]
 
 METHODS: tuple[str, ...] = ("Saliency", "InputXGradient", "IntegratedGradients", "GuidedBackprop",
-                            "SmoothGrad", "LRP", "GradCAM", "LayerCAM", "SRD")
+                            "SmoothGrad", "LRP", "GradCAM", "LayerCAM", "SRD", "SRD-contrastive")
 # the module whose output is the last spatial feature map, per timm family **[choice]**: the
 # post-activation input of global pooling (ViT: the final norm's tokens)
 CAM_LAYERS: dict[str, str] = {"ResNet": "layer4", "EfficientNet": "bn2", "VisionTransformer": "norm"}
@@ -122,7 +123,7 @@ def differentiable(name: str, model: nn.Module, *, layer: str | None = None, ig_
                    sg_samples: int = 4, sg_stdev: float = 0.15) -> Explainer:
     """A twice-differentiable explainer for the manipulation attack (create_graph=True).
     Available for Saliency, InputXGradient, SmoothGrad, IntegratedGradients, GradCAM and
-    LayerCAM; GuidedBackprop, LRP and SRD raise Unsupported (their backward passes are
+    LayerCAM; GuidedBackprop, LRP and SRD (both variants) raise Unsupported (their backward passes are
     modified rules with no second-order path here)."""
     fns: dict[str, Explainer] = {
         "Saliency": lambda x, t: input_grad(model, x, t, True).abs().sum(1),
@@ -144,7 +145,7 @@ def _reduce(attr: Tensor) -> Tensor:
 
 
 def make_method(name: str, model: nn.Module, *, layer: str | None = None, ig_steps: int = 32,
-                ig_batch: int = 64, sg_samples: int = 16, sg_stdev: float = 0.15) -> Explainer:
+                ig_batch: int = 16, sg_samples: int = 16, sg_stdev: float = 0.15) -> Explainer:
     """The evaluated explainer `name` (one of METHODS) for `model`: (images, target) -> maps
     [N, H, W]. sg_stdev is SmoothGrad's noise in input units (Smilkov et al.: 15% of the input
     range); ig_batch is Captum's internal_batch_size. LRP raises Unsupported when Captum has no
@@ -174,8 +175,10 @@ def make_method(name: str, model: nn.Module, *, layer: str | None = None, ig_ste
         path = layer or cam_layer(model)
         kind = "gradcam" if name == "GradCAM" else "layercam"
         return lambda x, t: cam(model, path, x, t, kind).detach()
-    if name == "SRD":
-        return lambda x, t: srd.saliency(model, x, t)
+    if name in ("SRD", "SRD-contrastive"):
+        # SRD-contrastive: R <- R - mean(R) on the seed map (the reference's class-discriminative default)
+        contrastive = name == "SRD-contrastive"
+        return lambda x, t: srd.saliency(model, x, t, contrastive)
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
 
 
