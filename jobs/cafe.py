@@ -24,7 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from jobs.common import cluster_gpus, init_ray
-from pipeline.cafe.stage import STAGE, CafeContext, CafeOptions, CafePlan, CafeTask, CafeWorker, plan_cafe
+from pipeline.cafe.stage import (
+    STAGE,
+    CafeContext,
+    CafeOptions,
+    CafePlan,
+    CafeTask,
+    CafeWorker,
+    plan_cafe,
+)
 from pipeline.data.errors import ErrorRecord
 from pipeline.pfv.extract import write_errors
 from pipeline.store import Manifest, PartRecord, fs

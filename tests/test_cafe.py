@@ -32,12 +32,18 @@ from pipeline.cafe.groundtruth import GTObject, match, to_input_frame
 from pipeline.cafe.ierf import batched_latent_ierfs
 from pipeline.data.errors import ErrorLog
 from pipeline.data.shards import iter_samples
-from pipeline.latents.scan import ScanOptions
+from pipeline.latents import ScanOptions
 from pipeline.models import load_model
 from pipeline.pfv.sae_runs import LocalSession, make_runs, train_runs
 from pipeline.store import fs
 from schemas import EXEMPLAR_PICKS, EXEMPLARS
-from tests.test_train_sae_job import CHANNELS, OPTIONS, SWEEP, _one_torch_thread, extracted  # noqa: F401
+from tests.test_train_sae_job import (  # noqa: F401 (fixtures: one torch thread, the extraction)
+    CHANNELS,
+    OPTIONS,
+    SWEEP,
+    _one_torch_thread,
+    extracted,
+)
 
 LATENTS = 3  # latents per SAE whose picks the stage tests explain
 OPTS = CafeOptions(faithfulness_per_latent=1, steps=4, patch=16, image_batch=4)
@@ -119,7 +125,8 @@ def test_mass_mask_is_the_smallest_set_holding_the_fraction(fraction) -> None:
             assert not mask.any() and thr == 0
             continue
         smallest = next(k for k in range(1, 13) if any(
-            pos[list(c)].sum() >= fraction * total - 1e-9 for c in itertools.combinations(pixels, k)))
+            pos[list(c)].sum() >= fraction * total - 1e-9
+            for c in itertools.combinations(pixels, k)))
         chosen = mask.flatten().numpy()
         assert chosen.sum() == smallest
         assert pos[chosen].sum() >= fraction * total - 1e-6
@@ -175,7 +182,8 @@ def test_aucs_of_a_toy_readout_have_the_known_values() -> None:
     assert c.deletion["ierf"].tolist() == [12, 0, 0, 0, 0]
     assert c.insertion["act"].tolist() == [0, 0, 0, 0, 12]
     got = aucs(c)
-    assert got["del_auc_ierf"] == pytest.approx(0.125) and got["ins_auc_ierf"] == pytest.approx(0.875)
+    assert got["del_auc_ierf"] == pytest.approx(0.125)
+    assert got["ins_auc_ierf"] == pytest.approx(0.875)
     assert got["del_auc_act"] == pytest.approx(0.875) and got["ins_auc_act"] == pytest.approx(0.125)
     rank = orders["random"].tolist().index(0)  # patch 0 goes at step rank + 1
     assert got["del_auc_random"] == pytest.approx((rank + 0.5) / 4)

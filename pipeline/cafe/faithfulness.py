@@ -89,6 +89,7 @@ def perturbations(image: Tensor, orders: dict[str, Tensor], patch: int, steps: i
     rows = [image[None], base[None]]
     for name in ORDERS:
         switched = step_masks(orders[name], tuple(image.shape[1:]), patch, steps)[:, None]
+        switched = switched.to(image.device)
         rows.append(torch.where(switched, base, image))  # deletion: switched patches -> baseline
         rows.append(torch.where(switched, image, base))  # insertion: switched patches -> image
     return torch.cat(rows)

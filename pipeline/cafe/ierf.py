@@ -24,7 +24,7 @@ from pipeline.srd.graph import Graph
 
 def latent_directions(w_enc: Tensor, latents: Tensor) -> Tensor:
     """Directions w_f on the tapped PFVs of the given latents: Tensor[S, d_in]."""
-    return w_enc.detach()[latents.long()]
+    return w_enc.detach()[latents.to(w_enc.device).long()]
 
 
 def batched_latent_ierfs(model: nn.Module, graph: Graph, images: Tensor, layer: str,
@@ -32,8 +32,9 @@ def batched_latent_ierfs(model: nn.Module, graph: Graph, images: Tensor, layer: 
                          chunk: int = 64) -> tuple[list[Tensor], list[Tensor]]:
     """Latent iERFs of a ragged set of seeds over one recorded image batch.
 
-    images: Tensor[N, 3, H, W], the batch `graph` was recorded on (`srd.build(model, images)`). positions[i]: LongTensor[S_i]
-    seed positions on `layer` (tap layout) of image i; directions[i]: Tensor[S_i, C].
+    images: Tensor[N, 3, H, W], the batch `graph` was recorded on (`srd.build(model, images)`).
+    positions[i]: LongTensor[S_i] seed positions on `layer` (tap layout) of image i;
+    directions[i]: Tensor[S_i, C].
     Returns per image (maps Tensor[S_i, H, W], constants Tensor[S_i]). Images with fewer seeds
     than the most loaded one are padded with copies of one of their seeds (an image with none
     with a zero direction, whose relevance is all booked as constant), and the copies dropped.
@@ -51,7 +52,7 @@ def batched_latent_ierfs(model: nn.Module, graph: Graph, images: Tensor, layer: 
     for i, (p, d) in enumerate(zip(positions, directions)):
         if len(p):
             fill = torch.arange(width).clamp(max=len(p) - 1)
-            pos[i], dirs[i] = p.long()[fill], d.to(dirs)[fill]
+            pos[i], dirs[i] = p.long().cpu()[fill], d.to(dirs)[fill.to(dirs.device)]
     maps, consts = srd.ierf(model, images, layer, pos.to(images.device), dirs,
                             return_constant=True, chunk=chunk, graph=graph)
     sizes = [len(p) for p in positions]

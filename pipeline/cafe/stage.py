@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline import srd
 from pipeline.cafe import faithfulness, groundtruth
@@ -179,8 +179,9 @@ def plan_cafe(root: str, options: CafeOptions, atlas_id: str | None = None) -> C
     _check_picks(picks, saes)
     train = Manifest(root).records(TRAIN_STAGE)
     extract = Manifest(root).records("extract")
+    used = sorted(set(picks["sae_id"].to_pylist()))
     identity = dict(options.identity(), atlas_id=atlas_id, extract=extract_hash,
-                    saes={s: train[s].config_hash for s in sorted(set(picks["sae_id"].to_pylist()))})
+                    saes={s: train[s].config_hash for s in used})
     digest = check_stage_config(root, STAGE, identity)
     loaded = load(cfg)
     context = CafeContext(

@@ -1,0 +1,156 @@
+"""Benchmark latent iERF masks: seeds batched per image vs one seed at a time, in one run.
+
+    python benchmarks/ierf_masks.py                          # demo_out, 8 images x 8 seeds
+    python benchmarks/ierf_masks.py --root demo_out --images 16 --seeds 16 --device cuda
+
+The seeds are realistic exemplars: per image, its `--seeds` strongest latents of the layer's SAE
+(argmax position, direction w_f = W_enc[f]). Three ways to get the same masks, timed on the same
+images, device and thread count:
+  batched      one recorded pattern per `--image-batch` images, every seed of them in one
+               `srd.ierf` pass (what the cafe stage does);
+  per_image    one recorded pattern per image, its seeds propagated one at a time;
+  one_at_a_time  a fresh `srd.ierf` call per seed (records the pattern each time).
+Each includes the 50%-mass mask of every map. The maps of all three are compared (max abs
+difference), so a speed-up never comes from different numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pipeline import srd  # noqa: E402
+from pipeline.cafe.ierf import batched_latent_ierfs  # noqa: E402
+from pipeline.cafe.masks import mass_masks  # noqa: E402
+from pipeline.data.errors import ErrorLog  # noqa: E402
+from pipeline.data.shards import iter_samples  # noqa: E402
+from pipeline.models import make_transform, tap  # noqa: E402
+from pipeline.pfv.extract import load  # noqa: E402
+from pipeline.pfv.sae_runs import extract_config, read_saes  # noqa: E402
+from pipeline.sae import load_sae  # noqa: E402
+from pipeline.store import Manifest  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seeds_of(model, sae, layer: str, x: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image its s strongest latents at their argmax: positions [N, s], latents [N, s]."""
+    values = tap(model, x, [layer])[layer].values  # [N, P, C]
+    acts = sae.encode(values.float())  # [N, P, F]
+    top, pos = acts.max(1)  # [N, F]
+    latents = top.topk(s, dim=1).indices
+    return pos.gather(1, latents), latents
+
+
+def run_layer(model, sae, layer: str, x: torch.Tensor, args, device) -> dict:
+    positions, latents = seeds_of(model, sae, layer, x, args.seeds)
+    dirs = sae.W_enc.detach()[latents]  # [N, s, C]
+    n = len(x)
+    masks_total = n * args.seeds
+    out: dict = {"masks": masks_total}
+
+    sync(device)
+    t = time.perf_counter()
+    batched = []
+    for lo in range(0, n, args.image_batch):
+        xb = x[lo:lo + args.image_batch]
+        graph = srd.build(model, xb)[0]
+        maps, _ = batched_latent_ierfs(model, graph, xb, layer, list(positions[lo:lo + len(xb)]),
+                                       list(dirs[lo:lo + len(xb)]), args.chunk)
+        for m in maps:
+            mass_masks(m, 0.5)
+        batched += maps
+    sync(device)
+    out["batched_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    per_image = []
+    for i in range(n):
+        graph = srd.build(model, x[i:i + 1])[0]
+        for j in range(args.seeds):
+            m = srd.ierf(model, x[i:i + 1], layer, positions[i, j:j + 1], dirs[i, j:j + 1],
+                         graph=graph)[0]
+            mass_masks(m, 0.5)
+            per_image.append(m[0])
+    sync(device)
+    out["per_image_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    single = []
+    for i in range(n):
+        for j in range(args.seeds):
+            m = srd.ierf(model, x[i:i + 1], layer, positions[i, j:j + 1], dirs[i, j:j + 1])[0]
+            mass_masks(m, 0.5)
+            single.append(m[0])
+    sync(device)
+    out["one_at_a_time_s"] = time.perf_counter() - t
+
+    ref = torch.cat(batched)
+    out["max_abs_diff_per_image"] = float((ref - torch.stack(per_image)).abs().max())
+    out["max_abs_diff_one_at_a_time"] = float((ref - torch.stack(single)).abs().max())
+    for mode in ("batched", "per_image", "one_at_a_time"):
+        out[f"{mode}_masks_per_s"] = round(masks_total / out[f"{mode}_s"], 2)
+        out[f"{mode}_s"] = round(out[f"{mode}_s"], 3)
+    out["speedup_vs_one_at_a_time"] = round(out["one_at_a_time_s"] / out["batched_s"], 2)
+    out["speedup_vs_per_image"] = round(out["per_image_s"] / out["batched_s"], 2)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="demo_out", help="an atlas root with extraction + SAEs")
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--seeds", type=int, default=8, help="seeds (exemplars) per image")
+    p.add_argument("--image-batch", type=int, default=8)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="CUDA: exact float32 convolutions (cuDNN uses TF32 by default, which "
+                        "shifts maps by ~1e-3 between batch shapes)")
+    p.add_argument("--out", default=None, help="JSON path (default: print only)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    device = torch.device(args.device)
+
+    cfg, _, _ = extract_config(args.root)
+    loaded = load(cfg, device)
+    model = loaded.model.eval()
+    shard = Manifest(args.root).records("extract")["part-000000"].input
+    transform = make_transform(loaded.data_config)
+    samples = iter_samples([shard], ErrorLog(), "bench")
+    x = torch.stack([transform(s.image) for s, _ in zip(samples, range(args.images))]).to(device)
+
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else platform.processor() or platform.machine(),
+              "torch_threads": torch.get_num_threads(), "model": cfg.model,
+              "cudnn_tf32": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
+              "input": list(x.shape[1:]), "images": args.images, "seeds_per_image": args.seeds,
+              "image_batch": args.image_batch, "layers": {}}
+    for row in read_saes(args.root):
+        sae = load_sae(row["weights"], device)
+        srd.build(model, x[:1])  # warm-up (lazy imports, allocator)
+        result["layers"][row["layer"]] = dict(sae_id=row["sae_id"], **run_layer(
+            model, sae, row["layer"], x, args, device))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
