@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +322,24 @@ def test_crash_before_the_reduce_reduces_on_rerun_without_rescanning(atlas, scan
     assert_same_tables(read_tables(scanned[0]), read_tables(root))
 
 
+def test_rewritten_sae_weights_rescan_only_that_sae(atlas, scanned, tmp_path) -> None:
+    root = copy_of(atlas, tmp_path / "atlas")  # fingerprints hold paths: scan the copy first
+    run(root, OPTIONS, in_process=True, progress=False)
+    weights = Path(root, "sae_weights", "layer4-topk-96-k8.safetensors")
+    os.utime(weights, (1, 1))  # same bytes, new fingerprint: as if trained again
+    summary = run(root, OPTIONS, in_process=True, progress=False)
+    assert (summary["parts_new"], summary["parts_skipped"]) == (3, 6)
+    assert summary["reduced"] == ["layer4-topk-96-k8"]
+    assert_same_tables(read_tables(scanned[0]), read_tables(root))
+
+
+def test_scan_writes_to_a_fsspec_url(atlas, scanned, tmp_path) -> None:
+    root = "file://" + copy_of(atlas, tmp_path / "atlas")
+    summary = run(root, OPTIONS, in_process=True, progress=False)
+    assert summary["parts_new"] == 9 and len(summary["reduced"]) == 3
+    assert_same_tables(read_tables(scanned[0]), read_tables(str(tmp_path / "atlas")))
+
+
 def test_failed_part_is_reported_and_only_its_sae_waits(atlas, tmp_path) -> None:
     root = copy_of(atlas, tmp_path / "atlas")
     broken = committed_parts(root, "layer2")[1]
@@ -354,6 +373,31 @@ def test_bad_options_are_refused_naming_the_value(kwargs, named) -> None:
 def test_unknown_sae_is_refused_naming_the_trained_ones(atlas) -> None:
     with pytest.raises(ValueError, match="layer4-topk-96-k8"):
         run(atlas, OPTIONS, in_process=True, progress=False, sae_ids=["layer9-x"])
+
+
+@pytest.mark.slow  # two CLI runs in fresh interpreters
+def test_killed_driver_process_resumes_and_the_output_is_identical(atlas, scanned,
+                                                                   tmp_path) -> None:
+    root = Path(copy_of(atlas, tmp_path / "atlas"))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in OPTIONS.identity().items()]
+    args = [sys.executable, "-m", "jobs.scan", "--out", str(root), "--in-process",
+            "--no-progress", *flags, f"--batch-pfvs={OPTIONS.batch_pfvs}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    repo = Path(__file__).parents[1]
+    driver = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    manifest = root / "manifest" / "stage=scan"
+    while driver.poll() is None and not (manifest.is_dir() and any(manifest.glob("*.json"))):
+        time.sleep(0.01)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    done = len(list(manifest.glob("*.json")))
+    assert 1 <= done < 9, "the driver should die after its first part, before the last"
+    rerun = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{done} done, {9 - done} to do" in rerun.stdout
+    assert_same_tables(read_tables(scanned[0]), read_tables(str(root)))
+    assert not [p for p in root.rglob("*") if ".tmp-" in p.name]
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch: seconds on a loaded machine
