@@ -17,13 +17,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ray
 import torch
 from tqdm.auto import tqdm
 
 from jobs.common import init_ray
+from pipeline.data.errors import ErrorRecord
 from pipeline.latents.plan import ScanPlan, plan_scan, reduce_status, summary_rows
 from pipeline.latents.reduce import reduce_sae
 from pipeline.latents.scan import FOLDERS, STAGE, ScanOptions, ScanUnit, scan_task, scan_unit
+from pipeline.pfv.extract import write_errors
 from pipeline.store import Manifest, PartRecord, fs
 
 OnPart = Callable[[PartRecord], None]
@@ -77,15 +80,18 @@ def run(root: str, options: ScanOptions | None = None, *, address: str | None = 
 
 
 class _Committer:
-    """Commits finished units, records failed ones, keeps the progress bar."""
+    """Commits finished units, records failed ones (summary and `errors` table), keeps the
+    progress bar. Each unit's errors part is written either way, so a part that failed once
+    and then succeeded leaves no stale error behind."""
 
     def __init__(self, plan: ScanPlan, progress: bool, on_part: OnPart | None) -> None:
-        self.manifest, self.on_part, self.failed = Manifest(plan.root), on_part, {}
+        self.plan, self.manifest, self.on_part, self.failed = plan, Manifest(plan.root), on_part, {}
         self.bar = tqdm(total=len(plan.pending), unit="part", desc="scan",
                         disable=not progress, smoothing=0.1)
         self.pfvs, self.rows = 0, {u.name: u.pfv.rows for u in plan.pending}
 
     def ok(self, record: PartRecord) -> None:
+        write_errors(self.plan.root, STAGE, record.part, self.plan.atlas_id, [])
         self.manifest.commit(record)
         self.pfvs += self.rows[record.part]
         self.bar.set_postfix(pfvs=self.pfvs, refresh=False)
@@ -96,6 +102,8 @@ class _Committer:
     def fail(self, unit: ScanUnit, reason: str) -> None:
         reason = reason.strip().splitlines()[-1][:2000] if reason.strip() else "unknown failure"
         self.failed[unit.name] = reason
+        write_errors(self.plan.root, STAGE, unit.name, self.plan.atlas_id,
+                     [ErrorRecord(stage=STAGE, shard=unit.pfv.values, key="", reason=reason)])
         print(f"[scan] {unit.name} failed: {reason}", file=sys.stderr, flush=True)
 
 
@@ -112,13 +120,15 @@ def _run_in_process(plan: ScanPlan, done: _Committer) -> None:
 
 def _run_on_ray(plan: ScanPlan, done: _Committer) -> None:
     """Submit the units as Ray tasks, a bounded number at a time, committing as they finish."""
-    import ray
-
     opts = plan.options
     # workers import only pipeline.latents.scan (no model stack): they start in seconds
     task = ray.remote(scan_task).options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
                                      max_retries=opts.max_retries)
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / opts.cpus_per_task))
+    resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 1) / opts.cpus_per_task)
+    if opts.gpus_per_task > 0:
+        slots = min(slots, int(resources.get("GPU", 0) / opts.gpus_per_task))
+    slots = max(1, slots)
     queue = list(reversed(plan.pending))  # pop() takes them in order
     in_flight: dict[ray.ObjectRef, ScanUnit] = {}
     options_ref = ray.put(opts)

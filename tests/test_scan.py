@@ -350,6 +350,9 @@ def test_failed_part_is_reported_and_only_its_sae_waits(atlas, tmp_path) -> None
     assert summary["incomplete"] == ["layer2-topk-64-k4"]
     assert sorted(summary["reduced"]) == ["layer4-topk-40-k12", "layer4-topk-96-k8"]
     assert summary["saes"]["layer2-topk-64-k4"]["dead"] is None
+    errors = pq.read_table(Path(root, "errors", "stage=scan")).to_pylist()
+    assert len(list(Path(root, "errors", "stage=scan").glob("*.parquet"))) == 9
+    assert [(e["shard"], e["reason"]) for e in errors] == [(broken.values, reason)]
 
 
 def test_other_options_in_the_same_output_are_refused_naming_the_key(scanned) -> None:
