@@ -108,6 +108,8 @@ class _Committer:
 
 
 def _run_in_process(plan: ScanPlan, done: _Committer) -> None:
+    # as many torch threads as a Ray task would get (this process's setting stays changed)
+    torch.set_num_threads(max(1, int(plan.options.cpus_per_task)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for unit in plan.pending:
         try:
