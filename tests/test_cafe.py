@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -287,6 +288,17 @@ def test_other_options_in_the_same_atlas_are_refused_naming_the_key(atlas, tmp_p
     with pytest.raises(ValueError, match="mask_mass: 0.5 -> 0.3"):
         plan_cafe(root, CafeOptions(**{**OPTS.__dict__, "mask_mass": 0.3}))
     plan_cafe(root, CafeOptions(**{**OPTS.__dict__, "image_batch": 1}))  # speed only: accepted
+
+
+def test_picks_of_an_unknown_sae_are_refused_before_any_work(atlas, tmp_path) -> None:
+    root = copy_of(atlas, tmp_path / "a")
+    url = fs.join(root, "exemplar_picks", "sae=layer4-small", "part-000000.parquet")
+    picks = fs.read_parquet(url)
+    fs.write_parquet(picks.set_column(picks.schema.get_field_index("sae_id"), "sae_id",
+                                      pa.array(["layer4-big"] * picks.num_rows)), url)
+    with pytest.raises(ValueError, match="picks of SAE 'layer4-big', which is not trained here"):
+        plan_cafe(root, OPTS)
+    assert not (Path(root) / "stages" / "cafe.json").exists()
 
 
 @pytest.mark.parametrize("kwargs, named", [({"mask_mass": 0}, "mask_mass=0"),

@@ -100,7 +100,8 @@ class CafeOptions:
                 raise ValueError(f"{name}={value!r}: expected an int >= {low}")
 
     def identity(self) -> dict[str, Any]:
-        """The fields the rows depend on (batch sizes only change the speed)."""
+        """The fields the rows depend on (batch sizes change the speed, and the maps only by
+        float rounding)."""
         d = asdict(self)
         for name in ("image_batch", "seed_chunk", "forward_batch"):
             d.pop(name)
