@@ -332,15 +332,18 @@ def test_exact_index_search_equals_numpy_brute_force() -> None:
 
 def test_ivfpq_index_above_the_exact_size_keeps_recall() -> None:
     rng = np.random.default_rng(2)
-    centres = rng.normal(size=(50, 16))
-    base = idx.normalise_rows(centres[rng.integers(0, 50, 3000)] + 0.3 * rng.normal(size=(3000, 16)))
-    queries = base[:100] + 0.05 * rng.normal(size=(100, 16)).astype(np.float32)
+    centres = rng.normal(size=(50, 32))
+    base = idx.normalise_rows(centres[rng.integers(0, 50, 3000)] + 0.3 * rng.normal(size=(3000, 32)))
+    queries = base[:100] + 0.05 * rng.normal(size=(100, 32)).astype(np.float32)
     index, meta = idx.build_index(base, exact_below=2000)
-    assert meta["factory"] == idx.ivfpq_factory(3000, 16) == "IVF64,PQ4np"
+    assert meta["factory"] == idx.ivfpq_factory(3000, 32) == "IVF64,PQ8x4fs,Refine(SQ8)"
+    assert (meta["nprobe"], meta["k_factor"]) == (32, idx.K_FACTOR)
     _, approx = index.search(idx.normalise_rows(queries), 10)
     exact = np.argsort(-(idx.normalise_rows(queries) @ base.T), axis=1)[:, :10]
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
-    assert recall > 0.5
+    # 60 near-duplicates per cluster (cosine ~0.997) is a hard case for 8-bit re-ranking;
+    # measured 0.79 (benchmarks/atlas_queries.py measures the realistic case at scale)
+    assert recall > 0.7
 
 
 def test_decoder_index_equals_brute_force_over_decoder_directions(atlas) -> None:
@@ -388,6 +391,8 @@ def test_similar_returns_the_latent_itself_first(atlas) -> None:
     both = atlas.similar("layer4-a", 5, k=200)
     assert set(both["sae_id"].to_pylist()) == {"layer4-a", "layer4-b"}
     assert both.num_rows == 128
+    # a layer name in `layers` stands for every SAE of the layer
+    assert atlas.similar("layer4-a", 5, k=200, layers=["layer4"]).equals(both)
     a = idx.decoder_vectors(atlas.sae("layer4-a"))[5]
     b = idx.decoder_vectors(atlas.sae("layer4-b"))
     other = both.filter(pa.compute.equal(both["sae_id"], "layer4-b")).to_pylist()[0]
@@ -484,3 +489,16 @@ def test_cli_similar_latent_search_index(atlas_root, tmp_path, capsys) -> None:
     assert Path(tmp_path / "s.png").stat().st_size > 0
     assert main(["similar", root, "--latent", "layer9:3"]) == 2
     assert "layers with an SAE: layer2, layer4" in capsys.readouterr().err
+
+
+def test_atlas_on_an_fsspec_url_reads_only_under_its_root(atlas_root) -> None:
+    root = "memory://atlas-test-url"
+    for f in table_files(atlas_root["root"], "layers"):
+        fs.write_atomic(fs.join(root, "layers", Path(f).name),
+                        lambda out, data=Path(f).read_bytes(): out.write(data))
+    fs.write_atomic("memory://elsewhere/x.csv", lambda out: out.write(b"a\n1\n"))
+    url_atlas = Atlas.open(root)
+    assert url_atlas.sql("SELECT layer FROM layers ORDER BY 1")["layer"].to_pylist() == [
+        "layer2", "layer4"]
+    with pytest.raises(ValueError, match="Permission"):
+        url_atlas.sql("SELECT * FROM read_csv('memory://elsewhere/x.csv')")

@@ -145,6 +145,14 @@ class Atlas:
         raise ValueError(f"unknown layer or SAE {name!r}; layers with an SAE: "
                          f"{', '.join(layers) or 'none'}; SAEs: {', '.join(self.saes) or 'none'}")
 
+    def expand(self, names: Sequence[str]) -> list[str]:
+        """sae_ids of `names`: an sae_id stands for itself, a layer for every SAE it has."""
+        out: list[str] = []
+        for name in names:
+            of_layer = [s for s, r in self.saes.items() if r["layer"] == name]
+            out += [name] if name in self.saes else (of_layer or [self.resolve_sae(name)["sae_id"]])
+        return list(dict.fromkeys(out))
+
     def sae(self, sae_id: str) -> SAE:
         """The trained SAE `sae_id` (loaded once, on CPU)."""
         if sae_id not in self._saes:
@@ -208,9 +216,8 @@ class Atlas:
         """
         src = self.resolve_sae(layer)
         latent = self.check_latent(src, latent)
-        targets = [self.resolve_sae(n)["sae_id"] for n in layers] if layers else \
-            self.comparable(src["sae_id"])
         ok = self.comparable(src["sae_id"])
+        targets = self.expand(layers) if layers else ok
         bad = [t for t in targets if t not in ok]
         if bad:
             names = ", ".join(f"{self.saes[t]['layer']} ({t}, d_in={self.saes[t]['d_in']})"

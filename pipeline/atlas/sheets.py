@@ -47,16 +47,22 @@ def latent_sheet(atlas: Atlas, info: LatentInfo, columns: int = COLUMNS) -> Imag
 
 def search_sheet(atlas: Atlas, query: np.ndarray, box: Sequence[int] | None,
                  results: pa.Table, per_row: int = COLUMNS - 1) -> Image.Image:
-    """The query (box outlined), then one row per result: its best exemplars as thumbnails."""
+    """The query (box outlined), then one row per result: the best-matching exemplar region
+    (outlined), then the latent's top exemplars."""
     shown = query if box is None else draw_box(query, (box[0], box[1], box[0] + box[2],
                                                        box[1] + box[3]))
     rows: list[list[np.ndarray]] = [[shown]]
     labels = ["query" + ("" if box is None else f" box {tuple(box)}")]
-    wanted = {i for ids in results["exemplar_image_ids"].to_pylist() for i in ids[:per_row]}
+    hits = results.to_pylist()
+    wanted = {i for r in hits for i in [r["match_image_id"], *r["exemplar_image_ids"][:per_row]]}
     images = atlas.images(sorted(wanted))
-    for r in results.to_pylist():
-        rows.append([images[i] for i in r["exemplar_image_ids"][:per_row] if i in images])
+    for r in hits:
+        layer = atlas.layer_info(r["layer"])
+        match = images[r["match_image_id"]]
+        cell = cell_box(r["match_position"], match.shape[:2], (layer["grid_h"], layer["grid_w"]),
+                        layer["num_special"])
+        rows.append([exemplar_tile(match, None, cell)] +
+                    [images[i] for i in r["exemplar_image_ids"][:per_row] if i in images])
         labels.append(f"{r['sae_id']} latent {r['latent']}: sim {r['similarity']:.3f} "
-                      f"act {r['activation']:.2f} {r['label_hint'] or ''}")
+                      f"act {r['activation']:.2f} {r['label_hint'] or ''}  (first: best match)")
     return contact_sheet(rows, labels, tile=96)
-

@@ -88,8 +88,8 @@ def table_files(root: str, name: str) -> list[str]:
                                               for part in p[len(path):].split("/")))
 
 
-def connect(root: str, atlas_id: str, threads: int | None = None,
-            memory_limit: str | None = None) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]]:
+def connect(root: str, atlas_id: str, threads: int | None = None
+            ) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]]:
     """An in-memory DuckDB connection holding the views of atlas `root`, locked read-only.
 
     Returns the connection and {table: number of files} (0 for a table the atlas lacks). `root`
@@ -99,23 +99,22 @@ def connect(root: str, atlas_id: str, threads: int | None = None,
     con = duckdb.connect(":memory:")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
-    if memory_limit:
-        con.execute(f"SET memory_limit = {literal(memory_limit)}")
     local = fs.local_path(root)
     if local is None:
-        filesystem, _ = fs.filesystem(root)
+        filesystem, path = fs.filesystem(root)
         con.register_filesystem(filesystem)
-        prefix = root + "/"
+        # DuckDB may spell a globbed URL as the filesystem does (`memory:///x` for `memory://x`)
+        prefixes = {root + "/", filesystem.unstrip_protocol(path).rstrip("/") + "/"}
     else:
-        root = prefix = os.path.abspath(local)
-        prefix += "/"
+        root = os.path.abspath(local)
+        prefixes = {root + "/"}
     files = {name: len(table_files(root, name)) for name in SOURCES}
-    con.execute(f"SET allowed_directories = [{literal(prefix)}]")
+    con.execute(f"SET allowed_directories = [{', '.join(map(literal, sorted(prefixes)))}]")
     for setting in ("enable_external_access", "autoinstall_known_extensions",
                     "autoload_known_extensions", "allow_community_extensions",
                     "allow_persistent_secrets"):
         con.execute(f"SET {setting} = false")
-    sources = {name: _source(con, root, SOURCES[name]) if files[name] else _missing(con, root, s)
+    sources = {name: _source(root, s) if files[name] else _missing(con, root, s)
                for name, s in SOURCES.items()}
     sources["exemplars_or_empty"] = ("exemplars" if files["exemplars"]
                                      else _typed_nulls(con, TABLES["exemplars"], "false"))
@@ -145,7 +144,7 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
     return statements[0].query
 
 
-def _source(con: duckdb.DuckDBPyConnection, root: str, s: TableSource) -> str:
+def _source(root: str, s: TableSource) -> str:
     pattern = literal(fs.join(root, s.pattern))
     if s.fmt == "json":
         return f"read_json({pattern}, format = 'auto', columns = {_MANIFEST_COLUMNS})"
