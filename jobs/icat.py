@@ -130,8 +130,7 @@ def _run_on_ray(plan: ICATPlan, commit: Callable[[PartRecord], None], n_actors: 
         gpus = 1.0 if cluster_gpus() > 0 else 0.0
     actor_cls = ray.remote(ICATActor).options(num_cpus=cpus, num_gpus=gpus,
                                               max_restarts=max_retries, max_task_retries=max_retries)
-    plan_ref = ray.put(plan)
-    actors = [actor_cls.remote(plan_ref, max(1, int(cpus)))
+    actors = [actor_cls.remote(plan, max(1, int(cpus)))
               for _ in range(max(1, min(n_actors, len(plan.pending))))]
     queue = list(reversed(plan.pending))
     in_flight: dict[ray.ObjectRef, tuple[int, MapTask]] = {}
@@ -152,7 +151,7 @@ def _run_on_ray(plan: ICATPlan, commit: Callable[[PartRecord], None], n_actors: 
             record: PartRecord = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             failed[task.part] = f"scorer actor died: {exc}"
-            actors[slot] = actor_cls.remote(plan_ref, max(1, int(cpus)))
+            actors[slot] = actor_cls.remote(plan, max(1, int(cpus)))
         except ray.exceptions.RayError as exc:
             failed[task.part] = f"{type(exc).__name__}: {exc}"
         else:
@@ -180,6 +179,8 @@ def parse_args(argv: Sequence[str]) -> tuple[str, ICATOptions, dict[str, Any]]:
                    help="images scored per shard; 0 = all")
     p.add_argument("--top-edges", type=int, default=d.top_edges)
     p.add_argument("--min-weight", type=float, default=d.min_weight)
+    p.add_argument("--position", type=int, default=None,
+                   help="read downstream latents at this SAE position (default: sum over positions)")
     p.add_argument("--layers", nargs="+", help="layers to connect (default: all with an SAE)")
     p.add_argument("--sae", action="append", default=[], metavar="LAYER=SAE_ID",
                    help="the SAE of a layer (default: lowest held-out FVU)")
@@ -194,7 +195,8 @@ def parse_args(argv: Sequence[str]) -> tuple[str, ICATOptions, dict[str, Any]]:
     saes = dict(s.split("=", 1) for s in a.sae)
     options = ICATOptions(methods=tuple(a.methods), steps=a.steps, rule=a.rule,
                           scale_error=a.scale_error, images_per_shard=a.images_per_shard or None,
-                          top_edges=a.top_edges, min_weight=a.min_weight, saes=saes or None,
+                          top_edges=a.top_edges, min_weight=a.min_weight, position=a.position,
+                          saes=saes or None,
                           layers=tuple(a.layers) if a.layers else None, logits=not a.no_logits,
                           batch_size=a.batch_size)
     return a.root, options, dict(address=a.address, progress=not a.no_progress,

@@ -233,7 +233,9 @@ def _attribute_rows(segment: Segment, dec: Decomposed, readout: Readout, rows: T
             out["grad_x_act"] = torch.cat([(acts * lat).sum(1), err_score], 1)
         if "grad" in methods:
             out["grad"] = torch.cat([((acts > 0) * lat).sum(1), err_score], 1)
-    error_coeff = lambda alpha: alpha if scale_error else 1.0  # noqa: E731
+    def error_coeff(alpha: float) -> float:
+        return alpha if scale_error else 1.0
+
     with torch.no_grad():
         full, _ = dec.at(rows, 0.0, error_coeff(0.0))
         baseline = readout(segment(full, None if images is None else images[rows]), node, mask)

@@ -236,6 +236,11 @@ class ShardScorer:
                                             device=device).long())
             for layer, row in plan.saes.items()}
         self.segments = {(a, b): Segment(model, a, b, specs) for a, b in plan.pairs}
+        for a, b in plan.pairs:
+            n_pos = 0 if b == LOGITS else len(self.saes[b].positions)
+            if b != LOGITS and self.options.position is not None and not 0 <= self.options.position < n_pos:
+                raise ValueError(f"position={self.options.position}: layer {b!r}'s SAE reads "
+                                 f"{n_pos} positions; use 0..{n_pos - 1} or None (sum)")
 
     def score_pair(self, pair: tuple[str, str], pixels: torch.Tensor, labels: np.ndarray,
                    taps: dict[str, Any] | None = None, rows_per_image: int | None = None,
