@@ -217,15 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m jobs.cafe --out atlas/ --faithfulness-per-latent 0 --in-process\n"
                "  python -m jobs.cafe --out s3://b/atlas --address auto --actors 8")
     p.add_argument("--out", required=True, help="the atlas root (extraction + SAEs + picks)")
-    p.add_argument("--atlas-id", default=None)
+    p.add_argument("--atlas-id", default=None, help="default: the extraction's atlas_id")
     for f in fields(CafeOptions):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--gpus-per-actor", type=float, default=None)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default {f.default})")
+    p.add_argument("--actors", type=int, default=1, help="model actors (default 1)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="(default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS or local)")
     p.add_argument("--in-process", action="store_true", help="no Ray: parts one by one here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

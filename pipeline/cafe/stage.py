@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -60,32 +60,27 @@ PICKS_DIR = "exemplar_picks"
 
 @dataclass(frozen=True)
 class CafeOptions:
-    """How exemplars are explained. Only `identity()` fields change the rows (and the hash).
+    """How exemplars are explained. Only `identity()` fields change the rows (and the hash);
+    each field's `metadata["help"]` says what it does (also the `python -m jobs.cafe` help)."""
 
-    Attributes:
-        mask_mass: the iERF mask is the smallest pixel set holding this fraction of the
-            positive relevance (METHOD.md section 6: 0.5).
-        act_threshold: the activation map is thresholded at this fraction of its maximum
-            (act_overlap, gt_iou_act).
-        faithfulness_per_latent: insertion / deletion curves for the `top` picks of rank below
-            this (per latent; they cost 2 + 6 (steps - 1) forwards each); the others get nulls.
-        steps: insertion / deletion steps (equal fractions of the patches).
-        patch: side of the square input patches, pixels.
-        seed: seeds the random patch order.
-        image_batch: images per recorded SRD pattern (their seeds propagate together).
-        seed_chunk: seeds per image per propagation pass (bounds memory).
-        forward_batch: perturbed images per forward pass of the faithfulness check.
-    """
-
-    mask_mass: float = 0.5
-    act_threshold: float = 0.5
-    faithfulness_per_latent: int = 4
-    steps: int = 16
-    patch: int = 8
-    seed: int = 0
-    image_batch: int = 8
-    seed_chunk: int = 64
-    forward_batch: int = 128
+    mask_mass: float = field(default=0.5, metadata={"help": (
+        "the iERF mask is the smallest pixel set holding this fraction of the positive "
+        "relevance (METHOD.md section 6)")})
+    act_threshold: float = field(default=0.5, metadata={"help": (
+        "the activation map is thresholded at this fraction of its maximum (act_overlap, "
+        "gt_iou_act)")})
+    faithfulness_per_latent: int = field(default=4, metadata={"help": (
+        "insertion / deletion AUCs for the 'top' picks of rank below this, per latent (2 + 6 "
+        "(steps - 1) forwards each); the others get nulls")})
+    steps: int = field(default=16, metadata={"help": "insertion / deletion steps"})
+    patch: int = field(default=8, metadata={"help": "side of the square input patches, pixels"})
+    seed: int = field(default=0, metadata={"help": "seeds the random patch order"})
+    image_batch: int = field(default=8, metadata={"help": (
+        "images per recorded SRD pattern (all their seeds propagate together)")})
+    seed_chunk: int = field(default=64, metadata={"help": (
+        "seeds per image per propagation pass (bounds memory)")})
+    forward_batch: int = field(default=128, metadata={"help": (
+        "perturbed images per forward pass of the faithfulness check")})
 
     def __post_init__(self) -> None:
         for name in ("mask_mass", "act_threshold"):
