@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.icat.segment import LOGITS, Segment
+from pipeline.icat.segment import Segment
 from pipeline.sae import SAE
 
 METHODS: tuple[str, ...] = ("ig", "grad_x_act", "grad")

@@ -15,6 +15,8 @@ ranking has a high insertion AUC and a low deletion AUC. The random baseline ave
 """
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,10 +180,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipeline.icat.protocol ROOT`: run the protocol, print the table, write JSON."""
-    import argparse
-    import json
-    import sys
-
     p = argparse.ArgumentParser(prog="python -m pipeline.icat.protocol", description=__doc__.split("\n\n")[0])
     p.add_argument("root", help="atlas root after extract and train-sae (read only)")
     p.add_argument("--images", type=int, default=32)

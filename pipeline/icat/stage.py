@@ -136,7 +136,8 @@ def plan_icat(root: str, options: ICATOptions, record: bool = True) -> ICATPlan:
     """Check the atlas, pick the SAEs and pairs, record the stage config, list the work left.
 
     `record=False` only reads the atlas (no stage config written or checked: the protocol and
-    the benchmarks score pairs without writing edges). Raises FileNotFoundError without an extraction, ValueError naming a layer or SAE that does
+    the benchmarks score pairs without writing edges).
+    Raises FileNotFoundError without an extraction, ValueError naming a layer or SAE that does
     not exist, or when `root` holds icat outputs of another config.
     """
     cfg, ident, extract_hash = extract_config(root)
