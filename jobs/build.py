@@ -52,12 +52,9 @@ def _make_data(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> 
 def _extract(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
     from jobs.extract import run
 
-    summary = run(cfg.extract, cfg.shard_spec, cfg.out, atlas_id=cfg.atlas_id, address=address,
-                  **cfg.extract_runtime)
-    if summary["parts_failed"]:
-        raise RuntimeError(f"extract: {len(summary['parts_failed'])} parts failed (see the "
-                           "errors table); re-run the build to retry them")
-    return summary
+    return _no_failures("extract", run(cfg.extract, cfg.shard_spec, cfg.out,
+                                       atlas_id=cfg.atlas_id, address=address,
+                                       **cfg.extract_runtime))
 
 
 def _train_sae(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> Any:
@@ -66,10 +63,25 @@ def _train_sae(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> 
     return run(cfg.out, cfg.sweep, cfg.train, atlas_id=cfg.atlas_id, address=address)
 
 
+def _scan(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
+    from jobs.scan import run
+
+    return _no_failures("scan", run(cfg.out, cfg.stages["scan"], address=address,
+                                    **cfg.stage_runtime["scan"]))
+
+
+def _no_failures(stage: str, summary: dict[str, Any]) -> dict[str, Any]:
+    if summary.get("parts_failed"):
+        raise RuntimeError(f"{stage}: {len(summary['parts_failed'])} parts failed (see the "
+                           "errors table); re-run the build to retry them")
+    return summary
+
+
 STAGES: list[Stage] = [
     Stage("make-data", lambda c: c.synthetic is not None, _make_data),
     Stage("extract", lambda c: True, _extract),
     Stage("train-sae", lambda c: c.train is not None, _train_sae),
+    Stage("scan", lambda c: "scan" in c.stages, _scan),
 ]
 
 

@@ -12,6 +12,7 @@ A config has these sections (see `configs/demo.yaml`):
               actors, cpus_per_actor, gpus_per_actor, in_process}
     train_sae: {sweep: [{layer, sae: {...}, name?, steps?}], steps, checkpoint_every,
                 holdout_parts, workers, ...}  # TrainOptions fields
+    scan: {top_per_image, n_top, n_quantile, ...}            # ScanOptions fields (needs train_sae)
 
 `check_build` runs every check of every stage before any of them starts, so a bad layer,
 model, shard path or SAE config fails in seconds with a message naming it, not after an
@@ -27,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.latents.scan import ScanOptions
 from pipeline.models import LayerSpec
 from pipeline.pfv.extract import (
     STAGE as EXTRACT,
@@ -39,7 +41,10 @@ from pipeline.pfv.extract import (
 from pipeline.pfv.sae_runs import SAERun, TrainOptions, make_runs
 from pipeline.store import check_stage_config, fs
 
-SECTIONS = ("atlas_id", "out", "data", "model", "extract", "train_sae")
+SECTIONS = ("atlas_id", "out", "data", "model", "extract", "train_sae", "scan")
+# later stages: section name -> (options class, the section it needs)
+STAGE_OPTIONS: dict[str, tuple[type, str]] = {"scan": (ScanOptions, "train_sae")}
+STAGE_RUNTIME_KEYS = ("in_process",)
 SYNTHETIC_KEYS = ("n", "seed", "size", "shard_size", "shortcut_prob")
 SYNTHETIC_DEFAULTS = {"seed": 0, "size": 128, "shard_size": 1000, "shortcut_prob": 0.0}
 EXTRACT_RUNTIME_KEYS = ("actors", "cpus_per_actor", "gpus_per_actor", "in_process")
@@ -57,6 +62,10 @@ class BuildConfig:
     extract_runtime: dict[str, Any]
     train: TrainOptions | None
     sweep: list[dict[str, Any]] = field(default_factory=list)
+    # options of the later stages by section name (absent: the stage does not run), and their
+    # runtime keys (`in_process`), which the outputs do not depend on
+    stages: dict[str, Any] = field(default_factory=dict)
+    stage_runtime: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> str:
@@ -115,10 +124,24 @@ def load_build_config(path: str | os.PathLike[str], out: str | None = None) -> B
         _known(section, tuple(f.name for f in dataclasses.fields(TrainOptions)) + ("sweep",),
                "train_sae")
         train = TrainOptions(**section)
+    stages, stage_runtime = {}, {}
+    for name, (options, needs) in STAGE_OPTIONS.items():
+        if raw.get(name, False) is False:  # absent; an empty section means the defaults
+            continue
+        if raw.get(needs) is None:
+            raise ValueError(f"{path}: section '{name}' needs section '{needs}'")
+        section = dict(raw.get(name) or {})
+        if not isinstance(section, dict):
+            raise ValueError(f"section '{name}' must be a mapping of {options.__name__} fields")
+        _known(section, tuple(f.name for f in dataclasses.fields(options)) + STAGE_RUNTIME_KEYS,
+               name)
+        stage_runtime[name] = {k: section.pop(k) for k in STAGE_RUNTIME_KEYS if k in section}
+        stages[name] = options(**section)
     return BuildConfig(atlas_id=str(raw.get("atlas_id", "atlas")),
                        out=os.fspath(out or raw.get("out") or "atlas_out"),
                        synthetic=synthetic, shards=data.get("shards"), extract=extract,
-                       extract_runtime=runtime, train=train, sweep=sweep)
+                       extract_runtime=runtime, train=train, sweep=sweep, stages=stages,
+                       stage_runtime=stage_runtime)
 
 
 def check_build(cfg: BuildConfig) -> CheckedBuild:

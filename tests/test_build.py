@@ -24,6 +24,7 @@ TINY = {
                   "in_process": True, "sweep": [
                       {"layer": "layer2", "sae": {"n_latents": 32, "k": 4, "batch_size": 32}},
                       {"layer": "layer4", "sae": {"n_latents": 64, "k": 8, "batch_size": 32}}]},
+    "scan": {"top_per_image": 4, "n_top": 3, "n_quantile": 2, "in_process": True},
 }
 
 
@@ -48,7 +49,8 @@ def test_demo_config_passes_every_check(tmp_path) -> None:
     cfg = load_build_config(REPO / "configs" / "demo.yaml", out=str(tmp_path / "out"))
     cfg.extract = dataclasses.replace(cfg.extract, weights=None)  # no trained weights needed
     checked = check_build(cfg)
-    assert [s.name for s in build.STAGES if s.wanted(cfg)] == ["make-data", "extract", "train-sae"]
+    assert [s.name for s in build.STAGES if s.wanted(cfg)] == ["make-data", "extract", "train-sae",
+                                                               "scan"]
     assert {n: s.channels for n, s in checked.specs.items()} == {"layer2": 32, "layer4": 128}
     assert checked.n_shards > cfg.train.holdout_parts
     assert all(r.cfg.k <= 32 for r in checked.runs) and {r.layer for r in checked.runs} == {
@@ -57,9 +59,9 @@ def test_demo_config_passes_every_check(tmp_path) -> None:
 
 
 def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> None:
-    assert [s.name for s in build.STAGES] == ["make-data", "extract", "train-sae"]
-    with pytest.raises(ValueError, match=r"unknown stages \['cafe'\]; stages: \['make-data'"):
-        build.run(write_config(tmp_path, TINY), out=str(tmp_path / "out"), stages=["cafe"])
+    assert [s.name for s in build.STAGES] == ["make-data", "extract", "train-sae", "scan"]
+    with pytest.raises(ValueError, match=r"unknown stages \['cafes'\]; stages: \['make-data'"):
+        build.run(write_config(tmp_path, TINY), out=str(tmp_path / "out"), stages=["cafes"])
 
 
 @pytest.mark.parametrize("changes, named", [
@@ -80,6 +82,9 @@ def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> No
     (dict(modle={"name": "demo_resnet"}), "unknown keys \\['modle'\\]"),
     (dict(extract={"layers": ["layer2"], "actor": 2}), "extract: unknown keys \\['actor'\\]"),
     (dict(model=None), "missing section 'model'"),
+    (dict(scan={"n_top": 0}), "scan.n_top=0: expected an int >= 1"),
+    (dict(scan={"ntop": 3}), "scan: unknown keys \\['ntop'\\]"),
+    (dict(train_sae=None), "section 'scan' needs section 'train_sae'"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, changes, named) -> None:
     with pytest.raises((ValueError, FileNotFoundError), match=named):
@@ -106,17 +111,26 @@ def test_tiny_build_runs_every_stage_and_a_rerun_skips_them(tmp_path) -> None:
     assert all(r["heldout_images"] == 8 and 0 <= r["fvu"] for r in saes.values())
     assert pq.read_table(Path(out) / "images").num_rows == 24
     assert len(Manifest(out).records("train-sae")) == 2
+    # every image keeps min(4, firing) latents; 3 top + 2 quantile picks per latent that fired
+    assert results["scan"]["parts_new"] == 6  # 3 shards x 2 SAEs
+    acts = pq.read_table(Path(out) / "activations").to_pandas()
+    assert acts.groupby(["sae_id", "image_id"]).size().max() == 4
+    picks = pq.read_table(Path(out) / "exemplar_picks").to_pandas()
+    assert picks.groupby(["sae_id", "latent", "kind"]).size().max() == 3
 
     again = build.run(config, out=out)
     assert again["make-data"]["reused"] and again["extract"]["parts_new"] == 0
     assert again["extract"]["parts_skipped"] == 3 and again["train-sae"] == results["train-sae"]
+    assert again["scan"]["parts_new"] == 0
 
 
 @pytest.mark.ray
 def test_tiny_build_on_ray(ray_cluster, tmp_path) -> None:
     extract = {k: v for k, v in TINY["extract"].items() if k != "in_process"}
     train = {k: v for k, v in TINY["train_sae"].items() if k != "in_process"}
-    results = build.run(write_config(tmp_path, with_changes(extract=extract, train_sae=train)),
+    scan = {k: v for k, v in TINY["scan"].items() if k != "in_process"}
+    results = build.run(write_config(tmp_path, with_changes(extract=extract, train_sae=train,
+                                                            scan=scan)),
                         out=str(tmp_path / "out"))
     assert results["extract"]["images"] == 24
     assert len(results["train-sae"]) == 2
