@@ -70,6 +70,13 @@ def _scan(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[
                                     **cfg.stage_runtime["scan"]))
 
 
+def _icat(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
+    from jobs.icat import run
+
+    return _no_failures("icat", run(cfg.out, cfg.stages["icat"], address=address,
+                                    **cfg.stage_runtime["icat"]))
+
+
 def _no_failures(stage: str, summary: dict[str, Any]) -> dict[str, Any]:
     if summary.get("parts_failed"):
         raise RuntimeError(f"{stage}: {len(summary['parts_failed'])} parts failed (see the "
@@ -82,6 +89,7 @@ STAGES: list[Stage] = [
     Stage("extract", lambda c: True, _extract),
     Stage("train-sae", lambda c: c.train is not None, _train_sae),
     Stage("scan", lambda c: "scan" in c.stages, _scan),
+    Stage("icat", lambda c: "icat" in c.stages, _icat),
 ]
 
 

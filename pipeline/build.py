@@ -13,6 +13,7 @@ A config has these sections (see `configs/demo.yaml`):
     train_sae: {sweep: [{layer, sae: {...}, name?, steps?}], steps, checkpoint_every,
                 holdout_parts, workers, ...}  # TrainOptions fields
     scan: {top_per_image, n_top, n_quantile, ...}            # ScanOptions fields (needs train_sae)
+    icat: {methods, steps, images_per_shard, top_edges, ...} # ICATOptions fields (needs train_sae)
 
 `check_build` runs every check of every stage before any of them starts, so a bad layer,
 model, shard path or SAE config fails in seconds with a message naming it, not after an
@@ -28,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.icat.stage import ICATOptions
 from pipeline.latents.scan import ScanOptions
 from pipeline.models import LayerSpec
 from pipeline.pfv.extract import (
@@ -41,10 +43,14 @@ from pipeline.pfv.extract import (
 from pipeline.pfv.sae_runs import SAERun, TrainOptions, make_runs
 from pipeline.store import check_stage_config, fs
 
-SECTIONS = ("atlas_id", "out", "data", "model", "extract", "train_sae", "scan")
-# later stages: section name -> (options class, the section it needs)
-STAGE_OPTIONS: dict[str, tuple[type, str]] = {"scan": (ScanOptions, "train_sae")}
-STAGE_RUNTIME_KEYS = ("in_process",)
+SECTIONS = ("atlas_id", "out", "data", "model", "extract", "train_sae", "scan", "icat")
+# later stages: section name -> (options class, the section it needs, runtime keys: how the
+# stage runs, which its outputs do not depend on)
+STAGE_OPTIONS: dict[str, tuple[type, str, tuple[str, ...]]] = {
+    "scan": (ScanOptions, "train_sae", ("in_process",)),
+    "icat": (ICATOptions, "train_sae", ("in_process", "actors", "cpus_per_actor",
+                                        "gpus_per_actor")),
+}
 SYNTHETIC_KEYS = ("n", "seed", "size", "shard_size", "shortcut_prob")
 SYNTHETIC_DEFAULTS = {"seed": 0, "size": 128, "shard_size": 1000, "shortcut_prob": 0.0}
 EXTRACT_RUNTIME_KEYS = ("actors", "cpus_per_actor", "gpus_per_actor", "in_process")
@@ -125,7 +131,7 @@ def load_build_config(path: str | os.PathLike[str], out: str | None = None) -> B
                "train_sae")
         train = TrainOptions(**section)
     stages, stage_runtime = {}, {}
-    for name, (options, needs) in STAGE_OPTIONS.items():
+    for name, (options, needs, runtime_keys) in STAGE_OPTIONS.items():
         if raw.get(name, False) is False:  # absent; an empty section means the defaults
             continue
         if raw.get(needs) is None:
@@ -133,9 +139,8 @@ def load_build_config(path: str | os.PathLike[str], out: str | None = None) -> B
         section = dict(raw.get(name) or {})
         if not isinstance(section, dict):
             raise ValueError(f"section '{name}' must be a mapping of {options.__name__} fields")
-        _known(section, tuple(f.name for f in dataclasses.fields(options)) + STAGE_RUNTIME_KEYS,
-               name)
-        stage_runtime[name] = {k: section.pop(k) for k in STAGE_RUNTIME_KEYS if k in section}
+        _known(section, tuple(f.name for f in dataclasses.fields(options)) + runtime_keys, name)
+        stage_runtime[name] = {k: section.pop(k) for k in runtime_keys if k in section}
         stages[name] = options(**section)
     return BuildConfig(atlas_id=str(raw.get("atlas_id", "atlas")),
                        out=os.fspath(out or raw.get("out") or "atlas_out"),

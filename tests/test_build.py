@@ -25,6 +25,8 @@ TINY = {
                       {"layer": "layer2", "sae": {"n_latents": 32, "k": 4, "batch_size": 32}},
                       {"layer": "layer4", "sae": {"n_latents": 64, "k": 8, "batch_size": 32}}]},
     "scan": {"top_per_image": 4, "n_top": 3, "n_quantile": 2, "in_process": True},
+    "icat": {"methods": ["ig", "grad_x_act"], "steps": 4, "images_per_shard": 2, "top_edges": 4,
+             "in_process": True},
 }
 
 
@@ -50,7 +52,7 @@ def test_demo_config_passes_every_check(tmp_path) -> None:
     cfg.extract = dataclasses.replace(cfg.extract, weights=None)  # no trained weights needed
     checked = check_build(cfg)
     assert [s.name for s in build.STAGES if s.wanted(cfg)] == ["make-data", "extract", "train-sae",
-                                                               "scan"]
+                                                               "scan", "icat"]
     assert {n: s.channels for n, s in checked.specs.items()} == {"layer2": 32, "layer4": 128}
     assert checked.n_shards > cfg.train.holdout_parts
     assert all(r.cfg.k <= 32 for r in checked.runs) and {r.layer for r in checked.runs} == {
@@ -59,7 +61,7 @@ def test_demo_config_passes_every_check(tmp_path) -> None:
 
 
 def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> None:
-    assert [s.name for s in build.STAGES] == ["make-data", "extract", "train-sae", "scan"]
+    assert [s.name for s in build.STAGES] == ["make-data", "extract", "train-sae", "scan", "icat"]
     with pytest.raises(ValueError, match=r"unknown stages \['cafes'\]; stages: \['make-data'"):
         build.run(write_config(tmp_path, TINY), out=str(tmp_path / "out"), stages=["cafes"])
 
@@ -85,6 +87,7 @@ def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> No
     (dict(scan={"n_top": 0}), "scan.n_top=0: expected an int >= 1"),
     (dict(scan={"ntop": 3}), "scan: unknown keys \\['ntop'\\]"),
     (dict(train_sae=None), "section 'scan' needs section 'train_sae'"),
+    (dict(icat={"methods": ["ig", "lrp"]}), "methods=\\['ig', 'lrp'\\]: expected a non-empty subset"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, changes, named) -> None:
     with pytest.raises((ValueError, FileNotFoundError), match=named):
@@ -122,6 +125,10 @@ def test_tiny_build_runs_every_stage_and_a_rerun_skips_them(tmp_path) -> None:
     assert again["make-data"]["reused"] and again["extract"]["parts_new"] == 0
     assert again["extract"]["parts_skipped"] == 3 and again["train-sae"] == results["train-sae"]
     assert again["scan"]["parts_new"] == 0
+    # at most 4 incoming edges per (downstream node, method, scope), for both layer pairs
+    edges = pq.read_table(Path(out) / "edges").to_pandas()
+    assert set(zip(edges.src_layer, edges.dst_layer)) == {("layer2", "layer4"), ("layer4", "logits")}
+    assert edges.groupby(["dst_layer", "dst_latent", "method", "scope"]).size().max() <= 4 + 1
 
 
 @pytest.mark.ray
@@ -129,8 +136,9 @@ def test_tiny_build_on_ray(ray_cluster, tmp_path) -> None:
     extract = {k: v for k, v in TINY["extract"].items() if k != "in_process"}
     train = {k: v for k, v in TINY["train_sae"].items() if k != "in_process"}
     scan = {k: v for k, v in TINY["scan"].items() if k != "in_process"}
+    icat = {k: v for k, v in TINY["icat"].items() if k != "in_process"}
     results = build.run(write_config(tmp_path, with_changes(extract=extract, train_sae=train,
-                                                            scan=scan)),
+                                                            scan=scan, icat=icat)),
                         out=str(tmp_path / "out"))
     assert results["extract"]["images"] == 24
     assert len(results["train-sae"]) == 2
