@@ -8,7 +8,6 @@ region is planted: a region no other latent's exemplar is near, so search must f
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ from pipeline.atlas import Atlas, ReadOnlyError
 from pipeline.atlas import index as idx
 from pipeline.atlas.regions import box_positions, cell_box
 from pipeline.atlas.views import SOURCES, table_files
+from pipeline.cafe.masks import encode_png
 from pipeline.cli import main
 from pipeline.data.errors import ErrorLog
 from pipeline.data.shards import iter_samples
@@ -46,12 +46,6 @@ TOP, QUANTILE = 4, 2
 SAE_RUNS = {"layer2-a": ("layer2", 48, 0), "layer4-a": ("layer4", 64, 1),
             "layer4-b": ("layer4", 64, 2)}
 PLANTED_SAE, PLANTED_LATENT = "layer4-a", 5
-
-
-def _png(mask: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(mask).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _scan_tables(root: str, sae_id: str, layer: str, sae: SAE, grid: tuple[int, int],
@@ -115,12 +109,15 @@ def _scan_tables(root: str, sae_id: str, layer: str, sae: SAE, grid: tuple[int, 
                     rank=p["rank"], image_id=int(image_ids[i]), activation=float(acts[i, j]),
                     position=pos, y=pos // grid[1], x=pos % grid[1])
         pick_rows.append(base)
-        mask = np.zeros((SIZE, SIZE), np.uint8)
+        # an iERF with relevance 2 on the peak cell, 1 on the row above it, mask = the cell
+        relevance = np.zeros((SIZE, SIZE))
         x0, y0, x1, y1 = cell_box(pos, (SIZE, SIZE), grid)
-        mask[y0:y1, x0:x1] = 255
+        relevance[y0:y1, x0:x1] = 2.0
+        relevance[max(0, y0 - 1), x0:x1] = 1.0
+        mask = relevance >= 2.0
         auc = rng.uniform(0, 1, 6)
-        ex_rows.append(dict(base, ierf_png=_png(mask), bbox=[x0, y0, x1, y1],
-                            mask_frac=float(mask.mean() / 255), act_overlap=float(rng.uniform()),
+        ex_rows.append(dict(base, ierf_png=encode_png(relevance, mask, 2.0), bbox=[x0, y0, x1, y1],
+                            mask_frac=float(mask.mean()), act_overlap=float(rng.uniform()),
                             ierf_constant=0.0, ins_auc_ierf=auc[0], del_auc_ierf=auc[1],
                             ins_auc_act=auc[2], del_auc_act=auc[3], ins_auc_random=auc[4],
                             del_auc_random=auc[5], gt_shape=["circle", "star"][(i + j) % 2],
@@ -418,12 +415,15 @@ def test_unknown_layer_and_latent_errors_name_what_exists(atlas) -> None:
 def test_latent_returns_its_stats_and_decoded_masks(atlas, atlas_root) -> None:
     info = atlas.latent("layer2", 7)
     assert info.stats["sae_id"] == "layer2-a" and info.stats["latent"] == 7
-    assert info.exemplars.num_rows == TOP + QUANTILE == len(info.masks)
+    assert info.exemplars.num_rows == TOP + QUANTILE == len(info.masks) == len(info.ierfs)
     assert info.exemplars["kind"].to_pylist() == ["top"] * TOP + ["quantile"] * QUANTILE
-    for r, mask in zip(info.exemplars.to_pylist(), info.masks):
+    for r, mask, ierf in zip(info.exemplars.to_pylist(), info.masks, info.ierfs):
         x0, y0, x1, y1 = cell_box(r["position"], (SIZE, SIZE), (16, 16))
-        assert mask.shape == (SIZE, SIZE) and mask.sum() == 255 * (x1 - x0) * (y1 - y0)
-        assert mask[y0:y1, x0:x1].min() == 255
+        assert mask.dtype == bool and mask.shape == (SIZE, SIZE)
+        assert mask.sum() == (x1 - x0) * (y1 - y0) and mask[y0:y1, x0:x1].all()
+        # the heat outside the mask survives in the grey levels (relevance 1 = half the threshold)
+        if y0 > 0:
+            assert ierf[y0 - 1, x0] == 63
 
 
 def test_box_positions_select_the_cells_whose_centres_are_inside() -> None:

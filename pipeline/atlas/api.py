@@ -11,7 +11,6 @@ layer, name the SAE (`sae_id`) instead. The model and the SAEs are loaded on fir
 """
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from PIL import Image
 from pipeline.atlas import index as idx
 from pipeline.atlas.regions import box_positions
 from pipeline.atlas.views import SOURCES, check_read_only, connect, literal as _q
+from pipeline.cafe.masks import MASK_LEVEL, decode_png
 from pipeline.data.errors import ErrorLog
 from pipeline.data.shards import iter_samples
 from pipeline.models import LoadedModel, tap
@@ -53,8 +53,10 @@ class LatentInfo:
     """One SAE latent: its SAE's row, its `latents` row, its exemplars and their iERF masks.
 
     `exemplars`: the latent's rows of `exemplars` (or of `exemplar_picks` before the cafe
-    stage), ordered by kind then rank, without the PNG column; `masks[i]` is exemplar i's iERF
-    mask uint8[H, W] at input resolution (None without the cafe stage).
+    stage), ordered by kind then rank, without the PNG column. For exemplar i at input
+    resolution: `masks[i]` its iERF mass mask bool[H, W], `ierfs[i]` the PNG's grey levels
+    uint8[H, W] (a heat map of positive relevance, >= 128 exactly on the mask; see
+    pipeline.cafe.masks.encode_png); None without the cafe stage.
     """
 
     sae: dict[str, Any]
@@ -62,6 +64,7 @@ class LatentInfo:
     stats: dict[str, Any] | None
     exemplars: pa.Table
     masks: list[np.ndarray | None] = field(repr=False)
+    ierfs: list[np.ndarray | None] = field(repr=False)
 
 
 class Atlas:
@@ -186,13 +189,14 @@ class Atlas:
         table = "exemplars" if self.has("exemplars") else (
             "exemplar_picks" if self.has("exemplar_picks") else None)
         if table is None:
-            return LatentInfo(sae, latent, stats, pa.table({}), [])
+            return LatentInfo(sae, latent, stats, pa.table({}), [], [])
         ex = self.sql(f"SELECT * FROM {table} {where} ORDER BY kind DESC, rank")
-        masks: list[np.ndarray | None] = [None] * ex.num_rows
+        ierfs: list[np.ndarray | None] = [None] * ex.num_rows
         if "ierf_png" in ex.column_names:
-            masks = [_decode_png(b) for b in ex["ierf_png"].to_pylist()]
+            ierfs = [decode_png(b) for b in ex["ierf_png"].to_pylist()]
             ex = ex.drop_columns(["ierf_png"])
-        return LatentInfo(sae, latent, stats, ex, masks)
+        masks = [None if g is None else g >= MASK_LEVEL for g in ierfs]
+        return LatentInfo(sae, latent, stats, ex, masks, ierfs)
 
     # ---- latent -> latent ----------------------------------------------------------------
 
@@ -384,10 +388,3 @@ def _top_exemplars(ids: pa.Table) -> dict[int, list[int]]:
         if len(out.setdefault(lat, [])) < _EXEMPLARS_SHOWN:
             out[lat].append(img)
     return out
-
-
-def _decode_png(data: bytes | None) -> np.ndarray | None:
-    if data is None:
-        return None
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L"))

@@ -14,10 +14,11 @@ from pipeline.viz import contact_sheet, draw_box, mask_overlay
 COLUMNS = 8
 
 
-def exemplar_tile(image: np.ndarray, mask: np.ndarray | None,
+def exemplar_tile(image: np.ndarray, ierf: np.ndarray | None,
                   cell: tuple[int, int, int, int] | None) -> np.ndarray:
-    """One exemplar uint8[H, W, 3]: its iERF mask tinted red, its peak grid cell outlined."""
-    out = mask_overlay(image, mask) if mask is not None else image
+    """One exemplar uint8[H, W, 3]: its iERF tinted red (the PNG's grey level as opacity, so
+    the mask, grey >= 128, shows strongest), its peak grid cell outlined."""
+    out = mask_overlay(image, ierf) if ierf is not None else image
     return draw_box(out, cell) if cell is not None else out
 
 
@@ -34,7 +35,7 @@ def latent_sheet(atlas: Atlas, info: LatentInfo, columns: int = COLUMNS) -> Imag
         image = images[r["image_id"]]
         cell = cell_box(r["position"], image.shape[:2], (layer["grid_h"], layer["grid_w"]),
                         layer["num_special"])
-        tiles.append(exemplar_tile(image, info.masks[i], cell))
+        tiles.append(exemplar_tile(image, info.ierfs[i], cell))
         captions.append(f"{r['kind']} {r['rank']}: {r['activation']:.2f}")
     rows = [tiles[i:i + columns] for i in range(0, len(tiles), columns)]
     # one caption per row (a tile is too narrow for its own): kind, rank and activation
