@@ -290,6 +290,22 @@ def test_other_options_in_the_same_atlas_are_refused_naming_the_key(atlas, tmp_p
     plan_cafe(root, CafeOptions(**{**OPTS.__dict__, "image_batch": 1}))  # speed only: accepted
 
 
+def test_a_pick_of_an_unknown_image_is_an_error_row_not_an_exemplar(atlas, tmp_path) -> None:
+    from jobs.cafe import run
+
+    root = copy_of(atlas, tmp_path / "a")
+    url = fs.join(root, "exemplar_picks", "sae=layer4-small", "part-000000.parquet")
+    picks = fs.read_parquet(url)
+    ghost = dict(picks.slice(0, 1).to_pylist()[0], image_id=999)  # part 0 has 12 images
+    fs.write_parquet(pa.Table.from_pylist(picks.to_pylist() + [ghost], schema=EXEMPLAR_PICKS),
+                     url, EXEMPLAR_PICKS)
+    summary = run(root, OPTS, progress=False, in_process=True)
+    assert summary["exemplars"] == plan_cafe(root, OPTS).picks - 1 and summary["errors"] == 1
+    [error] = pq.read_table(fs.join(root, "errors", "stage=cafe")).to_pylist()
+    assert "image_id 999 of a pick is not in the images table of part-000000" in error["reason"]
+    assert 999 not in {r["image_id"] for r in read_rows(root)}
+
+
 def test_picks_of_an_unknown_sae_are_refused_before_any_work(atlas, tmp_path) -> None:
     root = copy_of(atlas, tmp_path / "a")
     url = fs.join(root, "exemplar_picks", "sae=layer4-small", "part-000000.parquet")
