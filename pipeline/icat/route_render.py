@@ -1,0 +1,147 @@
+"""A concept route as a layered graph image: the class logit on top, the tapped layers below.
+
+Plain Pillow (no graphviz binary on the hosts). Each level of the route is one row of node
+boxes; an edge is a line from its source (the row below) to its target, its width proportional
+to its weight (the route's largest weight gets `MAX_EDGE_WIDTH` pixels). A latent node shows
+its id, activation on the route's image, label hint and up to `thumbs` CAFE exemplars (the
+image with its iERF mask tinted red and the peak cell outlined, `pipeline.atlas.sheets`) when
+the atlas has an `exemplars` table; without it the node shows its id alone and the caption
+says so. Error nodes are grey.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline.data.concepts import CLASS_NAMES
+from pipeline.icat.routes import ERROR, Route, RouteNode
+
+TILE = 48  # exemplar thumbnail side, pixels
+LINE = 12  # text line height
+PAD = 6
+MARGIN = 16
+H_GAP = 16  # between the nodes of one row
+V_GAP = 64  # between rows (the edges run there)
+CAPTION = 3 * LINE + PAD
+MAX_EDGE_WIDTH = 9
+TEXT_LINES = 3  # id, activation, label hint
+
+
+def node_size(thumbs: int) -> tuple[int, int]:
+    """(width, height) of a node box showing up to `thumbs` thumbnails."""
+    width = max(thumbs * (TILE + 2) + 2 * PAD, 140)
+    height = 2 * PAD + TEXT_LINES * LINE + (TILE + PAD if thumbs else 0)
+    return width, height
+
+
+def canvas_size(route: Route, thumbs: int) -> tuple[int, int]:
+    """(width, height) of the rendered route: one row per level, as wide as its widest row."""
+    w, h = node_size(thumbs)
+    levels = [route.level(layer) for layer in route.layers]
+    widest = max(len(level) for level in levels)
+    return (2 * MARGIN + widest * w + (widest - 1) * H_GAP,
+            2 * MARGIN + len(levels) * h + (len(levels) - 1) * V_GAP + CAPTION)
+
+
+def exemplar_thumbnails(root: str, route: Route, n: int = 3) -> dict[str, list[np.ndarray]] | None:
+    """{node id: up to `n` top exemplars uint8[H, W, 3] with their iERF masks} for the latent
+    nodes of `route`, or None when the atlas at `root` has no `exemplars` table (cafe stage)."""
+    from pipeline.atlas.api import Atlas  # lazy: the atlas API wraps pipeline.icat.routes
+    from pipeline.atlas.regions import cell_box
+    from pipeline.atlas.sheets import exemplar_tile
+
+    atlas = Atlas.open(root)
+    if not atlas.has("exemplars"):
+        return None
+    out: dict[str, list[np.ndarray]] = {}
+    for node in route.nodes:
+        if node.layer not in route.saes or node.latent == ERROR:
+            continue
+        info = atlas.latent(route.saes[node.layer], node.latent)
+        ex = info.exemplars
+        top = [i for i, kind in enumerate(ex["kind"].to_pylist()) if kind == "top"][:n] if ex.num_rows else []
+        rows = [ex.slice(i, 1).to_pylist()[0] for i in top]
+        images = atlas.images([r["image_id"] for r in rows])
+        layer = atlas.layer_info(node.layer)
+        out[node.id] = [
+            exemplar_tile(images[r["image_id"]], info.ierfs[i],
+                          cell_box(r["position"], images[r["image_id"]].shape[:2],
+                                   (layer["grid_h"], layer["grid_w"]), layer["num_special"]))
+            for i, r in zip(top, rows)]
+    return out
+
+
+def render_route(route: Route, root: str | None = None, out: str | os.PathLike | None = None,
+                 thumbs: int = 3) -> Image.Image:
+    """Draw `route` (see the module docstring); exemplars come from the atlas at `root`
+    (None: ids only). Saves a PNG to `out` when given. Returns the RGB image of
+    `canvas_size(route, thumbs)`."""
+    if thumbs < 0:
+        raise ValueError(f"thumbs={thumbs}: expected an int >= 0 (exemplars per node)")
+    tiles = exemplar_thumbnails(root, route, thumbs) if root is not None and thumbs else None
+    size = canvas_size(route, thumbs)
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    boxes = _layout(route, size[0], thumbs)
+    wmax = max((e.weight for e in route.edges), default=0.0) or 1.0
+    for e in route.edges:  # under the nodes
+        sx0, sy0, sx1, _ = boxes[e.src]
+        dx0, _, dx1, dy1 = boxes[e.dst]
+        width = max(1, round(MAX_EDGE_WIDTH * max(e.weight, 0.0) / wmax))
+        colour = (150, 150, 150) if e.src.endswith(":err") else (40, 70, 160)
+        draw.line([((sx0 + sx1) // 2, sy0), ((dx0 + dx1) // 2, dy1)], fill=colour, width=width)
+    for node in route.nodes:
+        _draw_node(image, draw, node, boxes[node.id], (tiles or {}).get(node.id, []))
+    _draw_caption(draw, route, size, tiles is not None, root is not None)
+    if out is not None:
+        image.save(out, format="PNG")
+    return image
+
+
+def _layout(route: Route, width: int, thumbs: int) -> dict[str, tuple[int, int, int, int]]:
+    """Node id -> its box (x0, y0, x1, y1); each row centred."""
+    w, h = node_size(thumbs)
+    boxes = {}
+    for row, layer in enumerate(route.layers):
+        level = route.level(layer)
+        row_w = len(level) * w + (len(level) - 1) * H_GAP
+        x = (width - row_w) // 2
+        y = MARGIN + row * (h + V_GAP)
+        for node in level:
+            boxes[node.id] = (x, y, x + w, y + h)
+            x += w + H_GAP
+    return boxes
+
+
+def _draw_node(image: Image.Image, draw: ImageDraw.ImageDraw, node: RouteNode,
+               box: tuple[int, int, int, int], tiles: list[np.ndarray]) -> None:
+    x0, y0, x1, y1 = box
+    fill = (225, 225, 225) if node.latent == ERROR else (255, 255, 255)
+    draw.rectangle(box, fill=fill, outline=(0, 0, 0))
+    name = node.id
+    if node.layer == "logits" and 0 <= node.latent < len(CLASS_NAMES):
+        name += f" ({CLASS_NAMES[node.latent]})"  # the synthetic data's classes
+    act = "" if node.activation is None else f"act {node.activation:.3f}"
+    for i, text in enumerate((name, act, node.label_hint or "")):
+        draw.text((x0 + PAD, y0 + PAD + i * LINE), text[:28], fill=(0, 0, 0))
+    ty = y0 + PAD + TEXT_LINES * LINE + PAD // 2
+    for j, t in enumerate(tiles):
+        im = Image.fromarray(np.asarray(t, np.uint8)).resize((TILE, TILE), Image.BILINEAR)
+        image.paste(im, (x0 + PAD + j * (TILE + 2), ty))
+
+
+def _draw_caption(draw: ImageDraw.ImageDraw, route: Route, size: tuple[int, int],
+                  has_exemplars: bool, has_root: bool) -> None:
+    y = size[1] - MARGIN - CAPTION + PAD
+    lines = [f"route of class {route.target} ({route.source}, {route.method}, k={route.k}); "
+             f"edge width ~ weight",
+             f"predicted {route.predicted}, label {route.label}" if route.source == "image" else ""]
+    if has_exemplars:
+        lines.append("thumbnails: top exemplars, iERF mask red, peak cell boxed")
+    else:
+        lines.append("no exemplars table in this atlas (cafe stage not run): node ids only"
+                     if has_root else "no atlas given: node ids only")
+    for i, text in enumerate(lines):
+        draw.text((MARGIN, y + i * LINE), text, fill=(0, 0, 0))
