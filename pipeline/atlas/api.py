@@ -8,6 +8,9 @@
 
 A layer name stands for its SAE when the layer has one; with a sweep of several SAEs per
 layer, name the SAE (`sae_id`) instead. The model and the SAEs are loaded on first use.
+
+The model stack (torch, timm, faiss) is imported inside the methods that need it: it takes
+seconds to import, and `Atlas.open(...).sql(...)` (the `sql` command) needs none of it.
 """
 from __future__ import annotations
 
@@ -16,25 +19,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from PIL import Image
 
-from pipeline.atlas import index as idx
 from pipeline.atlas.regions import box_positions
 from pipeline.atlas.views import SOURCES, check_read_only, connect, literal as _q
-from pipeline.cafe.masks import MASK_LEVEL, decode_png
-from pipeline.data.errors import ErrorLog
-from pipeline.data.shards import iter_samples
-from pipeline.models import LoadedModel, tap
-from pipeline.sae import SAE, load_sae
 from pipeline.store import fs
 from pipeline.viz import denormalise
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.atlas.index import LoadedIndex
+    from pipeline.models import LoadedModel
+    from pipeline.sae import SAE
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # exemplar regions fetched per requested latent before aggregating by latent (max similarity)
@@ -74,7 +77,7 @@ class Atlas:
                  atlas_id: str) -> None:
         self.root, self.atlas_id, self._con, self._files = root, atlas_id, con, files
         self._saes: dict[str, SAE] = {}
-        self._indexes: dict[tuple[str, str], idx.LoadedIndex] = {}
+        self._indexes: dict[tuple[str, str], LoadedIndex] = {}
         self._model: LoadedModel | None = None
 
     @classmethod
@@ -159,6 +162,8 @@ class Atlas:
     def sae(self, sae_id: str) -> SAE:
         """The trained SAE `sae_id` (loaded once, on CPU)."""
         if sae_id not in self._saes:
+            from pipeline.sae import load_sae
+
             row = self.resolve_sae(sae_id)
             # the atlas may have moved since training: prefer the weights inside it
             inside = fs.join(self.root, "sae_weights", row["sae_id"])
@@ -190,6 +195,8 @@ class Atlas:
             "exemplar_picks" if self.has("exemplar_picks") else None)
         if table is None:
             return LatentInfo(sae, latent, stats, pa.table({}), [], [])
+        from pipeline.cafe.masks import MASK_LEVEL, decode_png
+
         ex = self.sql(f"SELECT * FROM {table} {where} ORDER BY kind DESC, rank")
         ierfs: list[np.ndarray | None] = [None] * ex.num_rows
         if "ierf_png" in ex.column_names:
@@ -231,7 +238,9 @@ class Atlas:
                 f"cannot compare decoder directions of {src['layer']} (d_in={src['d_in']}) with "
                 f"{names}: they live in spaces of different widths; comparable: {comparable}. "
                 f"Cross-width relations come from ICAT edges (the `edges` view)")
-        query = idx.decoder_vectors(self.sae(src["sae_id"]))[latent:latent + 1]
+        from pipeline.atlas.index import decoder_vectors
+
+        query = decoder_vectors(self.sae(src["sae_id"]))[latent:latent + 1]
         rows = []
         for target in dict.fromkeys(targets):
             index = self.index("decoder", target)
@@ -245,10 +254,12 @@ class Atlas:
                                  (r["sae_id"], r["latent"]) != (src["sae_id"], latent)))
         return self._with_hints(rows[:k], SIMILAR)
 
-    def index(self, kind: str, sae_id: str) -> idx.LoadedIndex:
+    def index(self, kind: str, sae_id: str) -> LoadedIndex:
         """The FAISS index `kind` ('decoder' or 'regions') of `sae_id` (read once)."""
         if (kind, sae_id) not in self._indexes:
-            self._indexes[(kind, sae_id)] = idx.read_index(self.root, kind, sae_id)
+            from pipeline.atlas.index import read_index
+
+            self._indexes[(kind, sae_id)] = read_index(self.root, kind, sae_id)
         return self._indexes[(kind, sae_id)]
 
     # ---- image -> latent -----------------------------------------------------------------
@@ -286,7 +297,6 @@ class Atlas:
                              f"{', '.join(self.sql('SELECT layer FROM layers')['layer'].to_pylist())}")
         return rows[0]
 
-    @torch.no_grad()
     def search(self, image: ImageInput, box: Sequence[int] | None = None,
                layer: str | None = None, k: int = 10) -> pa.Table:
         """Latents whose exemplar regions are nearest to a region of `image`.
@@ -303,8 +313,13 @@ class Atlas:
         Rows are ranked by (a), the `k` best over all SAEs searched; `exemplar_image_ids`
         lists the latent's top exemplars (by rank), `label_hint` comes from `latents`.
         """
+        import torch
+
+        from pipeline.atlas.index import paths
+        from pipeline.models import tap
+
         targets = [self.resolve_sae(layer)["sae_id"]] if layer else [
-            s for s in self.saes if fs.exists(idx.paths(self.root, "regions", s)["meta"])]
+            s for s in self.saes if fs.exists(paths(self.root, "regions", s)["meta"])]
         if not targets:
             raise FileNotFoundError(f"no region index in {self.root}; build the indexes with "
                                     f"`concept-atlas index {self.root}`")
@@ -312,21 +327,24 @@ class Atlas:
         layer_names = sorted({self.saes[t]["layer"] for t in targets})
         pfvs = tap(self.model().model, x, layer_names)
         rows = []
-        for sae_id in targets:
-            rows += self._search_sae(sae_id, pfvs[self.saes[sae_id]["layer"]].values[0],
-                                     tuple(x.shape[-2:]), box, k)
+        with torch.no_grad():
+            for sae_id in targets:
+                rows += self._search_sae(sae_id, pfvs[self.saes[sae_id]["layer"]].values[0],
+                                         tuple(x.shape[-2:]), box, k)
         rows.sort(key=lambda r: -r["similarity"])
         return self._with_hints(rows[:k], SEARCH)
 
     def _search_sae(self, sae_id: str, values: torch.Tensor, input_hw: tuple[int, int],
                     box: Sequence[int] | None, k: int) -> list[dict[str, Any]]:
+        from pipeline.atlas.index import region_vectors
+
         row = self.saes[sae_id]
         info = self.layer_info(row["layer"])
         positions = box_positions(box, input_hw, (info["grid_h"], info["grid_w"]),
                                   info["num_special"])
         region = values[positions].float().cpu()
         sae = self.sae(sae_id)
-        query = idx.region_vectors(sae, region.mean(0, keepdim=True).numpy())
+        query = region_vectors(sae, region.mean(0, keepdim=True).numpy())
         index = self.index("regions", sae_id)
         sims, ids = index.search(query, max(k * _REGIONS_PER_RESULT, 500))
         keep = ids[0] >= 0
@@ -360,6 +378,9 @@ class Atlas:
         Read from the shards named in the `images` table (one pass per shard, decoding only
         the wanted samples); FileNotFoundError names a shard that is gone.
         """
+        from pipeline.data.errors import ErrorLog
+        from pipeline.data.shards import iter_samples
+
         wanted = sorted({int(i) for i in image_ids})
         if not wanted:
             return {}
