@@ -197,11 +197,11 @@ def routes_from_edges(root: str, target_class: int, k: int = 3, method: str = "i
     _check_k(k)
     if scope not in ("class", "all"):
         raise ValueError(f"scope={scope!r}: expected 'class' (scope class=C) or 'all'")
-    url = fs.join(root, "edges")
-    if not fs.exists(url):
+    parts = fs.listdir(fs.join(root, "edges"), ".parquet")
+    if not parts:
         raise FileNotFoundError(f"no edges table under {root}; run the icat stage first "
                                 "(`python -m jobs.icat ROOT` or an 'icat' section in the build)")
-    table = fs.read_parquet(url)
+    table = pa.concat_tables([fs.read_parquet(p) for p in parts])
     methods = sorted(set(table["method"].to_pylist()))
     if method not in methods:
         raise ValueError(f"method={method!r} has no stored edges; stored methods: {methods}")

@@ -1,0 +1,185 @@
+"""Concept routes: structure, weights equal to the ICAT library's, error nodes, JSON, the image.
+
+Runs on the tiny atlas of tests/test_icat.py (demo_resnet with seeded random weights, SAEs
+trained in process; `straight` adds the icat stage's edges).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_icat import atlas, straight  # noqa: F401
+from test_train_sae_job import extracted  # noqa: F401
+
+from pipeline.data.synthetic import render_sample
+from pipeline.icat.route_render import (
+    CAPTION,
+    H_GAP,
+    MARGIN,
+    V_GAP,
+    canvas_size,
+    exemplar_thumbnails,
+    node_size,
+    render_route,
+)
+from pipeline.icat.routes import ERROR, Route, node_id, routes, routes_from_edges, top_sources
+from pipeline.icat.segment import LOGITS
+from pipeline.icat.stage import ICATOptions, ShardScorer, plan_icat
+from pipeline.store import fs
+
+STEPS = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return render_sample(5, 3, 64)[0]
+
+
+@pytest.fixture(scope="module")
+def route(atlas, image) -> Route:  # noqa: F811
+    return routes(atlas, image, k=2, steps=STEPS)
+
+
+def test_top_sources_keeps_k_positive_latents_and_the_error_node_only_when_it_ranks() -> None:
+    w = np.array([0.5, -2.0, 0.1, 0.3, 0.0, 0.4])  # 5 latents, error node last
+    # the error node ranks 2nd: it joins, and the k latents are still kept
+    assert top_sources(w, 2) == [(0, 0.5), (ERROR, 0.4), (3, 0.3)]
+    assert top_sources(np.array([0.5, 0.3, 0.2, 0.1]), 2) == [(0, 0.5), (1, 0.3)]  # 0.1 < 0.3
+    assert top_sources(np.array([0.5, -0.3, 0.2, 0.35]), 2) == [(0, 0.5), (ERROR, 0.35), (2, 0.2)]
+    # fewer positive latents than k: a positive error node joins; negative ones never do
+    assert top_sources(np.array([-1.0, 0.2, 0.0, 0.05]), 3) == [(1, 0.2), (ERROR, 0.05)]
+    assert top_sources(np.array([-1.0, -0.2, -0.5]), 3) == []
+
+
+def test_route_has_one_level_per_tapped_layer_and_k_sources_per_node(route) -> None:
+    assert route.layers == [LOGITS, "layer4", "layer2"]
+    assert route.nodes[0].layer == LOGITS and route.nodes[0].latent == route.target == route.predicted
+    for upper, lower in zip(route.layers, route.layers[1:]):
+        sources: dict[str, list] = {}
+        for e in route.edges:
+            if e.dst.split(":")[0] == upper:
+                assert e.src.split(":")[0] == lower
+                sources.setdefault(e.dst, []).append(e.src)
+        # every non-error node of the upper level is expanded, with at most k latents each
+        assert set(sources) == {n.id for n in route.level(upper) if n.latent != ERROR}
+        for srcs in sources.values():
+            assert 1 <= sum(not s.endswith(":err") for s in srcs) <= route.k
+        assert {n.id for n in route.level(lower)} == {s for v in sources.values() for s in v}
+    # error nodes are leaves
+    assert not any(e.dst.endswith(":err") for e in route.edges)
+    assert all(e.weight > 0 for e in route.edges)
+
+
+def test_route_weights_and_choices_equal_the_icat_library_on_the_image(atlas, image, route) -> None:  # noqa: F811
+    plan = plan_icat(atlas, ICATOptions(methods=("ig",), steps=STEPS), record=False)
+    scorer = ShardScorer(plan)
+    x = scorer.loaded.preprocess(image)
+    got = {(e.src, e.dst): e.weight for e in route.edges}
+    checked = 0
+    for pair in [("layer4", LOGITS), ("layer2", "layer4")]:
+        res = scorer.score_pair(pair, x, np.array([-1]))
+        w = res.scores["ig"].scores["ig"].double().numpy()
+        for q, g in enumerate(res.node.tolist()):
+            dst = node_id(pair[1], g)
+            if dst not in {n.id for n in route.nodes} or dst.endswith(":err"):
+                continue
+            # brute force: every scored source, sorted, against the route's picks
+            row = w[q]
+            latents = sorted(((row[f], f) for f in range(len(row) - 1) if row[f] > 0), reverse=True)[:route.k]
+            want = {node_id(pair[0], f): s for s, f in latents}
+            if row[-1] > 0 and (len(latents) < route.k or row[-1] >= latents[-1][0]):
+                want[node_id(pair[0], ERROR)] = row[-1]
+            have = {s: v for (s, d), v in got.items() if d == dst}
+            assert have.keys() == want.keys()
+            for s in want:
+                np.testing.assert_allclose(have[s], want[s], rtol=1e-5, atol=1e-7)
+                checked += 1
+    assert checked == len(route.edges)
+
+
+def test_route_activations_are_the_latents_max_over_positions(atlas, image, route) -> None:  # noqa: F811
+    from pipeline.models import tap
+
+    plan = plan_icat(atlas, ICATOptions(methods=("ig",), steps=STEPS), record=False)
+    scorer = ShardScorer(plan)
+    x = scorer.loaded.preprocess(image)
+    taps = tap(scorer.loaded.model, x, ["layer2", "layer4"])
+    for layer in ("layer2", "layer4"):
+        acts = scorer.saes[layer].encode(taps[layer].values)[0].amax(0)
+        for n in route.level(layer):
+            if n.latent != ERROR:
+                assert n.activation == pytest.approx(float(acts[n.latent]), rel=1e-6)
+    logits = scorer.loaded.model(x)[0]
+    assert route.nodes[0].activation == pytest.approx(float(logits.max()), rel=1e-5)
+
+
+def test_depth_target_and_the_true_label(atlas, image) -> None:  # noqa: F811
+    short = routes(atlas, image, target="true", label=2, k=1, steps=STEPS, depth=1)
+    assert short.layers == [LOGITS, "layer4"] and short.target == 2 and short.label == 2
+    assert {n.layer for n in short.nodes} <= {LOGITS, "layer4"}
+    assert routes(atlas, image, target="triangle", k=1, steps=STEPS, depth=1).target == 2
+
+
+def test_json_round_trip(route) -> None:
+    text = route.to_json()
+    back = Route.from_json(text)
+    assert back == route
+    assert back.to_json() == text
+
+
+def test_render_draws_every_node_on_a_canvas_of_the_layout_size(atlas, route, tmp_path) -> None:  # noqa: F811
+    out = tmp_path / "route.png"
+    im = render_route(route, atlas, out, thumbs=3)
+    w, h = node_size(3)
+    widest = max(len(route.level(layer)) for layer in route.layers)
+    assert im.size == canvas_size(route, 3) == (
+        2 * MARGIN + widest * w + (widest - 1) * H_GAP, 2 * MARGIN + 3 * h + 2 * V_GAP + CAPTION)
+    assert out.stat().st_size > 1000
+    pixels = np.asarray(im)
+    assert (pixels < 128).any(axis=-1).mean() > 0.005  # lines, boxes and text were drawn
+    assert exemplar_thumbnails(atlas, route) is None  # no cafe stage in this atlas
+
+
+def test_route_from_stored_edges_uses_the_stored_weights(straight) -> None:  # noqa: F811
+    root, _ = straight
+    edges = pq.read_table(fs.join(root, "edges")).to_pylist()
+    cls = next(r["dst_latent"] for r in edges if r["dst_layer"] == LOGITS and r["scope"] == "class=" + str(r["dst_latent"]))
+    route = routes_from_edges(root, cls, k=2, method="ig")
+    assert route.layers == [LOGITS, "layer4", "layer2"] and route.source == f"edges:class={cls}"
+    stored = {(node_id(r["src_layer"], r["src_latent"]), node_id(r["dst_layer"], r["dst_latent"])): r["weight"]
+              for r in edges if r["method"] == "ig" and r["scope"] == f"class={cls}"}
+    assert route.edges and all(stored[(e.src, e.dst)] == e.weight for e in route.edges)
+    first = [e for e in route.edges if e.dst == node_id(LOGITS, cls)]
+    best = sorted((w for (s, d), w in stored.items() if d == node_id(LOGITS, cls) and not s.endswith(":err")),
+                  reverse=True)[:2]
+    assert sorted((e.weight for e in first if not e.src.endswith(":err")), reverse=True) == [b for b in best if b > 0]
+    with pytest.raises(ValueError, match="classes with edges"):
+        routes_from_edges(root, 99)
+    with pytest.raises(ValueError, match="stored methods"):
+        routes_from_edges(root, cls, method="lrp")
+
+
+def test_errors_name_the_bad_value(atlas, extracted, image) -> None:  # noqa: F811
+    with pytest.raises(ValueError, match=r"unknown target class 7: the model has 5 classes"):
+        routes(atlas, image, target=7, steps=STEPS)
+    with pytest.raises(ValueError, match="unknown target class 'hexagon'"):
+        routes(atlas, image, target="hexagon", steps=STEPS)
+    with pytest.raises(ValueError, match="needs the image's label"):
+        routes(atlas, image, target="true", steps=STEPS)
+    with pytest.raises(ValueError, match="method='srd'"):
+        routes(atlas, image, method="srd")
+    with pytest.raises(ValueError, match="depth=3"):
+        routes(atlas, image, depth=3, steps=STEPS)
+    with pytest.raises(ValueError, match="no trained SAEs"):
+        routes(extracted, image, steps=STEPS)
+    with pytest.raises(FileNotFoundError, match="no edges table"):
+        routes_from_edges(atlas, 0)
