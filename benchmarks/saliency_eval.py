@@ -206,7 +206,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "saliency_eval.json")
+    p.add_argument("--markdown", type=Path, metavar="JSON", help="print the tables of a result file as markdown and exit")
     args = p.parse_args()
+    if args.markdown:
+        return print(markdown(json.loads(args.markdown.read_text())))
     if 1 in (args.manip, args.manip_real):
         p.error("--manip / --manip-real need 0 or at least 2 images (each is attacked toward another's map)")
     torch.set_num_threads(args.threads)
@@ -265,6 +268,42 @@ def print_run(run: dict) -> None:
             wb_txt = (f"white-box {_fmt(wb['corr_before'])} -> {_fmt(wb['corr_after'])} "
                       f"(p drift {_fmt(wb['prob_drift'])})" if isinstance(wb, dict) else f"white-box {wb or 'n/a'}")
             print(f"{name:20s} {wb_txt} | transfer {_fmt(tr['corr_before'])} -> {_fmt(tr['corr_after'])}")
+
+
+METRIC_COLS = (("insertion_auc", "ins AUC ↑"), ("deletion_auc", "del AUC ↓"), ("pointing", "pointing ↑"),
+               ("mass_in_mask", "mass in mask ↑"), ("gini", "Gini ↑"), ("stability_corr", "stab. corr ↑"),
+               ("stability_ssim", "stab. SSIM ↑"), ("seconds_per_image", "s / image"))
+
+
+def _attack_cell(r: dict | str | None) -> str:
+    if not isinstance(r, dict):
+        return r or "n/a: no twice-differentiable form here"
+    return (f"{_fmt(r['corr_before'])} → {_fmt(r['corr_after'])} (MSE {r['mse_before']:.2f} → {r['mse_after']:.2f}; "
+            f"Δp {r['prob_drift']:.3f}, top-1 kept {r['top1_kept']:.2f})")
+
+
+def markdown(result: dict) -> str:
+    """The result file's tables as markdown (the docs page embeds this output)."""
+    lines = []
+    for run in result["runs"]:
+        cols = [(k, t) for k, t in METRIC_COLS if run["set"] == "synthetic" or k not in ("pointing", "mass_in_mask")]
+        lines += [f"#### {run['model']} — {run['set']} ({run['images']} images, {run['wall_seconds']:.0f} s wall, "
+                  f"{run['cpu_seconds']:.0f} s CPU)", "",
+                  "| method | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, row in run["methods"].items():
+            cells = [_fmt(row.get(k)) for k, _ in cols] if row["status"] == "ok" else [row["status"]] + [""] * (len(cols) - 1)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if "manipulation" in run:
+            lines += ["", f"Targeted manipulation, {run['manipulation_images']} images, {run['attack_steps']} Adam steps: "
+                      "Pearson correlation of the method's map with the target map, before (x) → after (x'), on the real model.",
+                      "", f"| method | white-box attack of the method | x' of the {TRANSFER_FROM} attack |", "|---|---|---|"]
+            for name, row in run["manipulation"].items():
+                if row["status"] != "ok":
+                    lines.append(f"| {name} | {row['status']} | |")
+                    continue
+                lines.append(f"| {name} | {_attack_cell(row['white_box'])} | {_attack_cell(row['transfer'])} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def test_manipulation_moves_saliency_toward_target_within_eps(tiny: TinyCNN) -> 
     goal[:, :4, :4] = 1.0  # the target explanation: the top-left quadrant
     saliency = make_method("Saliency", tiny)
     attack = Attack(lo=torch.full((3,), -1.0), hi=torch.full((3,), 1.0), pixel_scale=torch.full((3,), 2.0),
-                    steps=40, lr=0.02, gamma=1.0, eps=0.1)
+                    steps=20, lr=0.03, gamma=1.0, eps=0.1)
     smooth = smooth_copy(tiny, beta=10.0)
     x_adv = manipulate(smooth, differentiable("Saliency", smooth), x, target, goal, attack)
     assert (x_adv - x).abs().max() <= 0.1 * 2.0 + 1e-6  # eps in pixels, 2 normalised units per pixel
