@@ -51,14 +51,19 @@ def denormalise(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> n
     return (rgb * 255).round().astype(np.uint8).transpose(1, 2, 0)
 
 
-def mask_overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (255, 0, 0),
-                 alpha: float = 0.6) -> np.ndarray:
-    """Tint image uint8[H, W, 3] with `colour` where mask uint8[H, W] is high (255 = full `alpha`)."""
-    if mask.shape != image.shape[:2]:
-        raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
-    a = alpha * (np.asarray(mask, np.float64) / 255.0)[..., None]
-    tint = np.asarray(colour, np.float64).reshape(1, 1, 3)
-    return ((1 - a) * image + a * tint).round().astype(np.uint8)
+def highlight(image: np.ndarray, weight: np.ndarray, full: int = 128,
+              floor: float = 0.35) -> np.ndarray:
+    """Dim image uint8[H, W, 3] where weight uint8[H, W] is low, keeping its colours.
+
+    Pixels with weight >= `full` keep their brightness, weight 0 falls to `floor` of it, in
+    between linearly: an iERF PNG (mask = grey >= 128) shows its mask bright and the rest of
+    its positive relevance as a glow. Tinting would hide a mask on an object of the tint's
+    colour, and colour is one of the concepts.
+    """
+    if weight.shape != image.shape[:2]:
+        raise ValueError(f"weight {weight.shape} does not match image {image.shape[:2]}")
+    w = np.clip(np.asarray(weight, np.float64) / full, 0.0, 1.0)[..., None]
+    return (np.asarray(image, np.float64) * (floor + (1 - floor) * w)).round().astype(np.uint8)
 
 
 def draw_box(image: np.ndarray, box: Sequence[int], colour: tuple[int, int, int] = (255, 220, 0),
@@ -89,7 +94,9 @@ def contact_sheet(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | 
 
     columns = max((len(r) for r in rows), default=1) or 1
     band = label_height if labels else 0
-    width = columns * tile + (columns + 1) * gap
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text = max((measure.textlength(t) for t in [*(labels or []), title or ""]), default=0)
+    width = max(columns * tile + (columns + 1) * gap, int(text) + 2 * gap)
     top = label_height + gap if title else 0
     height = top + len(rows) * (tile + band + gap) + gap
     sheet = Image.new("RGB", (width, height), (255, 255, 255))

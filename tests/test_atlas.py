@@ -502,3 +502,12 @@ def test_atlas_on_an_fsspec_url_reads_only_under_its_root(atlas_root) -> None:
         "layer2", "layer4"]
     with pytest.raises(ValueError, match="Permission"):
         url_atlas.sql("SELECT * FROM read_csv('memory://elsewhere/x.csv')")
+
+
+def test_highlight_keeps_the_mask_and_dims_the_rest_by_relevance() -> None:
+    from pipeline.viz import highlight
+
+    image = np.full((2, 3, 3), 200, np.uint8)
+    weight = np.array([[255, 128, 64], [0, 0, 200]], np.uint8)
+    out = highlight(image, weight, floor=0.25)
+    np.testing.assert_array_equal(out[..., 0], [[200, 200, 125], [50, 50, 200]])

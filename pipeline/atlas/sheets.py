@@ -9,16 +9,16 @@ from PIL import Image
 
 from pipeline.atlas.api import Atlas, LatentInfo
 from pipeline.atlas.regions import cell_box
-from pipeline.viz import contact_sheet, draw_box, mask_overlay
+from pipeline.viz import contact_sheet, draw_box, highlight
 
 COLUMNS = 8
 
 
 def exemplar_tile(image: np.ndarray, ierf: np.ndarray | None,
                   cell: tuple[int, int, int, int] | None) -> np.ndarray:
-    """One exemplar uint8[H, W, 3]: its iERF tinted red (the PNG's grey level as opacity, so
-    the mask, grey >= 128, shows strongest), its peak grid cell outlined."""
-    out = mask_overlay(image, ierf) if ierf is not None else image
+    """One exemplar uint8[H, W, 3]: bright on its iERF mask, dimmed elsewhere (by the PNG's
+    grey level, a heat map of the positive relevance), its peak grid cell outlined."""
+    out = highlight(image, ierf) if ierf is not None else image
     return draw_box(out, cell) if cell is not None else out
 
 
@@ -42,7 +42,7 @@ def latent_sheet(atlas: Atlas, info: LatentInfo, columns: int = COLUMNS) -> Imag
     labels = [" | ".join(captions[i:i + columns]) for i in range(0, len(captions), columns)]
     stats = info.stats or {}
     title = (f"{info.sae['sae_id']} latent {info.latent}  label {stats.get('label_hint') or '-'}"
-             f"  freq {stats.get('freq', float('nan')):.4f}  (red: iERF mask, box: peak cell)")
+             f"  freq {stats.get('freq', float('nan')):.4f}  (bright: iERF mask, box: peak cell)")
     return contact_sheet(rows, labels, tile=128, title=title)
 
 
