@@ -32,14 +32,16 @@ def build_indexes(root: str, exact_below: int = idx.EXACT_BELOW, factory: str | 
     """Build every SAE's decoder and region indexes under `root/index/`; returns a summary.
 
     `exact_below`: vectors below which an index is exact (Flat); `factory` forces a FAISS
-    factory string for every index. Region indexes need the exemplars (`exemplars` table, or
-    `exemplar_picks` before the cafe stage); without them only decoder indexes are built.
+    factory string for every index. Region indexes need the exemplars (`exemplar_picks`, or
+    `exemplars` when only they exist); without them only decoder indexes are built.
     """
     atlas = Atlas.open(root)
     if not atlas.saes:
         raise ValueError(f"{root} has no trained SAE (the saes table is empty); run train-sae")
-    picks = "exemplars" if atlas.has("exemplars") else (
-        "exemplar_picks" if atlas.has("exemplar_picks") else None)
+    # the scan's picks are every exemplar; the cafe stage adds masks to the same keys and may
+    # have run on a subset, so its table is only the fallback
+    picks = "exemplar_picks" if atlas.has("exemplar_picks") else (
+        "exemplars" if atlas.has("exemplars") else None)
     summary: dict[str, Any] = {"root": root, "exemplars_from": picks, "indexes": []}
     t0 = time.time()
     for sae_id, row in tqdm(atlas.saes.items(), desc="index", unit="SAE", disable=not progress):

@@ -474,7 +474,8 @@ def test_cli_sql_writes_every_format(atlas_root, tmp_path, capsys) -> None:
 def test_cli_similar_latent_search_index(atlas_root, tmp_path, capsys) -> None:
     root = atlas_root["root"]
     assert main(["index", root, "--no-progress"]) == 0
-    assert "regions  layer4-b" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "regions  layer4-b" in out and "(exemplars from exemplar_picks)" in out
     assert main(["similar", root, "--latent", "layer2:3", "-k", "3"]) == 0
     assert capsys.readouterr().out.count("layer2-a") == 3
     assert main(["latent", root, "layer2:3", "--out", str(tmp_path / "l.png")]) == 0
