@@ -33,7 +33,8 @@ def _cmd_train_demo_model(a: argparse.Namespace) -> int:
 
     recipe = Recipe(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                     threads=a.threads, target_accuracy=a.target_accuracy,
-                    warmup_steps=a.warmup_steps, token_loss=a.token_loss, device=a.device)
+                    warmup_steps=a.warmup_steps, token_loss=a.token_loss, device=a.device,
+                    init=a.init)
     card = train(recipe, a.data, out_dir=Path(a.out) if a.out else None)
     print(json.dumps({k: card[k] for k in ("model", "heldout_accuracy", "train_time_s")}, indent=2))
     return 0
@@ -275,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--warmup-steps", type=int, default=100)
     sp.add_argument("--device", default="cpu", help="cpu or cuda")
+    sp.add_argument("--init", help="fine-tune: start from these .safetensors weights")
     sp.add_argument("--token-loss", type=float, default=0.0,
                     help="ViTs: weight of the per-patch shape loss from the ground-truth masks")
     sp.add_argument("--target-accuracy", type=float, default=1.0,

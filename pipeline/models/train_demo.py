@@ -49,6 +49,7 @@ class Recipe:
     # masks gets it off the plateau, and the averaged head still answers "largest shape".
     token_loss: float = 0.0
     device: str = "cpu"  # "cuda" trains on a GPU (the data is moved there once)
+    init: str | None = None  # start from these safetensors weights (fine-tuning), not at random
 
 
 def load_arrays(shards: Sequence[str] | str, progress: bool = True, patch: int | None = None
@@ -167,6 +168,15 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     model = timm.create_model(recipe.model)
+    base_card = None
+    if recipe.init:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(recipe.init))
+        with safe_open(recipe.init, "pt") as f:
+            meta = f.metadata() or {}
+        base_card = json.loads(meta["card"]) if "card" in meta else None
     patch = None
     if recipe.token_loss:
         if not hasattr(model, "patch_embed") or model.global_pool != "avg":
@@ -225,6 +235,7 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
         "recipe": asdict(recipe),
         "data": {**_dataset_spec(shards), "n_train": int(len(x_tr)), "n_heldout": int(len(x_te)),
                  "holdout": f"crc32(key) % 1000 < {recipe.holdout_frac} * 1000"},
+        "init_card": base_card,  # the run these weights started from (fine-tuning), if any
         "epochs_run": epoch + 1,
         "heldout_accuracy": held_acc,
         "train_accuracy_sample": accuracy(model, x_tr[:2000], y_tr[:2000]),
