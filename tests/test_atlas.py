@@ -426,6 +426,25 @@ def test_latent_returns_its_stats_and_decoded_masks(atlas, atlas_root) -> None:
             assert ierf[y0 - 1, x0] == 63
 
 
+def test_latent_without_cafe_rows_falls_back_to_its_picks(atlas_root, tmp_path) -> None:
+    root = tmp_path / "subset"
+    for name in ("layers", "saes", "exemplar_picks", "exemplars"):
+        for f in table_files(atlas_root["root"], name):
+            dest = root / Path(f).relative_to(atlas_root["root"])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            table = pq.read_table(f)
+            if name == "exemplars":  # cafe ran on every latent of layer2-a but latent 3
+                table = table.filter(pa.compute.invert(pa.compute.and_(
+                    pa.compute.equal(table["sae_id"], "layer2-a"),
+                    pa.compute.equal(table["latent"], 3))))
+            pq.write_table(table, dest)
+    small = Atlas.open(str(root))
+    info = small.latent("layer2", 3)
+    assert info.stats is None and info.exemplars.num_rows == TOP + QUANTILE
+    assert info.masks == [None] * (TOP + QUANTILE) and "ierf_png" not in info.exemplars.column_names
+    assert small.latent("layer2", 4).masks[0].dtype == bool
+
+
 def test_box_positions_select_the_cells_whose_centres_are_inside() -> None:
     assert box_positions((32, 64, 32, 32), (128, 128), (4, 4)).tolist() == [9]
     assert box_positions((0, 0, 64, 32), (128, 128), (4, 4)).tolist() == [0, 1]

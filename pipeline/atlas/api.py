@@ -191,18 +191,19 @@ class Atlas:
         if self.has("latent_stats"):
             rows = self.sql(f"SELECT * FROM latents {where}").to_pylist()
             stats = rows[0] if rows else None
-        table = "exemplars" if self.has("exemplars") else (
-            "exemplar_picks" if self.has("exemplar_picks") else None)
-        if table is None:
-            return LatentInfo(sae, latent, stats, pa.table({}), [], [])
-        from pipeline.cafe.masks import MASK_LEVEL, decode_png
-
-        ex = self.sql(f"SELECT * FROM {table} {where} ORDER BY kind DESC, rank")
+        ex = pa.table({})
+        # the cafe stage may have masked only some latents: fall back to the scan's picks
+        for table in ("exemplars", "exemplar_picks"):
+            if ex.num_rows == 0 and self.has(table):
+                ex = self.sql(f"SELECT * FROM {table} {where} ORDER BY kind DESC, rank")
         ierfs: list[np.ndarray | None] = [None] * ex.num_rows
+        masks: list[np.ndarray | None] = [None] * ex.num_rows
         if "ierf_png" in ex.column_names:
+            from pipeline.cafe.masks import MASK_LEVEL, decode_png
+
             ierfs = [decode_png(b) for b in ex["ierf_png"].to_pylist()]
+            masks = [g >= MASK_LEVEL for g in ierfs]
             ex = ex.drop_columns(["ierf_png"])
-        masks = [None if g is None else g >= MASK_LEVEL for g in ierfs]
         return LatentInfo(sae, latent, stats, ex, masks, ierfs)
 
     # ---- latent -> latent ----------------------------------------------------------------
