@@ -410,6 +410,8 @@ def test_unknown_layer_and_latent_errors_name_what_exists(atlas) -> None:
         atlas.latent("layer4", 0)
     with pytest.raises(ValueError, match=r"latent 48 is out of range .* valid latents are 0\.\.47"):
         atlas.latent("layer2", 48)
+    with pytest.raises(ValueError, match=r"k=0: expected an int >= 1"):
+        atlas.similar("layer2", 1, k=0)
 
 
 def test_latent_returns_its_stats_and_decoded_masks(atlas, atlas_root) -> None:

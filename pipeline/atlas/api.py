@@ -226,6 +226,7 @@ class Atlas:
         channels need not mean the same). A layer of another width is refused with a message
         naming the comparable ones; its relation to this latent is what ICAT edges measure.
         """
+        _check_k(k)
         src = self.resolve_sae(layer)
         latent = self.check_latent(src, latent)
         ok = self.comparable(src["sae_id"])
@@ -319,6 +320,7 @@ class Atlas:
         from pipeline.atlas.index import paths
         from pipeline.models import tap
 
+        _check_k(k)
         targets = [self.resolve_sae(layer)["sae_id"]] if layer else [
             s for s in self.saes if fs.exists(paths(self.root, "regions", s)["meta"])]
         if not targets:
@@ -398,13 +400,22 @@ class Atlas:
             for sample in iter_samples([shard], ErrorLog(), decode_image=set(keys)):
                 if sample.key in keys and sample.image is not None:
                     out[keys[sample.key]] = self.input_image(sample.image)[1]
+        missing = [i for i in wanted if i not in out]
+        if missing:
+            raise ValueError(f"{len(missing)} image(s) cannot be read ({missing[:5]}...): not in "
+                             f"the images table, or their samples in the shards are unreadable")
         return out
+
+
+def _check_k(k: int) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r}: expected an int >= 1 (results to return)")
 
 
 def _top_exemplars(ids: pa.Table) -> dict[int, list[int]]:
     """{latent: image_ids of its `top` exemplars by rank} from a region index's id table."""
-    top = ids.filter(pc.equal(ids["kind"], "top")).sort_by([("latent", "ascending"),
-                                                                     ("rank", "ascending")])
+    top = ids.filter(pc.equal(ids["kind"], "top"))
+    top = top.sort_by([("latent", "ascending"), ("rank", "ascending")])
     out: dict[int, list[int]] = {}
     for lat, img in zip(top["latent"].to_pylist(), top["image_id"].to_pylist()):
         if len(out.setdefault(lat, [])) < _EXEMPLARS_SHOWN:
