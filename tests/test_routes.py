@@ -79,7 +79,8 @@ def test_route_has_one_level_per_tapped_layer_and_k_sources_per_node(route) -> N
     assert all(e.weight > 0 for e in route.edges)
 
 
-def test_route_weights_and_choices_equal_the_icat_library_on_the_image(atlas, image, route) -> None:  # noqa: F811
+def test_route_weights_and_choices_equal_the_icat_library_on_the_image(  # noqa: F811
+        atlas, image, route) -> None:
     plan = plan_icat(atlas, ICATOptions(methods=("ig",), steps=STEPS), record=False)
     scorer = ShardScorer(plan)
     x = scorer.loaded.preprocess(image)
@@ -152,16 +153,20 @@ def test_render_draws_every_node_on_a_canvas_of_the_layout_size(atlas, route, tm
 def test_route_from_stored_edges_uses_the_stored_weights(straight) -> None:  # noqa: F811
     root, _ = straight
     edges = pq.read_table(fs.join(root, "edges")).to_pylist()
-    cls = next(r["dst_latent"] for r in edges if r["dst_layer"] == LOGITS and r["scope"] == "class=" + str(r["dst_latent"]))
+    cls = next(r["dst_latent"] for r in edges
+               if r["dst_layer"] == LOGITS and r["scope"] == f"class={r['dst_latent']}")
     route = routes_from_edges(root, cls, k=2, method="ig")
     assert route.layers == [LOGITS, "layer4", "layer2"] and route.source == f"edges:class={cls}"
-    stored = {(node_id(r["src_layer"], r["src_latent"]), node_id(r["dst_layer"], r["dst_latent"])): r["weight"]
-              for r in edges if r["method"] == "ig" and r["scope"] == f"class={cls}"}
+    stored = {(node_id(r["src_layer"], r["src_latent"]), node_id(r["dst_layer"], r["dst_latent"])):
+              r["weight"] for r in edges if r["method"] == "ig" and r["scope"] == f"class={cls}"}
     assert route.edges and all(stored[(e.src, e.dst)] == e.weight for e in route.edges)
-    first = [e for e in route.edges if e.dst == node_id(LOGITS, cls)]
-    best = sorted((w for (s, d), w in stored.items() if d == node_id(LOGITS, cls) and not s.endswith(":err")),
+    # the class's k sources are the k largest positive stored latent edges into its logit
+    logit = node_id(LOGITS, cls)
+    best = sorted((w for (s, d), w in stored.items() if d == logit and not s.endswith(":err")),
                   reverse=True)[:2]
-    assert sorted((e.weight for e in first if not e.src.endswith(":err")), reverse=True) == [b for b in best if b > 0]
+    got = sorted((e.weight for e in route.edges if e.dst == logit and not e.src.endswith(":err")),
+                 reverse=True)
+    assert got == [b for b in best if b > 0]
     with pytest.raises(ValueError, match="classes with edges"):
         routes_from_edges(root, 99)
     with pytest.raises(ValueError, match="stored methods"):

@@ -2,6 +2,8 @@
 
     route = routes("demo_out", "cat.png")                   # the predicted class, one image
     route = routes("demo_out", image, target="true", label=3)
+    finder = RouteFinder("demo_out", steps=16)              # load once, route many images
+    route = finder(image, target=None, k=3)
     route = routes_from_edges("demo_out", target_class=3)   # the stored, aggregated edges
     print(route.to_json())
 
@@ -133,6 +135,72 @@ def top_sources(weights: np.ndarray, k: int) -> list[tuple[int, float]]:
     return sorted(chosen, key=lambda c: -c[1])
 
 
+class RouteFinder:
+    """Routes of single images on one atlas, with the model, SAEs and segments loaded once.
+
+    root: a built atlas (extraction and trained SAEs; with several SAEs per layer, the one of
+    lowest held-out FVU is used, as in the icat stage). method: ig, grad_x_act or grad (ICAT
+    instantiations, METHOD.md section 7); steps: IG quadrature steps. `routes` is the one-call
+    form; call a finder for many images.
+    """
+
+    def __init__(self, root: str, method: str = "ig", steps: int = 32,
+                 device: str | torch.device = "cpu") -> None:
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: routes on one image use one of {list(METHODS)} "
+                             "(SRD scores are available from the stored edges: routes_from_edges)")
+        self.root, self.method, self.steps = root, method, steps
+        self.plan = plan_icat(root, ICATOptions(methods=(method,), steps=steps), record=False)
+        self.scorer = ShardScorer(self.plan, device)
+        self.layers = list(self.plan.saes)  # forward order
+
+    def pixels(self, image: ImageInput) -> torch.Tensor:
+        """The model input Tensor[1, 3, H, W] of one image (a tensor is taken as preprocessed)."""
+        loaded = self.scorer.loaded
+        if isinstance(image, torch.Tensor):
+            x = image[None] if image.dim() == 3 else image
+            want = tuple(loaded.data_config["input_size"])
+            if x.dim() != 4 or x.shape[0] != 1 or tuple(x.shape[1:]) != want:
+                raise ValueError(f"a tensor image must be one preprocessed image [3, H, W] or "
+                                 f"[1, 3, H, W] of size {want}, got {tuple(image.shape)}")
+            p = next(loaded.model.parameters())
+            return x.to(device=p.device, dtype=p.dtype)
+        if isinstance(image, (str, os.PathLike)):
+            with Image.open(image) as im:
+                image = im.convert("RGB")
+        return loaded.preprocess(image)
+
+    def __call__(self, image: ImageInput, target: int | str | None = None, k: int = 3,
+                 depth: int | None = None, label: int | None = None, hints: bool = True) -> Route:
+        """The route of one image (see `routes`); `hints=False` skips the atlas's label hints."""
+        _check_k(k)
+        scorer, layers = self.scorer, self.layers
+        depth = _check_depth(depth, len(layers))
+        x = self.pixels(image)
+        taps = tap(scorer.loaded.model, x, layers)
+        with torch.no_grad():
+            logits = scorer.segments[(layers[-1], LOGITS)](taps[layers[-1]].values, x)[0]
+        predicted = int(logits.argmax())
+        cls = _target(target, predicted, label, len(logits))
+
+        nodes = [RouteNode(LOGITS, cls, float(logits[cls]))]
+        edges: list[RouteEdge] = []
+        frontier = [cls]
+        chain = [LOGITS] + layers[::-1]
+        for dst, src in zip(chain[:depth], chain[1:depth + 1]):
+            incoming = _image_scores(scorer, (src, dst), taps, x, frontier, self.method, self.steps)
+            acts = scorer.saes[src].encode(taps[src].values)[0].amax(0)
+            level = _expand(incoming, src, dst, k, edges)
+            nodes += [RouteNode(src, f, None if f == ERROR else float(acts[f])) for f in level]
+            frontier = [f for f in level if f != ERROR]
+            if not frontier:
+                break
+        route = Route(self.plan.atlas_id, cls, self.method, k, "image", chain[:depth + 1],
+                      {layer: row["sae_id"] for layer, row in self.plan.saes.items()}, nodes,
+                      edges, predicted=predicted, label=label, meta={"steps": self.steps})
+        return _with_hints(self.root, route) if hints else route
+
+
 def routes(root: str, image: ImageInput, target: int | str | None = None, k: int = 3,
            method: str = "ig", steps: int = 32, depth: int | None = None, *,
            label: int | None = None, device: str | torch.device = "cpu") -> Route:
@@ -145,43 +213,12 @@ def routes(root: str, image: ImageInput, target: int | str | None = None, k: int
     "true" (`label`). k: sources kept per node. method: ig, grad_x_act or grad (ICAT
     instantiations, METHOD.md section 7); steps: IG quadrature steps. depth: how many tapped
     layers to descend (default: all). Nodes carry their activation on the image and, where the
-    atlas has exemplars with ground truth, a label hint.
+    atlas has exemplars with ground truth, a label hint. For many images, reuse a `RouteFinder`.
 
     Raises ValueError for an unknown method / target class / bad k or depth, FileNotFoundError
     without an extraction, ValueError when the atlas has no trained SAEs.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: routes on one image use one of {list(METHODS)} "
-                         "(SRD scores are available from the stored edges: routes_from_edges)")
-    _check_k(k)
-    plan = plan_icat(root, ICATOptions(methods=(method,), steps=steps), record=False)
-    scorer = ShardScorer(plan, device)
-    model = scorer.loaded.model
-    layers = list(plan.saes)  # forward order
-    depth = _check_depth(depth, len(layers))
-    x = _pixels(image, scorer)
-    taps = tap(model, x, layers)
-    with torch.no_grad():
-        logits = scorer.segments[(layers[-1], LOGITS)](taps[layers[-1]].values, x)[0]
-    predicted = int(logits.argmax())
-    cls = _target(target, predicted, label, len(logits))
-
-    nodes = [RouteNode(LOGITS, cls, float(logits[cls]))]
-    edges: list[RouteEdge] = []
-    frontier = [cls]
-    chain = [LOGITS] + layers[::-1]
-    for dst, src in zip(chain[:depth], chain[1:depth + 1]):
-        incoming = _image_scores(scorer, (src, dst), taps, x, frontier, method, steps)
-        acts = scorer.saes[src].encode(taps[src].values)[0].amax(0)
-        level = _expand(incoming, src, dst, k, edges)
-        nodes += [RouteNode(src, f, None if f == ERROR else float(acts[f])) for f in level]
-        frontier = [f for f in level if f != ERROR]
-        if not frontier:
-            break
-    route = Route(plan.atlas_id, cls, method, k, "image", chain[:depth + 1],
-                  {layer: row["sae_id"] for layer, row in plan.saes.items()}, nodes, edges,
-                  predicted=predicted, label=label, meta={"steps": steps})
-    return _with_hints(root, route)
+    return RouteFinder(root, method, steps, device)(image, target, k, depth, label)
 
 
 def routes_from_edges(root: str, target_class: int, k: int = 3, method: str = "ig",
@@ -297,23 +334,6 @@ def _check_depth(depth: int | None, n_layers: int) -> int:
         raise ValueError(f"depth={depth}: the atlas has {n_layers} tapped layers with SAEs; "
                          f"use 1..{n_layers} or None (all)")
     return int(depth)
-
-
-def _pixels(image: ImageInput, scorer: ShardScorer) -> torch.Tensor:
-    """The model input Tensor[1, 3, H, W] of one image (a tensor is taken as preprocessed)."""
-    loaded = scorer.loaded
-    if isinstance(image, torch.Tensor):
-        x = image[None] if image.dim() == 3 else image
-        want = tuple(loaded.data_config["input_size"])
-        if x.dim() != 4 or x.shape[0] != 1 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"a tensor image must be one preprocessed image [3, H, W] or "
-                             f"[1, 3, H, W] of size {want}, got {tuple(image.shape)}")
-        p = next(loaded.model.parameters())
-        return x.to(device=p.device, dtype=p.dtype)
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as im:
-            image = im.convert("RGB")
-    return loaded.preprocess(image)
 
 
 def _target(target: int | str | None, predicted: int, label: int | None, n_classes: int) -> int:

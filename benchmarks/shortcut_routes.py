@@ -1,0 +1,291 @@
+"""Planted-shortcut validation of concept routes (docs/routes.md, issue 6).
+
+A demo_resnet trained on data where class i mostly has colour SHORTCUT_COLOURS[i]
+(`make-data --shortcut-prob`) should route its class logits through colour latents. Three steps:
+
+    # 1. how much the model relies on the colour: accuracy on shortcut-consistent vs -violating
+    python benchmarks/shortcut_routes.py reliance --data TEST_SHARDS --weights W [--weights default]
+    # 2. a small atlas of the shortcut model on clean data (configs/demo.yaml, other weights)
+    python benchmarks/shortcut_routes.py build --atlas DIR --weights W
+    # 3. routes of test images per class: share of route latents whose top exemplars are
+    #    >= 50% the class's shortcut colour vs random latents; deletion of route latents
+    python benchmarks/shortcut_routes.py routes --atlas DIR --data TEST_SHARDS
+
+Exemplar colour: the atlas is built on clean data (shortcut_prob 0), so colour and shape are
+independent there and a latent whose top exemplars share a colour tracks that colour. The
+colour of an exemplar is the ground-truth object covering most of the exemplar's peak grid cell
+(`exemplar_picks` of the scan stage, masks from the shards' metadata mapped to the model input
+frame), "background" when no object covers it. This needs only the scan stage (no cafe).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+# the repository before benchmarks/ (whose pipeline.py would shadow the package)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from pipeline.atlas.api import Atlas  # noqa: E402
+from pipeline.atlas.regions import cell_box  # noqa: E402
+from pipeline.cafe.groundtruth import objects  # noqa: E402
+from pipeline.data.concepts import CLASS_NAMES, SHORTCUT_COLOURS  # noqa: E402
+from pipeline.data.errors import ErrorLog  # noqa: E402
+from pipeline.data.shards import expand_shards, iter_samples  # noqa: E402
+from pipeline.icat.routes import ERROR, RouteFinder  # noqa: E402
+from pipeline.icat.segment import LOGITS  # noqa: E402
+from pipeline.models import load_model, tap  # noqa: E402
+from pipeline.models.demo import WEIGHTS_DIR  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SHIPPED = WEIGHTS_DIR / "demo_resnet_shortcut.safetensors"
+DOMINANT = 0.5  # a latent is "colour c" when >= this share of its top exemplars are c
+
+
+# ---- 1. reliance -------------------------------------------------------------------------
+
+
+def _test_set(data: str) -> list[dict[str, Any]]:
+    """Test samples with their class, the class object's colour and whether it is the shortcut."""
+    out = []
+    for s in iter_samples(expand_shards(data), ErrorLog()):
+        objs = s.meta["objects"]
+        colour = objs[int(np.argmax([o["area"] for o in objs]))]["colour"]
+        out.append({"image": s.image, "label": int(s.cls), "colour": colour, "meta": s.meta,
+                    "consistent": colour == SHORTCUT_COLOURS[int(s.cls)]})
+    return out
+
+
+def reliance(data: str, weights: list[str]) -> dict[str, Any]:
+    """Accuracy of each model on shortcut-consistent and -violating test images, and how often a
+    violating image whose colour is another class's shortcut colour is predicted as that class."""
+    samples = _test_set(data)
+    out = {}
+    for w in weights:
+        loaded = load_model("demo_resnet", w)
+        with torch.no_grad():
+            pred = np.concatenate([loaded.model(loaded.preprocess([s["image"] for s in samples[i:i + 100]]))
+                                   .argmax(1).numpy() for i in range(0, len(samples), 100)])
+        label = np.array([s["label"] for s in samples])
+        cons = np.array([s["consistent"] for s in samples])
+        other = np.array([SHORTCUT_COLOURS.index(s["colour"]) if s["colour"] in SHORTCUT_COLOURS
+                          and not s["consistent"] else -1 for s in samples])
+        lured = other >= 0
+        out[w] = {
+            "n": len(samples), "accuracy": float((pred == label).mean()),
+            "n_consistent": int(cons.sum()), "accuracy_consistent": float((pred == label)[cons].mean()),
+            "n_violating": int((~cons).sum()), "accuracy_violating": float((pred == label)[~cons].mean()),
+            "n_other_shortcut_colour": int(lured.sum()),
+            "predicted_as_colours_class": float((pred[lured] == other[lured]).mean()),
+            "accuracy_other_shortcut_colour": float((pred == label)[lured].mean()),
+        }
+    return {"data": data, "models": out}
+
+
+# ---- 2. the atlas ------------------------------------------------------------------------
+
+
+def build(atlas: str, weights: str) -> str:
+    """Write ATLAS.yaml (configs/demo.yaml with the shortcut weights, scan, no icat) and build it."""
+    from jobs.build import run
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
+    cfg["atlas_id"], cfg["out"] = "shortcut", atlas
+    cfg["model"]["weights"] = str(Path(weights).resolve())
+    cfg.pop("icat", None)
+    path = Path(atlas).with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run(str(path))
+    return str(path)
+
+
+# ---- 3. routes ---------------------------------------------------------------------------
+
+
+def latent_colours(atlas: Atlas, data_config: dict[str, Any]) -> dict[str, dict[int, Counter]]:
+    """{layer: {latent: Counter of the colours under its top exemplars' peak cells}}."""
+    picks = atlas.sql("SELECT p.layer, p.latent, p.position, p.image_id, i.shard, i.key "
+                      "FROM exemplar_picks p JOIN images i USING (image_id) "
+                      "WHERE p.kind = 'top'").to_pylist()
+    layers = {r["layer"]: r for r in atlas.sql("SELECT * FROM layers").to_pylist()}
+    wanted: dict[str, set[str]] = {}
+    for r in picks:
+        wanted.setdefault(r["shard"], set()).add(r["key"])
+    gt = {}
+    for shard, keys in tqdm(wanted.items(), desc="ground truth", unit="shard"):
+        for s in iter_samples([shard], ErrorLog(), decode_image=False):
+            if s.key in keys:
+                gt[(shard, s.key)] = objects(s.meta, data_config)
+    _, h, w = data_config["input_size"]
+    out: dict[str, dict[int, Counter]] = {}
+    for r in picks:
+        info = layers[r["layer"]]
+        x0, y0, x1, y1 = cell_box(r["position"], (h, w), (info["grid_h"], info["grid_w"]),
+                                  info["num_special"])
+        cover = [o.mask[y0:y1, x0:x1].mean() for o in gt[(r["shard"], r["key"])]]
+        colour = "background" if not cover or max(cover) == 0 else \
+            gt[(r["shard"], r["key"])][int(np.argmax(cover))].colour
+        out.setdefault(r["layer"], {}).setdefault(r["latent"], Counter())[colour] += 1
+    return out
+
+
+def dominated(colours: Counter, colour: str) -> bool:
+    n = sum(colours.values())
+    return n > 0 and colours[colour] / n >= DOMINANT
+
+
+def logits_from(finder: RouteFinder, layer: str, pfvs: torch.Tensor) -> torch.Tensor:
+    """The logits from `layer`'s PFVs, through the finder's isolated segments."""
+    chain = finder.layers[finder.layers.index(layer):] + [LOGITS]
+    h = pfvs
+    for a, b in zip(chain, chain[1:]):
+        h = finder.scorer.segments[(a, b)](h)
+    return h
+
+
+@torch.no_grad()
+def deletion(finder: RouteFinder, pfvs: torch.Tensor, layer: str, latents: list[int],
+             gen: np.random.Generator, draws: int) -> tuple[bool, list[bool]]:
+    """Whether the prediction changes when `latents` are zeroed in the SAE reconstruction of
+    `layer` (PFVs Tensor[1, P, C]; error term kept), and the same for `draws` random sets of as
+    many latents active on the image (route latents excluded)."""
+    up = finder.scorer.saes[layer]
+    acts = up.encode(pfvs)
+    err = pfvs[:, up.positions] - up.sae.decode(acts).to(pfvs.dtype)
+    base = int(logits_from(finder, layer, pfvs).argmax())
+
+    def flipped(zero: list[int]) -> bool:
+        a = acts.clone()
+        a[..., zero] = 0
+        full = pfvs.clone()
+        full[:, up.positions] = up.sae.decode(a).to(pfvs.dtype) + err
+        return int(logits_from(finder, layer, full).argmax()) != base
+
+    active = [f for f in torch.nonzero(acts[0].amax(0) > 0)[:, 0].tolist() if f not in latents]
+    rand = [flipped(list(gen.choice(active, size=min(len(latents), len(active)), replace=False)))
+            for _ in range(draws)] if active else []
+    return flipped(latents), rand
+
+
+def route_study(atlas_root: str, data: str, per_class: int, k: int, steps: int, draws: int,
+                seed: int) -> dict[str, Any]:
+    finder = RouteFinder(atlas_root, "ig", steps)
+    atlas = Atlas.open(atlas_root)
+    colours = latent_colours(atlas, finder.scorer.loaded.data_config)
+    samples = _test_set(data)
+    gen = np.random.default_rng(seed)
+    layers = finder.layers
+    rows = []
+    chosen = [s for c in range(len(CLASS_NAMES)) for kind in (True, False)
+              for s in [t for t in samples if t["label"] == c and t["consistent"] == kind][:per_class]]
+    for s in tqdm(chosen, desc="routes", unit="img"):
+        route = finder(s["image"], target="true", k=k, label=s["label"], hints=False)
+        taps = tap(finder.scorer.loaded.model, finder.pixels(s["image"]), layers)
+        colour = SHORTCUT_COLOURS[s["label"]]
+        row = {"label": s["label"], "consistent": s["consistent"], "predicted": route.predicted,
+               "layers": {}}
+        for layer in layers:
+            lat = route.latents(layer)
+            acts = finder.scorer.saes[layer].encode(taps[layer].values)[0].amax(0)
+            active = torch.nonzero(acts > 0)[:, 0].tolist()
+            known = colours.get(layer, {})
+            flip, rand = deletion(finder, taps[layer].values, layer, lat, gen, draws)
+            row["layers"][layer] = {
+                "route_latents": lat,
+                "error_node": any(n.latent == ERROR for n in route.level(layer)),
+                "route_shortcut": [dominated(known.get(f, Counter()), colour) for f in lat],
+                "active_shortcut_frac": float(np.mean([dominated(known.get(f, Counter()), colour)
+                                                       for f in active])) if active else None,
+                "deletion_flip": flip, "random_flips": rand}
+        rows.append(row)
+    return {"rows": rows, "summary": summarise(rows, colours, layers)}
+
+
+def summarise(rows: list[dict[str, Any]], colours: dict[str, dict[int, Counter]],
+              layers: list[str]) -> dict[str, Any]:
+    """Per layer and subset (all / consistent / violating images): the share of route latents
+    dominated by the class's shortcut colour vs all latents with exemplars and vs the latents
+    active on the same images; the prediction flip rate of deleting the route latents vs as
+    many random active latents."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        known = colours.get(layer, {})
+        per_class_random = {c: float(np.mean([dominated(v, SHORTCUT_COLOURS[c]) for v in known.values()]))
+                            for c in range(len(CLASS_NAMES))} if known else {}
+        out[layer] = {"latents_with_exemplars": len(known),
+                      "layer_shortcut_frac_per_class": per_class_random}
+        for name, keep in (("all", lambda r: True), ("consistent", lambda r: r["consistent"]),
+                           ("violating", lambda r: not r["consistent"])):
+            sel = [r for r in rows if keep(r)]
+            route_flags = [f for r in sel for f in r["layers"][layer]["route_shortcut"]]
+            active = [r["layers"][layer]["active_shortcut_frac"] for r in sel
+                      if r["layers"][layer]["active_shortcut_frac"] is not None]
+            out[layer][name] = {
+                "images": len(sel),
+                "route_latents": len(route_flags),
+                "route_shortcut_frac": float(np.mean(route_flags)) if route_flags else None,
+                "layer_shortcut_frac": float(np.mean([per_class_random[r["label"]] for r in sel]))
+                if per_class_random else None,
+                "active_shortcut_frac": float(np.mean(active)) if active else None,
+                "deletion_flip_rate": _mean(r["layers"][layer]["deletion_flip"] for r in sel),
+                "random_flip_rate": _mean(f for r in sel for f in r["layers"][layer]["random_flips"]),
+                "error_node_in_route": _mean(r["layers"][layer]["error_node"] for r in sel),
+            }
+    return out
+
+
+def _mean(values) -> float | None:
+    v = list(values)
+    return float(np.mean(v)) if v else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("reliance", help="accuracy on shortcut-consistent vs -violating images")
+    r.add_argument("--data", required=True, help="test shards (make-data --shortcut-prob 0.5)")
+    r.add_argument("--weights", action="append", default=None,
+                   help=f"demo_resnet weights (repeatable; default: {SHIPPED} and 'default')")
+    b = sub.add_parser("build", help="build the shortcut model's atlas on clean data")
+    b.add_argument("--atlas", required=True)
+    b.add_argument("--weights", default=str(SHIPPED))
+    s = sub.add_parser("routes", help="route latents' colours and deletion, per class")
+    s.add_argument("--atlas", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--per-class", type=int, default=6, help="consistent and violating images each")
+    s.add_argument("--k", type=int, default=3)
+    s.add_argument("--steps", type=int, default=16)
+    s.add_argument("--draws", type=int, default=5, help="random deletion sets per image and layer")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(getattr(args, "threads", 1))
+    RESULTS.mkdir(exist_ok=True)
+    t0 = time.time()
+    if args.cmd == "reliance":
+        res = reliance(args.data, args.weights or [str(SHIPPED), "default"])
+        name = "shortcut_routes_reliance.json"
+    elif args.cmd == "build":
+        print("config:", build(args.atlas, args.weights))
+        return
+    else:
+        res = route_study(args.atlas, args.data, args.per_class, args.k, args.steps, args.draws,
+                          args.seed)
+        res["args"] = {k: v for k, v in vars(args).items() if k != "cmd"}
+        name = "shortcut_routes.json"
+    res["seconds"] = round(time.time() - t0, 1)
+    (RESULTS / name).write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res.get("summary", res), indent=1))
+
+
+if __name__ == "__main__":
+    main()
