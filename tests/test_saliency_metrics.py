@@ -197,3 +197,23 @@ def test_manipulation_moves_saliency_toward_target_within_eps(tiny: TinyCNN) -> 
     before = metrics.pearson(saliency(x, target), goal)
     after = metrics.pearson(saliency(x_adv, target), goal)
     assert (after > before + 0.1).all(), (before, after)
+
+
+def test_cam_reads_vit_patch_tokens_row_major_without_prefix() -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(6)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3).eval()
+    x, target = torch.randn(2, 3, 32, 32), torch.tensor([2, 1])
+    acts = []
+    handle = vit.norm.register_forward_hook(lambda m, a, out: acts.append(out))
+    logits = vit(x)
+    handle.remove()
+    (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts[0])
+    brute = torch.zeros(2, 1, 4, 4)
+    for i in range(2):
+        for token in range(1, 17):  # token 0 is CLS; patches follow in row-major order
+            yy, xx = divmod(token - 1, 4)
+            brute[i, 0, yy, xx] = (grad[i, token].clamp(min=0) * acts[0][i, token]).sum()
+    want = F.interpolate(brute.clamp(min=0), size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(cam(vit, "norm", x, target, "layercam"), want.detach(), atol=1e-5)
