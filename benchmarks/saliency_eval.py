@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline.evaluation import (METHODS, Attack, Unsupported, differentiable, make_method,  # noqa: E402
-                                 manipulate, metrics, smooth_copy)
+from pipeline.evaluation import (METHODS, Attack, Unsupported, batched, differentiable,  # noqa: E402
+                                 make_method, manipulate, metrics, smooth_copy)
 from pipeline.evaluation.data import real_photos, synthetic_set  # noqa: E402
 from pipeline.models import demo, load_model  # noqa: E402
 
@@ -59,12 +59,11 @@ def evaluate(lm, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | No
     del_base = metrics.BASELINES[args.deletion_baseline](x)
     out = {}
     for name in tqdm(METHODS, desc=desc, unit="method"):
-        explain = make_method(name, lm.model, ig_steps=args.ig_steps, sg_samples=args.sg_samples,
-                              sg_stdev=0.15 * input_range)
+        explain = batched(make_method(name, lm.model, ig_steps=args.ig_steps, sg_samples=args.sg_samples,
+                                      sg_stdev=0.15 * input_range), args.batch)
         try:
             t0 = time.perf_counter()
-            maps = torch.cat([explain(x[i:i + args.batch], target[i:i + args.batch])
-                              for i in range(0, len(x), args.batch)])
+            maps = explain(x, target)
             seconds = (time.perf_counter() - t0) / len(x)
         except Unsupported as e:
             out[name] = {"status": f"unsupported: {e}"}
@@ -78,9 +77,8 @@ def evaluate(lm, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | No
             row["pointing"] = _mean(metrics.pointing_game(maps, masks))
             row["mass_in_mask"] = _mean(metrics.mask_mass(maps, masks))
         row["gini"] = _mean(metrics.gini(maps))
-        corr, ssim = metrics.stability(lambda a, b: torch.cat([explain(a[i:i + args.batch], b[i:i + args.batch])
-                                                               for i in range(0, len(a), args.batch)]),
-                                       x, target, sigma, draws=args.noise_draws, seed=args.seed, clean=maps)
+        corr, ssim = metrics.stability(explain, x, target, sigma, draws=args.noise_draws, seed=args.seed,
+                                       clean=maps)
         row["stability_corr"], row["stability_ssim"] = _mean(corr), _mean(ssim)
         out[name] = row
     return out
@@ -206,7 +204,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "saliency_eval.json")
-    p.add_argument("--markdown", type=Path, metavar="JSON", help="print the tables of a result file as markdown and exit")
+    p.add_argument("--markdown", type=Path, metavar="JSON",
+                   help="print the tables of a result file as markdown and exit")
     args = p.parse_args()
     if args.markdown:
         return print(markdown(json.loads(args.markdown.read_text())))
@@ -278,7 +277,8 @@ METRIC_COLS = (("insertion_auc", "ins AUC ↑"), ("deletion_auc", "del AUC ↓")
 def _attack_cell(r: dict | str | None) -> str:
     if not isinstance(r, dict):
         return r or "n/a: no twice-differentiable form here"
-    return (f"{_fmt(r['corr_before'])} → {_fmt(r['corr_after'])} (MSE {r['mse_before']:.2f} → {r['mse_after']:.2f}; "
+    return (f"{_fmt(r['corr_before'])} → {_fmt(r['corr_after'])} "
+            f"(MSE {r['mse_before']:.2f} → {r['mse_after']:.2f}; "
             f"Δp {r['prob_drift']:.3f}, top-1 kept {r['top1_kept']:.2f})")
 
 
@@ -286,17 +286,20 @@ def markdown(result: dict) -> str:
     """The result file's tables as markdown (the docs page embeds this output)."""
     lines = []
     for run in result["runs"]:
-        cols = [(k, t) for k, t in METRIC_COLS if run["set"] == "synthetic" or k not in ("pointing", "mass_in_mask")]
+        has_masks = run["set"] == "synthetic"
+        cols = [(k, t) for k, t in METRIC_COLS if has_masks or k not in ("pointing", "mass_in_mask")]
         lines += [f"#### {run['model']} — {run['set']} ({run['images']} images, {run['wall_seconds']:.0f} s wall, "
                   f"{run['cpu_seconds']:.0f} s CPU)", "",
                   "| method | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, row in run["methods"].items():
-            cells = [_fmt(row.get(k)) for k, _ in cols] if row["status"] == "ok" else [row["status"]] + [""] * (len(cols) - 1)
+            ok = row["status"] == "ok"
+            cells = [_fmt(row.get(k)) for k, _ in cols] if ok else [row["status"]] + [""] * (len(cols) - 1)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if "manipulation" in run:
-            lines += ["", f"Targeted manipulation, {run['manipulation_images']} images, {run['attack_steps']} Adam steps: "
-                      "Pearson correlation of the method's map with the target map, before (x) → after (x'), on the real model.",
-                      "", f"| method | white-box attack of the method | x' of the {TRANSFER_FROM} attack |", "|---|---|---|"]
+            lines += ["", f"Targeted manipulation, {run['manipulation_images']} images, {run['attack_steps']} "
+                      "Adam steps: Pearson correlation of the method's map with the target map, before (x) → "
+                      "after (x'), on the real model.", "",
+                      f"| method | white-box attack of the method | x' of the {TRANSFER_FROM} attack |", "|---|---|---|"]
             for name, row in run["manipulation"].items():
                 if row["status"] != "ok":
                     lines.append(f"| {name} | {row['status']} | |")

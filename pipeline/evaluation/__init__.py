@@ -8,7 +8,8 @@ has the measured table.
 """
 from pipeline.evaluation import metrics
 from pipeline.evaluation.manipulation import Attack, manipulate, smooth_copy
-from pipeline.evaluation.methods import METHODS, Unsupported, cam, cam_layer, differentiable, make_method
+from pipeline.evaluation.methods import (METHODS, Unsupported, batched, cam, cam_layer, differentiable,
+                                         make_method)
 
-__all__ = ["Attack", "METHODS", "Unsupported", "cam", "cam_layer", "differentiable", "make_method",
+__all__ = ["Attack", "METHODS", "Unsupported", "batched", "cam", "cam_layer", "differentiable", "make_method",
            "manipulate", "metrics", "smooth_copy"]

@@ -140,6 +140,13 @@ def differentiable(name: str, model: nn.Module, *, layer: str | None = None, ig_
     return fns[name]
 
 
+def batched(explain: Explainer, size: int) -> Explainer:
+    """`explain` run `size` images at a time (bounds the memory of IG / SmoothGrad batches)."""
+    def run(x: Tensor, t: Tensor) -> Tensor:
+        return torch.cat([explain(x[i:i + size], t[i:i + size]) for i in range(0, len(x), size)])
+    return run
+
+
 def _reduce(attr: Tensor) -> Tensor:
     return attr.sum(1).detach()
 

@@ -10,7 +10,6 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from skimage.metrics import structural_similarity
 from torch import Tensor, nn
 
