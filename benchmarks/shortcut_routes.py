@@ -7,9 +7,12 @@ A demo_resnet trained on data where class i mostly has colour SHORTCUT_COLOURS[i
     python benchmarks/shortcut_routes.py reliance --data TEST_SHARDS --weights W [--weights default]
     # 2. a small atlas of the shortcut model on clean data (configs/demo.yaml, other weights)
     python benchmarks/shortcut_routes.py build --atlas DIR --weights W
-    # 3. routes of test images per class: share of route latents whose top exemplars are
-    #    >= 50% the class's shortcut colour vs random latents; deletion of route latents
+    # 3. each test image's route into its predicted class: share of route latents whose top
+    #    exemplars are >= 50% that class's shortcut colour vs random latents of the layer;
+    #    prediction flips when the route latents are deleted vs as many random active latents
     python benchmarks/shortcut_routes.py routes --atlas DIR --data TEST_SHARDS
+    # 4. class routes from the stored edges (after `python -m jobs.icat DIR --methods ig`)
+    python benchmarks/shortcut_routes.py edges --atlas DIR --data TEST_SHARDS
 
 Exemplar colour: the atlas is built on clean data (shortcut_prob 0), so colour and shape are
 independent there and a latent whose top exemplars share a colour tracks that colour. The
@@ -41,7 +44,7 @@ from pipeline.cafe.groundtruth import objects  # noqa: E402
 from pipeline.data.concepts import CLASS_NAMES, SHORTCUT_COLOURS  # noqa: E402
 from pipeline.data.errors import ErrorLog  # noqa: E402
 from pipeline.data.shards import expand_shards, iter_samples  # noqa: E402
-from pipeline.icat.routes import ERROR, RouteFinder  # noqa: E402
+from pipeline.icat.routes import ERROR, RouteFinder, routes_from_edges  # noqa: E402
 from pipeline.icat.segment import LOGITS  # noqa: E402
 from pipeline.models import load_model, tap  # noqa: E402
 from pipeline.models.demo import WEIGHTS_DIR  # noqa: E402
@@ -154,26 +157,28 @@ def logits_from(finder: RouteFinder, layer: str, pfvs: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def deletion(finder: RouteFinder, pfvs: torch.Tensor, layer: str, latents: list[int],
-             gen: np.random.Generator, draws: int) -> tuple[bool, list[bool]]:
-    """Whether the prediction changes when `latents` are zeroed in the SAE reconstruction of
-    `layer` (PFVs Tensor[1, P, C]; error term kept), and the same for `draws` random sets of as
-    many latents active on the image (route latents excluded)."""
+             gen: np.random.Generator, draws: int) -> tuple[tuple[bool, float], list[tuple[bool, float]]]:
+    """(prediction changed, drop of the predicted class's logit) when `latents` are zeroed in
+    the SAE reconstruction of `layer` (PFVs Tensor[1, P, C]; error term kept), and the same for
+    `draws` random sets of as many latents active on the image (route latents excluded)."""
     up = finder.scorer.saes[layer]
     acts = up.encode(pfvs)
     err = pfvs[:, up.positions] - up.sae.decode(acts).to(pfvs.dtype)
-    base = int(logits_from(finder, layer, pfvs).argmax())
+    logits = logits_from(finder, layer, pfvs)[0]
+    base = int(logits.argmax())
 
-    def flipped(zero: list[int]) -> bool:
+    def delete(zero: list[int]) -> tuple[bool, float]:
         a = acts.clone()
         a[..., zero] = 0
         full = pfvs.clone()
         full[:, up.positions] = up.sae.decode(a).to(pfvs.dtype) + err
-        return int(logits_from(finder, layer, full).argmax()) != base
+        out = logits_from(finder, layer, full)[0]
+        return int(out.argmax()) != base, float(logits[base] - out[base])
 
     active = [f for f in torch.nonzero(acts[0].amax(0) > 0)[:, 0].tolist() if f not in latents]
-    rand = [flipped(list(gen.choice(active, size=min(len(latents), len(active)), replace=False)))
+    rand = [delete(list(gen.choice(active, size=min(len(latents), len(active)), replace=False)))
             for _ in range(draws)] if active else []
-    return flipped(latents), rand
+    return delete(latents), rand
 
 
 def route_study(atlas_root: str, data: str, per_class: int, k: int, steps: int, draws: int,
@@ -188,34 +193,79 @@ def route_study(atlas_root: str, data: str, per_class: int, k: int, steps: int, 
     chosen = [s for c in range(len(CLASS_NAMES)) for kind in (True, False)
               for s in [t for t in samples if t["label"] == c and t["consistent"] == kind][:per_class]]
     for s in tqdm(chosen, desc="routes", unit="img"):
-        route = finder(s["image"], target="true", k=k, label=s["label"], hints=False)
+        # the model's own route: into the predicted class, checked against that class's colour
+        route = finder(s["image"], target=None, k=k, label=s["label"], hints=False)
         taps = tap(finder.scorer.loaded.model, finder.pixels(s["image"]), layers)
-        colour = SHORTCUT_COLOURS[s["label"]]
-        row = {"label": s["label"], "consistent": s["consistent"], "predicted": route.predicted,
-               "layers": {}}
+        colour = SHORTCUT_COLOURS[route.target]
+        row = {"label": s["label"], "consistent": s["consistent"], "target": route.target,
+               "image_colour": s["colour"], "layers": {}}
         for layer in layers:
             lat = route.latents(layer)
             acts = finder.scorer.saes[layer].encode(taps[layer].values)[0].amax(0)
             active = torch.nonzero(acts > 0)[:, 0].tolist()
             known = colours.get(layer, {})
-            flip, rand = deletion(finder, taps[layer].values, layer, lat, gen, draws)
+            (flip, drop), rand = deletion(finder, taps[layer].values, layer, lat, gen, draws)
             row["layers"][layer] = {
                 "route_latents": lat,
                 "error_node": any(n.latent == ERROR for n in route.level(layer)),
                 "route_shortcut": [dominated(known.get(f, Counter()), colour) for f in lat],
                 "active_shortcut_frac": float(np.mean([dominated(known.get(f, Counter()), colour)
                                                        for f in active])) if active else None,
-                "deletion_flip": flip, "random_flips": rand}
+                "deletion_flip": flip, "logit_drop": drop,
+                "random_flips": [r[0] for r in rand], "random_logit_drops": [r[1] for r in rand]}
         rows.append(row)
     return {"rows": rows, "summary": summarise(rows, colours, layers)}
 
 
+def edge_study(atlas_root: str, data: str, per_class: int, k: int, draws: int, seed: int
+               ) -> dict[str, Any]:
+    """Class routes from the stored edges (icat stage), scopes class=C and all: the share of
+    their latents dominated by the class's shortcut colour vs the layer, and the flip rate when
+    a class route's latents are deleted on test images predicted as that class vs as many
+    random active latents."""
+    finder = RouteFinder(atlas_root, "ig", 1)
+    colours = latent_colours(Atlas.open(atlas_root), finder.scorer.loaded.data_config)
+    samples = _test_set(data)
+    gen = np.random.default_rng(seed)
+    model = finder.scorer.loaded.model
+    with torch.no_grad():
+        preds = [int(model(finder.pixels(s["image"])).argmax()) for s in samples]
+    out: dict[str, Any] = {}
+    for scope in ("class", "all"):
+        for c in range(len(CLASS_NAMES)):
+            route = routes_from_edges(atlas_root, c, k=k, scope=scope)
+            colour = SHORTCUT_COLOURS[c]
+            chosen = [s for s, p in zip(samples, preds) if p == c][:per_class]
+            res = {}
+            for layer in finder.layers:
+                lat = route.latents(layer)
+                known = colours.get(layer, {})
+                flips, rand = [], []
+                for s in chosen:
+                    pfvs = tap(model, finder.pixels(s["image"]), [layer])[layer].values
+                    (flip, _), r = deletion(finder, pfvs, layer, lat, gen, draws)
+                    flips.append(flip)
+                    rand += [f for f, _ in r]
+                res[layer] = {
+                    "route_latents": lat,
+                    "route_colours": [known.get(f, Counter()).most_common(1)[0][0]
+                                      if known.get(f) else "-" for f in lat],
+                    "route_shortcut_frac": _mean(dominated(known.get(f, Counter()), colour) for f in lat),
+                    "layer_shortcut_frac": _mean(dominated(v, colour) for v in known.values()),
+                    "error_node_in_route": any(n.latent == ERROR for n in route.level(layer)),
+                    "images": len(chosen), "deletion_flip_rate": _mean(flips),
+                    "random_flip_rate": _mean(rand)}
+            out[f"{scope}:{c}"] = res
+    return {"classes": out}
+
+
 def summarise(rows: list[dict[str, Any]], colours: dict[str, dict[int, Counter]],
               layers: list[str]) -> dict[str, Any]:
-    """Per layer and subset (all / consistent / violating images): the share of route latents
-    dominated by the class's shortcut colour vs all latents with exemplars and vs the latents
-    active on the same images; the prediction flip rate of deleting the route latents vs as
-    many random active latents."""
+    """Per layer and subset (all / shortcut-consistent / -violating images / each route target
+    class): the share of route latents dominated by the target class's shortcut colour vs all
+    latents of the layer with exemplars and vs the latents active on the same images; the
+    prediction flip rate and the mean drop of the predicted logit when the route latents are
+    deleted vs as many random active latents."""
     out: dict[str, Any] = {}
     for layer in layers:
         known = colours.get(layer, {})
@@ -223,8 +273,10 @@ def summarise(rows: list[dict[str, Any]], colours: dict[str, dict[int, Counter]]
                             for c in range(len(CLASS_NAMES))} if known else {}
         out[layer] = {"latents_with_exemplars": len(known),
                       "layer_shortcut_frac_per_class": per_class_random}
-        for name, keep in (("all", lambda r: True), ("consistent", lambda r: r["consistent"]),
-                           ("violating", lambda r: not r["consistent"])):
+        subsets = [("all", lambda r: True), ("consistent", lambda r: r["consistent"]),
+                   ("violating", lambda r: not r["consistent"])]
+        subsets += [(f"target={c}", lambda r, c=c: r["target"] == c) for c in range(len(CLASS_NAMES))]
+        for name, keep in subsets:
             sel = [r for r in rows if keep(r)]
             route_flags = [f for r in sel for f in r["layers"][layer]["route_shortcut"]]
             active = [r["layers"][layer]["active_shortcut_frac"] for r in sel
@@ -233,13 +285,30 @@ def summarise(rows: list[dict[str, Any]], colours: dict[str, dict[int, Counter]]
                 "images": len(sel),
                 "route_latents": len(route_flags),
                 "route_shortcut_frac": float(np.mean(route_flags)) if route_flags else None,
-                "layer_shortcut_frac": float(np.mean([per_class_random[r["label"]] for r in sel]))
+                "layer_shortcut_frac": _mean(per_class_random[r["target"]] for r in sel)
                 if per_class_random else None,
                 "active_shortcut_frac": float(np.mean(active)) if active else None,
                 "deletion_flip_rate": _mean(r["layers"][layer]["deletion_flip"] for r in sel),
                 "random_flip_rate": _mean(f for r in sel for f in r["layers"][layer]["random_flips"]),
+                "logit_drop": _mean(r["layers"][layer]["logit_drop"] for r in sel),
+                "random_logit_drop": _mean(d for r in sel for d in r["layers"][layer]["random_logit_drops"]),
                 "error_node_in_route": _mean(r["layers"][layer]["error_node"] for r in sel),
             }
+            if name.startswith("target="):
+                out[layer][name]["frequent_latents"] = _frequent(sel, layer, known)
+    return out
+
+
+def _frequent(rows: list[dict[str, Any]], layer: str, known: dict[int, Counter], n: int = 5
+              ) -> list[dict[str, Any]]:
+    """The `n` latents most often on these routes, with their exemplars' commonest colour."""
+    counts = Counter(f for r in rows for f in r["layers"][layer]["route_latents"])
+    out = []
+    for f, c in counts.most_common(n):
+        colours = known.get(f, Counter())
+        top = colours.most_common(1)[0] if colours else ("-", 0)
+        out.append({"latent": f, "routes": c, "colour": top[0],
+                    "colour_frac": top[1] / max(1, sum(colours.values()))})
     return out
 
 
@@ -267,6 +336,15 @@ def main() -> None:
     s.add_argument("--draws", type=int, default=5, help="random deletion sets per image and layer")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", default="shortcut_routes.json", help="file name under benchmarks/results")
+    e = sub.add_parser("edges", help="class routes from the stored edges (run jobs.icat first)")
+    e.add_argument("--atlas", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--per-class", type=int, default=20, help="test images predicted as the class")
+    e.add_argument("--k", type=int, default=3)
+    e.add_argument("--draws", type=int, default=5)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(getattr(args, "threads", 1))
     RESULTS.mkdir(exist_ok=True)
@@ -277,11 +355,15 @@ def main() -> None:
     elif args.cmd == "build":
         print("config:", build(args.atlas, args.weights))
         return
+    elif args.cmd == "edges":
+        res = edge_study(args.atlas, args.data, args.per_class, args.k, args.draws, args.seed)
+        res["args"] = {k: v for k, v in vars(args).items() if k != "cmd"}
+        name = "shortcut_routes_edges.json"
     else:
         res = route_study(args.atlas, args.data, args.per_class, args.k, args.steps, args.draws,
                           args.seed)
         res["args"] = {k: v for k, v in vars(args).items() if k != "cmd"}
-        name = "shortcut_routes.json"
+        name = args.out
     res["seconds"] = round(time.time() - t0, 1)
     (RESULTS / name).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res.get("summary", res), indent=1))
