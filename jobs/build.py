@@ -70,6 +70,13 @@ def _scan(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[
                                     **cfg.stage_runtime["scan"]))
 
 
+def _cafe(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
+    from jobs.cafe import run
+
+    return _no_failures("cafe", run(cfg.out, cfg.stages["cafe"], address=address,
+                                    **cfg.stage_runtime["cafe"]))
+
+
 def _icat(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
     from jobs.icat import run
 
@@ -89,6 +96,7 @@ STAGES: list[Stage] = [
     Stage("extract", lambda c: True, _extract),
     Stage("train-sae", lambda c: c.train is not None, _train_sae),
     Stage("scan", lambda c: "scan" in c.stages, _scan),
+    Stage("cafe", lambda c: "cafe" in c.stages, _cafe),
     Stage("icat", lambda c: "icat" in c.stages, _icat),
 ]
 

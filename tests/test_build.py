@@ -25,6 +25,7 @@ TINY = {
                       {"layer": "layer2", "sae": {"n_latents": 32, "k": 4, "batch_size": 32}},
                       {"layer": "layer4", "sae": {"n_latents": 64, "k": 8, "batch_size": 32}}]},
     "scan": {"top_per_image": 4, "n_top": 3, "n_quantile": 2, "in_process": True},
+    "cafe": {"faithfulness_per_latent": 1, "steps": 4, "patch": 16, "in_process": True},
     "icat": {"methods": ["ig", "grad_x_act"], "steps": 4, "images_per_shard": 2, "top_edges": 4,
              "in_process": True},
 }
@@ -52,7 +53,7 @@ def test_demo_config_passes_every_check(tmp_path) -> None:
     cfg.extract = dataclasses.replace(cfg.extract, weights=None)  # no trained weights needed
     checked = check_build(cfg)
     assert [s.name for s in build.STAGES if s.wanted(cfg)] == ["make-data", "extract", "train-sae",
-                                                               "scan", "icat"]
+                                                               "scan", "cafe", "icat"]
     assert {n: s.channels for n, s in checked.specs.items()} == {"layer2": 32, "layer4": 128}
     assert checked.n_shards > cfg.train.holdout_parts
     assert all(r.cfg.k <= 32 for r in checked.runs) and {r.layer for r in checked.runs} == {
@@ -61,7 +62,7 @@ def test_demo_config_passes_every_check(tmp_path) -> None:
 
 
 def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> None:
-    assert [s.name for s in build.STAGES] == ["make-data", "extract", "train-sae", "scan", "icat"]
+    assert [s.name for s in build.STAGES] == ["make-data", "extract", "train-sae", "scan", "cafe", "icat"]
     with pytest.raises(ValueError, match=r"unknown stages \['cafes'\]; stages: \['make-data'"):
         build.run(write_config(tmp_path, TINY), out=str(tmp_path / "out"), stages=["cafes"])
 
@@ -87,6 +88,8 @@ def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> No
     (dict(scan={"n_top": 0}), "scan.n_top=0: expected an int >= 1"),
     (dict(scan={"ntop": 3}), "scan: unknown keys \\['ntop'\\]"),
     (dict(train_sae=None), "section 'scan' needs section 'train_sae'"),
+    (dict(scan=None), "section 'cafe' needs section 'scan'"),
+    (dict(cafe={"mask_mass": 1.5}), "mask_mass=1.5: expected a fraction in \\(0, 1\\]"),
     (dict(icat={"methods": ["ig", "lrp"]}), "methods=\\['ig', 'lrp'\\]: expected a non-empty subset"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, changes, named) -> None:
@@ -124,7 +127,10 @@ def test_tiny_build_runs_every_stage_and_a_rerun_skips_them(tmp_path) -> None:
     again = build.run(config, out=out)
     assert again["make-data"]["reused"] and again["extract"]["parts_new"] == 0
     assert again["extract"]["parts_skipped"] == 3 and again["train-sae"] == results["train-sae"]
-    assert again["scan"]["parts_new"] == 0
+    assert again["scan"]["parts_new"] == 0 and again["cafe"]["parts_new"] == 0
+    # one exemplar row per pick, each with a PNG mask at input resolution
+    exemplars = pq.read_table(Path(out) / "exemplars").to_pandas()
+    assert len(exemplars) == len(picks) and exemplars.ierf_png.map(len).min() > 0
     # at most 4 incoming edges per (downstream node, method, scope), for both layer pairs
     edges = pq.read_table(Path(out) / "edges").to_pandas()
     assert set(zip(edges.src_layer, edges.dst_layer)) == {("layer2", "layer4"), ("layer4", "logits")}
@@ -137,8 +143,9 @@ def test_tiny_build_on_ray(ray_cluster, tmp_path) -> None:
     train = {k: v for k, v in TINY["train_sae"].items() if k != "in_process"}
     scan = {k: v for k, v in TINY["scan"].items() if k != "in_process"}
     icat = {k: v for k, v in TINY["icat"].items() if k != "in_process"}
+    cafe = {k: v for k, v in TINY["cafe"].items() if k != "in_process"}
     results = build.run(write_config(tmp_path, with_changes(extract=extract, train_sae=train,
-                                                            scan=scan, icat=icat)),
+                                                            scan=scan, cafe=cafe, icat=icat)),
                         out=str(tmp_path / "out"))
     assert results["extract"]["images"] == 24
     assert len(results["train-sae"]) == 2

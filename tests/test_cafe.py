@@ -285,7 +285,7 @@ def test_crashed_driver_resumes_with_exact_row_counts(atlas, tmp_path) -> None:
 def test_other_options_in_the_same_atlas_are_refused_naming_the_key(atlas, tmp_path) -> None:
     root = copy_of(atlas, tmp_path / "a")
     plan_cafe(root, OPTS)
-    with pytest.raises(ValueError, match="mask_mass: 0.5 -> 0.3"):
+    with pytest.raises(ValueError, match="mask_mass: 0.9 -> 0.3"):
         plan_cafe(root, CafeOptions(**{**OPTS.__dict__, "mask_mass": 0.3}))
     plan_cafe(root, CafeOptions(**{**OPTS.__dict__, "image_batch": 1}))  # speed only: accepted
 
