@@ -6,12 +6,17 @@ trained in process; `straight` adds the icat stage's edges).
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from test_icat import atlas, straight  # noqa: F401
-from test_train_sae_job import extracted  # noqa: F401
+from test_train_sae_job import copy_of, extracted  # noqa: F401
 
+from pipeline.atlas.api import Atlas
+from pipeline.atlas.regions import cell_box
+from pipeline.atlas.sheets import exemplar_tile
+from pipeline.cafe.masks import decode_png, encode_png
 from pipeline.data.synthetic import render_sample
 from pipeline.icat.route_render import (
     CAPTION,
@@ -27,6 +32,7 @@ from pipeline.icat.routes import ERROR, Route, node_id, routes, routes_from_edge
 from pipeline.icat.segment import LOGITS
 from pipeline.icat.stage import ICATOptions, ShardScorer, plan_icat
 from pipeline.store import fs
+from schemas import EXEMPLARS
 
 STEPS = 4
 
@@ -148,6 +154,38 @@ def test_render_draws_every_node_on_a_canvas_of_the_layout_size(atlas, route, tm
     pixels = np.asarray(im)
     assert (pixels < 128).any(axis=-1).mean() > 0.005  # lines, boxes and text were drawn
     assert exemplar_thumbnails(atlas, route) is None  # no cafe stage in this atlas
+
+
+def test_render_shows_exemplar_thumbnails_with_their_ierf_masks(atlas, route, tmp_path) -> None:  # noqa: F811
+    """An exemplars table written by hand (one exemplar per route latent: image 0, position 0,
+    an iERF mask on the left half) gives each latent node one thumbnail tinted on that half."""
+    root = copy_of(atlas, tmp_path / "with_exemplars")
+    image = Atlas.open(root).images([0])[0]
+    h, w = image.shape[:2]
+    mask = np.zeros((h, w), bool)
+    mask[:, : w // 2] = True
+    png = encode_png(mask.astype(np.float64), mask, 1.0)
+    rows = [dict(atlas_id="t", layer=n.layer, sae_id=route.saes[n.layer], latent=n.latent,
+                 kind="top", rank=0, image_id=0, activation=1.0, position=0, y=0, x=0,
+                 ierf_png=png, bbox=[0, 0, w // 2, h], mask_frac=0.5, act_overlap=0.0,
+                 ierf_constant=0.0)
+            for n in route.nodes if n.layer != LOGITS and n.latent != ERROR]
+    fs.write_parquet(pa.Table.from_pylist(rows, schema=EXEMPLARS),
+                     fs.join(root, "exemplars", "part-000000.parquet"), EXEMPLARS)
+    tiles = exemplar_thumbnails(root, route, 3)
+    assert set(tiles) == {r["layer"] + ":" + str(r["latent"]) for r in rows}
+    for node, t in tiles.items():  # the atlas's own exemplar picture, peak cell of its layer
+        layer = Atlas.open(root).layer_info(node.split(":")[0])
+        cell = cell_box(0, (h, w), (layer["grid_h"], layer["grid_w"]), layer["num_special"])
+        want = exemplar_tile(image, decode_png(png), cell)
+        assert len(t) == 1 and np.array_equal(t[0], want)
+    # the mask shows: the masked half is changed from the image much less, or much more,
+    # than the other half (row 0 / column 0 hold the peak cell's outline: skipped)
+    change = np.abs(want.astype(int) - image)[8:, 8:].mean(axis=(0, 2))
+    assert abs(change[: w // 2 - 8].mean() - change[w // 2:].mean()) > 10
+    with_tiles = np.asarray(render_route(route, root, thumbs=3))
+    without = np.asarray(render_route(route, None, thumbs=3))
+    assert with_tiles.shape == without.shape and (with_tiles != without).any()
 
 
 def test_route_from_stored_edges_uses_the_stored_weights(straight) -> None:  # noqa: F811

@@ -4,9 +4,9 @@ Plain Pillow (no graphviz binary on the hosts). Each level of the route is one r
 boxes; an edge is a line from its source (the row below) to its target, its width proportional
 to its weight (the route's largest weight gets `MAX_EDGE_WIDTH` pixels). A latent node shows
 its id, activation on the route's image, label hint and up to `thumbs` CAFE exemplars (the
-image with its iERF mask tinted red and the peak cell outlined, `pipeline.atlas.sheets`) when
-the atlas has an `exemplars` table; without it the node shows its id alone and the caption
-says so. Error nodes are grey.
+image bright on its iERF mask and dimmed elsewhere, the peak cell outlined: the atlas's own
+`pipeline.atlas.sheets.exemplar_tile`) when the atlas has an `exemplars` table; without it
+the node shows its id alone and the caption says so. Error nodes are grey.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def _draw_caption(draw: ImageDraw.ImageDraw, route: Route, size: tuple[int, int]
              f"edge width ~ weight",
              f"predicted {route.predicted}, label {route.label}" if route.source == "image" else ""]
     if has_exemplars:
-        lines.append("thumbnails: top exemplars, iERF mask red, peak cell boxed")
+        lines.append("thumbnails: top exemplars, bright on the iERF mask, peak cell boxed")
     else:
         lines.append("no exemplars table in this atlas (cafe stage not run): node ids only"
                      if has_root else "no atlas given: node ids only")
