@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,7 +39,6 @@ from pipeline.icat.attribution import METHODS, Decomposed, Readout, attribute, d
 from pipeline.icat.segment import LOGITS
 from pipeline.icat.stage import ICATOptions, ShardScorer, plan_icat
 from pipeline.models import tap
-from pipeline.pfv.sae_runs import read_saes
 from pipeline.store import fs
 
 ERROR = -1  # src_latent of a layer's error node (schemas EDGES)
@@ -183,18 +183,13 @@ class RouteFinder:
         predicted = int(logits.argmax())
         cls = _target(target, predicted, label, len(logits))
 
-        nodes = [RouteNode(LOGITS, cls, float(logits[cls]))]
-        edges: list[RouteEdge] = []
-        frontier = [cls]
         chain = [LOGITS] + layers[::-1]
-        for dst, src in zip(chain[:depth], chain[1:depth + 1]):
-            incoming = _image_scores(scorer, (src, dst), taps, x, frontier, self.method, self.steps)
-            acts = scorer.saes[src].encode(taps[src].values)[0].amax(0)
-            level = _expand(incoming, src, dst, k, edges)
-            nodes += [RouteNode(src, f, None if f == ERROR else float(acts[f])) for f in level]
-            frontier = [f for f in level if f != ERROR]
-            if not frontier:
-                break
+        acts = {layer: scorer.saes[layer].encode(taps[layer].values)[0].amax(0) for layer in layers}
+        nodes, edges = _descend(
+            chain[:depth + 1], RouteNode(LOGITS, cls, float(logits[cls])), k,
+            lambda src, dst, frontier: _image_scores(scorer, (src, dst), taps, x, frontier,
+                                                     self.method, self.steps),
+            lambda layer, f: float(acts[layer][f]))
         route = Route(self.plan.atlas_id, cls, self.method, k, "image", chain[:depth + 1],
                       {layer: row["sae_id"] for layer, row in self.plan.saes.items()}, nodes,
                       edges, predicted=predicted, label=label, meta={"steps": self.steps})
@@ -251,25 +246,37 @@ def routes_from_edges(root: str, target_class: int, k: int = 3, method: str = "i
                          f"{scope_value!r}; classes with edges: {classes}")
     chain = _layer_chain(table)
     depth = _check_depth(depth, len(chain) - 1)
-    nodes = [RouteNode(LOGITS, int(target_class))]
-    edges: list[RouteEdge] = []
-    frontier = [int(target_class)]
-    for dst, src in zip(chain[:depth], chain[1:depth + 1]):
-        incoming = _stored_scores(table, src, dst, frontier)
-        level = _expand(incoming, src, dst, k, edges)
-        nodes += [RouteNode(src, f) for f in level]
-        frontier = [f for f in level if f != ERROR]
-        if not frontier:
-            break
-    atlas_id = table["atlas_id"][0].as_py() if table.num_rows else ""
-    saes = {row["layer"]: row["sae_id"] for row in read_saes(root)}
-    route = Route(atlas_id, int(target_class), method, k, f"edges:{scope_value}",
-                  chain[:depth + 1], {l: saes[l] for l in chain[1:depth + 1] if l in saes},
-                  nodes, edges)
+    nodes, edges = _descend(chain[:depth + 1], RouteNode(LOGITS, int(target_class)), k,
+                            lambda src, dst, frontier: _stored_scores(table, src, dst, frontier),
+                            lambda layer, f: None)
+    # the SAEs the icat stage connected (recorded in its stage config)
+    saes = {layer: v[0] for layer, v in
+            fs.read_json(fs.join(root, "stages", "icat.json"))["config"]["saes"].items()}
+    route = Route(table["atlas_id"][0].as_py(), int(target_class), method, k,
+                  f"edges:{scope_value}", chain[:depth + 1],
+                  {layer: saes[layer] for layer in chain[1:depth + 1]}, nodes, edges)
     return _with_hints(root, route)
 
 
 # ---- one level -------------------------------------------------------------------------
+
+
+def _descend(chain: list[str], root: RouteNode, k: int,
+             incoming: Callable[[str, str, list[int]], dict[int, np.ndarray]],
+             activation: Callable[[str, int], float | None]
+             ) -> tuple[list[RouteNode], list[RouteEdge]]:
+    """Nodes (`root` first) and edges of a route down `chain` ([root's layer, next layer
+    below, ...]). incoming(src, dst, frontier): {dst node: scores float[F + 1]} of the frontier;
+    activation(layer, latent): a latent node's activation."""
+    nodes, edges = [root], []
+    frontier = [root.latent]
+    for dst, src in zip(chain, chain[1:]):
+        level = _expand(incoming(src, dst, frontier), src, dst, k, edges)
+        nodes += [RouteNode(src, f, None if f == ERROR else activation(src, f)) for f in level]
+        frontier = [f for f in level if f != ERROR]
+        if not frontier:
+            break
+    return nodes, edges
 
 
 def _expand(incoming: dict[int, np.ndarray], src: str, dst: str, k: int,
