@@ -13,6 +13,8 @@ A demo_resnet trained on data where class i mostly has colour SHORTCUT_COLOURS[i
     python benchmarks/shortcut_routes.py routes --atlas DIR --data TEST_SHARDS
     # 4. class routes from the stored edges (after `python -m jobs.icat DIR --methods ig`)
     python benchmarks/shortcut_routes.py edges --atlas DIR --data TEST_SHARDS
+    # the picture of one test image's route
+    python benchmarks/shortcut_routes.py picture --atlas DIR --data TEST_SHARDS --index 3 --out r.png
 
 Exemplar colour: the atlas is built on clean data (shortcut_prob 0), so colour and shape are
 independent there and a latent whose top exemplars share a colour tracks that colour. The
@@ -45,6 +47,7 @@ from pipeline.data.concepts import CLASS_NAMES, SHORTCUT_COLOURS  # noqa: E402
 from pipeline.data.errors import ErrorLog  # noqa: E402
 from pipeline.data.shards import expand_shards, iter_samples  # noqa: E402
 from pipeline.icat.routes import ERROR, RouteFinder, routes_from_edges  # noqa: E402
+from pipeline.icat.route_render import render_route  # noqa: E402
 from pipeline.icat.segment import LOGITS  # noqa: E402
 from pipeline.models import load_model, tap  # noqa: E402
 from pipeline.models.demo import WEIGHTS_DIR  # noqa: E402
@@ -345,6 +348,13 @@ def main() -> None:
     e.add_argument("--draws", type=int, default=5)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=1)
+    g = sub.add_parser("picture", help="render the route of one test image")
+    g.add_argument("--atlas", required=True)
+    g.add_argument("--data", required=True)
+    g.add_argument("--index", type=int, default=0, help="test image index")
+    g.add_argument("--k", type=int, default=3)
+    g.add_argument("--out", required=True, help="PNG path")
+    g.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(getattr(args, "threads", 1))
     RESULTS.mkdir(exist_ok=True)
@@ -354,6 +364,13 @@ def main() -> None:
         name = "shortcut_routes_reliance.json"
     elif args.cmd == "build":
         print("config:", build(args.atlas, args.weights))
+        return
+    elif args.cmd == "picture":
+        sample = _test_set(args.data)[args.index]
+        route = RouteFinder(args.atlas, "ig", 16)(sample["image"], k=args.k, label=sample["label"])
+        render_route(route, args.atlas, args.out)
+        print(f"{sample['colour']} {CLASS_NAMES[sample['label']]}: route into "
+              f"{CLASS_NAMES[route.target]} -> {args.out}")
         return
     elif args.cmd == "edges":
         res = edge_study(args.atlas, args.data, args.per_class, args.k, args.draws, args.seed)

@@ -2,11 +2,11 @@
 
 Plain Pillow (no graphviz binary on the hosts). Each level of the route is one row of node
 boxes; an edge is a line from its source (the row below) to its target, its width proportional
-to its weight (the route's largest weight gets `MAX_EDGE_WIDTH` pixels). A latent node shows
-its id, activation on the route's image, label hint and up to `thumbs` CAFE exemplars (the
-image bright on its iERF mask and dimmed elsewhere, the peak cell outlined: the atlas's own
-`pipeline.atlas.sheets.exemplar_tile`) when the atlas has an `exemplars` table; without it
-the node shows its id alone and the caption says so. Error nodes are grey.
+to its weight (the largest weight into the same layer gets `MAX_EDGE_WIDTH` pixels). A latent
+node shows its id, activation on the route's image, label hint and up to `thumbs` CAFE
+exemplars (the image bright on its iERF mask and dimmed elsewhere, the peak cell outlined: the
+atlas's own `pipeline.atlas.sheets.exemplar_tile`) when the atlas has an `exemplars` table;
+without it the node shows its id alone and the caption says so. Error nodes are grey.
 """
 from __future__ import annotations
 
@@ -85,11 +85,16 @@ def render_route(route: Route, root: str | None = None, out: str | os.PathLike |
     image = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(image)
     boxes = _layout(route, size[0], thumbs)
-    wmax = max((e.weight for e in route.edges), default=0.0) or 1.0
+    # widths per level: a logit and a latent are in different units
+    wmax: dict[str, float] = {}
+    for e in route.edges:
+        level = e.dst.split(":")[0]
+        wmax[level] = max(wmax.get(level, 0.0), e.weight)
     for e in route.edges:  # under the nodes
         sx0, sy0, sx1, _ = boxes[e.src]
         dx0, _, dx1, dy1 = boxes[e.dst]
-        width = max(1, round(MAX_EDGE_WIDTH * max(e.weight, 0.0) / wmax))
+        top = wmax[e.dst.split(":")[0]] or 1.0
+        width = max(1, round(MAX_EDGE_WIDTH * max(e.weight, 0.0) / top))
         colour = (150, 150, 150) if e.src.endswith(":err") else (40, 70, 160)
         draw.line([((sx0 + sx1) // 2, sy0), ((dx0 + dx1) // 2, dy1)], fill=colour, width=width)
     for node in route.nodes:
