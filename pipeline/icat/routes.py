@@ -153,6 +153,7 @@ class RouteFinder:
         self.plan = plan_icat(root, ICATOptions(methods=(method,), steps=steps), record=False)
         self.scorer = ShardScorer(self.plan, device)
         self.layers = list(self.plan.saes)  # forward order
+        self._atlas: Any = None  # opened on the first route that wants label hints
 
     def pixels(self, image: ImageInput) -> torch.Tensor:
         """The model input Tensor[1, 3, H, W] of one image (a tensor is taken as preprocessed)."""
@@ -193,7 +194,11 @@ class RouteFinder:
         route = Route(self.plan.atlas_id, cls, self.method, k, "image", chain[:depth + 1],
                       {layer: row["sae_id"] for layer, row in self.plan.saes.items()}, nodes,
                       edges, predicted=predicted, label=label, meta={"steps": self.steps})
-        return _with_hints(self.root, route) if hints else route
+        if not hints:
+            return route
+        if self._atlas is None:
+            self._atlas = _open_atlas(self.root)
+        return _with_hints(self._atlas, route)
 
 
 def routes(root: str, image: ImageInput, target: int | str | None = None, k: int = 3,
@@ -255,7 +260,7 @@ def routes_from_edges(root: str, target_class: int, k: int = 3, method: str = "i
     route = Route(table["atlas_id"][0].as_py(), int(target_class), method, k,
                   f"edges:{scope_value}", chain[:depth + 1],
                   {layer: saes[layer] for layer in chain[1:depth + 1]}, nodes, edges)
-    return _with_hints(root, route)
+    return _with_hints(_open_atlas(root), route)
 
 
 # ---- one level -------------------------------------------------------------------------
@@ -376,13 +381,18 @@ def _layer_chain(table: pa.Table) -> list[str]:
     return chain
 
 
-def _with_hints(root: str, route: Route) -> Route:
-    """Fill `label_hint` of the latent nodes from the atlas's `latents` view (needs the scan
-    stage; the hint itself needs the exemplars' ground truth, else it stays None)."""
+def _open_atlas(root: str) -> Any:
     from pipeline.atlas.api import Atlas  # lazy: the atlas API wraps this module
+
+    return Atlas.open(root)
+
+
+def _with_hints(atlas: Any, route: Route) -> Route:
+    """Fill `label_hint` of the latent nodes from the `latents` view of `atlas` (an open
+    pipeline.atlas.Atlas; needs the scan stage, and the hint itself the exemplars' ground
+    truth, else it stays None)."""
     from pipeline.atlas.views import literal
 
-    atlas = Atlas.open(root)
     latent_nodes = [n for n in route.nodes if n.layer in route.saes and n.latent != ERROR]
     if not latent_nodes or not atlas.has("latent_stats"):
         return route
