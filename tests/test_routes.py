@@ -32,7 +32,7 @@ from pipeline.icat.routes import ERROR, Route, node_id, routes, routes_from_edge
 from pipeline.icat.segment import LOGITS
 from pipeline.icat.stage import ICATOptions, ShardScorer, plan_icat
 from pipeline.store import fs
-from schemas import EXEMPLARS
+from schemas import EDGES, EXEMPLARS
 
 STEPS = 4
 
@@ -209,6 +209,29 @@ def test_route_from_stored_edges_uses_the_stored_weights(straight) -> None:  # n
         routes_from_edges(root, 99)
     with pytest.raises(ValueError, match="stored methods"):
         routes_from_edges(root, cls, method="lrp")
+
+
+def test_an_error_node_that_ranks_joins_the_route_as_a_leaf(tmp_path) -> None:
+    root = str(tmp_path)
+    # (src_layer, src_latent, dst_layer, dst_latent, weight); -1 = error node
+    rows = [("layer4", 5, LOGITS, 0, 3.0), ("layer4", 6, LOGITS, 0, 1.0),
+            ("layer4", -1, LOGITS, 0, 4.0),  # the error node outranks latent 5: it joins
+            ("layer2", 1, "layer4", 5, 0.5), ("layer2", 2, "layer4", 5, 0.7),
+            ("layer2", -1, "layer4", 5, -1.0),
+            ("layer2", 3, "layer4", -1, 9.0)]  # into the error node: never followed
+    table = pa.Table.from_pylist(
+        [dict(atlas_id="t", src_layer=a, src_latent=b, dst_layer=c, dst_latent=d, method="ig",
+              scope="all", weight=w, n_images=1) for a, b, c, d, w in rows], schema=EDGES)
+    fs.write_parquet(table, fs.join(root, "edges", "part-000000.parquet"), EDGES)
+    fs.write_json({"config": {"saes": {"layer2": ["s2", "h"], "layer4": ["s4", "h"]}}},
+                  fs.join(root, "stages", "icat.json"))
+    route = routes_from_edges(root, 0, k=1, scope="all")
+    assert [(n.layer, n.latent) for n in route.nodes] == [
+        (LOGITS, 0), ("layer4", ERROR), ("layer4", 5), ("layer2", 2)]
+    assert [(e.src, e.dst, e.weight) for e in route.edges] == [
+        ("layer4:err", "logits:0", 4.0), ("layer4:5", "logits:0", 3.0),
+        ("layer2:2", "layer4:5", 0.7)]
+    assert route.saes == {"layer4": "s4", "layer2": "s2"}
 
 
 def test_errors_name_the_bad_value(atlas, extracted, image) -> None:  # noqa: F811
