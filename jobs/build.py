@@ -77,6 +77,15 @@ def _cafe(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[
                                     **cfg.stage_runtime["cafe"]))
 
 
+def _index(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
+    from jobs.index import build_indexes, report
+
+    opts = cfg.stages["index"]
+    summary = build_indexes(cfg.out, opts.exact_below, opts.factory)
+    report(summary)
+    return summary
+
+
 def _icat(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
     from jobs.icat import run
 
@@ -97,6 +106,7 @@ STAGES: list[Stage] = [
     Stage("train-sae", lambda c: c.train is not None, _train_sae),
     Stage("scan", lambda c: "scan" in c.stages, _scan),
     Stage("cafe", lambda c: "cafe" in c.stages, _cafe),
+    Stage("index", lambda c: "index" in c.stages, _index),
     Stage("icat", lambda c: "icat" in c.stages, _icat),
 ]
 

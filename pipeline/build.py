@@ -14,6 +14,7 @@ A config has these sections (see `configs/demo.yaml`):
                 holdout_parts, workers, ...}  # TrainOptions fields
     scan: {top_per_image, n_top, n_quantile, ...}            # ScanOptions fields (needs train_sae)
     cafe: {mask_mass, faithfulness_per_latent, steps, patch, ...}  # CafeOptions (needs scan)
+    index: {exact_below, factory}                            # FAISS indexes (needs scan)
     icat: {methods, steps, images_per_shard, top_edges, ...} # ICATOptions fields (needs train_sae)
 
 `check_build` runs every check of every stage before any of them starts, so a bad layer,
@@ -30,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.atlas.index import IndexOptions
 from pipeline.cafe.stage import CafeOptions
 from pipeline.icat.stage import ICATOptions
 from pipeline.latents.scan import ScanOptions
@@ -45,12 +47,14 @@ from pipeline.pfv.extract import (
 from pipeline.pfv.sae_runs import SAERun, TrainOptions, make_runs
 from pipeline.store import check_stage_config, fs
 
-SECTIONS = ("atlas_id", "out", "data", "model", "extract", "train_sae", "scan", "cafe", "icat")
+SECTIONS = ("atlas_id", "out", "data", "model", "extract", "train_sae", "scan", "cafe", "index",
+            "icat")
 # later stages: section name -> (options class, the section it needs, runtime keys: how the
 # stage runs, which its outputs do not depend on)
 STAGE_OPTIONS: dict[str, tuple[type, str, tuple[str, ...]]] = {
     "scan": (ScanOptions, "train_sae", ("in_process",)),
     "cafe": (CafeOptions, "scan", ("in_process", "actors", "cpus_per_actor", "gpus_per_actor")),
+    "index": (IndexOptions, "scan", ()),
     "icat": (ICATOptions, "train_sae", ("in_process", "actors", "cpus_per_actor",
                                         "gpus_per_actor")),
 }

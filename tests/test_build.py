@@ -26,6 +26,7 @@ TINY = {
                       {"layer": "layer4", "sae": {"n_latents": 64, "k": 8, "batch_size": 32}}]},
     "scan": {"top_per_image": 4, "n_top": 3, "n_quantile": 2, "in_process": True},
     "cafe": {"faithfulness_per_latent": 1, "steps": 4, "patch": 16, "in_process": True},
+    "index": {},
     "icat": {"methods": ["ig", "grad_x_act"], "steps": 4, "images_per_shard": 2, "top_edges": 4,
              "in_process": True},
 }
@@ -53,7 +54,7 @@ def test_demo_config_passes_every_check(tmp_path) -> None:
     cfg.extract = dataclasses.replace(cfg.extract, weights=None)  # no trained weights needed
     checked = check_build(cfg)
     assert [s.name for s in build.STAGES if s.wanted(cfg)] == ["make-data", "extract", "train-sae",
-                                                               "scan", "cafe", "icat"]
+                                                               "scan", "cafe", "index", "icat"]
     assert {n: s.channels for n, s in checked.specs.items()} == {"layer2": 32, "layer4": 128}
     assert checked.n_shards > cfg.train.holdout_parts
     assert all(r.cfg.k <= 32 for r in checked.runs) and {r.layer for r in checked.runs} == {
@@ -62,7 +63,7 @@ def test_demo_config_passes_every_check(tmp_path) -> None:
 
 
 def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> None:
-    assert [s.name for s in build.STAGES] == ["make-data", "extract", "train-sae", "scan", "cafe", "icat"]
+    assert [s.name for s in build.STAGES] == ["make-data", "extract", "train-sae", "scan", "cafe", "index", "icat"]
     with pytest.raises(ValueError, match=r"unknown stages \['cafes'\]; stages: \['make-data'"):
         build.run(write_config(tmp_path, TINY), out=str(tmp_path / "out"), stages=["cafes"])
 
@@ -89,6 +90,7 @@ def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> No
     (dict(scan={"ntop": 3}), "scan: unknown keys \\['ntop'\\]"),
     (dict(train_sae=None), "section 'scan' needs section 'train_sae'"),
     (dict(scan=None), "section 'cafe' needs section 'scan'"),
+    (dict(index={"exact_below": -1}), "index.exact_below=-1: expected an int >= 0"),
     (dict(cafe={"mask_mass": 1.5}), "mask_mass=1.5: expected a fraction in \\(0, 1\\]"),
     (dict(icat={"methods": ["ig", "lrp"]}), "methods=\\['ig', 'lrp'\\]: expected a non-empty subset"),
 ])
@@ -131,6 +133,11 @@ def test_tiny_build_runs_every_stage_and_a_rerun_skips_them(tmp_path) -> None:
     # one exemplar row per pick, each with a PNG mask at input resolution
     exemplars = pq.read_table(Path(out) / "exemplars").to_pandas()
     assert len(exemplars) == len(picks) and exemplars.ierf_png.map(len).min() > 0
+    # per SAE a decoder index (one vector per latent) and a region index (one per pick)
+    built = {(r["kind"], r["sae_id"]): r["n"] for r in results["index"]["indexes"]}
+    assert built == {**{("decoder", s): n for s, n in [("layer2-topk-32-k4", 32),
+                                                        ("layer4-topk-64-k8", 64)]},
+                     **{("regions", s): int((picks.sae_id == s).sum()) for s in saes}}
     # at most 4 incoming edges per (downstream node, method, scope), for both layer pairs
     edges = pq.read_table(Path(out) / "edges").to_pandas()
     assert set(zip(edges.src_layer, edges.dst_layer)) == {("layer2", "layer4"), ("layer4", "logits")}
@@ -145,7 +152,8 @@ def test_tiny_build_on_ray(ray_cluster, tmp_path) -> None:
     icat = {k: v for k, v in TINY["icat"].items() if k != "in_process"}
     cafe = {k: v for k, v in TINY["cafe"].items() if k != "in_process"}
     results = build.run(write_config(tmp_path, with_changes(extract=extract, train_sae=train,
-                                                            scan=scan, cafe=cafe, icat=icat)),
+                                                            scan=scan, cafe=cafe, icat=icat,
+                                                            index={})),
                         out=str(tmp_path / "out"))
     assert results["extract"]["images"] == 24
     assert len(results["train-sae"]) == 2

@@ -34,6 +34,20 @@ from pipeline.store import fs
 
 KINDS = ("decoder", "regions")
 EXACT_BELOW = 100_000
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """The `index` section of a build config: exact (Flat) below `exact_below` vectors, else
+    IVF/PQ; `factory` forces one FAISS factory string for every index."""
+
+    exact_below: int = EXACT_BELOW
+    factory: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.exact_below, bool) or not isinstance(self.exact_below, int) \
+                or self.exact_below < 0:
+            raise ValueError(f"index.exact_below={self.exact_below!r}: expected an int >= 0")
 DEFAULT_NPROBE = 32
 K_FACTOR = 16  # a refined index re-ranks K_FACTOR * k candidates
 
