@@ -1,8 +1,10 @@
-"""`concept-atlas demo`: `build configs/demo.yaml` into `demo_out/`, then a short summary.
+"""`concept-atlas demo`: `build configs/demo.yaml` into `demo_out/`, then a tour of the atlas.
 
-Stages so far (jobs/build.py): synthetic shards → PFV extraction on Ray (per-layer PFV
-statistics) → one SAE per tapped layer with Ray Train (held-out FVU, L0, dead latents, logit
-fidelity, and the model's accuracy). Each later stage of the atlas plugs into the build.
+The build (jobs/build.py): synthetic shards → PFV extraction on Ray → one SAE per tapped layer
+(Ray Train) → the latent scan (activations, latent stats, exemplar picks) → CAFE (latent iERF
+masks and faithfulness per exemplar) → FAISS indexes → ICAT edges. Then SRD saliency maps of a
+few held-out images, three example SQL queries with their answers, and the concept route of
+one image.
 """
 from __future__ import annotations
 
@@ -52,37 +54,98 @@ def run(out: Path, n_images: int | None = None, model_name: str = "demo_resnet",
         "saes": [{k: r[k] for k in ("sae_id", "layer", "n_latents", "k", "fvu", "l0", "dead_frac",
                                     "dense_frac", "logit_agreement", "logit_kl")} for r in saes],
     }
-    summary["saliency"] = write_saliency(Path(out), cfg)
+    samples = heldout_samples(cfg, 4)
+    summary["saliency"] = write_saliency(Path(out), cfg, samples)
+    summary["queries"] = example_queries(str(out))
+    summary["route"] = write_route(Path(out), samples[0])
     (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     # the accuracy line was printed by train-sae's summary
-    print(f"\n[done] in {time.time() - t0:.0f}s. Results in {out}/ (summary.json; tables images/, "
-          "layers/, pfv/, saes/, errors/, manifest/; SAE weights in sae_weights/).")
-    print("Next: every table is Parquet under the output folder; in Python, for example:\n"
-          f"  import duckdb; duckdb.sql(\"SELECT sae_id, fvu, l0, dead_frac FROM '{out}/saes/*.parquet'\").show()\n"
-          "and `concept-atlas layers --model demo_resnet` lists the layers a build can tap.")
+    print(f"\n[done] in {time.time() - t0:.0f}s. The atlas is in {out}/ (summary.json, Parquet "
+          "tables, FAISS indexes in index/, SRD maps in saliency/, a concept route in route.png).")
+    print("Next, for example:\n"
+          f"  concept-atlas sql {out} \"SELECT * FROM latents ORDER BY max_act DESC LIMIT 10\"\n"
+          f"  concept-atlas latent {out} layer4:0 --out latent.png       # exemplars with iERF masks\n"
+          f"  concept-atlas similar {out} --latent layer4:0\n"
+          f"  concept-atlas search {out} --image {summary['saliency'][0]['input']} -k 5\n"
+          f"  concept-atlas routes {out} --image {summary['saliency'][0]['input']} --out route.png\n"
+          "and `concept-atlas --help` lists every command (docs/atlas.md: the tables and views).")
     return summary
 
 
-def write_saliency(out: Path, cfg: Any, n: int = 4) -> list[dict[str, Any]]:
-    """SRD saliency panels (input | signed map | overlay) of the first `n` images of the last
-    (held-out) shard -> `out/saliency/KEY.png`; returns one record per image."""
+# three questions the demo asks its atlas, printed with their answers
+EXAMPLE_QUERIES = {
+    "latents per layer: how many, how many dead, mean firing frequency, CAFE faithfulness":
+        "SELECT layer, count(*) AS latents, count(*) FILTER (dead) AS dead, "
+        "round(avg(freq), 4) AS mean_freq, round(avg(cafe_ins_auc), 3) AS ins_auc_ierf, "
+        "round(avg(ins_auc_act), 3) AS ins_auc_act FROM latents GROUP BY layer ORDER BY layer",
+    "the latents most faithful to one ground-truth concept (their top exemplars' iERF masks)":
+        "SELECT layer, latent, label_hint, round(label_hint_frac, 2) AS frac, "
+        "round(gt_iou_ierf, 3) AS iou_ierf, round(gt_iou_act, 3) AS iou_act FROM latents "
+        "WHERE label_hint IS NOT NULL ORDER BY label_hint_frac DESC, gt_iou_ierf DESC LIMIT 5",
+    "the strongest ICAT-IG edges into each class logit (summed over the sampled images)":
+        "SELECT dst_latent AS class, src_layer || ':' || src_latent AS source, "
+        "round(weight, 2) AS weight, n_images FROM edges WHERE dst_layer = 'logits' "
+        "AND method = 'ig' AND scope = 'all' "
+        "QUALIFY row_number() OVER (PARTITION BY dst_latent ORDER BY weight DESC) = 1 "
+        "ORDER BY class",
+}
+
+
+def example_queries(out: str) -> list[dict[str, Any]]:
+    """Run EXAMPLE_QUERIES on the atlas at `out`, print each with its answer, return them."""
+    from pipeline.atlas import Atlas
+
+    atlas, answers = Atlas.open(out), []
+    for question, query in EXAMPLE_QUERIES.items():
+        table = atlas.sql(query)
+        print(f"\n[query] {question}\n  {query}")
+        print(table.to_pandas().to_string(index=False))
+        answers.append({"question": question, "sql": query, "rows": table.to_pylist()})
+    return answers
+
+
+def write_route(out: Path, sample: Any) -> dict[str, Any]:
+    """The concept route of one held-out image into its predicted class: printed, written as
+    `out/route.json` and drawn to `out/route.png`."""
+    from pipeline.atlas import Atlas
+    from pipeline.icat.route_render import render_route
+
+    route = Atlas.open(str(out)).routes(sample.image, label=sample.cls)
+    (out / "route.json").write_text(route.to_json() + "\n")
+    render_route(route, str(out), out / "route.png")
+    print(f"\n[route] image {sample.key} (label {sample.cls}):\n{route.text()}")
+    return {"key": sample.key, "json": str(out / "route.json"), "png": str(out / "route.png")}
+
+
+def heldout_samples(cfg: Any, n: int) -> list[Any]:
+    """The first `n` samples of the last (held-out) shard of the build's data."""
     from pipeline.data.errors import ErrorLog
     from pipeline.data.shards import expand_shards, iter_samples
-    from pipeline.explain import explain_images
-    from pipeline.models import load_model
 
-    loaded = load_model(cfg.extract.model, cfg.extract.weights)
     samples = []
     for s in iter_samples(expand_shards(cfg.shard_spec)[-1:], ErrorLog(), stage="demo"):
         samples.append(s)
         if len(samples) == n:
             break
+    return samples
+
+
+def write_saliency(out: Path, cfg: Any, samples: list[Any]) -> list[dict[str, Any]]:
+    """SRD saliency panels (input | signed map | overlay) of `samples` ->
+    `out/saliency/KEY.png`, and each input image as `KEY-input.png` (to try other commands on);
+    returns one record per image."""
+    from pipeline.explain import explain_images
+    from pipeline.models import load_model
+
+    loaded = load_model(cfg.extract.model, cfg.extract.weights)
     (out / "saliency").mkdir(exist_ok=True)
     records = []
     for s, (panel, facts) in zip(samples, explain_images(loaded, [s.image for s in samples])):
         path = out / "saliency" / f"{s.key}.png"
         panel.save(path)
-        records.append({"key": s.key, "label": s.cls, **facts, "png": str(path)})
+        s.image.save(out / "saliency" / f"{s.key}-input.png")
+        records.append({"key": s.key, "label": s.cls, **facts, "png": str(path),
+                        "input": str(out / "saliency" / f"{s.key}-input.png")})
     print(f"[saliency] SRD maps of {len(records)} held-out images in {out}/saliency/ "
           "(input | signed map, red = for the class | overlay)")
     return records

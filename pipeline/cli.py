@@ -121,28 +121,36 @@ def _cmd_build(a: argparse.Namespace) -> int:
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
     from PIL import Image
 
-    from pipeline import srd
+    from pipeline.explain import explain_images
     from pipeline.models import load_model
-    from pipeline.viz import overlay, side_by_side, signed_heatmap
 
     loaded = load_model(a.model, _weights(a.weights))
     with Image.open(a.image) as im:
-        x = loaded.preprocess([im.convert("RGB")])
-    res = srd.explain(loaded.model, x, a.target, a.contrastive)
-    mean = torch.tensor(loaded.data_config["mean"]).view(3, 1, 1)
-    std = torch.tensor(loaded.data_config["std"]).view(3, 1, 1)
-    # show the model's own input (after resize and crop), so the map lines up with it pixel for pixel
-    shown = ((x[0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    relevance = res.pixels[0, 0].detach().numpy()
-    heat = signed_heatmap(relevance)
-    side_by_side([shown, heat, overlay(shown, heat)]).save(a.out)
-    print(json.dumps({"target": int(res.target[0]), "logit": round(float(res.logit[0]), 4),
-                      "pixel_sum": round(float(np.sum(relevance)), 4),
-                      "constant_share": round(float(res.constant[0, 0]), 4), "out": a.out}))
+        [(panel, facts)] = explain_images(loaded, [im], a.target, a.contrastive)
+    panel.save(a.out)
+    print(json.dumps({**facts, "out": a.out}))
+    return 0
+
+
+def _cmd_routes(a: argparse.Namespace) -> int:
+    from pipeline.atlas import Atlas
+    from pipeline.icat.route_render import render_route
+
+    atlas = Atlas.open(a.atlas)
+    target = a.target if a.target in (None, "true") or not a.target.isdigit() else int(a.target)
+    route = atlas.routes(a.image, target=target, k=a.k, method=a.method, steps=a.steps,
+                         depth=a.depth, label=a.label)
+    text = route.to_json()
+    if a.json:
+        Path(a.json).write_text(text + "\n")
+    if a.out:
+        render_route(route, atlas.root, a.out)
+    print(route.text())
+    for path in (a.json, a.out):
+        if path:
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -410,6 +418,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("latent", type=_latent_ref, help="LAYER:ID or SAE_ID:ID")
     sp.add_argument("--out", default=None, help="contact sheet PNG (exemplars, iERF masks)")
 
+    # the later stages: each job owns its command line (`main` hands the arguments over);
+    # listed here for `concept-atlas --help`
+    for name, help_ in JOB_COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+
+    sp = add("routes", _cmd_routes, "concept routes of one image: from a class logit, the top-k "
+             "ICAT edges per node down the tapped layers (JSON and a graph PNG)",
+             "  concept-atlas routes demo_out --image demo_out/saliency/00002500.png --out route.png\n"
+             "  concept-atlas routes demo_out --image img.png --target star -k 2 --json route.json\n"
+             "  concept-atlas routes atlas --image img.png --target 207 --method grad_x_act")
+    sp.add_argument("atlas", help="atlas root (extracted layers with trained SAEs)")
+    sp.add_argument("--image", required=True, help="image file (preprocessed as the model expects)")
+    sp.add_argument("--target", default=None,
+                    help="class index or (synthetic data) class name; 'true' = --label; "
+                         "default: the predicted class")
+    sp.add_argument("--label", type=int, default=None, help="the image's true class, if known")
+    sp.add_argument("-k", type=int, default=3, help="incoming edges kept per node")
+    sp.add_argument("--method", default="ig", choices=["ig", "grad_x_act", "grad"])
+    sp.add_argument("--steps", type=int, default=32, help="IG quadrature steps")
+    sp.add_argument("--depth", type=int, default=None, help="tapped layers to descend (default all)")
+    sp.add_argument("--json", default=None, help="write the route as JSON here")
+    sp.add_argument("--out", default=None, help="write the rendered route (PNG) here")
+
     sp = add("index", _cmd_index, "build the FAISS indexes of an atlas (decoder directions, "
              "exemplar regions)",
              "  concept-atlas index demo_out\n  concept-atlas index demo_out --exact-below 0  "
@@ -422,12 +453,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+JOB_COMMANDS = {
+    "scan": "the latent scan: SAE activations over every PFV, latent statistics, exemplar "
+            "picks (Ray, resumable)",
+    "cafe": "CAFE: latent iERF masks and faithfulness for every exemplar pick (Ray, resumable)",
+    "icat": "ICAT edges between the tapped layers' latents and to the class logits (Ray, "
+            "resumable)",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `concept-atlas` console script."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     if not sys.stderr.isatty():
         # progress bars in a log file or CI: one line every 30 s, not ten a second
         os.environ.setdefault("TQDM_MININTERVAL", "30")
+    if argv and argv[0] in JOB_COMMANDS:
+        import importlib
+
+        return importlib.import_module(f"jobs.{argv[0]}").main(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, KeyError) as e:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from pipeline.atlas.index import LoadedIndex
+    from pipeline.icat.routes import Route
     from pipeline.models import LoadedModel
     from pipeline.sae import SAE
 
@@ -298,6 +299,15 @@ class Atlas:
             raise ValueError(f"layer {layer!r} was not extracted; layers: "
                              f"{', '.join(self.sql('SELECT layer FROM layers')['layer'].to_pylist())}")
         return rows[0]
+
+    def routes(self, image: ImageInput, target: int | str | None = None, k: int = 3,
+               method: str = "ig", steps: int = 32, depth: int | None = None,
+               label: int | None = None) -> Route:
+        """The concept route of one image into a class logit (`pipeline.icat.routes.routes`:
+        ICAT edges computed for this image, top-k incoming per node, down the tapped layers)."""
+        from pipeline.icat.routes import routes
+
+        return routes(self.root, image, target, k, method, steps, depth, label=label)
 
     def search(self, image: ImageInput, box: Sequence[int] | None = None,
                layer: str | None = None, k: int = 10) -> pa.Table:

@@ -100,6 +100,29 @@ class Route:
         """The SAE latents (error node excluded) of the route on `layer`."""
         return [n.latent for n in self.level(layer) if n.latent != ERROR]
 
+    def text(self) -> str:
+        """The route as indented text, one line per edge, from the class logit down: each node
+        with its weight into the node above, its activation and its label hint."""
+        into: dict[str, list[RouteEdge]] = {}
+        for e in self.edges:
+            into.setdefault(e.dst, []).append(e)
+        nodes = {n.id: n for n in self.nodes}
+        top = self.nodes[0]
+        lines = [f"class {top.latent} (logit {top.activation:.3f}) via {self.method}, top-{self.k}"
+                 if top.activation is not None else
+                 f"class {top.latent} via {self.method}, top-{self.k} ({self.source})"]
+
+        def walk(node_id: str, depth: int) -> None:
+            for e in sorted(into.get(node_id, []), key=lambda e: -e.weight):
+                n = nodes[e.src]
+                act = "" if n.activation is None else f"  act {n.activation:.3f}"
+                hint = f"  [{n.label_hint}]" if n.label_hint else ""
+                lines.append(f"{'  ' * depth}<- {n.id}  weight {e.weight:+.3f}{act}{hint}")
+                walk(e.src, depth + 1)
+
+        walk(top.id, 1)
+        return "\n".join(lines)
+
     def to_json(self) -> str:
         """The route as JSON (node ids included for readers that do not rebuild the objects)."""
         d = asdict(self)
