@@ -117,8 +117,17 @@ def build(atlas: str, weights: str) -> str:
 # ---- 3. routes ---------------------------------------------------------------------------
 
 
-def latent_colours(atlas: Atlas, data_config: dict[str, Any]) -> dict[str, dict[int, Counter]]:
-    """{layer: {latent: Counter of the colours under its top exemplars' peak cells}}."""
+def latent_colours(atlas: Atlas, data_config: dict[str, Any], source: str = "peak"
+                   ) -> dict[str, dict[int, Counter]]:
+    """{layer: {latent: Counter of its top exemplars' colours}}. source "peak": the object
+    covering most of the exemplar's peak cell (scan picks only); "ierf": the object the
+    exemplar's iERF mask hits most (`exemplars.gt_colour`, cafe stage)."""
+    if source == "ierf":
+        out: dict[str, dict[int, Counter]] = {}
+        for r in atlas.sql("SELECT layer, latent, coalesce(gt_colour, 'background') AS colour "
+                           "FROM exemplars WHERE kind = 'top'").to_pylist():
+            out.setdefault(r["layer"], {}).setdefault(r["latent"], Counter())[r["colour"]] += 1
+        return out
     picks = atlas.sql("SELECT p.layer, p.latent, p.position, p.image_id, i.shard, i.key "
                       "FROM exemplar_picks p JOIN images i USING (image_id) "
                       "WHERE p.kind = 'top'").to_pylist()
@@ -132,7 +141,7 @@ def latent_colours(atlas: Atlas, data_config: dict[str, Any]) -> dict[str, dict[
             if s.key in keys:
                 gt[(shard, s.key)] = objects(s.meta, data_config)
     _, h, w = data_config["input_size"]
-    out: dict[str, dict[int, Counter]] = {}
+    out = {}
     for r in picks:
         info = layers[r["layer"]]
         x0, y0, x1, y1 = cell_box(r["position"], (h, w), (info["grid_h"], info["grid_w"]),
@@ -185,10 +194,10 @@ def deletion(finder: RouteFinder, pfvs: torch.Tensor, layer: str, latents: list[
 
 
 def route_study(atlas_root: str, data: str, per_class: int, k: int, steps: int, draws: int,
-                seed: int) -> dict[str, Any]:
+                seed: int, colour_source: str = "peak") -> dict[str, Any]:
     finder = RouteFinder(atlas_root, "ig", steps)
     atlas = Atlas.open(atlas_root)
-    colours = latent_colours(atlas, finder.scorer.loaded.data_config)
+    colours = latent_colours(atlas, finder.scorer.loaded.data_config, colour_source)
     samples = _test_set(data)
     gen = np.random.default_rng(seed)
     layers = finder.layers
@@ -340,6 +349,8 @@ def main() -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--out", default="shortcut_routes.json", help="file name under benchmarks/results")
+    s.add_argument("--colour-source", choices=("peak", "ierf"), default="peak",
+                   help="exemplar colour: object under the peak cell, or under the iERF mask (cafe)")
     e = sub.add_parser("edges", help="class routes from the stored edges (run jobs.icat first)")
     e.add_argument("--atlas", required=True)
     e.add_argument("--data", required=True)
@@ -378,7 +389,7 @@ def main() -> None:
         name = "shortcut_routes_edges.json"
     else:
         res = route_study(args.atlas, args.data, args.per_class, args.k, args.steps, args.draws,
-                          args.seed)
+                          args.seed, args.colour_source)
         res["args"] = {k: v for k, v in vars(args).items() if k != "cmd"}
         name = args.out
     res["seconds"] = round(time.time() - t0, 1)
