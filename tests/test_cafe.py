@@ -38,13 +38,14 @@ from pipeline.models import load_model
 from pipeline.pfv.sae_runs import LocalSession, make_runs, train_runs
 from pipeline.store import fs
 from schemas import EXEMPLAR_PICKS, EXEMPLARS
-from tests.test_train_sae_job import (  # noqa: F401 (fixtures: one torch thread, the extraction)
+from tests.test_train_sae_job import (  # noqa: F401 (fixture: the extraction)
     CHANNELS,
     OPTIONS,
     SWEEP,
-    _one_torch_thread,
     extracted,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LATENTS = 3  # latents per SAE whose picks the stage tests explain
 OPTS = CafeOptions(faithfulness_per_latent=1, steps=4, patch=16, image_batch=4)

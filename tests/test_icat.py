@@ -37,12 +37,7 @@ from pipeline.store import Manifest, fs
 from schemas import EDGES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(name: str, **kwargs) -> torch.nn.Module:

@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from test_icat import atlas, straight  # noqa: F401
 from test_train_sae_job import copy_of, extracted  # noqa: F401
 
@@ -37,12 +36,7 @@ from schemas import EDGES, EXEMPLARS
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

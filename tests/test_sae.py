@@ -33,14 +33,7 @@ from pipeline.sae import (
 BATCH = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    # the matrices here are tiny: on a shared 2-core machine extra intra-op threads only
-    # spin against other processes (measured 13x slower with 2 threads under load)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class SparseDictionary:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_train_sae_job import _one_torch_thread, copy_of, extracted  # noqa: F401 (fixtures)
+from test_train_sae_job import copy_of, extracted  # noqa: F401 (fixtures)
 
 from jobs.scan import run
 from pipeline.latents import LatentSketch, Picks, ScanOptions, priority
@@ -46,6 +46,8 @@ OPTIONS = ScanOptions(top_per_image=5, n_top=4, n_quantile=3, sample_size=6, see
 TABLES = {"activations": ("sae_id", "image_id", "rank"),
           "latent_stats": ("sae_id", "latent"),
           "exemplar_picks": ("sae_id", "latent", "kind", "rank")}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -41,12 +41,7 @@ OPTIONS = TrainOptions(steps=40, checkpoint_every=10, fidelity_images=12, eval_p
 CHANNELS = {"layer2": 32, "layer4": 128}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
