@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--contrastive", action="store_true", help="R <- R - mean(R) on the seed map")
     sp.add_argument("--out", default="explain.png")
 
-    sp = add("demo", _cmd_demo, "build configs/demo.yaml: demo data, PFVs, one SAE per layer",
+    sp = add("demo", _cmd_demo, "build the demo atlas (configs/demo.yaml: data, PFVs, SAEs, "
+             "scan, CAFE, indexes, ICAT), then saliency maps, example queries and a route",
              "  concept-atlas demo\n  concept-atlas demo --out atlas_demo --n 4000")
     sp.add_argument("--out", default="demo_out")
     sp.add_argument("--n", type=int, default=None,
