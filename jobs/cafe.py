@@ -1,11 +1,12 @@
 """`python -m jobs.cafe`: CAFE exemplars (latent iERF masks + faithfulness) on Ray, part by part.
 
-Each image part with picks is one task for a stateful actor (`CafeActor`: model and SAEs loaded
-once; one GPU each when the cluster has GPUs). The actor reads the part's shard once, decodes
-only the picked images and writes `exemplars/part-NNNNNN.parquet`; the driver commits the
-manifest record when the actor returns, so a killed driver loses only the parts in flight and a
-re-run skips committed parts. Dead actors are restarted and their calls retried; part names are
-deterministic, so a retried part replaces its half-done files and nothing is duplicated.
+Each image part with picks is one task for a stateful actor (`CafeWorker` in a
+`jobs.common.WorkerActor`: model and SAEs loaded once; one GPU each when the cluster has GPUs).
+The actor reads the part's shard once, decodes only the picked images and writes
+`exemplars/part-NNNNNN.parquet`; the driver commits the manifest record when the actor returns,
+so a killed driver loses only the parts in flight and a re-run skips committed parts. Dead
+actors are restarted and their calls retried; part names are deterministic, so a retried part
+replaces its half-done files and nothing is duplicated.
 """
 from __future__ import annotations
 
@@ -20,13 +21,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-import torch
 from tqdm.auto import tqdm
 
-from jobs.common import cluster_gpus, init_ray
+from jobs.common import init_ray, local_device, run_actor_pool, run_in_process
 from pipeline.cafe.stage import (
     STAGE,
-    CafeContext,
     CafeOptions,
     CafePlan,
     CafeTask,
@@ -37,21 +36,8 @@ from pipeline.data.errors import ErrorRecord
 from pipeline.pfv.extract import write_errors
 from pipeline.store import Manifest, PartRecord, fs
 
-QUEUE_PER_ACTOR = 2  # calls queued per actor, so an actor never waits for the driver
 OnPart = Callable[[PartRecord], None]
 AUC_COLUMNS = tuple(f"{m}_auc_{o}" for o in ("ierf", "act", "random") for m in ("ins", "del"))
-
-
-class CafeActor:
-    """A Ray actor around `CafeWorker`: one model per actor, one part per call."""
-
-    def __init__(self, context: CafeContext, threads: int) -> None:
-        torch.set_num_threads(max(1, threads))
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.worker = CafeWorker(context, device)
-
-    def run(self, task: CafeTask) -> PartRecord:
-        return self.worker.run(task)
 
 
 def run(root: str, options: CafeOptions | None = None, *, atlas_id: str | None = None,
@@ -115,53 +101,16 @@ class _Committer:
 
 
 def _run_in_process(plan: CafePlan, committer: _Committer) -> None:
-    worker = CafeWorker(plan.context, "cuda" if torch.cuda.is_available() else "cpu")
-    for task in plan.pending:
-        try:
-            record = worker.run(task)
-        except Exception as exc:  # one broken part must not stop the others
-            committer.fail(task, f"{type(exc).__name__}: {exc}")
-        else:
-            committer.ok(record)
+    worker = CafeWorker(plan.context, local_device())
+    run_in_process(worker.run, plan.pending, committer.ok, committer.fail)
 
 
 def _run_on_ray(plan: CafePlan, committer: _Committer, n_actors: int, cpus: float,
                 gpus: float | None, max_retries: int) -> None:
-    if gpus is None:
-        gpus = 1.0 if cluster_gpus() > 0 else 0.0
-    actor_cls = ray.remote(CafeActor).options(
-        num_cpus=cpus, num_gpus=gpus, max_restarts=max_retries, max_task_retries=max_retries)
-    context = ray.put(plan.context)
-
-    def new_actor() -> ray.actor.ActorHandle:
-        return actor_cls.remote(context, max(1, int(cpus)))
-
-    actors = [new_actor() for _ in range(max(1, min(n_actors, len(plan.pending))))]
-    queue = list(reversed(plan.pending))  # pop() takes them in part order
-    in_flight: dict[ray.ObjectRef, tuple[int, CafeTask]] = {}
-
-    def submit(slot: int) -> None:
-        task = queue.pop()
-        in_flight[actors[slot].run.remote(task)] = (slot, task)
-
-    for slot in range(len(actors)):
-        for _ in range(QUEUE_PER_ACTOR):
-            if queue:
-                submit(slot)
-    while in_flight:
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        slot, task = in_flight.pop(ref)
-        try:
-            record: PartRecord = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:  # out of restarts: give the slot a new one
-            committer.fail(task, f"cafe actor died: {exc}")
-            actors[slot] = new_actor()
-        except ray.exceptions.RayError as exc:
-            committer.fail(task, f"{type(exc).__name__}: {exc}")
-        else:
-            committer.ok(record)
-        if queue:
-            submit(slot)
+    # the context (picks, SAE paths) goes to the object store once, not once per actor
+    run_actor_pool(CafeWorker, (ray.put(plan.context),), plan.pending, committer.ok,
+                   committer.fail, n_actors=n_actors, cpus=cpus, gpus=gpus,
+                   max_retries=max_retries, role="cafe")
 
 
 def summarize(plan: CafePlan, failed: dict[str, str], seconds: float) -> dict[str, Any]:

@@ -1,12 +1,12 @@
 """`concept-atlas extract`: PFVs of every shard, on Ray, resumable shard by shard.
 
 Decoding runs as Ray tasks on CPUs (`decode_shard`, one per shard, ahead of the model); the
-model runs in stateful actors (`ShardExtractor`, loaded once per actor; one GPU each when the
-cluster has GPUs). Each shard becomes one part; the driver commits its manifest record when the
-actor returns, so a killed driver loses only the parts in flight, and a re-run skips committed
-parts. An actor that dies is restarted and its calls retried (`max_restarts`,
-`max_task_retries`); parts are written under deterministic names, so a retried part replaces
-its half-done files and nothing is duplicated.
+model runs in stateful actors (`ShardExtractor` in a `jobs.common.WorkerActor`, loaded once per
+actor; one GPU each when the cluster has GPUs). Each shard becomes one part; the driver commits
+its manifest record when the actor returns, so a killed driver loses only the parts in flight,
+and a re-run skips committed parts. An actor that dies is restarted and its calls retried
+(`max_restarts`, `max_task_retries`); parts are written under deterministic names, so a retried
+part replaces its half-done files and nothing is duplicated.
 """
 from __future__ import annotations
 
@@ -16,14 +16,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
-import torch
 from tqdm.auto import tqdm
 
-from jobs.common import cluster_gpus, init_ray
+from jobs.common import init_ray, local_device, run_actor_pool, run_in_process
 from pipeline.data.errors import ErrorRecord
 from pipeline.pfv.extract import (
     STAGE,
-    DecodedShard,
     ExtractConfig,
     ExtractPlan,
     PartTask,
@@ -35,22 +33,8 @@ from pipeline.pfv.extract import (
 from pipeline.pfv.parts import committed_parts, pfv_stats, read_values
 from pipeline.store import Manifest, PartRecord, fs
 
-# calls queued per actor, so an actor never waits for the driver between two shards
-QUEUE_PER_ACTOR = 2
 STATS_ROWS = 200_000
 OnPart = Callable[[PartRecord], None]
-
-
-class ExtractActor:
-    """A Ray actor around `ShardExtractor`: one model per actor, one shard per call."""
-
-    def __init__(self, cfg: ExtractConfig, out: str, atlas_id: str, threads: int) -> None:
-        torch.set_num_threads(max(1, threads))
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.extractor = ShardExtractor(cfg, out, atlas_id, device=device)
-
-    def run(self, task: PartTask, decoded: DecodedShard) -> PartRecord:
-        return self.extractor.run(task, decoded)
 
 
 def run(cfg: ExtractConfig, shards: str | Sequence[str], out: str, *, atlas_id: str = "atlas",
@@ -122,58 +106,22 @@ class _Committer:
 
 def _run_in_process(plan: ExtractPlan, done: _Committer) -> None:
     """Every pending part in this process, one after the other (no Ray)."""
-    extractor = ShardExtractor(plan.cfg, plan.out, plan.atlas_id,
-                               device="cuda" if torch.cuda.is_available() else "cpu")
-    for task in plan.pending:
-        try:
-            record = extractor.run(task, decode_shard(task.shard, plan.data_config))
-        except Exception as exc:  # one broken part must not stop the others
-            done.fail(task, f"{type(exc).__name__}: {exc}")
-        else:
-            done.ok(record)
+    extractor = ShardExtractor(plan.cfg, plan.out, plan.atlas_id, device=local_device())
+    run_in_process(lambda task: extractor.run(task, decode_shard(task.shard, plan.data_config)),
+                   plan.pending, done.ok, done.fail)
 
 
 def _run_on_ray(plan: ExtractPlan, done: _Committer, n_actors: int, cpus: float,
                 gpus: float | None, max_retries: int) -> None:
     """Feed the pending parts to model actors, decoding ahead in CPU tasks."""
-    if gpus is None:
-        gpus = 1.0 if cluster_gpus() > 0 else 0.0
-    actor_cls = ray.remote(ExtractActor).options(
-        num_cpus=cpus, num_gpus=gpus, max_restarts=max_retries, max_task_retries=max_retries)
     decode = ray.remote(decode_shard).options(num_cpus=1, max_retries=max_retries)
-    threads = max(1, int(cpus))
 
-    def new_actor() -> ray.actor.ActorHandle:
-        return actor_cls.remote(plan.cfg, plan.out, plan.atlas_id, threads)
+    def call(actor: ray.actor.ActorHandle, task: PartTask) -> ray.ObjectRef:
+        return actor.run.remote(task, decode.remote(task.shard, plan.data_config))
 
-    actors = [new_actor() for _ in range(max(1, min(n_actors, len(plan.pending))))]
-    queue = list(reversed(plan.pending))  # pop() takes them in shard order
-    in_flight: dict[ray.ObjectRef, tuple[int, PartTask]] = {}
-
-    def submit(slot: int) -> None:
-        task = queue.pop()
-        decoded = decode.remote(task.shard, plan.data_config)
-        in_flight[actors[slot].run.remote(task, decoded)] = (slot, task)
-
-    for slot in range(len(actors)):
-        for _ in range(QUEUE_PER_ACTOR):
-            if queue:
-                submit(slot)
-    while in_flight:
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        slot, task = in_flight.pop(ref)
-        try:
-            record: PartRecord = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
-            # out of restarts: this actor is gone; give its slot a fresh one
-            done.fail(task, f"model actor died: {exc}")
-            actors[slot] = new_actor()
-        except ray.exceptions.RayError as exc:
-            done.fail(task, f"{type(exc).__name__}: {exc}")
-        else:
-            done.ok(record)
-        if queue:
-            submit(slot)
+    run_actor_pool(ShardExtractor, (plan.cfg, plan.out, plan.atlas_id), plan.pending, done.ok,
+                   done.fail, n_actors=n_actors, cpus=cpus, gpus=gpus, max_retries=max_retries,
+                   role="model", call=call)
 
 
 def _fail(plan: ExtractPlan, task: PartTask, reason: str) -> str:

@@ -1,11 +1,11 @@
 """`python -m jobs.icat ROOT`: ICAT edges of an atlas, on Ray, resumable shard by shard.
 
-Map: one Ray actor call per extracted shard (`ShardScorer`: model, SAEs and segments loaded once
-per actor) scores a sample of its images for every layer pair and writes the shard's partial
-edge sums; the driver commits each part's manifest record when the call returns, so a killed
-driver loses only the parts in flight and a re-run skips committed parts. Reduce: the driver
-sums the partials, keeps the top incoming edges per node and writes `edges/part-K.parquet`
-per layer pair (pipeline.icat.stage).
+Map: one Ray actor call per extracted shard (`ShardScorer` in a `jobs.common.WorkerActor`:
+model, SAEs and segments loaded once per actor) scores a sample of its images for every layer
+pair and writes the shard's partial edge sums; the driver commits each part's manifest record
+when the call returns, so a killed driver loses only the parts in flight and a re-run skips
+committed parts. Reduce: the driver sums the partials, keeps the top incoming edges per node and
+writes `edges/part-K.parquet` per layer pair (pipeline.icat.stage).
 """
 from __future__ import annotations
 
@@ -16,16 +16,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import ray
-import torch
 from tqdm.auto import tqdm
 
-from jobs.common import cluster_gpus, init_ray
+from jobs.common import init_ray, local_device, run_actor_pool, run_in_process
 from pipeline.icat.stage import (
     ALL_METHODS,
     MAP_STAGE,
     ICATOptions,
-    ICATPlan,
     MapTask,
     ShardScorer,
     plan_icat,
@@ -33,20 +30,7 @@ from pipeline.icat.stage import (
 )
 from pipeline.store import Manifest, PartRecord, fs
 
-QUEUE_PER_ACTOR = 2
 OnPart = Callable[[PartRecord], None]
-
-
-class ICATActor:
-    """A Ray actor around `ShardScorer`: one model and its SAEs per actor, one shard per call."""
-
-    def __init__(self, plan: ICATPlan, threads: int) -> None:
-        torch.set_num_threads(max(1, threads))
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.scorer = ShardScorer(plan, device)
-
-    def run(self, task: MapTask) -> PartRecord:
-        return self.scorer.run(task)
 
 
 def run(root: str, options: ICATOptions | None = None, *, address: str | None = None,
@@ -84,19 +68,18 @@ def run(root: str, options: ICATOptions | None = None, *, address: str | None = 
         if on_part is not None:
             on_part(record)
 
+    def fail(task: MapTask, reason: str) -> None:
+        failed[task.part] = reason
+
     if plan.pending:
         if in_process:
-            scorer = ShardScorer(plan, "cuda" if torch.cuda.is_available() else "cpu")
-            for task in plan.pending:
-                try:
-                    record = scorer.run(task)
-                except Exception as exc:  # one broken shard must not stop the others
-                    failed[task.part] = f"{type(exc).__name__}: {exc}"
-                else:
-                    commit(record)
+            scorer = ShardScorer(plan, local_device())
+            run_in_process(scorer.run, plan.pending, commit, fail)
         else:
             init_ray(address)
-            failed = _run_on_ray(plan, commit, actors, cpus_per_actor, gpus_per_actor, max_retries)
+            run_actor_pool(ShardScorer, (plan,), plan.pending, commit, fail, n_actors=actors,
+                           cpus=cpus_per_actor, gpus=gpus_per_actor, max_retries=max_retries,
+                           role="scorer")
     bar.close()
     t_map = time.time() - t0
     edges = reduce_edges(plan) if not failed else {}
@@ -121,44 +104,6 @@ def run(root: str, options: ICATOptions | None = None, *, address: str | None = 
           f"({len(new)} new), edges per pair {summary['edges']}, {summary['seconds']:.1f}s",
           flush=True)
     return summary
-
-
-def _run_on_ray(plan: ICATPlan, commit: Callable[[PartRecord], None], n_actors: int, cpus: float,
-                gpus: float | None, max_retries: int) -> dict[str, str]:
-    """Feed the pending shards to scorer actors; returns {part: reason} of failed shards."""
-    if gpus is None:
-        gpus = 1.0 if cluster_gpus() > 0 else 0.0
-    actor_cls = ray.remote(ICATActor).options(num_cpus=cpus, num_gpus=gpus,
-                                              max_restarts=max_retries, max_task_retries=max_retries)
-    actors = [actor_cls.remote(plan, max(1, int(cpus)))
-              for _ in range(max(1, min(n_actors, len(plan.pending))))]
-    queue = list(reversed(plan.pending))
-    in_flight: dict[ray.ObjectRef, tuple[int, MapTask]] = {}
-    failed: dict[str, str] = {}
-
-    def submit(slot: int) -> None:
-        task = queue.pop()
-        in_flight[actors[slot].run.remote(task)] = (slot, task)
-
-    for slot in range(len(actors)):
-        for _ in range(QUEUE_PER_ACTOR):
-            if queue:
-                submit(slot)
-    while in_flight:
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        slot, task = in_flight.pop(ref)
-        try:
-            record: PartRecord = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
-            failed[task.part] = f"scorer actor died: {exc}"
-            actors[slot] = actor_cls.remote(plan, max(1, int(cpus)))
-        except ray.exceptions.RayError as exc:
-            failed[task.part] = f"{type(exc).__name__}: {exc}"
-        else:
-            commit(record)
-        if queue:
-            submit(slot)
-    return failed
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str, ICATOptions, dict[str, Any]]:

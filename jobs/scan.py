@@ -21,7 +21,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from jobs.common import init_ray
+from jobs.common import init_ray, local_device, run_in_flight, run_in_process
 from pipeline.data.errors import ErrorRecord
 from pipeline.latents.plan import ScanPlan, plan_scan, reduce_status, summary_rows
 from pipeline.latents.reduce import reduce_sae
@@ -30,8 +30,6 @@ from pipeline.pfv.extract import write_errors
 from pipeline.store import Manifest, PartRecord, fs
 
 OnPart = Callable[[PartRecord], None]
-# tasks in flight per CPU the tasks may use: keeps workers busy without queueing every part
-QUEUE_PER_SLOT = 2
 
 
 def run(root: str, options: ScanOptions | None = None, *, address: str | None = None,
@@ -110,14 +108,9 @@ class _Committer:
 def _run_in_process(plan: ScanPlan, done: _Committer) -> None:
     # as many torch threads as a Ray task would get (this process's setting stays changed)
     torch.set_num_threads(max(1, int(plan.options.cpus_per_task)))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for unit in plan.pending:
-        try:
-            record = scan_unit(unit, plan.options, plan.root, device)
-        except Exception as exc:  # one broken part must not stop the others
-            done.fail(unit, f"{type(exc).__name__}: {exc}")
-        else:
-            done.ok(record)
+    device = local_device()
+    run_in_process(lambda unit: scan_unit(unit, plan.options, plan.root, device), plan.pending,
+                   done.ok, done.fail)
 
 
 def _run_on_ray(plan: ScanPlan, done: _Committer) -> None:
@@ -127,25 +120,14 @@ def _run_on_ray(plan: ScanPlan, done: _Committer) -> None:
     task = ray.remote(scan_task).options(num_cpus=opts.cpus_per_task, num_gpus=opts.gpus_per_task,
                                      max_retries=opts.max_retries)
     resources = ray.cluster_resources()
+    # a slot is what one task may use; a few tasks in flight per slot keep the workers busy
+    # without queueing every part
     slots = int(resources.get("CPU", 1) / opts.cpus_per_task)
     if opts.gpus_per_task > 0:
         slots = min(slots, int(resources.get("GPU", 0) / opts.gpus_per_task))
-    slots = max(1, slots)
-    queue = list(reversed(plan.pending))  # pop() takes them in order
-    in_flight: dict[ray.ObjectRef, ScanUnit] = {}
     options_ref = ray.put(opts)
-    while queue or in_flight:
-        while queue and len(in_flight) < QUEUE_PER_SLOT * slots:
-            unit = queue.pop()
-            in_flight[task.remote(unit, options_ref, plan.root)] = unit
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        unit = in_flight.pop(ref)
-        try:
-            record: PartRecord = ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            done.fail(unit, f"{type(exc).__name__}: {exc}")
-        else:
-            done.ok(record)
+    run_in_flight(plan.pending, lambda _, unit: task.remote(unit, options_ref, plan.root),
+                  done.ok, done.fail, slots=max(1, slots))
 
 
 def summarize(plan: ScanPlan, failed: dict[str, str], reduced: list[str],
