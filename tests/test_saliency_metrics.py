@@ -217,3 +217,21 @@ def test_cam_reads_vit_patch_tokens_row_major_without_prefix() -> None:
             brute[i, 0, yy, xx] = (grad[i, token].clamp(min=0) * acts[0][i, token]).sum()
     want = F.interpolate(brute.clamp(min=0), size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
     assert torch.allclose(cam(vit, "norm", x, target, "layercam"), want.detach(), atol=1e-5)
+
+
+def test_smooth_copy_of_a_vit_has_a_gradient_of_its_gradient() -> None:
+    # the manipulation attack differentiates an explanation; timm's fused attention kernel has
+    # no double backward on the CPU, so the copy must run attention unfused
+    import timm
+
+    import pipeline.models.demo  # noqa: F401  (registers demo_vit)
+
+    torch.manual_seed(0)
+    model = timm.create_model("demo_vit").eval()
+    smooth = smooth_copy(model)
+    x = torch.randn(1, 3, 128, 128, requires_grad=True)
+    (g,) = torch.autograd.grad(smooth(x)[0, 0], x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), x)
+    assert gg.abs().sum() > 0
+    # the copy computes the same function as the model (GELU is smooth; nothing replaced)
+    torch.testing.assert_close(smooth(x), model(x), rtol=1e-4, atol=1e-5)

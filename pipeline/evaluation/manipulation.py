@@ -40,9 +40,12 @@ class SmoothReLU6(nn.Module):
 def smooth_copy(model: nn.Module, beta: float = 10.0) -> nn.Module:
     """A deep copy of `model` with every nn.ReLU -> Softplus(beta) and nn.ReLU6 -> SmoothReLU6.
     Functional relu calls inside forward methods cannot be seen; timm's ResNet, EfficientNet and
-    ViT use activation modules (ViT's GELU is smooth already)."""
+    ViT use activation modules (ViT's GELU is smooth already). timm attention runs unfused:
+    the fused CPU kernel has no double backward, which the attack's gradient of a gradient needs."""
     smooth = copy.deepcopy(model).eval()
     for parent in list(smooth.modules()):
+        if hasattr(parent, "fused_attn"):
+            parent.fused_attn = False
         for name, child in parent.named_children():
             if isinstance(child, nn.ReLU6):
                 setattr(parent, name, SmoothReLU6(beta))
