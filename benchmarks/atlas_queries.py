@@ -1,7 +1,7 @@
 """Benchmark the atlas's query paths: DuckDB views over Parquet, and FAISS IVF/PQ vs exact search.
 
     python benchmarks/atlas_queries.py                       # 1M activations rows, 1M x 128 vectors
-    python benchmarks/atlas_queries.py --rows 200000 --vectors 200000 --out /tmp/a.json
+    python benchmarks/atlas_queries.py --rows 200000 --vectors 200000 --out atlas_queries_small.json
 
 DuckDB: a synthetic `activations` table (the ACTIVATIONS schema, 8 parts under
 activations/sae=ID/, zstd Parquet as the pipeline writes it) is opened through `Atlas` (the

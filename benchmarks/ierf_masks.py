@@ -20,7 +20,7 @@ AUCs, how often the iERF order beats the activation order, and the ground-truth 
 iERF mask vs the thresholded activation map over latents that track a concept: latents whose
 top picks all land on an object and share one shape, colour or texture (>= 75% of them).
 
-    python benchmarks/ierf_masks.py --stage-root /tmp/atlas --masses 0.5 0.8 0.9 --device cuda
+    python benchmarks/ierf_masks.py --stage-root atlas_copy --masses 0.5 0.8 0.9 --device cuda
 """
 from __future__ import annotations
 

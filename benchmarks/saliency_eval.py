@@ -2,7 +2,7 @@
 
     python benchmarks/saliency_eval.py                       # the default sizes (~15 min, 2-core CPU)
     python benchmarks/saliency_eval.py --synthetic 256 --manip 16 --steps 32 --ig-steps 32
-    python benchmarks/saliency_eval.py --skip-real --out /tmp/se.json
+    python benchmarks/saliency_eval.py --skip-real --out saliency_eval_synthetic.json
 
 Sets (METHOD.md section 8): synthetic scenes (not the demo models' training seed) with the mask
 of the class object, explained by demo_resnet (and demo_vit when its weights exist), class =
