@@ -29,6 +29,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results_io import write_results  # noqa: E402
+
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -237,8 +239,7 @@ def main() -> None:
               "synthetic_seed": SYNTHETIC_SEED, "wall_seconds": time.perf_counter() - t_start,
               "cpu_seconds": time.process_time() - c_start,
               "notes": notes, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(f"wrote {args.out} ({result['wall_seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU)")
 
 

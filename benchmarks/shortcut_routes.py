@@ -35,6 +35,8 @@ from typing import Any
 # the repository before benchmarks/ (whose pipeline.py would shadow the package)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.results_io import write_results  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -393,7 +395,7 @@ def main() -> None:
         res["args"] = {k: v for k, v in vars(args).items() if k != "cmd"}
         name = args.out
     res["seconds"] = round(time.time() - t0, 1)
-    (RESULTS / name).write_text(json.dumps(res, indent=1) + "\n")
+    write_results(RESULTS / name, res, indent=1)
     print(json.dumps(res.get("summary", res), indent=1))
 
 
