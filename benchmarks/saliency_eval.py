@@ -3,6 +3,8 @@
     python benchmarks/saliency_eval.py                       # the default sizes (~15 min, 2-core CPU)
     python benchmarks/saliency_eval.py --synthetic 256 --manip 16 --steps 32 --ig-steps 32
     python benchmarks/saliency_eval.py --skip-real --out saliency_eval_synthetic.json
+    python benchmarks/saliency_eval.py --only manipulation --models demo_resnet   # re-measure the attack
+                                   # only; its entries replace those of the --out file's runs
 
 Sets (METHOD.md section 8): synthetic scenes (not the demo models' training seed) with the mask
 of the class object, explained by demo_resnet (and demo_vit when its weights exist), class =
@@ -12,8 +14,9 @@ insertion / deletion AUC of the class *probability* (insertion from a blurred co
 the image's mean colour, as RISE), pointing game and positive relevance mass in the mask
 (synthetic only), Gini sparseness, stability (correlation and SSIM of the maps of x and
 x + N(0, sigma) pixels), targeted manipulation (Dombrowski et al.: white-box on a softplus copy
-where the method is differentiable here, and the x' of the Saliency attack carried over to every
-method), seconds per image of one map. All numbers of one run come from one machine.
+for every method with a differentiable form here, SRD included, and the x' of the Saliency
+attack carried over to every method), seconds per image of one map. All numbers of one run come
+from one machine.
 """
 from __future__ import annotations
 
@@ -40,10 +43,12 @@ from pipeline.evaluation.data import real_photos, synthetic_set  # noqa: E402
 from pipeline.models import demo, load_model  # noqa: E402
 
 SYNTHETIC_SEED = 2026  # the demo models were trained on seed 1: these scenes are unseen
-ATTACKABLE = ("Saliency", "InputXGradient", "SmoothGrad", "IntegratedGradients", "GradCAM", "LayerCAM")
+ATTACKABLE = ("Saliency", "InputXGradient", "SmoothGrad", "IntegratedGradients", "GradCAM", "LayerCAM",
+              "SRD", "SRD-contrastive")
 # white-box attacks of IG and SmoothGrad cost 8 and 4 double backward passes a step: on
 # EfficientNet-Lite0 at 224 px they do not fit the default budget of a 2-core CPU
-REAL_ATTACKED = ("Saliency", "InputXGradient", "GradCAM", "LayerCAM")
+REAL_ATTACKED = ("Saliency", "InputXGradient", "GradCAM", "LayerCAM", "SRD", "SRD-contrastive")
+MANIPULATION_KEYS = ("manipulation_images", "attack_steps", "manipulation")
 TRANSFER_FROM = "Saliency"
 
 
@@ -161,9 +166,10 @@ def run_model(model_name: str, x_imgs, target, masks, args, tag: str) -> dict:
         pred = lm.model(x).argmax(1)
     target = pred if target is None else torch.as_tensor(target)
     res = {"model": model_name, "weights": lm.weights, "images": len(x),
-           "accuracy": float((pred == target).float().mean()) if masks is not None else None,
-           "methods": evaluate(lm, x, target, None if masks is None else torch.as_tensor(masks), args,
-                               f"{tag} metrics")}
+           "accuracy": float((pred == target).float().mean()) if masks is not None else None}
+    if args.only == "all":
+        res["methods"] = evaluate(lm, x, target, None if masks is None else torch.as_tensor(masks), args,
+                                  f"{tag} metrics")
     synthetic = masks is not None
     k = min(args.manip if synthetic else args.manip_real, len(x))
     if k > 0:
@@ -175,12 +181,37 @@ def run_model(model_name: str, x_imgs, target, masks, args, tag: str) -> dict:
     return res
 
 
+def merge_manipulation(old: dict, runs: list[dict], rerun: dict) -> dict:
+    """The result `old` with the manipulation entries of `runs` in place of those of its runs of
+    the same model and set (`rerun` says how they were made); every other number stays. A method
+    not attacked white-box in `runs` (--attack-methods) keeps its earlier white-box entry."""
+    for run in runs:
+        match = [r for r in old["runs"] if (r["model"], r["set"]) == (run["model"], run["set"])]
+        if not match:
+            have = ", ".join(f"{r['model']} ({r['set']})" for r in old["runs"])
+            raise ValueError(f"no run of {run['model']} on {run['set']!r} to merge into; the file has: {have}")
+        before = match[0].get("manipulation", {})
+        for name, row in run["manipulation"].items():
+            kept = before.get(name, {}).get("white_box")
+            if isinstance(row.get("white_box"), str) and isinstance(kept, dict):
+                row["white_box"] = kept
+        match[0].update({k: run[k] for k in MANIPULATION_KEYS})
+        match[0]["manipulation_rerun"] = rerun | {"wall_seconds": run["wall_seconds"],
+                                                  "cpu_seconds": run["cpu_seconds"]}
+    return old
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic", type=int, default=32, help="synthetic images (demo models)")
     p.add_argument("--manip", type=int, default=4, help="synthetic images attacked (first of the set)")
     p.add_argument("--manip-real", type=int, default=2, help="real photos attacked")
     p.add_argument("--skip-real", action="store_true", help="no EfficientNet-Lite0 / real photos")
+    p.add_argument("--models", nargs="*", default=list(demo.DEMO_MODELS), choices=demo.DEMO_MODELS,
+                   help="demo models run on the synthetic set (each only if its weights exist; none: photos only)")
+    p.add_argument("--only", default="all", choices=("all", "manipulation"),
+                   help="manipulation: run only the attack and replace the manipulation entries of the "
+                        "matching runs in the existing --out file, keeping its other numbers")
     p.add_argument("--steps", type=int, default=16, help="insertion/deletion points - 1")
     p.add_argument("--insertion-baseline", default="blur", choices=sorted(metrics.BASELINES),
                    help="what insertion starts from (RISE: a blurred copy)")
@@ -213,12 +244,14 @@ def main() -> None:
         return print(markdown(json.loads(args.markdown.read_text())))
     if 1 in (args.manip, args.manip_real):
         p.error("--manip / --manip-real need 0 or at least 2 images (each is attacked toward another's map)")
+    if args.only == "manipulation" and not args.out.is_file():
+        p.error(f"--only manipulation merges into an existing result file; {args.out} does not exist")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start, c_start = time.perf_counter(), time.process_time()
     runs, notes = [], []
     imgs, labels, masks = synthetic_set(args.synthetic, SYNTHETIC_SEED)
-    for name in demo.DEMO_MODELS:
+    for name in args.models:
         if not demo.weights_path(name).is_file():
             notes.append(f"skipped {name}: no weights at {demo.weights_path(name)}")
             print(notes[-1])
@@ -233,14 +266,20 @@ def main() -> None:
         run = run_model("efficientnet_lite0", [im for _, im in photos], None, None, args, "efficientnet_lite0")
         runs.append({"set": "real photos: " + ", ".join(n for n, _ in photos), **run})
         print_run(runs[-1])
-    result = {"command": " ".join(["saliency_eval.py"] + sys.argv[1:]), "settings": vars(args) | {"out": str(args.out)},
-              "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {args.threads}",
-              "torch": torch.__version__, "score": "softmax probability of the target class",
-              "synthetic_seed": SYNTHETIC_SEED, "wall_seconds": time.perf_counter() - t_start,
-              "cpu_seconds": time.process_time() - c_start,
-              "notes": notes, "runs": runs}
+    command = " ".join(["saliency_eval.py"] + sys.argv[1:])
+    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads {args.threads}"
+    wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
+    if args.only == "manipulation":
+        rerun = {"command": command, "settings": vars(args) | {"out": str(args.out)}, "machine": machine,
+                 "torch": torch.__version__, "notes": notes}
+        result = merge_manipulation(json.loads(args.out.read_text()), runs, rerun)
+    else:
+        result = {"command": command, "settings": vars(args) | {"out": str(args.out)}, "machine": machine,
+                  "torch": torch.__version__, "score": "softmax probability of the target class",
+                  "synthetic_seed": SYNTHETIC_SEED, "wall_seconds": wall, "cpu_seconds": cpu,
+                  "notes": notes, "runs": runs}
     write_results(args.out, result)
-    print(f"wrote {args.out} ({result['wall_seconds']:.0f} s wall, {result['cpu_seconds']:.0f} s CPU)")
+    print(f"wrote {args.out} ({wall:.0f} s wall, {cpu:.0f} s CPU)")
 
 
 def _fmt(v) -> str:
@@ -253,7 +292,7 @@ def print_run(run: dict) -> None:
     cols = ("insertion_auc", "deletion_auc", "pointing", "mass_in_mask", "gini", "stability_corr",
             "stability_ssim", "seconds_per_image")
     print(f"{'method':20s} " + " ".join(f"{c[:12]:>12s}" for c in cols))
-    for name, row in run["methods"].items():
+    for name, row in run.get("methods", {}).items():
         if row["status"] != "ok":
             print(f"{name:20s} {row['status'][:100]}")
             continue
@@ -297,9 +336,12 @@ def markdown(result: dict) -> str:
             cells = [_fmt(row.get(k)) for k, _ in cols] if ok else [row["status"]] + [""] * (len(cols) - 1)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if "manipulation" in run:
+            rerun = run.get("manipulation_rerun")
+            when = "" if rerun is None else (f" (re-measured by `{rerun['command']}`: {rerun['wall_seconds']:.0f} s "
+                                             f"wall, {rerun['cpu_seconds']:.0f} s CPU)")
             lines += ["", f"Targeted manipulation, {run['manipulation_images']} images, {run['attack_steps']} "
                       "Adam steps: Pearson correlation of the method's map with the target map, before (x) → "
-                      "after (x'), on the real model.", "",
+                      f"after (x'), on the real model{when}.", "",
                       f"| method | white-box attack of the method | x' of the {TRANSFER_FROM} attack |", "|---|---|---|"]
             for name, row in run["manipulation"].items():
                 if row["status"] != "ok":

@@ -149,8 +149,8 @@ def test_differentiable_explainers_equal_captum_maps(tiny: TinyCNN) -> None:
     # SmoothGrad without noise is Saliency
     no_noise = differentiable("SmoothGrad", tiny, sg_samples=2, sg_stdev=0.0)(x, target).detach()
     assert torch.allclose(no_noise, make_method("Saliency", tiny)(x, target), atol=1e-6)
-    with pytest.raises(Unsupported, match="SRD"):
-        differentiable("SRD", tiny)
+    with pytest.raises(Unsupported, match="GuidedBackprop"):
+        differentiable("GuidedBackprop", tiny)
 
 
 def test_lrp_rejection_is_reported_as_unsupported_every_time() -> None:

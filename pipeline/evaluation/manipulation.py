@@ -12,6 +12,15 @@ optimisation runs on a copy of the model whose ReLUs are replaced by softplus(be
 (**[choice]** beta = 10 fixed, ReLU6 -> softplus(x) - softplus(x - 6)); the result x' is then
 judged on the real model. **[choice]** Adam in the normalised input space, projected after
 every step onto the eps-ball around x and the valid pixel range.
+
+**[choice]** SRD and SRD-contrastive are attacked by the same protocol, through the same softplus
+copy, with SRD's differentiable mode (`srd.saliency(..., differentiable=True)`: the recorded
+activations, hence the frozen pattern, the sharing ratios and the pair norms, stay on the
+autograd graph; weights are constants). Unlike a gradient map, SRD's map of a ReLU network is
+not piecewise constant in x (its ratios <c, z>/||z||^2 and pair norms move with the
+activations), so it could also be attacked on the ReLU model itself, with jumps where a ReLU
+switches or a max-pool argmax moves; one smooth copy for every method keeps the attacks
+comparable, and the attack on the ReLU model itself is not measured here.
 """
 from __future__ import annotations
 
@@ -19,22 +28,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.evaluation.methods import Explainer
 from pipeline.evaluation.metrics import unit_maps
-
-
-class SmoothReLU6(nn.Module):
-    """softplus(x) - softplus(x - 6): a smooth ReLU6 (both kinks rounded by the same beta)."""
-
-    def __init__(self, beta: float) -> None:
-        super().__init__()
-        self.beta = beta
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.softplus(x, self.beta) - F.softplus(x - 6.0, self.beta)
+from pipeline.srd.adapters import SmoothReLU6  # one class: SRD must accept it as an element-wise nonlinearity
 
 
 def smooth_copy(model: nn.Module, beta: float = 10.0) -> nn.Module:

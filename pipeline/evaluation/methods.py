@@ -121,10 +121,12 @@ def cam(model: nn.Module, layer: str, images: Tensor, target: Tensor,
 
 def differentiable(name: str, model: nn.Module, *, layer: str | None = None, ig_steps: int = 8,
                    sg_samples: int = 4, sg_stdev: float = 0.15) -> Explainer:
-    """A twice-differentiable explainer for the manipulation attack (create_graph=True).
-    Available for Saliency, InputXGradient, SmoothGrad, IntegratedGradients, GradCAM and
-    LayerCAM; GuidedBackprop, LRP and SRD (both variants) raise Unsupported (their backward passes are
-    modified rules with no second-order path here)."""
+    """An explainer whose maps are differentiable in the images, for the manipulation attack:
+    the gradient methods and CAMs via create_graph=True (Saliency, InputXGradient, SmoothGrad,
+    IntegratedGradients, GradCAM, LayerCAM), SRD and SRD-contrastive via SRD's differentiable
+    recording and propagation (`srd.saliency(..., differentiable=True)`, the same map as
+    make_method's). GuidedBackprop and LRP raise Unsupported (modified backward rules with no
+    second-order path here)."""
     fns: dict[str, Explainer] = {
         "Saliency": lambda x, t: input_grad(model, x, t, True).abs().sum(1),
         "InputXGradient": lambda x, t: (x * input_grad(model, x, t, True)).sum(1),
@@ -132,6 +134,8 @@ def differentiable(name: str, model: nn.Module, *, layer: str | None = None, ig_
         "IntegratedGradients": lambda x, t: integrated_gradients(model, x, t, ig_steps, True),
         "GradCAM": lambda x, t: cam(model, layer or cam_layer(model), x, t, "gradcam", True),
         "LayerCAM": lambda x, t: cam(model, layer or cam_layer(model), x, t, "layercam", True),
+        "SRD": lambda x, t: srd.saliency(model, x, t, False, differentiable=True),
+        "SRD-contrastive": lambda x, t: srd.saliency(model, x, t, True, differentiable=True),
     }
     if name not in fns:
         if name in METHODS:

@@ -5,6 +5,7 @@
     rel = srd.relevance(model, images, None, ["layer3"])    # {layer: Tensor[N, h, w]}
     erfs = srd.ierf(model, images, "layer3", torch.tensor([0, 5]))          # Tensor[N, 2, H, W]
     erfs = srd.ierf(model, images, "blocks.7", seeds, direction=w_f)        # latent iERFs
+    maps = srd.saliency(model, images, differentiable=True)  # on autograd: d maps / d images
 
 Supported families (one table: `adapters._families`): timm ResNet (BasicBlock / Bottleneck,
 projection and ResNet-D avg-pool shortcuts; resnet18, resnet50, demo_resnet), VGG (with and

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import ResNet
@@ -22,9 +23,23 @@ from pipeline.srd.errors import UnsupportedModuleError
 from pipeline.srd.graph import Block, Graph, Unit, identity_pull
 from pipeline.srd.heads import Head
 
-# Element-wise nonlinearities: any sigma works with the frozen ratio gate v/z (METHOD.md section 3).
+class SmoothReLU6(nn.Module):
+    """softplus(x) - softplus(x - 6): a smooth ReLU6 (both kinks rounded by the same beta), the
+    ReLU6 of the manipulation attack's smooth model copy (pipeline.evaluation.manipulation)."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.softplus(x, self.beta) - F.softplus(x - 6.0, self.beta)
+
+
+# Element-wise nonlinearities: any sigma works with the frozen ratio gate v/z and R(z) = R(v)
+# (METHOD.md section 3); Softplus and SmoothReLU6 are the attack's smooth ReLU / ReLU6.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Tanh, nn.Sigmoid)
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Tanh, nn.Sigmoid,
+    nn.Softplus, SmoothReLU6)
 NO_OPS: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout, DropPath)  # identities in eval mode
 
 
@@ -73,7 +88,7 @@ def input_unit(images: Tensor) -> Unit:
     return Unit("input", images, images, pull=identity_pull)
 
 
-Builder = Callable[[nn.Module, Tensor, str], tuple[Graph, Head]]
+Builder = Callable[[nn.Module, Tensor, str, bool], tuple[Graph, Head]]
 
 
 def _families() -> dict[type[nn.Module], Builder]:
@@ -83,9 +98,13 @@ def _families() -> dict[type[nn.Module], Builder]:
             EfficientNet: efficientnet.build}
 
 
-def build(model: nn.Module, images: Tensor, head: str = "exact") -> tuple[Graph, Head]:
+def build(model: nn.Module, images: Tensor, head: str = "exact",
+          differentiable: bool = False) -> tuple[Graph, Head]:
     """Record `model(images)` and lay it out for SRD. `head`: "exact" (decompose the classifier
-    head exactly) or "gradcam" (VGG only: the reference code's Grad-CAM seed at the last conv)."""
+    head exactly) or "gradcam" (VGG only: the reference code's Grad-CAM seed at the last conv).
+    `differentiable`: record and lay out under autograd, so that the graph (and every map
+    propagated on it) is a differentiable function of `images`; parameters enter as constants.
+    Off by default: no autograd graph, no memory kept for one."""
     families = _families()
     builder = families.get(type(model))
     if builder is None:
@@ -93,9 +112,10 @@ def build(model: nn.Module, images: Tensor, head: str = "exact") -> tuple[Graph,
         raise UnsupportedModuleError(model, "", f"no SRD adapter; supported families: {names}")
     if head not in ("exact", "gradcam"):
         raise ValueError(f"head must be 'exact' or 'gradcam', got {head!r}")
-    with torch.no_grad():
-        return builder(model, images, head)
+    with torch.set_grad_enabled(differentiable):
+        return builder(model, images, head, differentiable)
 
 
-def graph_of(units: list[Unit], blocks: list[Block], aliases: dict[str, str], logits: Tensor) -> Graph:
-    return Graph({u.name: u for u in units}, blocks, aliases, logits)
+def graph_of(units: list[Unit], blocks: list[Block], aliases: dict[str, str], logits: Tensor,
+             differentiable: bool = False) -> Graph:
+    return Graph({u.name: u for u in units}, blocks, aliases, logits, differentiable=differentiable)

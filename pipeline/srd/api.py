@@ -25,13 +25,18 @@ class SRDResult:
 
 
 def explain(model: nn.Module, images: Tensor, target: int | Tensor | None = None,
-            contrastive: bool = False, head: str = "exact", layers: tuple[str, ...] = ()) -> SRDResult:
+            contrastive: bool = False, head: str = "exact", layers: tuple[str, ...] = (), *,
+            differentiable: bool = False) -> SRDResult:
     """SRD of the class logit (S = 1): images [N, 3, H, W] -> SRDResult with pixels [N, 1, H, W].
 
     head: "exact" decomposes the classifier head exactly (GAP + linear, CLS token, mean-pool,
     VGG FC layers); "gradcam" (VGG only) seeds Grad-CAM at the last conv as the reference does.
+    differentiable: every tensor of the result is a differentiable function of `images` (the
+    recorded activations, hence the frozen pattern and the sharing ratios, stay on the autograd
+    graph; weights are constants). Off by default: no graph is built. Where the model has
+    ReLU-type kinks the map is only piecewise smooth (the attack's smooth copy replaces them).
     """
-    graph, seed_head = build(model, images, head)
+    graph, seed_head = build(model, images, head, differentiable)
     return _explain(graph, seed_head, target, contrastive, tuple(layers))
 
 
@@ -49,12 +54,13 @@ def _explain(graph: Graph, seed_head: Head, target: int | Tensor | None, contras
 
 
 def saliency(model: nn.Module, images: Tensor, target: int | Tensor | None = None,
-             contrastive: bool = False, *, head: str = "exact",
-             return_constant: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+             contrastive: bool = False, *, head: str = "exact", return_constant: bool = False,
+             differentiable: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """SRD saliency map of class `target` (None: the predicted class): images [N, 3, H, W] ->
     Tensor[N, H, W]. contrastive: R <- R - mean(R) on the seed map. With return_constant, also
-    the constant share Tensor[N] (pixel sum + constant = logit when contrastive is False)."""
-    res = explain(model, images, target, contrastive, head)
+    the constant share Tensor[N] (pixel sum + constant = logit when contrastive is False).
+    differentiable: the map as a differentiable function of `images` (see `explain`)."""
+    res = explain(model, images, target, contrastive, head, differentiable=differentiable)
     maps = res.pixels[:, 0]
     return (maps, res.constant[:, 0]) if return_constant else maps
 

@@ -18,6 +18,16 @@ def _pair(x: int | tuple[int, ...]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
+def sqrt0(x: Tensor) -> Tensor:
+    """sqrt of x >= 0 with gradient 0 instead of inf where x == 0. Pair norms are exactly zero at
+    padding taps and dead channels, where a plain sqrt would turn a differentiable map's
+    gradient into NaN; without an autograd graph this is the plain sqrt."""
+    if not x.requires_grad:
+        return x.sqrt()
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), 0.0)
+
+
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None]:
     """Weight and bias of conv followed by eval-mode BN, as one affine map (BN is never a step).
 
@@ -223,16 +233,16 @@ class ConvRule:
         """||W_t x_m|| for rows x [M, C_in] and T taps' matrices w [T, ...] at once: [M, T],
         as one GEMM against all taps side by side, in row chunks of bounded memory."""
         if kind == "depthwise":
-            return (x.square() @ w.T).sqrt()
+            return sqrt0(x.square() @ w.T)
         if kind == "gram":
             iu = torch.triu_indices(x.shape[1], x.shape[1], device=x.device)
             step = max(1, budget // iu.shape[1])
             sq = torch.cat([(r[:, iu[0]] * r[:, iu[1]]) @ w.T for r in x.split(step)])
-            return sq.clamp(min=0).sqrt()
+            return sqrt0(sq.clamp(min=0))
         if self.groups > 1:  # grouped (non-depthwise) conv: group by group, squared norms add
             xg = x.view(x.shape[0], self.groups, -1)
             sq = sum(self._direct_norms(xg[:, g], w[:, g], budget).square() for g in range(self.groups))
-            return sq.sqrt()
+            return sqrt0(sq)
         return self._direct_norms(x, w[:, 0], budget)
 
     @staticmethod

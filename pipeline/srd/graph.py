@@ -90,6 +90,7 @@ class Graph:
     aliases: dict[str, str] = field(default_factory=dict)
     logits: Tensor | None = None  # [N, classes] of the recorded forward pass
     input: str = "input"
+    differentiable: bool = False  # recorded under autograd: propagate keeps the graph to the images
 
     def unit(self, layer: str) -> Unit:
         name = self.aliases.get(layer, layer)
@@ -153,16 +154,22 @@ class Propagation:
     layers: dict[str, Tensor]  # unit name -> [N, S, *pos] relevance (R(z) = R(v))
 
 
-@torch.no_grad()
 def propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None = None,
               contrastive: bool = False, keep: tuple[str, ...] = ()) -> Propagation:
-    """Propagate seed relevance [N, S, *pos] on `unit` down to the input pixels.
+    """Propagate seed relevance [N, S, *pos] on `unit` down to the input pixels, without autograd
+    unless `graph.differentiable` (then the result is differentiable in the recorded images).
 
     `direction` ([N,S,C] or [N,S,C,*pos], on the seeded unit's v) replaces the PFV sharing ratio
     by the directional one at the first step only (section 4). `contrastive` applies R - mean(R)
     on the seed map: the first unit reached that has more than one position (the seeded unit
     itself for ResNet/ViT heads; the last conv map for the exact VGG head through 1x1 FC maps).
     """
+    with torch.set_grad_enabled(graph.differentiable):
+        return _propagate(graph, unit, seed, direction, contrastive, keep)
+
+
+def _propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None, contrastive: bool,
+               keep: tuple[str, ...]) -> Propagation:
     acc: dict[str, Tensor] = {unit: seed}
     n, s = seed.shape[:2]
     constant = seed.new_zeros(n, s)

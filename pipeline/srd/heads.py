@@ -50,9 +50,11 @@ def token_seed(logits: Tensor, target: Tensor, tokens: int, index: int = 0) -> T
 
 def gradcam_seed(acts: Tensor, tail: Callable[[Tensor], Tensor], target: Tensor) -> Tensor:
     """Grad-CAM of class y at a conv map, the reference code's VGG seed (torchray grad_cam):
-    ReLU(sum_c alpha_c A_c) with alpha_c the spatial mean of d logit_y / d A_c. acts [N,C,H,W]."""
+    ReLU(sum_c alpha_c A_c) with alpha_c the spatial mean of d logit_y / d A_c. acts [N,C,H,W];
+    acts on an autograd graph (a differentiable recording) keep alpha on it too."""
+    keep_graph = acts.requires_grad
     with torch.enable_grad():
-        a = acts.detach().requires_grad_(True)
+        a = acts if keep_graph else acts.detach().requires_grad_(True)
         logit = tail(a).gather(1, target[:, None]).sum()
-        (grad,) = torch.autograd.grad(logit, a)
+        (grad,) = torch.autograd.grad(logit, a, create_graph=keep_graph)
     return torch.relu((grad.mean((2, 3), keepdim=True) * acts).sum(1))

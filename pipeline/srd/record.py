@@ -2,7 +2,9 @@
 
 The frozen pattern (METHOD.md section 1) is read from this one recorded pass: pre-activations
 are the inputs of activation modules, taken by a pre-hook and cloned because timm runs most
-activations (and ResNet's residual add) in place.
+activations (and ResNet's residual add) in place. By default the pass runs without autograd and
+the recording is detached; `differentiable=True` keeps the recorded tensors on the autograd
+graph of the images (the parameters stay whatever they are: SRD's rules read them detached).
 """
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def record(model: nn.Module, images: Tensor, inputs: Iterable[str] = (),
-           outputs: Iterable[str] = ()) -> Recording:
-    """Run `model(images)` once in eval mode and record the named modules' inputs / outputs."""
+           outputs: Iterable[str] = (), differentiable: bool = False) -> Recording:
+    """Run `model(images)` once in eval mode and record the named modules' inputs / outputs;
+    with `differentiable`, under autograd and not detached (clones still: in-place ops)."""
     modules = dict(model.named_modules())
     rec = Recording(images, images, {}, {})
     handles = []
@@ -46,7 +49,7 @@ def record(model: nn.Module, images: Tensor, inputs: Iterable[str] = (),
     def keep(store: dict[str, Tensor], path: str, t: Tensor) -> None:
         if path in store:
             raise RuntimeError(f"module {path!r} ran twice in one forward: SRD needs one call per module")
-        store[path] = t.detach().clone()
+        store[path] = t.clone() if differentiable else t.detach().clone()
 
     for path in inputs:
         handles.append(modules[path].register_forward_pre_hook(
@@ -55,7 +58,7 @@ def record(model: nn.Module, images: Tensor, inputs: Iterable[str] = (),
         handles.append(modules[path].register_forward_hook(
             lambda m, args, out, p=path: keep(rec.outputs, p, out)))
     try:
-        with torch.no_grad(), eval_mode(model):
+        with torch.set_grad_enabled(differentiable), eval_mode(model):
             rec.logits = model(images)
     finally:
         for h in handles:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.srd.conv import ConvRule
+from pipeline.srd.conv import ConvRule, sqrt0
 from pipeline.srd.errors import UnsupportedModuleError
 
 
@@ -36,7 +36,7 @@ class AttentionRule:
         self.source, self.w = source, w
         self.bias = None if b is None else b.reshape(1, -1, 1)
         mine = attn.proj((self.a @ self.u).transpose(1, 2).reshape(n, t, -1))
-        if not torch.allclose(mine, out, rtol=1e-3, atol=1e-4 * float(out.abs().max())):
+        if not torch.allclose(mine, out, rtol=1e-3, atol=1e-4 * float(out.detach().abs().max())):
             raise UnsupportedModuleError(attn, path, "attention output not reproduced from frozen weights")
         self._norms: Tensor | None = None
 
@@ -53,7 +53,7 @@ class AttentionRule:
             gram = torch.einsum("nihd,nigd->nihg", o, o)
             mixed = torch.einsum("nihg,ngji->nhji", gram, self.a)  # sum_h' <o^h_i, o^h'_i> A^h'_ji
             sq = (self.a * mixed).sum(1)
-            self._norms = sq.clamp(min=0).sqrt()
+            self._norms = sqrt0(sq.clamp(min=0))
         return self._norms
 
     def norm_total(self) -> Tensor:

@@ -50,7 +50,7 @@ def _parts(c: Claims, path: str, blk: nn.Module) -> list[tuple[str, str]]:
     return parts
 
 
-def build(model: EfficientNet, images: Tensor, head: str) -> tuple[Graph, Head]:
+def build(model: EfficientNet, images: Tensor, head: str, differentiable: bool = False) -> tuple[Graph, Head]:
     if head != "exact":
         raise ValueError("head='gradcam' is the VGG reference seed; EfficientNet seeds at its pooled head")
     c = Claims(model)
@@ -73,7 +73,8 @@ def build(model: EfficientNet, images: Tensor, head: str) -> tuple[Graph, Head]:
     c.finish()
 
     act_bns = [stem_bn] + [bn for p in parts for _, bn in parts[p][:-1]] + [head_bn]
-    rec = record(model, images, inputs=[f"{b}.act" for b in act_bns], outputs=act_bns + [p for p, _ in blocks])
+    rec = record(model, images, inputs=[f"{b}.act" for b in act_bns], outputs=act_bns + [p for p, _ in blocks],
+                 differentiable=differentiable)
     units: list[Unit] = [input_unit(images)]
     out: list[Block] = []
     mods = c.modules
@@ -108,5 +109,5 @@ def build(model: EfficientNet, images: Tensor, head: str) -> tuple[Graph, Head]:
     z = rec.inputs["bn2.act"]
     add("bn2", Unit("bn2", z, rec.outputs["bn2"]), [conv_rule(src, "conv_head", "bn2", z)])
     v_head = rec.outputs["bn2"]
-    return (graph_of(units, out, aliases, rec.logits),
+    return (graph_of(units, out, aliases, rec.logits, differentiable),
             Head("bn2", lambda y: pooled_linear_seed(v_head, fc, y)))

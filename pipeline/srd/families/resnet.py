@@ -49,7 +49,7 @@ def _shortcut(c: Claims, path: str, block: nn.Module) -> tuple[nn.Module | None,
     return pool, conv, c.get(f"{path}.downsample.{off + 1}", nn.BatchNorm2d)
 
 
-def build(model: ResNet, images: Tensor, head: str) -> tuple[Graph, Head]:
+def build(model: ResNet, images: Tensor, head: str, differentiable: bool = False) -> tuple[Graph, Head]:
     if head != "exact":
         raise ValueError("head='gradcam' is the VGG reference seed; ResNet seeds exactly at the pooled head")
     c = Claims(model)
@@ -70,7 +70,7 @@ def build(model: ResNet, images: Tensor, head: str) -> tuple[Graph, Head]:
     c.finish()
 
     acts = ["act1"] + [a for p in parts for _, _, a in parts[p]]
-    rec = record(model, images, inputs=acts, outputs=acts)
+    rec = record(model, images, inputs=acts, outputs=acts, differentiable=differentiable)
     units = [input_unit(images)] + [Unit(a, rec.inputs[a], rec.outputs[a]) for a in acts]
     v = {u.name: u.v for u in units}
     z = {u.name: u.z for u in units}
@@ -91,7 +91,7 @@ def build(model: ResNet, images: Tensor, head: str) -> tuple[Graph, Head]:
         aliases[path.rsplit(".", 1)[0]] = prev  # the stage: its last block
         src, pool = prev, None
     head_seed = Head(src, lambda target: pooled_linear_seed(v[src], fc, target))
-    return graph_of(units, out, aliases, rec.logits), head_seed
+    return graph_of(units, out, aliases, rec.logits, differentiable), head_seed
 
 
 def _shortcut_rule(sc, src: str, x: Tensor, stem_pool: FrozenPool | None, out_size, path: str):

@@ -44,7 +44,7 @@ def _layout(c: Claims, model: VGG) -> list[tuple[str, str | None, str] | str]:
     return items
 
 
-def build(model: VGG, images: Tensor, head: str) -> tuple[Graph, Head]:
+def build(model: VGG, images: Tensor, head: str, differentiable: bool = False) -> tuple[Graph, Head]:
     c = Claims(model)
     items = _layout(c, model)
     mlp = c.get("pre_logits", ConvMlp)
@@ -61,7 +61,7 @@ def build(model: VGG, images: Tensor, head: str) -> tuple[Graph, Head]:
 
     acts = [it[2] for it in items if isinstance(it, tuple)] + ["pre_logits.act1", "pre_logits.act2"]
     pools = [it for it in items if isinstance(it, str)]
-    rec = record(model, images, inputs=acts + ["pre_logits"], outputs=acts + pools)
+    rec = record(model, images, inputs=acts + ["pre_logits"], outputs=acts + pools, differentiable=differentiable)
     if min(rec.inputs["pre_logits"].shape[2:]) < mlp.input_kernel_size:
         raise UnsupportedModuleError(mlp, "pre_logits", "input smaller than fc6's kernel (ConvMlp resamples it)")
     units: list[Unit] = [input_unit(images)]
@@ -87,7 +87,7 @@ def build(model: VGG, images: Tensor, head: str) -> tuple[Graph, Head]:
     last_conv = src
     conv_block("pre_logits.fc1", fc1, None, "pre_logits.act1")
     conv_block("pre_logits.fc2", fc2, None, "pre_logits.act2")
-    graph = graph_of(units, blocks, {"pre_logits": "pre_logits.act2"}, rec.logits)
+    graph = graph_of(units, blocks, {"pre_logits": "pre_logits.act2"}, rec.logits, differentiable)
     if head == "gradcam":
         final_pool = c.modules[pools[-1]] if pools and items[-1] == pools[-1] else nn.Identity()
 

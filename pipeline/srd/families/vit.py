@@ -63,7 +63,7 @@ def _scale(mod: nn.Module) -> Tensor | None:
     return mod.gamma.detach() if isinstance(mod, LayerScale) else None
 
 
-def build(model: VisionTransformer, images: Tensor, head: str) -> tuple[Graph, Head]:
+def build(model: VisionTransformer, images: Tensor, head: str, differentiable: bool = False) -> tuple[Graph, Head]:
     if head != "exact":
         raise ValueError("head='gradcam' is the VGG reference seed; ViT seeds exactly at its head")
     c = Claims(model)
@@ -72,7 +72,7 @@ def build(model: VisionTransformer, images: Tensor, head: str) -> tuple[Graph, H
     depth = len(model.blocks)
     ins = ["blocks.0"] + [f"blocks.{l}{s}" for l in range(depth) for s in (".attn", ".norm2")]
     outs = ["patch_embed"] + [f"blocks.{l}{s}" for l in range(depth) for s in ("", ".attn")]
-    rec = record(model, images, inputs=ins, outputs=outs)
+    rec = record(model, images, inputs=ins, outputs=outs, differentiable=differentiable)
     tok = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  [N, T, D] -> [N, D, T]
     prefix = model.num_prefix_tokens
     x0 = tok(rec.inputs["blocks.0"])
@@ -99,7 +99,7 @@ def build(model: VisionTransformer, images: Tensor, head: str) -> tuple[Graph, H
                              _scale(blk.ls1), f"{p}.attn")
         blocks.append(Block(p, [IdentityRule(src), attn]))
         src = p
-    graph = graph_of(units, blocks, {"blocks": src}, rec.logits)
+    graph = graph_of(units, blocks, {"blocks": src}, rec.logits, differentiable)
     return graph, Head(src, _seed(model, graph.units[src], rec.logits))
 
 
@@ -111,15 +111,15 @@ def _seed(model: VisionTransformer, last: Unit, logits: Tensor):
     if model.global_pool == "token":
         return lambda y: token_seed(logits, y, t)
     skip = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
-    with torch.no_grad():
-        a = model.norm(last.v[:, :, skip:].transpose(1, 2)).transpose(1, 2)  # [N, D, n]
-        fn = model.fc_norm
-        if isinstance(fn, nn.LayerNorm):
-            m = a.mean(2)
-            sigma = torch.sqrt(m.var(1, unbiased=False) + fn.eps).reshape(-1, 1, 1)
-            a = (a - a.mean(1, keepdim=True)) / sigma
-            if fn.weight is not None:
-                a = a * fn.weight.detach().reshape(1, -1, 1)
-            if fn.bias is not None:
-                a = a + fn.bias.detach().reshape(1, -1, 1)
+    # runs under adapters.build's grad mode: no graph unless the recording is differentiable
+    a = model.norm(last.v[:, :, skip:].transpose(1, 2)).transpose(1, 2)  # [N, D, n]
+    fn = model.fc_norm
+    if isinstance(fn, nn.LayerNorm):
+        m = a.mean(2)
+        sigma = torch.sqrt(m.var(1, unbiased=False) + fn.eps).reshape(-1, 1, 1)
+        a = (a - a.mean(1, keepdim=True)) / sigma
+        if fn.weight is not None:
+            a = a * fn.weight.detach().reshape(1, -1, 1)
+        if fn.bias is not None:
+            a = a + fn.bias.detach().reshape(1, -1, 1)
     return lambda y: torch.nn.functional.pad(pooled_linear_seed(a, model.head, y), (skip, 0))
