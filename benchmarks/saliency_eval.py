@@ -48,7 +48,6 @@ ATTACKABLE = ("Saliency", "InputXGradient", "SmoothGrad", "IntegratedGradients",
 # white-box attacks of IG and SmoothGrad cost 8 and 4 double backward passes a step: on
 # EfficientNet-Lite0 at 224 px they do not fit the default budget of a 2-core CPU
 REAL_ATTACKED = ("Saliency", "InputXGradient", "GradCAM", "LayerCAM", "SRD", "SRD-contrastive")
-MANIPULATION_KEYS = ("manipulation_images", "attack_steps", "manipulation")
 TRANSFER_FROM = "Saliency"
 
 
@@ -102,10 +101,11 @@ def _partners(target: torch.Tensor) -> torch.Tensor:
 
 
 def manipulation(lm, x: torch.Tensor, target: torch.Tensor, args: argparse.Namespace, attacked: list[str],
-                 steps: int, desc: str) -> dict[str, dict]:
-    """Targeted manipulation per method: white-box where differentiable here, and the transfer of
-    the Saliency attack's x' to every method. Correlation / MSE of unit maps to the target map
-    before (x) and after (x'), the real model's drift of the class probability, top-1 kept."""
+                 steps: int, desc: str, methods: tuple[str, ...] = METHODS) -> dict[str, dict]:
+    """Targeted manipulation per method of `methods`: white-box where differentiable here, and the
+    transfer of the Saliency attack's x' to every method (when Saliency is one of `methods`).
+    Correlation / MSE of unit maps to the target map before (x) and after (x'), the real model's
+    drift of the class probability, top-1 kept."""
     std, mean = torch.tensor(lm.data_config["std"]), torch.tensor(lm.data_config["mean"])
     attack = Attack(lo=-mean / std, hi=(1 - mean) / std, pixel_scale=1 / std, steps=steps,
                     lr=args.attack_lr, gamma=args.attack_gamma, eps=args.attack_eps)
@@ -115,7 +115,7 @@ def manipulation(lm, x: torch.Tensor, target: torch.Tensor, args: argparse.Names
     with torch.no_grad():
         p0 = lm.model(x).softmax(1)
     explainers = {name: make_method(name, lm.model, ig_steps=args.ig_steps, sg_samples=args.sg_samples,
-                                    sg_stdev=0.15 * input_range) for name in METHODS}
+                                    sg_stdev=0.15 * input_range) for name in methods}
 
     def judge(explain, x_adv: torch.Tensor, goal: torch.Tensor, before: torch.Tensor) -> dict:
         after = explain(x_adv, target)
@@ -132,7 +132,7 @@ def manipulation(lm, x: torch.Tensor, target: torch.Tensor, args: argparse.Names
 
     out: dict[str, dict] = {}
     adv: dict[str, torch.Tensor] = {}
-    for name in tqdm(METHODS, desc=desc, unit="method"):
+    for name in tqdm(methods, desc=desc, unit="method"):
         explain = explainers[name]
         try:
             before = explain(x, target)
@@ -154,7 +154,9 @@ def manipulation(lm, x: torch.Tensor, target: torch.Tensor, args: argparse.Names
         out[name] = row
     for name, row in out.items():
         if row["status"] == "ok":
-            row["transfer"] = judge(explainers[name], adv[TRANSFER_FROM], row.pop("_goal"), row.pop("_before"))
+            goal, before = row.pop("_goal"), row.pop("_before")
+            if TRANSFER_FROM in adv:
+                row["transfer"] = judge(explainers[name], adv[TRANSFER_FROM], goal, before)
     return out
 
 
@@ -176,27 +178,32 @@ def run_model(model_name: str, x_imgs, target, masks, args, tag: str) -> dict:
         attacked = args.attack_methods if synthetic else args.real_attack_methods
         steps = args.attack_steps if synthetic else args.real_attack_steps
         res["manipulation_images"], res["attack_steps"] = k, steps
-        res["manipulation"] = manipulation(lm, x[:k], target[:k], args, attacked, steps, f"{tag} manipulation")
+        # --only manipulation: just the attacked methods (merged into the result file per method)
+        methods = METHODS if args.only == "all" else tuple(m for m in METHODS if m in attacked)
+        res["manipulation"] = manipulation(lm, x[:k], target[:k], args, attacked, steps, f"{tag} manipulation",
+                                           methods)
     res["wall_seconds"], res["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     return res
 
 
 def merge_manipulation(old: dict, runs: list[dict], rerun: dict) -> dict:
-    """The result `old` with the manipulation entries of `runs` in place of those of its runs of
-    the same model and set (`rerun` says how they were made); every other number stays. A method
-    not attacked white-box in `runs` (--attack-methods) keeps its earlier white-box entry."""
+    """The result `old` with the manipulation entries of `runs` (per method: white-box, and the
+    transfer where it was re-measured) in place of those of its runs of the same model and set;
+    `rerun` says how they were made. Every other number stays."""
     for run in runs:
         match = [r for r in old["runs"] if (r["model"], r["set"]) == (run["model"], run["set"])]
         if not match:
             have = ", ".join(f"{r['model']} ({r['set']})" for r in old["runs"])
             raise ValueError(f"no run of {run['model']} on {run['set']!r} to merge into; the file has: {have}")
-        before = match[0].get("manipulation", {})
+        sizes = {k: (match[0].get(k), run[k]) for k in ("manipulation_images", "attack_steps")}
+        if any(a not in (None, b) for a, b in sizes.values()):
+            raise ValueError(f"{run['model']}: cannot merge into a manipulation of other sizes (file, run): {sizes}")
+        rows = match[0].setdefault("manipulation", {})
         for name, row in run["manipulation"].items():
-            kept = before.get(name, {}).get("white_box")
-            if isinstance(row.get("white_box"), str) and isinstance(kept, dict):
-                row["white_box"] = kept
-        match[0].update({k: run[k] for k in MANIPULATION_KEYS})
-        match[0]["manipulation_rerun"] = rerun | {"wall_seconds": run["wall_seconds"],
+            rows[name] = rows.get(name, {}) | row
+        match[0].update({k: run[k] for k in ("manipulation_images", "attack_steps")})
+        match[0]["manipulation_rerun"] = rerun | {"methods": sorted(run["manipulation"]),
+                                                  "wall_seconds": run["wall_seconds"],
                                                   "cpu_seconds": run["cpu_seconds"]}
     return old
 
@@ -210,8 +217,9 @@ def main() -> None:
     p.add_argument("--models", nargs="*", default=list(demo.DEMO_MODELS), choices=demo.DEMO_MODELS,
                    help="demo models run on the synthetic set (each only if its weights exist; none: photos only)")
     p.add_argument("--only", default="all", choices=("all", "manipulation"),
-                   help="manipulation: run only the attack and replace the manipulation entries of the "
-                        "matching runs in the existing --out file, keeping its other numbers")
+                   help="manipulation: attack only the --attack-methods / --real-attack-methods (the transfer "
+                        "only if Saliency is one) and replace their manipulation entries in the matching runs of "
+                        "the existing --out file, keeping every other number")
     p.add_argument("--steps", type=int, default=16, help="insertion/deletion points - 1")
     p.add_argument("--insertion-baseline", default="blur", choices=sorted(metrics.BASELINES),
                    help="what insertion starts from (RISE: a blurred copy)")
@@ -303,10 +311,11 @@ def print_run(run: dict) -> None:
             if row["status"] != "ok":
                 print(f"{name:20s} {row['status'][:100]}")
                 continue
-            wb, tr = row["white_box"], row["transfer"]
+            wb, tr = row["white_box"], row.get("transfer")
             wb_txt = (f"white-box {_fmt(wb['corr_before'])} -> {_fmt(wb['corr_after'])} "
                       f"(p drift {_fmt(wb['prob_drift'])})" if isinstance(wb, dict) else f"white-box {wb or 'n/a'}")
-            print(f"{name:20s} {wb_txt} | transfer {_fmt(tr['corr_before'])} -> {_fmt(tr['corr_after'])}")
+            tr_txt = f"transfer {_fmt(tr['corr_before'])} -> {_fmt(tr['corr_after'])}" if tr else "transfer not run"
+            print(f"{name:20s} {wb_txt} | {tr_txt}")
 
 
 METRIC_COLS = (("insertion_auc", "ins AUC ↑"), ("deletion_auc", "del AUC ↓"), ("pointing", "pointing ↑"),
