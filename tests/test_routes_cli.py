@@ -33,6 +33,25 @@ def test_cli_and_atlas_routes_equal_the_library(atlas, tmp_path, capsys) -> None
         assert im.width > 100 and im.height > 100
 
 
+def test_atlas_routes_loads_the_model_once_per_method(atlas, tmp_path, monkeypatch) -> None:  # noqa: F811
+    import pipeline.icat.routes as routes_module
+
+    built = []
+    real = routes_module.ShardScorer
+    monkeypatch.setattr(routes_module, "ShardScorer", lambda *a: built.append(1) or real(*a))
+    pngs = []
+    for i in range(2):
+        pngs.append(tmp_path / f"img{i}.png")
+        Image.fromarray(render_sample(5, i, 64)[0]).save(pngs[-1])
+    opened = Atlas.open(atlas)
+    got = [opened.routes(str(p), k=2, steps=4) for p in pngs]
+    assert len(built) == 1
+    opened.routes(str(pngs[0]), k=2, method="grad")
+    assert len(built) == 2
+    for p, route in zip(pngs, got):  # the cached finder answers as a fresh one does
+        assert json.loads(route.to_json()) == json.loads(routes(atlas, str(p), k=2, steps=4).to_json())
+
+
 def test_cli_routes_names_a_bad_target(atlas, tmp_path, capsys) -> None:  # noqa: F811
     png = tmp_path / "img.png"
     Image.fromarray(render_sample(5, 3, 64)[0]).save(png)

@@ -80,6 +80,7 @@ class Atlas:
         self._saes: dict[str, SAE] = {}
         self._indexes: dict[tuple[str, str], LoadedIndex] = {}
         self._model: LoadedModel | None = None
+        self._route_finders: dict[tuple[str, int], Any] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike, threads: int | None = None) -> Atlas:
@@ -304,10 +305,16 @@ class Atlas:
                method: str = "ig", steps: int = 32, depth: int | None = None,
                label: int | None = None) -> Route:
         """The concept route of one image into a class logit (`pipeline.icat.routes.routes`:
-        ICAT edges computed for this image, top-k incoming per node, down the tapped layers)."""
-        from pipeline.icat.routes import routes
+        ICAT edges computed for this image, top-k incoming per node, down the tapped layers).
+        The model, SAEs and segments are loaded on the first call per (method, steps) and kept,
+        so routing many images pays the loading once."""
+        from pipeline.icat.routes import RouteFinder
 
-        return routes(self.root, image, target, k, method, steps, depth, label=label)
+        finder = self._route_finders.get((method, steps))
+        if finder is None:
+            finder = RouteFinder(self.root, method, steps, atlas=self)
+            self._route_finders[(method, steps)] = finder
+        return finder(image, target, k, depth, label)
 
     def search(self, image: ImageInput, box: Sequence[int] | None = None,
                layer: str | None = None, k: int = 10) -> pa.Table:

@@ -163,12 +163,13 @@ class RouteFinder:
 
     root: a built atlas (extraction and trained SAEs; with several SAEs per layer, the one of
     lowest held-out FVU is used, as in the icat stage). method: ig, grad_x_act or grad (ICAT
-    instantiations, METHOD.md section 7); steps: IG quadrature steps. `routes` is the one-call
-    form; call a finder for many images.
+    instantiations, METHOD.md section 7); steps: IG quadrature steps. atlas: an open
+    `pipeline.atlas.Atlas` of `root` to read label hints from (opened on first need when None).
+    `routes` is the one-call form; call a finder for many images.
     """
 
     def __init__(self, root: str, method: str = "ig", steps: int = 32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", atlas: Any = None) -> None:
         if method not in METHODS:
             raise ValueError(f"method={method!r}: routes on one image use one of {list(METHODS)} "
                              "(SRD scores are available from the stored edges: routes_from_edges)")
@@ -176,7 +177,7 @@ class RouteFinder:
         self.plan = plan_icat(root, ICATOptions(methods=(method,), steps=steps), record=False)
         self.scorer = ShardScorer(self.plan, device)
         self.layers = list(self.plan.saes)  # forward order
-        self._atlas: Any = None  # opened on the first route that wants label hints
+        self._atlas: Any = atlas  # the open Atlas for label hints; else opened on first need
 
     def pixels(self, image: ImageInput) -> torch.Tensor:
         """The model input Tensor[1, 3, H, W] of one image (a tensor is taken as preprocessed)."""
