@@ -244,7 +244,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
     from jobs.index import build_indexes, report
 
     report(build_indexes(a.atlas, exact_below=a.exact_below, factory=a.factory,
-                         progress=not a.no_progress))
+                         progress=not a.no_progress, force=a.force))
     return 0
 
 
@@ -450,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exact-below", type=int, default=100_000,
                     help="vectors below which an index is exact (Flat); IVF/PQ above")
     sp.add_argument("--factory", default=None, help="force a FAISS factory string")
+    sp.add_argument("--force", action="store_true",
+                    help="rebuild indexes whose inputs are unchanged (they are kept by default)")
     sp.add_argument("--no-progress", action="store_true")
     return p
 

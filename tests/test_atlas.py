@@ -352,6 +352,22 @@ def test_decoder_index_equals_brute_force_over_decoder_directions(atlas) -> None
     np.testing.assert_array_equal(ids, expect)
 
 
+def test_index_build_keeps_unchanged_indexes_and_rebuilds_changed_ones(atlas_root) -> None:
+    root = atlas_root["root"]
+    faiss_files = sorted(Path(root, "index").rglob("*.faiss"))
+    stamps = [p.stat().st_mtime_ns for p in faiss_files]
+    again = build_indexes(root, progress=False)
+    assert len(again["indexes"]) == len(faiss_files) == 6  # 3 SAEs: decoder + regions
+    assert all(row["reused"] for row in again["indexes"])
+    assert [p.stat().st_mtime_ns for p in faiss_files] == stamps  # not rewritten
+    # other options change the inputs: rebuilt (here to the same exact index), and again
+    # when the defaults come back; `force` rebuilds unchanged ones
+    assert not any(r["reused"] for r in build_indexes(root, progress=False, factory="Flat")["indexes"])
+    assert not any(r["reused"] for r in build_indexes(root, progress=False)["indexes"])
+    assert not any(r["reused"] for r in build_indexes(root, progress=False, force=True)["indexes"])
+    assert all(r["reused"] for r in build_indexes(root, progress=False)["indexes"])
+
+
 def test_region_index_rows_are_the_exemplars_embedded(atlas, atlas_root) -> None:
     loaded = atlas.index("regions", "layer2-a")
     assert loaded.index.ntotal == loaded.ids.num_rows == 48 * (TOP + QUANTILE)
