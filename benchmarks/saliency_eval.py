@@ -208,10 +208,9 @@ def merge_manipulation(old: dict, runs: list[dict], rerun: dict) -> dict:
         for name, row in run["manipulation"].items():
             rows[name] = rows.get(name, {}) | row
         match[0].update({k: run[k] for k in ("manipulation_images", "attack_steps")})
-        reruns = match[0].get("manipulation_rerun", [])
-        match[0]["manipulation_rerun"] = ([reruns] if isinstance(reruns, dict) else reruns) + [
+        match[0].setdefault("manipulation_rerun", []).append(
             rerun | {"methods": sorted(run["manipulation"]), "wall_seconds": run["wall_seconds"],
-                     "cpu_seconds": run["cpu_seconds"]}]
+                     "cpu_seconds": run["cpu_seconds"]})
     return old
 
 
@@ -321,7 +320,7 @@ def print_run(run: dict) -> None:
             if row["status"] != "ok":
                 print(f"{name:20s} {row['status'][:100]}")
                 continue
-            wb, tr = row.get("white_box"), row.get("transfer")
+            wb, tr = row.get("white_box", "not run"), row.get("transfer")
             wb_txt = (f"white-box {_fmt(wb['corr_before'])} -> {_fmt(wb['corr_after'])} "
                       f"(p drift {_fmt(wb['prob_drift'])})" if isinstance(wb, dict) else f"white-box {wb or 'n/a'}")
             tr_txt = f"transfer {_fmt(tr['corr_before'])} -> {_fmt(tr['corr_after'])}" if tr else "transfer not run"
@@ -359,10 +358,8 @@ def markdown(result: dict) -> str:
             cells = [_fmt(row.get(k)) for k, _ in cols] if ok else [row["status"]] + [""] * (len(cols) - 1)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if "manipulation" in run:
-            reruns = run.get("manipulation_rerun", [])
             when = "".join(f"; {', '.join(r['methods'])} re-measured by `{r['command']}` ({r['wall_seconds']:.0f} s "
-                           f"wall, {r['cpu_seconds']:.0f} s CPU)"
-                           for r in ([reruns] if isinstance(reruns, dict) else reruns))
+                           f"wall, {r['cpu_seconds']:.0f} s CPU)" for r in run.get("manipulation_rerun", []))
             lines += ["", f"Targeted manipulation, {run['manipulation_images']} images, {run['attack_steps']} "
                       "Adam steps: Pearson correlation of the method's map with the target map, before (x) → "
                       f"after (x'), on the real model{when}.", "",
@@ -371,7 +368,7 @@ def markdown(result: dict) -> str:
                 if row["status"] != "ok":
                     lines.append(f"| {name} | {row['status']} | |")
                     continue
-                lines.append(f"| {name} | {_attack_cell(row.get('white_box'))} | {_attack_cell(row['transfer'])} |")
+                lines.append(f"| {name} | {_attack_cell(row.get('white_box', 'not run'))} | {_attack_cell(row['transfer'])} |")
                 if ORIGINAL_MODEL_KEY in row:
                     lines.append(f"| {name}, attacked on the original model (no softplus copy) | "
                                  f"{_attack_cell(row[ORIGINAL_MODEL_KEY])} | |")
