@@ -4,8 +4,9 @@ Map: one Ray actor call per extracted shard (`ShardScorer` in a `jobs.common.Wor
 model, SAEs and segments loaded once per actor) scores a sample of its images for every layer
 pair and writes the shard's partial edge sums; the driver commits each part's manifest record
 when the call returns, so a killed driver loses only the parts in flight and a re-run skips
-committed parts. Reduce: the driver sums the partials, keeps the top incoming edges per node and
-writes `edges/part-K.parquet` per layer pair (pipeline.icat.stage).
+committed parts. Reduce: the driver sums the partials in DuckDB (out of core, under
+`--reduce-memory`), keeps the top incoming edges per node and writes `edges/part-K.parquet` per
+layer pair (pipeline.icat.stage).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from jobs.common import init_ray, local_device, run_actor_pool, run_in_process
+from pipeline.icat.aggregate import REDUCE_MEMORY
 from pipeline.icat.stage import (
     ALL_METHODS,
     MAP_STAGE,
@@ -36,7 +38,7 @@ OnPart = Callable[[PartRecord], None]
 def run(root: str, options: ICATOptions | None = None, *, address: str | None = None,
         progress: bool = True, in_process: bool = False, actors: int = 1,
         cpus_per_actor: float = 0.5, gpus_per_actor: float | None = None, max_retries: int = 3,
-        on_part: OnPart | None = None) -> dict[str, Any]:
+        reduce_memory: str = REDUCE_MEMORY, on_part: OnPart | None = None) -> dict[str, Any]:
     """Compute the ICAT edges of the atlas at `root` (after extract and train-sae).
 
     Args:
@@ -46,6 +48,7 @@ def run(root: str, options: ICATOptions | None = None, *, address: str | None = 
         in_process: score the shards one by one in this process, without Ray (same outputs).
         actors, cpus_per_actor, gpus_per_actor: the actor pool (GPUs default to 1 per actor
             when the cluster has GPUs); max_retries: restarts of a dead actor and its calls.
+        reduce_memory: DuckDB's memory limit for the reduce (e.g. "4GB"); past it, it spills.
         on_part: called with each map record right after it is committed (tests use it to
             simulate a crash).
     Returns the summary: pairs, parts done / new / failed, edges per pair, timings.
@@ -82,7 +85,7 @@ def run(root: str, options: ICATOptions | None = None, *, address: str | None = 
                            role="scorer")
     bar.close()
     t_map = time.time() - t0
-    edges = reduce_edges(plan) if not failed else {}
+    edges = reduce_edges(plan, reduce_memory) if not failed else {}
     done = Manifest(root).done(MAP_STAGE, plan.config_hash)
     new = [r for r in done.values() if r.part in {t.part for t in plan.pending}]
     busy = sum(r.finished - r.started for r in new)
@@ -134,6 +137,8 @@ def parse_args(argv: Sequence[str]) -> tuple[str, ICATOptions, dict[str, Any]]:
     p.add_argument("--actors", type=int, default=1)
     p.add_argument("--cpus-per-actor", type=float, default=0.5)
     p.add_argument("--address", default=None)
+    p.add_argument("--reduce-memory", default=REDUCE_MEMORY,
+                   help="DuckDB memory limit of the reduce, e.g. 16GB (past it, it spills to disk)")
     p.add_argument("--in-process", action="store_true", help="no Ray; same outputs")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(list(argv))
@@ -146,7 +151,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str, ICATOptions, dict[str, Any]]:
                           batch_size=a.batch_size)
     return a.root, options, dict(address=a.address, progress=not a.no_progress,
                                  in_process=a.in_process, actors=a.actors,
-                                 cpus_per_actor=a.cpus_per_actor)
+                                 cpus_per_actor=a.cpus_per_actor, reduce_memory=a.reduce_memory)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,13 +10,14 @@ from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 from test_train_sae_job import CHANNELS, OPTIONS, SWEEP, copy_of, extracted  # noqa: F401
 
 import jobs.icat
-from pipeline.icat.aggregate import combine, edge_rows, top_incoming
+from pipeline.icat.aggregate import combine, edge_rows, reduce_partials, sort_edges, top_incoming
 from pipeline.icat.attribution import (
     Decomposed,
     LayerSAE,
@@ -266,6 +267,111 @@ def test_aggregation_and_top_k_equal_brute_force() -> None:
             expect |= {(s, dst, scope) for s, w in lat[:top] if abs(w) >= min_weight}
             expect |= {(s, dst, scope) for s, _ in edges if s == -1}
         assert {(r["src_latent"], r["dst_latent"], r["scope"]) for r in kept.to_pylist()} == expect
+
+
+PAIRS_OF_PARTIALS = [("a", "b"), ("b", "logits")]
+
+
+def _random_partials(rng: np.random.Generator, files: int, rows: int, dyadic: bool) -> list[pa.Table]:
+    """Partial EDGES tables (one row per key, as the map writes them) over two layer pairs,
+    two methods, four scopes and error nodes; dyadic weights (k/8) give exact sums and ties."""
+    out = []
+    for _ in range(files):
+        pair = rng.integers(0, 2, rows)
+        weight = (rng.integers(-8, 9, rows) / 8.0 if dyadic
+                  else rng.normal(size=rows) * 10.0 ** rng.integers(-6, 4, rows))
+        out.append(combine([pa.table({
+            "atlas_id": ["t"] * rows,
+            "src_layer": np.array(["a", "b"])[pair], "src_latent": rng.integers(-1, 12, rows).astype(np.int32),
+            "dst_layer": np.array(["b", "logits"])[pair], "dst_latent": rng.integers(0, 4, rows).astype(np.int32),
+            "method": rng.choice(["ig", "grad"], rows), "scope": rng.choice(["all", "class=0", "class=7"], rows),
+            "weight": weight, "n_images": rng.integers(1, 5, rows)}).cast(EDGES)], "t"))
+    return out
+
+
+def _write_partials(tables: list[pa.Table], folder: str) -> list[str]:
+    files = [fs.join(folder, f"part-{i:06d}.parquet") for i in range(len(tables))]
+    for table, url in zip(tables, files):
+        fs.write_parquet(table, url, EDGES)
+    return files
+
+
+def _reduce(files: list[str], top: int, min_weight: float = 0.0, **kwargs) -> list[pa.Table]:
+    return [r.read_all() for r in reduce_partials(files, PAIRS_OF_PARTIALS, "t", top, min_weight, **kwargs)]
+
+
+def test_duckdb_reduce_equals_brute_force_sums_and_top_k(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    partials = _random_partials(rng, 6, 300, dyadic=True)
+    files = _write_partials(partials, str(tmp_path))
+    sums: dict[tuple, list] = defaultdict(lambda: [0.0, 0])
+    for table in partials:
+        for r in table.to_pylist():
+            key = tuple(r[k] for k in ("src_layer", "src_latent", "dst_layer", "dst_latent", "method", "scope"))
+            sums[key][0] += r["weight"]
+            sums[key][1] += r["n_images"]
+    groups: dict[tuple, list] = defaultdict(list)
+    for key, value in sums.items():
+        groups[key[:1] + key[2:]].append((key, value))
+    memory = combine(partials, "t")
+    for top, min_weight in [(2, 0.0), (3, 0.5), (100, 0.0)]:
+        got = _reduce(files, top, min_weight)
+        want, ties = [], 0
+        for edges in groups.values():
+            lat = sorted((e for e in edges if e[0][1] != -1 and abs(e[1][0]) >= min_weight),
+                         key=lambda e: (-abs(e[1][0]), e[0][1]))
+            want += lat[:top] + [e for e in edges if e[0][1] == -1]
+            ties += len(lat) > top and abs(lat[top - 1][1][0]) == abs(lat[top][1][0])
+        assert ties > 0 or top == 100  # the tie-break by src_latent decides real cuts
+        for (a, b), table in zip(PAIRS_OF_PARTIALS, got):
+            assert table.schema == EDGES
+            assert table.equals(sort_edges(table))  # already in the deterministic order
+            rows = {tuple(r[k] for k in ("src_layer", "src_latent", "dst_layer", "dst_latent", "method", "scope")):
+                    [r["weight"], r["n_images"]] for r in table.to_pylist()}
+            assert rows == {k: v for k, v in want if k[0] == a and k[2] == b}  # exact: dyadic sums
+            assert table.equals(top_incoming(
+                memory.filter(pc.equal(memory.column("src_layer"), a)), top, min_weight))
+    assert sum(t.num_rows for t in _reduce(files, 100)) == len(sums)
+    assert _reduce([], 3) == [EDGES.empty_table()] * 2
+
+
+def test_duckdb_reduce_is_bit_identical_whatever_the_threads_file_order_and_filesystem(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    partials = _random_partials(rng, 8, 400, dyadic=False)
+    files = _write_partials(partials, str(tmp_path))
+    ref = _reduce(files, 100, threads=1)
+    assert _reduce(files[::-1], 100, threads=2) == ref
+    remote = _write_partials(partials, f"memory://{tmp_path.name}/icat_partial")
+    assert _reduce(remote, 100) == ref
+    memory = combine(partials, "t")
+    got = pa.concat_tables(ref)
+    assert got.num_rows == memory.num_rows
+    assert got.drop_columns(["weight"]).equals(memory.drop_columns(["weight"]))
+    np.testing.assert_allclose(got.column("weight"), memory.column("weight"), rtol=1e-12)
+    bad = partials[0].set_column(7, "weight", pa.array([np.nan] + [1.0] * (partials[0].num_rows - 1)))
+    fs.write_parquet(bad, str(tmp_path / "bad.parquet"), EDGES)
+    with pytest.raises(ValueError, match="weight nan in .*bad.parquet: expected a finite"):
+        _reduce(files + [str(tmp_path / "bad.parquet")], 3)
+
+
+def test_duckdb_reduce_runs_under_a_memory_limit_below_the_partials(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    n, files = 250_000, []
+    for i in range(6):  # nearly every key distinct, so the sums are as large as the partials
+        table = pa.table({
+            "atlas_id": pa.array(["t"] * n), "src_layer": pa.array(["a"] * n),
+            "src_latent": rng.integers(-1, 4000, n).astype(np.int32), "dst_layer": pa.array(["b"] * n),
+            "dst_latent": rng.integers(0, 200, n).astype(np.int32), "method": pa.array(["ig"] * n),
+            "scope": pa.array([f"class={c}" for c in range(20)]).take(rng.integers(0, 20, n)),
+            "weight": rng.normal(size=n), "n_images": np.ones(n, np.int64)}).cast(EDGES)
+        files += _write_partials([table], str(tmp_path / str(i)))
+    concatenated = sum(pq.read_table(f).nbytes for f in files)
+    limit_mb = 48
+    assert concatenated > 1.5 * limit_mb * 2 ** 20
+    [edges, _] = _reduce(files, 4, memory_limit=f"{limit_mb}MB", threads=1)
+    # 200 dst latents x 20 scopes, each with 4 latents and (nearly always) its error node
+    assert 200 * 20 * 4 <= edges.num_rows <= 200 * 20 * 5
+    assert edges.equals(sort_edges(edges))
 
 
 # ---- the stage ---------------------------------------------------------------------------

@@ -3,20 +3,39 @@
 Per image, a layer pair gives a score per (upstream latent or error node, downstream node,
 method). Over images an edge holds the sum of its scores (`weight`) and the number of images
 where it was non-zero (`n_images`), once over all images (scope "all") and once per class
-(scope "class=C") for images with a label. Sums and counts add, so shards are aggregated into
-partial tables (the map) and partial tables into the edges table (the reduce) with the same
-function; the top-k cut runs once, on the reduced table.
+(scope "class=C") for images with a label. Sums and counts add: a shard's per-image rows are
+summed in memory into a partial table (`combine`, the map); the partial files are summed out
+of core by DuckDB and cut to the top incoming edges per node (`reduce_partials`, the reduce).
+`top_incoming` is the same cut on a table in memory.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.icat.attribution import PairScores
+from pipeline.store import fs
 from schemas import EDGES
 
 KEY = ["src_layer", "src_latent", "dst_layer", "dst_latent", "method", "scope"]
+# DuckDB's memory limit for the reduce ([choice]; `--reduce-memory` in jobs.icat): past it the
+# aggregation and the top-k window spill to disk
+REDUCE_MEMORY = "4GB"
+# Exact sums: each weight is split into three integer lanes of 2^-160, 2^-64 and 2^32 units
+# (|lane| < 2^96; the top two lanes are exact, the last rounds below 2^-160) summed as HUGEINT.
+# Integer sums do not depend on the order of the rows, so the result is the same bits whatever
+# DuckDB's threads, spills and file order. Weights need |w| < 2^128 (N < 2^30 rows per edge
+# keeps every lane below HUGEINT's 2^127).
+_LANES = (32, -64, -160)
+_MAX_WEIGHT = 2.0 ** 128
 
 
 def edge_rows(scores: dict[str, PairScores], labels: np.ndarray, src_layer: str, dst_layer: str,
@@ -90,6 +109,96 @@ def top_incoming(table: pa.Table, top_edges: int, min_weight: float = 0.0) -> pa
     keep = is_error | ((rank - _errors_before(order, is_error, starts, counts) < top_edges)
                        & (absw >= min_weight))
     return sort_edges(table.filter(pa.array(keep)))
+
+
+def reduce_partials(files: list[str], pairs: list[tuple[str, str]], atlas_id: str,
+                    top_edges: int, min_weight: float = 0.0, *,
+                    memory_limit: str = REDUCE_MEMORY, spill_dir: str | None = None,
+                    threads: int | None = None) -> Iterator[pa.RecordBatchReader]:
+    """Sum the partial EDGES files out of core and yield, per layer pair in order, its top
+    incoming edges (`top_incoming`'s rule) as EDGES batches in `sort_edges` order.
+
+    files: partial Parquet files, local paths or fsspec URLs of one filesystem. DuckDB runs
+    under `memory_limit` and spills to `spill_dir` (a folder it owns: cleared before and after;
+    default a system temporary folder). Sums are exact (`_LANES`), so equal inputs give equal
+    bits. Raises ValueError naming the file of a non-finite or too large weight. Consume each
+    reader before asking for the next pair.
+    """
+    if top_edges < 1:
+        raise ValueError(f"top_edges={top_edges}: expected an int >= 1")
+    if not files:
+        yield from (pa.RecordBatchReader.from_batches(EDGES, []) for _ in pairs)
+        return
+    with _spill_folder(spill_dir) as spill:
+        con = duckdb.connect(os.path.join(spill, "reduce.duckdb"), config={
+            "memory_limit": memory_limit, "temp_directory": os.path.join(spill, "tmp"),
+            "preserve_insertion_order": False, "enable_progress_bar": False, **({"threads": threads} if threads else {})})
+        try:
+            if fs.local_path(files[0]) is None:
+                con.register_filesystem(fs.filesystem(files[0])[0])
+            else:
+                files = [fs.local_path(f) for f in files]
+            _sum_partials(con, files)
+            for a, b in pairs:
+                yield _top_incoming_sql(con, a, b, atlas_id, top_edges, min_weight)
+        finally:
+            con.close()
+
+
+def _sum_partials(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:
+    """Table `sums`: weight and n_images summed per KEY over `files`, exactly."""
+    key = ", ".join(KEY)
+    hi, mid, lo = (2.0 ** u for u in _LANES)
+    try:
+        con.execute(f"""
+            CREATE TABLE sums AS
+            WITH checked AS (
+                SELECT {key}, n_images, CASE WHEN abs(weight) < $max THEN weight ELSE error(printf(
+                    'weight %s in %s: expected a finite edge score below 2^128', weight::VARCHAR,
+                    filename))
+                    END AS w
+                FROM read_parquet($files, filename = true)),
+            high AS (SELECT *, trunc(w / $hi) AS a FROM checked),
+            middle AS (SELECT *, trunc((w - a * $hi) / $mid) AS b FROM high),
+            lanes AS (SELECT *, round((w - a * $hi - b * $mid) / $lo) AS c FROM middle)
+            SELECT {key}, (sum(a::HUGEINT)::DOUBLE * $hi + sum(b::HUGEINT)::DOUBLE * $mid)
+                          + sum(c::HUGEINT)::DOUBLE * $lo AS weight,
+                   sum(n_images)::BIGINT AS n_images
+            FROM lanes GROUP BY {key}""",
+            {"files": files, "hi": hi, "mid": mid, "lo": lo, "max": _MAX_WEIGHT})
+    except duckdb.InvalidInputException as exc:
+        raise ValueError(f"icat reduce: {exc}") from None
+
+
+def _top_incoming_sql(con: duckdb.DuckDBPyConnection, src_layer: str, dst_layer: str,
+                      atlas_id: str, top_edges: int, min_weight: float) -> pa.RecordBatchReader:
+    """`top_incoming` over the rows of one pair in table `sums`: the error node in a window
+    partition of its own, so it is always kept and never uses up the latents' budget."""
+    query = f"""
+        SELECT $atlas_id AS atlas_id, {", ".join(KEY)}, weight, n_images FROM sums
+        WHERE src_layer = $a AND dst_layer = $b AND (src_latent = -1 OR abs(weight) >= $min)
+        QUALIFY src_latent = -1 OR row_number() OVER (
+            PARTITION BY dst_latent, method, scope, src_latent = -1
+            ORDER BY abs(weight) DESC, src_layer, src_latent) <= $top
+        ORDER BY {", ".join(KEY)}"""
+    params = {"atlas_id": atlas_id, "a": src_layer, "b": dst_layer, "min": min_weight,
+              "top": top_edges}
+    reader = con.sql(query, params=params).to_arrow_reader(fs.ROW_GROUP_SIZE)
+    return pa.RecordBatchReader.from_batches(EDGES, (batch.cast(EDGES) for batch in reader))
+
+
+@contextmanager
+def _spill_folder(spill_dir: str | None) -> Iterator[str]:
+    if spill_dir is None:
+        with tempfile.TemporaryDirectory(prefix="icat-reduce-") as folder:
+            yield folder
+        return
+    shutil.rmtree(spill_dir, ignore_errors=True)  # what a killed reduce left
+    os.makedirs(spill_dir)
+    try:
+        yield spill_dir
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
 
 
 def sort_edges(table: pa.Table) -> pa.Table:

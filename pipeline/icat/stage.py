@@ -6,21 +6,23 @@ order, each with the next one, and the last one with the class logits (METHOD.md
 Outputs (every file atomic, every part committed in the manifest after its files):
     icat_partial/part-N.parquet   EDGES sums and counts of shard N, all edges (stage icat-map)
     edges/part-K.parquet          EDGES of layer pair K after the reduce and the top-k cut
-                                  (stage icat, one record per pair)
+                                  (stage icat, one record per pair); the reduce runs in DuckDB
+                                  out of core and spills to icat_partial/.reduce-spill/
+                                  (local roots) or a local temporary folder (remote roots)
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.icat.aggregate import combine, edge_rows, top_incoming
+from pipeline.icat.aggregate import REDUCE_MEMORY, combine, edge_rows, reduce_partials
 from pipeline.icat.attribution import (
     METHODS,
     RULES,
@@ -314,12 +316,14 @@ class InjectedFailure(RuntimeError):
     """Raised by `ShardScorer.run(crash_after_batches=...)` to test recovery."""
 
 
-def reduce_edges(plan: ICATPlan) -> dict[str, int]:
+def reduce_edges(plan: ICATPlan, memory_limit: str = REDUCE_MEMORY) -> dict[str, int]:
     """Sum the committed partials, cut to the top incoming edges, write one part per pair.
 
-    A pair part is skipped when its `icat` record already covers exactly the committed map
-    parts (same config, same partial fingerprints); else it is rewritten under its
-    deterministic name and committed. Returns {part: rows} of every pair part.
+    The sums and the cut run in DuckDB under `memory_limit`, spilling to disk
+    (`aggregate.reduce_partials`), so the partials never need to fit in memory. A pair part is
+    skipped when its `icat` record already covers exactly the committed map parts (same config,
+    same partial fingerprints); else it is rewritten under its deterministic name and committed.
+    Returns {part: rows} of every pair part.
     """
     manifest = Manifest(plan.root)
     done = manifest.done(MAP_STAGE, plan.config_hash)
@@ -329,17 +333,36 @@ def reduce_edges(plan: ICATPlan) -> dict[str, int]:
     names = [f"part-{k:06d}" for k in range(len(plan.pairs))]
     if all(n in reduced and reduced[n].input_fingerprint == inputs for n in names):
         return {n: reduced[n].rows for n in names}
-    partials = [fs.read_parquet(fs.join(plan.root, "icat_partial", f"{p}.parquet")) for p in parts]
-    total = combine(partials, plan.atlas_id)
+    # only the committed parts count: a partial file without its record is ignored
+    files = [fs.join(plan.root, "icat_partial", f"{p}.parquet") for p in parts]
+    local = fs.local_path(plan.root)
+    spill = None if local is None else fs.join(local, "icat_partial", ".reduce-spill")
+    readers = reduce_partials(files, plan.pairs, plan.atlas_id, plan.options.top_edges,
+                              plan.options.min_weight, memory_limit=memory_limit, spill_dir=spill)
     written = {}
-    for part, (a, b) in zip(names, plan.pairs):
-        started = now()
-        mask = pc.and_(pc.equal(total.column("src_layer"), a), pc.equal(total.column("dst_layer"), b))
-        edges = top_incoming(total.filter(mask), plan.options.top_edges, plan.options.min_weight)
-        fs.write_parquet(edges, fs.join(plan.root, "edges", f"{part}.parquet"), EDGES)
+    started = now()
+    for part, (a, b), reader in zip(names, plan.pairs, readers):
+        rows = _write_reader(reader, fs.join(plan.root, "edges", f"{part}.parquet"))
         manifest.commit(PartRecord(
             stage=STAGE, part=part, input=f"{a}->{b}", input_fingerprint=inputs,
-            config_hash=plan.config_hash, rows=edges.num_rows, outputs={"edges": edges.num_rows},
+            config_hash=plan.config_hash, rows=rows, outputs={"edges": rows},
             errors=0, worker=worker_id(), started=started, finished=now()))
-        written[part] = edges.num_rows
+        written[part] = rows
+        started = now()
     return written
+
+
+def _write_reader(reader: pa.RecordBatchReader, url: str) -> int:
+    """Stream `reader`'s batches into one zstd Parquet file at `url`, atomically (a pair's
+    edges need not fit in memory either); one row group per batch. Returns the rows."""
+    rows = 0
+
+    def write(f: IO[bytes]) -> None:
+        nonlocal rows
+        with pq.ParquetWriter(f, reader.schema, compression="zstd") as writer:
+            for batch in reader:
+                writer.write_batch(batch, row_group_size=fs.ROW_GROUP_SIZE)
+                rows += batch.num_rows
+
+    fs.write_atomic(url, write)
+    return rows
