@@ -30,10 +30,10 @@ KEY = ["src_layer", "src_latent", "dst_layer", "dst_latent", "method", "scope"]
 # aggregation and the top-k window spill to disk
 REDUCE_MEMORY = "4GB"
 # Exact sums: each weight is split into three integer lanes of 2^-160, 2^-64 and 2^32 units
-# (|lane| < 2^96; the top two lanes are exact, the last rounds below 2^-160) summed as HUGEINT.
-# Integer sums do not depend on the order of the rows, so the result is the same bits whatever
-# DuckDB's threads, spills and file order. Weights need |w| < 2^128 (N < 2^30 rows per edge
-# keeps every lane below HUGEINT's 2^127).
+# (|lane| < 2^96; only the last rounds, below 2^-160) summed as HUGEINT, then turned into one
+# double. Integer sums do not depend on the order of the rows, so the result is the same bits
+# whatever DuckDB's threads, spills and file order (a float sum over threads is not).
+# Weights need |w| < 2^128; N < 2^30 rows per edge keeps every lane below HUGEINT's 2^127.
 _LANES = (32, -64, -160)
 _MAX_WEIGHT = 2.0 ** 128
 
