@@ -132,8 +132,9 @@ def reduce_partials(files: list[str], pairs: list[tuple[str, str]], atlas_id: st
     with _spill_folder(spill_dir) as spill:
         con = duckdb.connect(os.path.join(spill, "reduce.duckdb"), config={
             "memory_limit": memory_limit, "temp_directory": os.path.join(spill, "tmp"),
-            "preserve_insertion_order": False, "enable_progress_bar": False, **({"threads": threads} if threads else {})})
+            "preserve_insertion_order": False, **({"threads": threads} if threads else {})})
         try:
+            con.execute("SET enable_progress_bar = false")
             if fs.local_path(files[0]) is None:
                 con.register_filesystem(fs.filesystem(files[0])[0])
             else:
