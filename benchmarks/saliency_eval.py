@@ -41,6 +41,7 @@ from pipeline.evaluation import (METHODS, Attack, Unsupported, batched, differen
                                  make_method, manipulate, metrics, smooth_copy)
 from pipeline.evaluation.data import real_photos, synthetic_set  # noqa: E402
 from pipeline.models import demo, load_model  # noqa: E402
+from pipeline.pfv.extract import model_fingerprint  # noqa: E402
 
 SYNTHETIC_SEED = 2026  # the demo models were trained on seed 1: these scenes are unseen
 ATTACKABLE = ("Saliency", "InputXGradient", "SmoothGrad", "IntegratedGradients", "GradCAM", "LayerCAM",
@@ -173,7 +174,8 @@ def run_model(model_name: str, x_imgs, target, masks, args, tag: str) -> dict:
     with torch.no_grad():
         pred = lm.model(x).argmax(1)
     target = pred if target is None else torch.as_tensor(target)
-    res = {"model": model_name, "weights": lm.weights, "images": len(x),
+    res = {"model": model_name, "weights": lm.weights,
+           "weights_fingerprint": model_fingerprint(lm.model), "images": len(x),
            "accuracy": float((pred == target).float().mean()) if masks is not None else None}
     if args.only == "all":
         res["methods"] = evaluate(lm, x, target, None if masks is None else torch.as_tensor(masks), args,
@@ -201,6 +203,11 @@ def merge_manipulation(old: dict, runs: list[dict], rerun: dict) -> dict:
         if not match:
             have = ", ".join(f"{r['model']} ({r['set']})" for r in old["runs"])
             raise ValueError(f"no run of {run['model']} on {run['set']!r} to merge into; the file has: {have}")
+        # the file's runs from before fingerprints were recorded cannot be checked
+        prints = (match[0].get("weights_fingerprint"), run["weights_fingerprint"])
+        if prints[0] not in (None, prints[1]):
+            raise ValueError(f"{run['model']}: the file's numbers are for other weights (fingerprint "
+                             f"{prints[0]}, these {prints[1]}); re-run the whole evaluation instead")
         sizes = {k: (match[0].get(k), run[k]) for k in ("manipulation_images", "attack_steps")}
         if any(a not in (None, b) for a, b in sizes.values()):
             raise ValueError(f"{run['model']}: cannot merge into a manipulation of other sizes (file, run): {sizes}")

@@ -235,3 +235,24 @@ def test_smooth_copy_of_a_vit_has_a_gradient_of_its_gradient() -> None:
     assert gg.abs().sum() > 0
     # the copy computes the same function as the model (GELU is smooth; nothing replaced)
     torch.testing.assert_close(smooth(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_manipulation_merge_replaces_per_method_and_refuses_other_weights_or_sizes() -> None:
+    from benchmarks.saliency_eval import merge_manipulation  # namespace package at the repo root
+
+    def run(fp, srd, images=4):
+        return {"model": "demo_resnet", "set": "synthetic", "weights_fingerprint": fp,
+                "manipulation_images": images, "attack_steps": 60, "wall_seconds": 1.0,
+                "cpu_seconds": 1.0, "manipulation": {"SRD": {"white_box": srd}}}
+
+    old = {"runs": [dict(run("aa", 0.1), manipulation={"SRD": {"white_box": 0.1, "transfer": 0.2},
+                                                       "Saliency": {"white_box": 0.5}})]}
+    merged = merge_manipulation(old, [run("aa", 0.9)], {"command": "x"})
+    rows = merged["runs"][0]["manipulation"]
+    assert rows == {"SRD": {"white_box": 0.9, "transfer": 0.2}, "Saliency": {"white_box": 0.5}}
+    assert merged["runs"][0]["manipulation_rerun"][0]["methods"] == ["SRD"]
+    with pytest.raises(ValueError, match="other weights"):
+        merge_manipulation(merged, [run("bb", 0.3)], {"command": "x"})
+    with pytest.raises(ValueError, match="other sizes"):
+        merge_manipulation(merged, [run("aa", 0.3, images=8)], {"command": "x"})
+    assert rows["SRD"]["white_box"] == 0.9  # refused merges changed nothing
