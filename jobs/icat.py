@@ -20,7 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from jobs.common import init_ray, local_device, run_actor_pool, run_in_process
-from pipeline.icat.aggregate import REDUCE_MEMORY
+from pipeline.icat.aggregate import REDUCE_MEMORY, check_memory_limit
 from pipeline.icat.stage import (
     ALL_METHODS,
     MAP_STAGE,
@@ -55,6 +55,7 @@ def run(root: str, options: ICATOptions | None = None, *, address: str | None = 
     """
     t0 = time.time()
     options = options or ICATOptions()
+    check_memory_limit(reduce_memory)
     plan = plan_icat(root, options)
     fs.remove_temporaries(fs.join(root, "icat_partial"))
     fs.remove_temporaries(fs.join(root, "edges"))

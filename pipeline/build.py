@@ -56,7 +56,7 @@ STAGE_OPTIONS: dict[str, tuple[type, str, tuple[str, ...]]] = {
     "cafe": (CafeOptions, "scan", ("in_process", "actors", "cpus_per_actor", "gpus_per_actor")),
     "index": (IndexOptions, "scan", ()),
     "icat": (ICATOptions, "train_sae", ("in_process", "actors", "cpus_per_actor",
-                                        "gpus_per_actor")),
+                                        "gpus_per_actor", "reduce_memory")),
 }
 SYNTHETIC_KEYS = ("n", "seed", "size", "shard_size", "shortcut_prob")
 SYNTHETIC_DEFAULTS = {"seed": 0, "size": 128, "shard_size": 1000, "shortcut_prob": 0.0}

@@ -28,7 +28,7 @@ TINY = {
     "cafe": {"faithfulness_per_latent": 1, "steps": 4, "patch": 16, "in_process": True},
     "index": {},
     "icat": {"methods": ["ig", "grad_x_act"], "steps": 4, "images_per_shard": 2, "top_edges": 4,
-             "in_process": True},
+             "in_process": True, "reduce_memory": "256MB"},
 }
 
 

@@ -17,7 +17,14 @@ import torch
 from test_train_sae_job import CHANNELS, OPTIONS, SWEEP, copy_of, extracted  # noqa: F401
 
 import jobs.icat
-from pipeline.icat.aggregate import combine, edge_rows, reduce_partials, sort_edges, top_incoming
+from pipeline.icat.aggregate import (
+    check_memory_limit,
+    combine,
+    edge_rows,
+    reduce_partials,
+    sort_edges,
+    top_incoming,
+)
 from pipeline.icat.attribution import (
     Decomposed,
     LayerSAE,
@@ -452,11 +459,16 @@ def test_stage_refuses_another_config_in_the_same_root(straight) -> None:
                       in_process=True, progress=False)
 
 
-def test_bad_options_name_the_value() -> None:
+def test_bad_options_name_the_value(tmp_path) -> None:
     with pytest.raises(ValueError, match="methods="):
         ICATOptions(methods=("ig", "lrp"))
     with pytest.raises(ValueError, match="rule="):
         ICATOptions(rule="simpson")
+    # a bad reduce memory limit fails before anything is planned or scored
+    for bad in ("lots", "4 G", 4):
+        with pytest.raises(ValueError, match="reduce_memory="):
+            jobs.icat.run(str(tmp_path / "no-atlas"), reduce_memory=bad, in_process=True)
+    assert check_memory_limit("512MiB") == "512MiB" and check_memory_limit("1.5GB") == "1.5GB"
 
 
 @pytest.mark.ray

@@ -11,6 +11,7 @@ of core by DuckDB and cut to the top incoming edges per node (`reduce_partials`,
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -109,6 +110,18 @@ def top_incoming(table: pa.Table, top_edges: int, min_weight: float = 0.0) -> pa
     keep = is_error | ((rank - _errors_before(order, is_error, starts, counts) < top_edges)
                        & (absw >= min_weight))
     return sort_edges(table.filter(pa.array(keep)))
+
+
+_MEMORY_LIMIT = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+
+
+def check_memory_limit(value: str) -> str:
+    """`value` if it is a DuckDB memory limit such as "4GB" or "512MiB"; else ValueError (checked
+    before the map, so a typo does not surface only after every shard was scored)."""
+    if not isinstance(value, str) or not _MEMORY_LIMIT.fullmatch(value.strip()):
+        raise ValueError(f"reduce_memory={value!r}: expected a size such as '4GB', '512MB' or "
+                         f"'16GiB' (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    return value
 
 
 def reduce_partials(files: list[str], pairs: list[tuple[str, str]], atlas_id: str,
