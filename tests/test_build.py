@@ -144,6 +144,31 @@ def test_tiny_build_runs_every_stage_and_a_rerun_skips_them(tmp_path) -> None:
     assert edges.groupby(["dst_layer", "dst_latent", "method", "scope"]).size().max() <= 4 + 1
 
 
+def test_tiny_vit_build_runs_every_stage(tmp_path) -> None:
+    # the same pipeline on a ViT: token PFVs, SAEs, latent iERF masks, indexes, ICAT by all four
+    # methods through the transformer blocks
+    layers = ["blocks.1", "blocks.3"]
+    config = with_changes(
+        model={"name": "demo_vit", "weights": "none"},
+        extract=dict(TINY["extract"], layers=layers),
+        train_sae=dict(TINY["train_sae"], sweep=[
+            {"layer": layer, "sae": {"n_latents": 32, "k": 4, "batch_size": 32}} for layer in layers]),
+        icat=dict(TINY["icat"], methods=["ig", "grad_x_act", "grad", "srd"]))
+    out = str(tmp_path / "out")
+    results = build.run(write_config(tmp_path, config), out=out)
+    assert sorted(r["sae_id"] for r in results["train-sae"]) == [
+        "blocks.1-topk-32-k4", "blocks.3-topk-32-k4"]
+    picks = pq.read_table(Path(out) / "exemplar_picks").to_pandas()
+    exemplars = pq.read_table(Path(out) / "exemplars").to_pandas()
+    assert set(picks.layer) == set(layers) and len(exemplars) == len(picks)
+    assert exemplars.ierf_png.map(len).min() > 0 and exemplars.mask_frac.between(0, 1).all()
+    assert len(results["index"]["indexes"]) == 4
+    edges = pq.read_table(Path(out) / "edges").to_pandas()
+    assert set(zip(edges.src_layer, edges.dst_layer)) == {("blocks.1", "blocks.3"),
+                                                          ("blocks.3", "logits")}
+    assert set(edges.method) == {"ig", "grad_x_act", "grad", "srd"}
+
+
 @pytest.mark.ray
 def test_tiny_build_on_ray(ray_cluster, tmp_path) -> None:
     extract = {k: v for k, v in TINY["extract"].items() if k != "in_process"}
