@@ -46,7 +46,7 @@ from pipeline.cafe.ierf import batched_latent_ierfs  # noqa: E402
 from pipeline.cafe.masks import mass_masks  # noqa: E402
 from pipeline.data.errors import ErrorLog  # noqa: E402
 from pipeline.data.shards import iter_samples  # noqa: E402
-from pipeline.models import make_transform, tap  # noqa: E402
+from pipeline.models import checked_device, make_transform, tap  # noqa: E402
 from pipeline.pfv.extract import load  # noqa: E402
 from pipeline.pfv.sae_runs import extract_config, read_saes  # noqa: E402
 from pipeline.sae import load_sae  # noqa: E402
@@ -200,9 +200,12 @@ def main() -> None:
     p.add_argument("--forward-batch", type=int, default=128, help="--stage-root")
     p.add_argument("--out", default=None, help="JSON path (default: print only)")
     args = p.parse_args()
+    try:
+        device = checked_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.allow_tf32 = not args.no_tf32
-    device = torch.device(args.device)
 
     if args.stage_root:
         result = {"device": device_name(device), "torch_threads": torch.get_num_threads(),

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipeline import srd  # noqa: E402
+from pipeline.models import checked_device  # noqa: E402
 
 METHODS = ("grad", "srd", "ig")
 
@@ -181,6 +182,10 @@ def main() -> None:
     p.add_argument("--worker-model", help=argparse.SUPPRESS)
     p.add_argument("--worker-method", help=argparse.SUPPRESS)
     args = p.parse_args()
+    try:
+        checked_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
     args.ig_batch = args.ig_batch or args.batch
     if args.worker_model:
         return worker(args)

@@ -351,3 +351,19 @@ def test_shipped_demo_weights_classify_unseen_synthetic_images(name, floor):
         predicted = loaded.model(x).argmax(-1)
     labels = torch.tensor([meta["class"] for _, meta in samples])
     assert (predicted == labels).float().mean() >= floor
+
+
+def test_devices_are_checked_with_errors_that_name_them(monkeypatch) -> None:
+    from pipeline.models import checked_device
+
+    assert checked_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device='gpu': .*expected 'cpu', 'cuda' or 'cuda:N'"):
+        checked_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda': no CUDA GPU is visible"):
+        load_model("demo_resnet", "demo", device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert checked_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="has 2 CUDA GPU\\(s\\), cuda:0..cuda:1"):
+        checked_device("cuda:2")

@@ -1,9 +1,9 @@
 """timm models with named PFV taps: loading with weights, preprocessing, layer taps."""
-from pipeline.models.loading import LoadedModel, load_model
+from pipeline.models.loading import LoadedModel, checked_device, load_model
 from pipeline.models.preprocess import data_config, make_transform, model_input_size, to_batch
 from pipeline.models.taps import LayerSpec, PFVs, feature_stages, list_layers, tap
 
 __all__ = [
-    "LayerSpec", "LoadedModel", "PFVs", "data_config", "feature_stages", "list_layers",
+    "LayerSpec", "LoadedModel", "PFVs", "checked_device", "data_config", "feature_stages", "list_layers",
     "load_model", "make_transform", "model_input_size", "tap", "to_batch",
 ]

@@ -72,6 +72,7 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *,
     missing weights file.
     """
     _check_model_name(name)
+    device = checked_device(device)
     source = _resolve_source(name, weights)
     if num_classes is not None:
         model_kwargs["num_classes"] = num_classes
@@ -106,7 +107,23 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *,
     model = model.to(device).eval()
     cfg = data_config(model)
     return LoadedModel(model=model, name=name, data_config=cfg, transform=make_transform(cfg),
-                       weights=source, device=torch.device(device))
+                       weights=source, device=device)
+
+
+def checked_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device, or ValueError naming it when this machine cannot run it (an
+    unknown name, CUDA without a visible GPU, an index past the GPUs there are)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r}: {exc}; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device={device!r}: no CUDA GPU is visible on this machine; use 'cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device={device!r}: this machine has {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+    return dev
 
 
 def _check_model_name(name: str) -> None:

@@ -24,6 +24,7 @@ from pipeline.data.errors import ErrorLog
 from pipeline.data.shards import expand_shards, iter_samples
 from pipeline.data.synthetic import rle_decode
 from pipeline.models import demo
+from pipeline.models.loading import checked_device
 
 
 @dataclass
@@ -165,6 +166,7 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
     if recipe.model not in demo.DEMO_MODELS:
         raise ValueError(f"unknown demo model {recipe.model!r}; valid: {', '.join(demo.DEMO_MODELS)}")
     out_dir = Path(out_dir) if out_dir is not None else demo.WEIGHTS_DIR
+    device = checked_device(recipe.device)  # before the data is read
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
     model = timm.create_model(recipe.model)
@@ -186,7 +188,6 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
     held = holdout_mask(keys, recipe.holdout_frac)
     x_tr, y_tr, x_te, y_te = images[~held], labels[~held], images[held], labels[held]
     t_tr = tokens[0][~held] if tokens else None
-    device = torch.device(recipe.device)
     # the training set lives on the training device: one copy, then only indexing per step
     x_dev, y_dev = torch.from_numpy(x_tr).to(device), torch.from_numpy(y_tr).to(device)
     t_dev = None if t_tr is None else torch.from_numpy(t_tr).to(device)
