@@ -20,7 +20,8 @@ autograd graph; weights are constants). Unlike a gradient map, SRD's map of a Re
 not piecewise constant in x (its ratios <c, z>/||z||^2 and pair norms move with the
 activations), so it could also be attacked on the ReLU model itself, with jumps where a ReLU
 switches or a max-pool argmax moves; one smooth copy for every method keeps the attacks
-comparable, and the attack on the ReLU model itself is not measured here.
+comparable. The attack on the ReLU model itself is reported separately
+(`benchmarks/saliency_eval.py --srd-attacked-model original`, docs/saliency_eval.md).
 """
 from __future__ import annotations
 
