@@ -186,8 +186,11 @@ def print_summary(rows: list[dict[str, Any]], seconds: float, model: str) -> Non
               f"{r['logit_agreement']:>7.3f} {r['logit_kl']:>7.4f}")
     accuracy = [r["model_accuracy"] for r in rows if r["model_accuracy"] is not None]
     if accuracy:
+        # the shards' .cls labels are compared with the model's class indices as they are: for
+        # a model trained on other classes (an ImageNet model on the synthetic data) it means nothing
         print(f"[accuracy] {model}: {accuracy[0]:.2%} on {rows[0]['heldout_images']} "
-              "held-out images")
+              "held-out images (top-1 against the shards' .cls labels, read as the model's "
+              "class indices)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
