@@ -65,6 +65,18 @@ def _additive_model(weights: torch.Tensor) -> nn.Module:
     return nn.Sequential(nn.Flatten(), lin)
 
 
+def _activation_and_grad(model: nn.Module, module: nn.Module, x: torch.Tensor,
+                         target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`module`'s output on x (detached) and the gradient of the target logits' sum w.r.t. it:
+    the reference quantities of the brute-force CAM loops."""
+    acts = []
+    handle = module.register_forward_hook(lambda m, a, out: acts.append(out))
+    logits = model(x)
+    handle.remove()
+    (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts[0])
+    return acts[0].detach(), grad
+
+
 def _exact_auc(contributions: list[float]) -> float:
     """Trapezoid AUC of the running sum of contributions inserted in the given order."""
     sums = [0.0]
@@ -110,12 +122,7 @@ def test_pixel_order_ranks_values_and_shuffles_plateaus() -> None:
 def test_layercam_and_gradcam_equal_bruteforce_loops(tiny: TinyCNN) -> None:
     torch.manual_seed(2)
     x, target = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
-    acts = []
-    handle = tiny.act2.register_forward_hook(lambda m, a, out: acts.append(out))
-    logits = tiny(x)
-    handle.remove()
-    (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts[0])
-    act = acts[0].detach()
+    act, grad = _activation_and_grad(tiny, tiny.act2, x, target)
     n, c, h, w = act.shape
     layer = torch.zeros(n, 1, h, w)
     grad_cam = torch.zeros(n, 1, h, w)
@@ -205,16 +212,12 @@ def test_cam_reads_vit_patch_tokens_row_major_without_prefix() -> None:
     torch.manual_seed(6)
     vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3).eval()
     x, target = torch.randn(2, 3, 32, 32), torch.tensor([2, 1])
-    acts = []
-    handle = vit.norm.register_forward_hook(lambda m, a, out: acts.append(out))
-    logits = vit(x)
-    handle.remove()
-    (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts[0])
+    act, grad = _activation_and_grad(vit, vit.norm, x, target)
     brute = torch.zeros(2, 1, 4, 4)
     for i in range(2):
         for token in range(1, 17):  # token 0 is CLS; patches follow in row-major order
             yy, xx = divmod(token - 1, 4)
-            brute[i, 0, yy, xx] = (grad[i, token].clamp(min=0) * acts[0][i, token]).sum()
+            brute[i, 0, yy, xx] = (grad[i, token].clamp(min=0) * act[i, token]).sum()
     want = F.interpolate(brute.clamp(min=0), size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
     assert torch.allclose(cam(vit, "norm", x, target, "layercam"), want.detach(), atol=1e-5)
 
