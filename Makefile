@@ -6,9 +6,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-stamp
 
 export HF_HUB_OFFLINE ?= 1
-export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-ray test-all demo clean
 
 install: $(STAMP)
 
@@ -22,6 +21,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+# the tests that start Ray (a local instance, Ray Train, actor pools): CI runs them after `test`
+test-ray: install
+	$(PY) -m pytest -q --runray -m ray
 
 # slow, Ray and GPU tests too (GPU tests still skip without CUDA)
 test-all: install

@@ -11,7 +11,6 @@ replaces its half-done files and nothing is duplicated.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -184,7 +183,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m jobs.cafe ARGS`; the lead wires it into the `concept-atlas` CLI."""
     a = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     options = CafeOptions(**{f.name: getattr(a, f.name) for f in fields(CafeOptions)})
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     run(a.out, options, atlas_id=a.atlas_id, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
         gpus_per_actor=a.gpus_per_actor, address=a.address, progress=not a.no_progress,
         in_process=a.in_process)

@@ -26,7 +26,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from jobs.common import cluster_gpus, init_ray
+from jobs.common import cluster_gpus, init_ray, on_loopback
 from pipeline.pfv.parts import PFVPart, committed_parts, read_layers
 from pipeline.pfv.sae_runs import (
     STAGE,
@@ -67,6 +67,74 @@ class RayTrainSession:
     def persist(self, folder: str | None, metrics: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# The process group of a training run on this machine. torch's TCPStore server binds every
+# interface whatever MASTER_ADDR says, and Ray Train's torch backend starts one for the group;
+# on an instance whose GCS is on loopback (a local run: every worker is on this machine) the
+# store is opened instead on a socket bound to 127.0.0.1, and gloo / NCCL use the loopback
+# interface, so a local run listens on nothing beyond 127.0.0.1 (docs: README "Run on a cluster").
+LOOPBACK_IFNAME = "lo" if sys.platform.startswith("linux") else "lo0"
+_LOOPBACK_STORE: list[Any] = []  # rank 0's listening socket and store, alive while it trains
+
+
+def _open_loopback_store(world_size: int, timeout_s: int) -> int:
+    """On rank 0: a TCPStore server on a fresh 127.0.0.1 socket; its port."""
+    import socket
+    from datetime import timedelta
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(world_size)
+    port = sock.getsockname()[1]
+    store = torch.distributed.TCPStore(
+        "127.0.0.1", port, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False, master_listen_fd=sock.fileno())
+    _LOOPBACK_STORE[:] = [sock, store]
+    return port
+
+
+def _join_loopback_group(backend: str, rank: int, world_size: int, port: int,
+                         timeout_s: int) -> None:
+    """On every rank: join the process group through the loopback store."""
+    from datetime import timedelta
+
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = LOOPBACK_IFNAME
+    timeout = timedelta(seconds=timeout_s)
+    store = (_LOOPBACK_STORE[1] if rank == 0 else
+             torch.distributed.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                                        timeout=timeout))
+    torch.distributed.init_process_group(backend, store=store, rank=rank,
+                                         world_size=world_size, timeout=timeout)
+
+
+class LoopbackTorchBackend(ray.train.torch.TorchConfig().backend_cls):  # type: ignore[misc]
+    """Ray Train's torch backend with its process group set up on loopback (shutdown and the
+    device handling are Ray's)."""
+
+    def on_start(self, worker_group: Any, backend_config: ray.train.torch.TorchConfig) -> None:
+        gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+        backend = backend_config.backend or ("nccl" if gpus > 0 else "gloo")
+        world = len(worker_group)
+        port = worker_group.execute_single(0, _open_loopback_store, world,
+                                           backend_config.timeout_s)
+        ray.get([worker_group.execute_single_async(rank, _join_loopback_group, backend, rank,
+                                                   world, port, backend_config.timeout_s)
+                 for rank in range(world)])
+
+
+@dataclasses.dataclass
+class LoopbackTorchConfig(ray.train.torch.TorchConfig):
+    """`TorchConfig` whose process group listens on 127.0.0.1 only (a local instance)."""
+
+    @property
+    def backend_cls(self) -> type:
+        return LoopbackTorchBackend
+
+
+def torch_config() -> ray.train.torch.TorchConfig:
+    """The process-group setup for the connected instance: loopback when its GCS is local."""
+    return LoopbackTorchConfig() if on_loopback() else ray.train.torch.TorchConfig()
 
 
 def ray_data_reader(parts: Sequence[PFVPart]) -> Iterator[np.ndarray]:
@@ -154,6 +222,7 @@ def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
         use_gpu = options.use_gpu if options.use_gpu is not None else cluster_gpus() > 0
         trainer = ray.train.torch.TorchTrainer(
             _train_loop,
+            torch_config=torch_config(),
             train_loop_config={
                 "root": root, "runs": [r.to_dict() for r in pending], "atlas_id": atlas_id,
                 "options": dataclasses.asdict(options), "threads": options.cpus_per_worker,

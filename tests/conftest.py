@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Only the test suite turns Ray's token authentication off (its instances are loopback-only);
+# the tests of the authentication itself give their subprocesses an environment without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pytest
@@ -47,7 +49,8 @@ def ray_cluster():
     """One local Ray instance (2 CPUs) for every test that needs one; yields its GCS address."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from jobs.common import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)  # loopback only, as every local instance
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -44,3 +44,17 @@ def test_readme_gives_the_commands_to_run_on_a_cluster() -> None:
     for command in ("ray up cluster.yaml", "ray job submit", "concept-atlas build",
                     "ray down cluster.yaml"):
         assert command in section, command
+
+
+def test_the_cluster_keeps_its_apis_private() -> None:
+    """Token authentication on every node, the token shipped to each, no API on 0.0.0.0."""
+    cfg = load_cluster()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
+    assert "~/.ray/auth_token" in cfg["file_mounts"].values()
+    assert "0.0.0.0" not in (REPO / "cluster.yaml").read_text()
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Run on a cluster"):]
+    for fact in ("RAY_AUTH_MODE=token", "8265", "6379", "security group", "ray dashboard"):
+        assert fact in section, fact

@@ -235,7 +235,7 @@ def test_rewritten_shard_is_extracted_again(extracted, shards, tmp_path) -> None
 
 def kill_driver_after_first_part_and_rerun(args: list[str], out: Path, parts: int) -> str:
     """Start the extract CLI, SIGKILL it once a part is committed, re-run it; its stdout."""
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
     driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     manifest = out / "manifest" / "stage=extract"
