@@ -47,10 +47,8 @@ from pipeline.cafe.masks import mass_masks  # noqa: E402
 from pipeline.data.errors import ErrorLog  # noqa: E402
 from pipeline.data.shards import iter_samples  # noqa: E402
 from pipeline.models import checked_device, make_transform, tap  # noqa: E402
-from pipeline.pfv.extract import load  # noqa: E402
-from pipeline.pfv.sae_runs import extract_config, read_saes  # noqa: E402
 from pipeline.sae import load_sae  # noqa: E402
-from pipeline.store import Manifest  # noqa: E402
+from pipeline.store import AtlasRoot, Manifest  # noqa: E402
 from schemas import EXEMPLARS  # noqa: E402
 
 
@@ -212,19 +210,19 @@ def main() -> None:
                   "image_batch": args.image_batch,
                   "runs": [stage_run(args.stage_root, m, args, device) for m in args.masses]}
         return write(result, args.out)
-    cfg, _, _ = extract_config(args.root)
-    loaded = load(cfg, device)
+    atlas = AtlasRoot(args.root)
+    loaded = atlas.model(device)
     model = loaded.model.eval()
     shard = Manifest(args.root).records("extract")["part-000000"].input
     transform = make_transform(loaded.data_config)
     samples = iter_samples([shard], ErrorLog(), "bench")
     x = torch.stack([transform(s.image) for s, _ in zip(samples, range(args.images))]).to(device)
 
-    result = {"device": device_name(device), "torch_threads": torch.get_num_threads(), "model": cfg.model,
+    result = {"device": device_name(device), "torch_threads": torch.get_num_threads(), "model": loaded.name,
               "cudnn_tf32": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
               "input": list(x.shape[1:]), "images": args.images, "seeds_per_image": args.seeds,
               "image_batch": args.image_batch, "layers": {}}
-    for row in read_saes(args.root):
+    for row in atlas.saes():
         sae = load_sae(row["weights"], device)
         srd.build(model, x[:1])  # warm-up (lazy imports, allocator)
         result["layers"][row["layer"]] = dict(sae_id=row["sae_id"], **run_layer(

@@ -46,7 +46,7 @@ from pipeline.models import load_model  # noqa: E402
 from pipeline.models.demo import weights_path  # noqa: E402
 from pipeline.pfv.extract import ExtractConfig, decode_shard  # noqa: E402
 from pipeline.pfv.parts import committed_parts, read_values  # noqa: E402
-from pipeline.pfv.sae_runs import TrainOptions, make_runs, split_holdout  # noqa: E402
+from pipeline.sae.stage import TrainOptions, make_runs, split_holdout  # noqa: E402
 from pipeline.sae import SAE, make_optimizer, read_sae_info, train_step  # noqa: E402
 from pipeline.store import Manifest  # noqa: E402
 
@@ -142,11 +142,11 @@ def demo_saes(demo_out: str | None) -> list:
         from jobs.build import run
 
         run(str(REPO / "configs" / "demo.yaml"), out=demo_out)
-    from pipeline.pfv.sae_runs import read_saes
+    from pipeline.store import AtlasRoot
 
     return [{k: r[k] for k in ("sae_id", "n_latents", "k", "fvu", "l0", "dead_frac",
                                "dense_frac", "logit_agreement", "logit_kl", "model_accuracy")}
-            for r in read_saes(demo_out)]
+            for r in AtlasRoot(demo_out).saes()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from pipeline.evaluation import (METHODS, Attack, Unsupported, batched, differen
                                  make_method, manipulate, metrics, smooth_copy)
 from pipeline.evaluation.data import real_photos, synthetic_set  # noqa: E402
 from pipeline.models import demo, load_model  # noqa: E402
-from pipeline.pfv.extract import model_fingerprint  # noqa: E402
+from pipeline.models import model_fingerprint  # noqa: E402
 
 SYNTHETIC_SEED = 2026  # the demo models were trained on seed 1: these scenes are unseen
 ATTACKABLE = ("Saliency", "InputXGradient", "SmoothGrad", "IntegratedGradients", "GradCAM", "LayerCAM",

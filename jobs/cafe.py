@@ -32,8 +32,7 @@ from pipeline.cafe.stage import (
     plan_cafe,
 )
 from pipeline.data.errors import ErrorRecord
-from pipeline.pfv.extract import write_errors
-from pipeline.store import Manifest, PartRecord, fs
+from pipeline.store import AtlasRoot, Manifest, PartRecord, fs
 
 OnPart = Callable[[PartRecord], None]
 AUC_COLUMNS = tuple(f"{m}_auc_{o}" for o in ("ierf", "act", "random") for m in ("ins", "del"))
@@ -93,7 +92,7 @@ class _Committer:
     def fail(self, task: CafeTask, reason: str) -> None:
         reason = reason.strip().splitlines()[-1][:2000] if reason.strip() else "unknown failure"
         ctx = self.plan.context
-        write_errors(ctx.root, STAGE, task.part, ctx.atlas_id,
+        AtlasRoot(ctx.root).write_errors(STAGE, task.part, ctx.atlas_id,
                      [ErrorRecord(stage=STAGE, shard=task.shard, key="", reason=reason)])
         print(f"[cafe] {task.part} ({task.shard}) failed: {reason}", file=sys.stderr, flush=True)
         self.failed[task.part] = reason

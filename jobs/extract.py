@@ -28,10 +28,9 @@ from pipeline.pfv.extract import (
     ShardExtractor,
     decode_shard,
     plan_extract,
-    write_errors,
 )
 from pipeline.pfv.parts import committed_parts, pfv_stats, read_values
-from pipeline.store import Manifest, PartRecord, fs
+from pipeline.store import AtlasRoot, Manifest, PartRecord, fs
 
 STATS_ROWS = 200_000
 OnPart = Callable[[PartRecord], None]
@@ -127,7 +126,7 @@ def _run_on_ray(plan: ExtractPlan, done: _Committer, n_actors: int, cpus: float,
 def _fail(plan: ExtractPlan, task: PartTask, reason: str) -> str:
     """Record a part that could not be computed in the errors table (it stays uncommitted)."""
     reason = reason.strip().splitlines()[-1][:2000] if reason.strip() else "unknown failure"
-    write_errors(plan.out, STAGE, task.part, plan.atlas_id,
+    AtlasRoot(plan.out).write_errors(STAGE, task.part, plan.atlas_id,
                  [ErrorRecord(stage=STAGE, shard=task.shard, key="", reason=reason)])
     print(f"[extract] {task.part} ({task.shard}) failed: {reason}", file=sys.stderr, flush=True)
     return reason

@@ -26,8 +26,7 @@ from pipeline.data.errors import ErrorRecord
 from pipeline.latents.plan import ScanPlan, plan_scan, reduce_status, summary_rows
 from pipeline.latents.reduce import reduce_sae
 from pipeline.latents.scan import FOLDERS, STAGE, ScanOptions, ScanUnit, scan_task, scan_unit
-from pipeline.pfv.extract import write_errors
-from pipeline.store import Manifest, PartRecord, fs
+from pipeline.store import AtlasRoot, Manifest, PartRecord, fs
 
 OnPart = Callable[[PartRecord], None]
 
@@ -89,7 +88,7 @@ class _Committer:
         self.pfvs, self.rows = 0, {u.name: u.pfv.rows for u in plan.pending}
 
     def ok(self, record: PartRecord) -> None:
-        write_errors(self.plan.root, STAGE, record.part, self.plan.atlas_id, [])
+        AtlasRoot(self.plan.root).write_errors(STAGE, record.part, self.plan.atlas_id, [])
         self.manifest.commit(record)
         self.pfvs += self.rows[record.part]
         self.bar.set_postfix(pfvs=self.pfvs, refresh=False)
@@ -100,7 +99,7 @@ class _Committer:
     def fail(self, unit: ScanUnit, reason: str) -> None:
         reason = reason.strip().splitlines()[-1][:2000] if reason.strip() else "unknown failure"
         self.failed[unit.name] = reason
-        write_errors(self.plan.root, STAGE, unit.name, self.plan.atlas_id,
+        AtlasRoot(self.plan.root).write_errors(STAGE, unit.name, self.plan.atlas_id,
                      [ErrorRecord(stage=STAGE, shard=unit.pfv.values, key="", reason=reason)])
         print(f"[scan] {unit.name} failed: {reason}", file=sys.stderr, flush=True)
 

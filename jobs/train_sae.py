@@ -27,21 +27,19 @@ import torch
 from torch import nn
 
 from jobs.common import cluster_gpus, init_ray, on_loopback
-from pipeline.pfv.parts import PFVPart, committed_parts, read_layers
-from pipeline.pfv.sae_runs import (
+from pipeline.pfv.parts import PFVPart, committed_parts
+from pipeline.sae.stage import (
     STAGE,
-    LocalSession,
     SAERun,
     TrainOptions,
-    extract_config,
     make_runs,
-    read_saes,
     run_hash,
     split_holdout,
     train_runs,
 )
+from pipeline.sae.train import LocalSession
 from pipeline.sae import SAE
-from pipeline.store import Manifest, fs
+from pipeline.store import AtlasRoot, fs
 
 
 class RayTrainSession:
@@ -175,15 +173,16 @@ def plan_runs(root: str, sweep: Sequence[dict[str, Any]],
     Raises before any work for an unknown layer, a bad or oversized SAE config, or too few
     extracted parts to hold some out.
     """
-    _, _, extract_hash = extract_config(root)
-    channels = {name: row["channels"] for name, row in read_layers(root).items()}
+    atlas = AtlasRoot(root)
+    extract_hash = atlas.extract().config_hash
+    channels = {name: row["channels"] for name, row in atlas.layers().items()}
     runs = make_runs(sweep, channels, options)
     for layer in {r.layer for r in runs}:
         train, _ = split_holdout(committed_parts(root, layer), options.holdout_parts)
         if len(train) < options.workers:
             raise ValueError(f"layer {layer}: {len(train)} training parts for "
                              f"{options.workers} workers; use at most {len(train)} workers")
-    manifest = Manifest(root)
+    manifest = atlas.manifest
     pending = [r for r in runs
                if r.sae_id not in manifest.done(STAGE, run_hash(r, options, extract_hash))]
     return runs, pending
@@ -240,8 +239,9 @@ def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         )
         trainer.fit()
-    rows = [r for r in read_saes(root) if r["sae_id"] in {x.sae_id for x in runs}]
-    print_summary(rows, time.time() - t0, extract_config(root)[0].model)
+    atlas = AtlasRoot(root)
+    rows = [r for r in atlas.saes() if r["sae_id"] in {x.sae_id for x in runs}]
+    print_summary(rows, time.time() - t0, atlas.extract().model)
     return rows
 
 

@@ -44,7 +44,7 @@ from pipeline.pfv.extract import (
     check_model,
     stage_identity,
 )
-from pipeline.pfv.sae_runs import SAERun, TrainOptions, make_runs
+from pipeline.sae.stage import SAERun, TrainOptions, make_runs
 from pipeline.store import check_stage_config, fs
 
 SECTIONS = ("atlas_id", "out", "data", "model", "extract", "train_sae", "scan", "cafe", "index",

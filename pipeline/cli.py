@@ -93,7 +93,7 @@ def _cmd_extract(a: argparse.Namespace) -> int:
 def _cmd_train_sae(a: argparse.Namespace) -> int:
     from jobs.train_sae import run
     from pipeline.build import load_build_config
-    from pipeline.pfv.sae_runs import TrainOptions
+    from pipeline.sae.stage import TrainOptions
 
     if a.config:
         cfg = load_build_config(a.config, a.out)

@@ -35,7 +35,8 @@ from pipeline.data.errors import ErrorLog
 from pipeline.data.shards import iter_samples
 from pipeline.latents import ScanOptions
 from pipeline.models import load_model
-from pipeline.pfv.sae_runs import LocalSession, make_runs, train_runs
+from pipeline.sae.stage import make_runs, train_runs
+from pipeline.sae.train import LocalSession
 from pipeline.store import fs
 from schemas import EXEMPLAR_PICKS, EXEMPLARS
 from tests.test_train_sae_job import (  # noqa: F401 (fixture: the extraction)

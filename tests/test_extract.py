@@ -28,8 +28,8 @@ from pipeline.pfv.extract import (
     plan_extract,
     sample_positions,
 )
-from pipeline.pfv.parts import committed_parts, read_layers
-from pipeline.store import Manifest, check_stage_config, fingerprint, fs
+from pipeline.pfv.parts import committed_parts
+from pipeline.store import AtlasRoot, Manifest, check_stage_config, fingerprint, fs
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = ExtractConfig(model="demo_resnet", weights=None, layers=("layer2", "layer4"),
@@ -188,7 +188,7 @@ def check_row_counts(out: str, summary: dict, shards: list[str]) -> None:
         values = [np.load(p.values) for p in parts]
         ids = [pq.read_table(p.ids) for p in parts]
         assert all(len(v) == len(t) == p.rows for v, t, p in zip(values, ids, parts))
-        assert all(v.dtype == np.float16 and v.shape[1] == read_layers(out)[layer]["channels"]
+        assert all(v.dtype == np.float16 and v.shape[1] == AtlasRoot(out).layers()[layer]["channels"]
                    for v in values)
         pairs = [(a, b) for t in ids for a, b in zip(t["image_id"].to_pylist(),
                                                       t["position"].to_pylist())]

@@ -39,7 +39,8 @@ from pipeline.icat.segment import LOGITS, Segment
 from pipeline.icat.srd_scores import srd_scores
 from pipeline.icat.stage import MAP_STAGE, ICATOptions
 from pipeline.models import list_layers, load_model, tap
-from pipeline.pfv.sae_runs import LocalSession, make_runs, train_runs
+from pipeline.sae.stage import make_runs, train_runs
+from pipeline.sae.train import LocalSession
 from pipeline.sae import SAE, SAEConfig
 from pipeline.store import Manifest, fs
 from schemas import EDGES

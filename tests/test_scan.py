@@ -28,8 +28,10 @@ from test_train_sae_job import copy_of, extracted  # noqa: F401 (fixtures)
 from jobs.scan import run
 from pipeline.latents import LatentSketch, Picks, ScanOptions, priority
 from pipeline.latents.scan import Layout, ScanUnit, activations_table
-from pipeline.pfv.parts import committed_parts, read_layers, read_values
-from pipeline.pfv.sae_runs import LocalSession, TrainOptions, make_runs, read_saes, train_runs
+from pipeline.pfv.parts import committed_parts, read_values
+from pipeline.sae.stage import TrainOptions, make_runs, train_runs
+from pipeline.sae.train import LocalSession
+from pipeline.store import AtlasRoot
 from pipeline.sae import load_sae
 from pipeline.store import Manifest, fs
 
@@ -54,7 +56,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811 (the imported fixture)
     """The extraction with the SAEs of SWEEP trained on it (no scan yet)."""
     root = copy_of(extracted, tmp_path_factory.mktemp("scan") / "atlas")
-    channels = {n: r["channels"] for n, r in read_layers(root).items()}
+    channels = {n: r["channels"] for n, r in AtlasRoot(root).layers().items()}
     runs = make_runs(SWEEP, channels, TRAIN)
     train_runs(root, runs, TRAIN, LocalSession(Path(root) / "_ckpt"), "t")
     return root
@@ -82,7 +84,7 @@ def read_tables(root: str) -> dict[str, pa.Table]:
 
 def brute_force(root: str, sae_row: dict, options: ScanOptions) -> dict[str, list[dict]]:
     """The three tables of one SAE from one encode of every PFV and Python sorts."""
-    layer = read_layers(root)[sae_row["layer"]]
+    layer = AtlasRoot(root).layers()[sae_row["layer"]]
     parts = committed_parts(root, sae_row["layer"])
     ids = pa.concat_tables([pq.read_table(p.ids) for p in parts])
     p = layer["positions_per_image"]
@@ -135,7 +137,7 @@ def rows_of(table: pa.Table, sae_id: str, *columns: str) -> list[tuple]:
 def test_tables_equal_a_brute_force_computation_over_all_pfvs(scanned) -> None:
     root, summary = scanned
     tables = read_tables(root)
-    saes = read_saes(root)
+    saes = AtlasRoot(root).saes()
     assert len(saes) == 3 and summary["reduced"] == [s["sae_id"] for s in saes]
     for sae in saes:
         bf = brute_force(root, sae, OPTIONS)
@@ -170,8 +172,8 @@ def test_tables_equal_a_brute_force_computation_over_all_pfvs(scanned) -> None:
 def test_each_image_keeps_min_of_top_per_image_and_its_firing_latents(scanned) -> None:
     root, summary = scanned
     table = read_tables(root)["activations"]
-    for sae in read_saes(root):
-        layer = read_layers(root)[sae["layer"]]
+    for sae in AtlasRoot(root).saes():
+        layer = AtlasRoot(root).layers()[sae["layer"]]
         parts = committed_parts(root, sae["layer"])
         with torch.inference_mode():
             acts = load_sae(sae["weights"]).encode(torch.from_numpy(read_values(parts)))
@@ -297,7 +299,7 @@ def test_crashed_driver_resumes_and_the_output_is_identical(atlas, scanned, tmp_
         run(root, OPTIONS, in_process=True, progress=False, on_part=crash_after_four_parts)
     # what a crash mid-part leaves: finished but uncommitted files, a temporary
     # units run SAE by SAE, part by part: the second SAE's last part was not committed
-    folder = Path(root, "activations", f"sae={read_saes(root)[1]['sae_id']}")
+    folder = Path(root, "activations", f"sae={AtlasRoot(root).saes()[1]['sae_id']}")
     (folder / "part-000002.parquet").write_bytes(b"stale")
     (folder / ".part-000002.parquet.tmp-0123456789ab").write_bytes(b"half")
     assert not Path(root, "latent_stats").exists()  # nothing reduced: SAEs were incomplete

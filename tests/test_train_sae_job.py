@@ -18,17 +18,11 @@ from safetensors.torch import load_file
 from pipeline.data.synthetic import write_shards
 from pipeline.pfv.extract import ExtractConfig, ShardExtractor, decode_shard, plan_extract
 from pipeline.pfv.parts import PFVPart, committed_parts
-from pipeline.pfv.sae_runs import (
-    InjectedFailure,
-    LocalSession,
-    TrainOptions,
-    make_runs,
-    read_saes,
-    train_runs,
-)
 from pipeline.pfv.stream import PFVStream
 from pipeline.sae import load_sae
-from pipeline.store import Manifest, fs
+from pipeline.sae.stage import TrainOptions, make_runs, train_runs
+from pipeline.sae.train import InjectedFailure, LocalSession
+from pipeline.store import AtlasRoot, Manifest, fs
 
 CFG = ExtractConfig(model="demo_resnet", weights=None, layers=("layer2", "layer4"),
                     positions=16, batch_size=36)
@@ -154,7 +148,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(extracted, tm
     session = LocalSession(tmp_path / "ckpt-b")
     with pytest.raises(InjectedFailure):  # the second dies at step 25, after its checkpoint
         train_runs(crashed, runs, OPTIONS, session, "t", crash_at=(runs[1].sae_id, 25))
-    assert [r["sae_id"] for r in read_saes(crashed)] == [runs[0].sae_id]
+    assert [r["sae_id"] for r in AtlasRoot(crashed).saes()] == [runs[0].sae_id]
     assert train_runs(crashed, runs, OPTIONS, session, "t") == [runs[1].sae_id]
     for run in runs:
         assert_same_weights(weights(straight, run.sae_id), weights(crashed, run.sae_id))
@@ -215,7 +209,7 @@ def test_ray_train_rerun_after_a_failed_job_resumes_from_its_checkpoint(
     root = copy_of(extracted, tmp_path / "ray")
     with pytest.raises(ray.train.TrainingFailedError):  # the first SAE finishes, the second dies
         run(root, SWEEP, OPTIONS, atlas_id="t", max_failures=0, crash_at=("layer4-small", 25))
-    assert [r["sae_id"] for r in read_saes(root)] == ["layer2-topk-64-k4"]
+    assert [r["sae_id"] for r in AtlasRoot(root).saes()] == ["layer2-topk-64-k4"]
     rows = run(root, SWEEP, OPTIONS, atlas_id="t", max_failures=0)
     assert [r["sae_id"] for r in rows] == ["layer2-topk-64-k4", "layer4-small"]
     for r in runs:

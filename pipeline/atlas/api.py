@@ -29,7 +29,7 @@ from PIL import Image
 
 from pipeline.atlas.regions import box_positions
 from pipeline.atlas.views import SOURCES, check_read_only, connect, literal as _q
-from pipeline.store import fs
+from pipeline.store import AtlasRoot, fs
 from pipeline.viz import denormalise
 
 if TYPE_CHECKING:
@@ -271,16 +271,7 @@ class Atlas:
     def model(self) -> LoadedModel:
         """The extraction's model (loaded on first use), checked against the PFVs' weights."""
         if self._model is None:
-            from pipeline.pfv.extract import load, model_fingerprint
-            from pipeline.pfv.sae_runs import extract_config
-
-            cfg, ident, _ = extract_config(self.root)
-            loaded = load(cfg)
-            if model_fingerprint(loaded.model) != ident["weights_fingerprint"]:
-                raise ValueError(f"the weights of {cfg.model} ({loaded.weights}) changed since "
-                                 f"the atlas {self.root} was extracted; search would compare "
-                                 f"PFVs of two different models")
-            self._model = loaded
+            self._model = AtlasRoot(self.root).model()
         return self._model
 
     def input_image(self, image: ImageInput) -> tuple[torch.Tensor, np.ndarray]:

@@ -30,20 +30,12 @@ from pipeline.cafe.masks import act_masks, bbox, encode_png, iou, mass_masks, up
 from pipeline.data.errors import ErrorLog, ErrorRecord
 from pipeline.data.shards import iter_samples
 from pipeline.models import make_transform, tap
-from pipeline.pfv.extract import (
-    IMAGES_PER_PART,
-    ExtractConfig,
-    load,
-    model_fingerprint,
-    part_name,
-    write_errors,
-)
-from pipeline.pfv.parts import read_layers
-from pipeline.pfv.sae_runs import STAGE as TRAIN_STAGE
-from pipeline.pfv.sae_runs import extract_config, read_saes
+from pipeline.pfv.extract import IMAGES_PER_PART, part_name
 from pipeline.sae import SAE, load_sae
 from pipeline.store import (
-    Manifest,
+    EXTRACT_STAGE,
+    TRAIN_STAGE,
+    AtlasRoot,
     PartRecord,
     check_stage_config,
     config_hash,
@@ -129,8 +121,6 @@ class CafeContext:
     root: str
     atlas_id: str
     options: CafeOptions
-    extract: ExtractConfig
-    weights_fingerprint: str
     data_config: dict[str, Any]
     saes: dict[str, dict[str, str]]  # sae_id -> {"layer", "weights"}
     layers: dict[str, dict[str, Any]]  # the layers table by layer
@@ -166,39 +156,40 @@ def read_picks(root: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def plan_cafe(root: str, options: CafeOptions, atlas_id: str | None = None) -> CafePlan:
+def plan_cafe(root: AtlasRoot | str, options: CafeOptions, atlas_id: str | None = None) -> CafePlan:
     """Check the inputs, record the stage config and list the parts left to do.
 
     Raises ValueError / FileNotFoundError naming a missing extraction, a pick of an unknown SAE
     or image part, or a config that differs from the one `root` already holds cafe rows of.
     """
-    cfg, ident, extract_hash = extract_config(root)
-    atlas_id = atlas_id or ident["atlas_id"]
-    saes = {r["sae_id"]: r for r in read_saes(root)}
+    atlas = AtlasRoot.of(root)
+    root = atlas.url
+    extract = atlas.extract()
+    atlas_id = atlas_id or extract.atlas_id
+    saes = {r["sae_id"]: r for r in atlas.saes()}
     picks = read_picks(root)
     _check_picks(picks, saes)
-    train = Manifest(root).records(TRAIN_STAGE)
-    extract = Manifest(root).records("extract")
+    train = atlas.manifest.records(TRAIN_STAGE)
+    extracted = atlas.manifest.records(EXTRACT_STAGE)
     used = sorted(set(picks["sae_id"].to_pylist()))
-    identity = dict(options.identity(), atlas_id=atlas_id, extract=extract_hash,
+    identity = dict(options.identity(), atlas_id=atlas_id, extract=extract.config_hash,
                     saes={s: train[s].config_hash for s in used})
     digest = check_stage_config(root, STAGE, identity)
-    loaded = load(cfg)
+    loaded = atlas.model()
     context = CafeContext(
-        root=root, atlas_id=atlas_id, options=options, extract=cfg,
-        weights_fingerprint=ident["weights_fingerprint"], data_config=loaded.data_config,
+        root=root, atlas_id=atlas_id, options=options, data_config=loaded.data_config,
         saes={s: {"layer": r["layer"], "weights": r["weights"]} for s, r in saes.items()},
-        layers=read_layers(root))
-    done = Manifest(root).done(STAGE, digest)
+        layers=atlas.layers())
+    done = atlas.manifest.done(STAGE, digest)
     parts = pc.floor(pc.divide(picks["image_id"], IMAGES_PER_PART)).to_numpy().astype(np.int64)
     pending, kept = [], {}
     for index in np.unique(parts).tolist():
         name = part_name(index)
-        if name not in extract:
+        if name not in extracted:
             raise ValueError(f"picks of image part {name} (image_id {index * IMAGES_PER_PART}..) "
                              f"but the extraction under {root} has no such part")
         part_picks = picks.filter(pa.array(parts == index))
-        shard = extract[name].input
+        shard = extracted[name].input
         task = CafeTask(index, shard, _part_fingerprint(shard, part_picks), digest, part_picks)
         rec = done.get(name)
         if rec is not None and rec.input == shard and rec.input_fingerprint == task.fingerprint:
@@ -229,10 +220,7 @@ class CafeWorker:
 
     def __init__(self, context: CafeContext, device: str | torch.device = "cpu") -> None:
         self.ctx, self.opt = context, context.options
-        self.loaded = load(context.extract, device)
-        if model_fingerprint(self.loaded.model) != context.weights_fingerprint:
-            raise ValueError(f"the weights of {context.extract.model} changed since the PFVs "
-                             f"under {context.root} were extracted; re-extract")
+        self.loaded = AtlasRoot(context.root).model(device)
         self.model, self.device = self.loaded.model.eval(), self.loaded.device
         self.transform = make_transform(context.data_config)
         self._saes: dict[str, SAE] = {}
@@ -276,7 +264,7 @@ class CafeWorker:
                                      schema=EXEMPLARS)
         fs.write_parquet(table, fs.join(self.ctx.root, "exemplars", f"{task.part}.parquet"),
                          EXEMPLARS)
-        write_errors(self.ctx.root, STAGE, task.part, self.ctx.atlas_id, bad)
+        AtlasRoot(self.ctx.root).write_errors(STAGE, task.part, self.ctx.atlas_id, bad)
         return PartRecord(stage=STAGE, part=task.part, input=task.shard,
                           input_fingerprint=task.fingerprint, config_hash=task.config_hash,
                           rows=len(rows), outputs={"exemplars": len(rows), "errors": len(bad)},

@@ -36,18 +36,21 @@ from pipeline.icat.attribution import (
 from pipeline.icat.segment import LOGITS, Segment, layer_order
 from pipeline.icat.srd_scores import srd_scores
 from pipeline.models import tap
-from pipeline.pfv.extract import (
-    ExtractConfig,
-    candidate_positions,
-    decode_shard,
-    load,
-    model_fingerprint,
-    resolve_layers,
-)
-from pipeline.pfv.sae_runs import STAGE as TRAIN_STAGE
-from pipeline.pfv.sae_runs import extract_config, read_saes
+from pipeline.models import list_layers
+from pipeline.pfv.extract import candidate_positions, decode_shard
 from pipeline.sae import load_sae
-from pipeline.store import Manifest, PartRecord, check_stage_config, config_hash, fs, now, worker_id
+from pipeline.store import (
+    EXTRACT_STAGE,
+    TRAIN_STAGE,
+    AtlasRoot,
+    ExtractRecord,
+    PartRecord,
+    check_stage_config,
+    config_hash,
+    fs,
+    now,
+    worker_id,
+)
 from schemas import EDGES
 
 STAGE = "icat"
@@ -124,7 +127,7 @@ class ICATPlan:
 
     root: str
     options: ICATOptions
-    extract: ExtractConfig
+    extract: ExtractRecord
     data_config: dict[str, Any]
     atlas_id: str
     saes: dict[str, dict[str, Any]]  # layer -> saes row, in forward order
@@ -134,7 +137,7 @@ class ICATPlan:
     pending: list[MapTask]
 
 
-def plan_icat(root: str, options: ICATOptions, record: bool = True) -> ICATPlan:
+def plan_icat(root: AtlasRoot | str, options: ICATOptions, record: bool = True) -> ICATPlan:
     """Check the atlas, pick the SAEs and pairs, record the stage config, list the work left.
 
     `record=False` only reads the atlas (no stage config written or checked: the protocol and
@@ -142,32 +145,32 @@ def plan_icat(root: str, options: ICATOptions, record: bool = True) -> ICATPlan:
     Raises FileNotFoundError without an extraction, ValueError naming a layer or SAE that does
     not exist, or when `root` holds icat outputs of another config.
     """
-    cfg, ident, extract_hash = extract_config(root)
-    saes = _choose_saes(root, options)
-    loaded = load(cfg)
-    if model_fingerprint(loaded.model) != ident["weights_fingerprint"]:
-        raise ValueError(f"the weights of {cfg.model} changed since {root} was extracted")
+    atlas = AtlasRoot.of(root)
+    root = atlas.url
+    extract = atlas.extract()
+    saes = _choose_saes(atlas, options)
+    loaded = atlas.model()
     order = layer_order(loaded.model, list(saes))
     saes = {layer: saes[layer] for layer in order}
     pairs = list(zip(order, order[1:])) + ([(order[-1], LOGITS)] if options.logits else [])
     if not pairs:
         raise ValueError(f"one layer with an SAE ({order}) and logits=False: no pair to connect")
-    train = Manifest(root).records(TRAIN_STAGE)
-    identity = dict(options.identity(), extract=extract_hash, pairs=pairs,
+    train = atlas.manifest.records(TRAIN_STAGE)
+    identity = dict(options.identity(), extract=extract.config_hash, pairs=pairs,
                     saes={layer: [row["sae_id"], train[row["sae_id"]].config_hash]
                           for layer, row in saes.items()})
     digest = check_stage_config(root, STAGE, identity) if record else config_hash(identity)
-    done = Manifest(root).done(MAP_STAGE, digest)
+    done = atlas.manifest.done(MAP_STAGE, digest)
     tasks = [MapTask(int(r.part.split("-")[1]), r.part, r.input, r.input_fingerprint, digest)
-             for r in sorted(Manifest(root).done("extract", extract_hash).values(),
+             for r in sorted(atlas.manifest.done(EXTRACT_STAGE, extract.config_hash).values(),
                              key=lambda r: r.part)]
     pending = [t for t in tasks if t.part not in done or done[t.part].input_fingerprint != t.fingerprint]
-    return ICATPlan(root, options, cfg, loaded.data_config, ident["atlas_id"], saes, pairs,
+    return ICATPlan(root, options, extract, loaded.data_config, extract.atlas_id, saes, pairs,
                     digest, tasks, pending)
 
 
-def _choose_saes(root: str, options: ICATOptions) -> dict[str, dict[str, Any]]:
-    rows = read_saes(root)
+def _choose_saes(root: AtlasRoot, options: ICATOptions) -> dict[str, dict[str, Any]]:
+    rows = root.saes()
     if not rows:
         raise ValueError(f"no trained SAEs under {root}; run train-sae first")
     by_layer: dict[str, list[dict[str, Any]]] = {}
@@ -228,11 +231,11 @@ class ShardScorer:
 
     def __init__(self, plan: ICATPlan, device: str | torch.device = "cpu") -> None:
         self.plan, self.options = plan, plan.options
-        self.loaded = load(plan.extract, device)
+        self.loaded = AtlasRoot(plan.root).model(device)
         model = self.loaded.model
         for p in model.parameters():
             p.requires_grad_(False)  # gradients are taken w.r.t. activations only
-        specs = resolve_layers(model, dataclasses.replace(plan.extract, layers=tuple(plan.saes)))
+        specs = {s.name: s for s in list_layers(model) if s.name in plan.saes}
         self.saes = {
             layer: LayerSAE(layer, load_sae(row["weights"], device),
                             torch.as_tensor(candidate_positions(specs[layer], plan.extract.include_special),
@@ -325,7 +328,7 @@ def reduce_edges(plan: ICATPlan, memory_limit: str = REDUCE_MEMORY) -> dict[str,
     same partial fingerprints); else it is rewritten under its deterministic name and committed.
     Returns {part: rows} of every pair part.
     """
-    manifest = Manifest(plan.root)
+    manifest = AtlasRoot(plan.root).manifest
     done = manifest.done(MAP_STAGE, plan.config_hash)
     parts = sorted(done)
     inputs = config_hash({"parts": [(p, done[p].input_fingerprint, done[p].outputs) for p in parts]})

@@ -1,7 +1,7 @@
 """Planning a scan: the SAEs and PFV parts under an output root, and what is committed.
 
-Driver side only (it reads the extraction's config and the saes table, which import the model
-stack): workers import `pipeline.latents.scan`.
+Driver side only (it reads the extraction's config and the saes table): workers import
+`pipeline.latents.scan`.
 """
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from typing import Any
 
 from pipeline.latents.reduce import REDUCE_STAGE, SAEScan
 from pipeline.latents.scan import STAGE, Layout, ScanOptions, ScanUnit, path
-from pipeline.pfv.parts import committed_parts, read_layers
-from pipeline.pfv.sae_runs import extract_config, read_saes
+from pipeline.pfv.parts import committed_parts
 from pipeline.store import (
-    Manifest,
+    AtlasRoot,
     PartRecord,
     check_stage_config,
     config_hash,
@@ -34,15 +33,19 @@ class ScanPlan:
     skipped: int
 
 
-def plan_scan(root: str, options: ScanOptions, sae_ids: list[str] | None = None) -> ScanPlan:
+def plan_scan(root: AtlasRoot | str, options: ScanOptions,
+              sae_ids: list[str] | None = None) -> ScanPlan:
     """Check the extraction and the SAEs under `root` and list the units; no output but the
     stage config (`stages/scan.json`), which refuses other options before any work.
 
     `sae_ids` restricts the scan to those SAEs (default: every committed SAE).
     """
-    _, ident, extract_hash = extract_config(root)
-    layers = read_layers(root)
-    saes = read_saes(root)
+    atlas = AtlasRoot.of(root)
+    root = atlas.url
+    extract = atlas.extract()
+    extract_hash, atlas_id = extract.config_hash, extract.atlas_id
+    layers = atlas.layers()
+    saes = atlas.saes()
     if not saes:
         raise ValueError(f"no trained SAEs under {root} (the saes table is empty); "
                          "run train-sae first")
@@ -53,7 +56,7 @@ def plan_scan(root: str, options: ScanOptions, sae_ids: list[str] | None = None)
             raise ValueError(f"unknown SAEs {unknown}; trained SAEs: {sorted(known)}")
         saes = [s for s in saes if s["sae_id"] in set(sae_ids)]
     check_stage_config(root, STAGE, {"options": options.identity(), "extract": extract_hash})
-    done = Manifest(root).records(STAGE)
+    done = atlas.manifest.records(STAGE)
     plans, pending, skipped = [], [], 0
     for row in saes:
         weights = fs.join(root, "sae_weights", row["sae_id"])
@@ -62,15 +65,15 @@ def plan_scan(root: str, options: ScanOptions, sae_ids: list[str] | None = None)
         lay = layers[row["layer"]]
         layout = Layout(lay["grid_w"], lay["num_special"], lay["positions_per_image"])
         units = [ScanUnit(row["sae_id"], row["layer"], weights, p, layout, digest,
-                          ident["atlas_id"]) for p in committed_parts(root, row["layer"])]
+                          atlas_id) for p in committed_parts(root, row["layer"])]
         for unit in units:
             if is_current(unit, done.get(unit.name)):
                 skipped += 1
             else:
                 pending.append(unit)
         plans.append(SAEScan(row["sae_id"], row["layer"], row["n_latents"], layout, units,
-                             ident["atlas_id"]))
-    return ScanPlan(root, ident["atlas_id"], options, plans, pending, skipped)
+                             atlas_id))
+    return ScanPlan(root, atlas_id, options, plans, pending, skipped)
 
 
 def is_current(unit: ScanUnit, record: PartRecord | None) -> bool:
@@ -81,7 +84,7 @@ def is_current(unit: ScanUnit, record: PartRecord | None) -> bool:
 
 def reduce_status(plan: ScanPlan) -> tuple[list[SAEScan], list[SAEScan]]:
     """From the manifest now: (SAEs whose reduce must run, SAEs with parts still unscanned)."""
-    manifest = Manifest(plan.root)
+    manifest = AtlasRoot(plan.root).manifest
     records, reduced = manifest.records(STAGE), manifest.records(REDUCE_STAGE)
     todo, incomplete = [], []
     for sae in plan.saes:
@@ -95,7 +98,7 @@ def reduce_status(plan: ScanPlan) -> tuple[list[SAEScan], list[SAEScan]]:
 
 def summary_rows(plan: ScanPlan) -> dict[str, dict[str, Any]]:
     """Per SAE: images, PFVs and dead latents from its latent_stats (None before its reduce)."""
-    reduced = Manifest(plan.root).records(REDUCE_STAGE)
+    reduced = AtlasRoot(plan.root).manifest.records(REDUCE_STAGE)
     out = {}
     for sae in plan.saes:
         row: dict[str, Any] = {"layer": sae.layer, "n_latents": sae.n_latents, "images": None,

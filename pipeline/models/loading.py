@@ -14,6 +14,7 @@ Weight sources (`weights=`):
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,29 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *,
     cfg = data_config(model)
     return LoadedModel(model=model, name=name, data_config=cfg, transform=make_transform(cfg),
                        weights=source, device=device)
+
+
+def load_reproducible(name: str, weights: str | os.PathLike[str] | None,
+                      device: torch.device | str = "cpu") -> LoadedModel:
+    """`load_model` with torch's random generator seeded to 0 for the call (and restored after):
+    a random initialisation (weights None) is the same model in every process and every run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return load_model(name, weights, device=device)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (16 hex digits) over the names, shapes and bytes of the model's state dict.
+
+    Identifies the weights whatever their source (file, hub, package), so re-trained weights
+    are a different config.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def checked_device(device: torch.device | str) -> torch.device:

@@ -12,7 +12,6 @@ The driver commits the manifest record after all of them are in place.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,14 @@ from torch import nn
 
 from pipeline.data.errors import ErrorLog, ErrorRecord
 from pipeline.data.shards import expand_shards, iter_samples
-from pipeline.models import LayerSpec, LoadedModel, list_layers, load_model, make_transform, tap
+from pipeline.models import (
+    LayerSpec,
+    list_layers,
+    load_reproducible,
+    make_transform,
+    model_fingerprint,
+    tap,
+)
 from pipeline.store import (
     Manifest,
     PartRecord,
@@ -36,7 +42,8 @@ from pipeline.store import (
     worker_id,
 )
 from pipeline.store.hashing import splitmix64
-from schemas import ERRORS, IMAGES, LAYERS, PFV_IDS
+from pipeline.store import AtlasRoot
+from schemas import IMAGES, LAYERS, PFV_IDS
 
 STAGE = "extract"
 # image_id = part * IMAGES_PER_PART + index of the sample in its shard
@@ -152,14 +159,6 @@ def decode_shard(shard: str, data_config: dict[str, Any]) -> DecodedShard:
                         widths=size[:, 0], heights=size[:, 1], errors=list(errors))
 
 
-def load(cfg: ExtractConfig, device: str | torch.device = "cpu") -> LoadedModel:
-    """`load_model` of `cfg`; random init (weights None) is seeded with 0 so every actor and
-    every run holds the same model."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return load_model(cfg.model, cfg.weights, device=device)
-
-
 def resolve_layers(model: nn.Module, cfg: ExtractConfig) -> dict[str, LayerSpec]:
     """The LayerSpec of every layer of `cfg`; ValueError naming an unknown or too-small layer."""
     specs = {s.name: s for s in list_layers(model)}
@@ -200,27 +199,13 @@ def sample_positions(image_ids: np.ndarray, candidates: np.ndarray, k: int | Non
     return np.sort(candidates[chosen], axis=1)
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (16 hex digits) over the names, shapes and bytes of the model's state dict.
-
-    Identifies the weights whatever their source (file, hub, package), so re-trained weights
-    are a different config.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 class ShardExtractor:
     """Holds the model (loaded once) and turns decoded shards into written parts."""
 
     def __init__(self, cfg: ExtractConfig, out: str, atlas_id: str,
                  device: str | torch.device = "cpu") -> None:
         self.cfg, self.out, self.atlas_id = cfg, out, atlas_id
-        self.loaded = load(cfg, device)
+        self.loaded = load_reproducible(cfg.model, cfg.weights, device)
         self.specs = resolve_layers(self.loaded.model, cfg)
         self.candidates = {n: candidate_positions(s, cfg.include_special)
                            for n, s in self.specs.items()}
@@ -273,15 +258,7 @@ class ShardExtractor:
             "height": decoded.heights,
         })
         fs.write_parquet(images, fs.join(self.out, "images", f"{task.part}.parquet"), IMAGES)
-        write_errors(self.out, STAGE, task.part, self.atlas_id, decoded.errors)
-
-
-def write_errors(out: str, stage: str, part: str, atlas_id: str,
-                 errors: list[ErrorRecord]) -> None:
-    """Write a part of the `errors` table (written even when empty: it marks the part read)."""
-    rows = [dict(asdict(e), atlas_id=atlas_id) for e in errors]
-    table = pa.Table.from_pylist(rows, schema=ERRORS)
-    fs.write_parquet(table, fs.join(out, "errors", f"stage={stage}", f"{part}.parquet"), ERRORS)
+        AtlasRoot(self.out).write_errors(STAGE, task.part, self.atlas_id, decoded.errors)
 
 
 def _is_int(v: object) -> bool:
@@ -313,7 +290,7 @@ def check_model(cfg: ExtractConfig) -> tuple[dict[str, LayerSpec], dict[str, Any
     Returns the layer specs, the timm data config and the weights fingerprint. Raises
     ValueError / FileNotFoundError naming an unknown model, weight source or layer.
     """
-    loaded = load(cfg)
+    loaded = load_reproducible(cfg.model, cfg.weights)
     return resolve_layers(loaded.model, cfg), loaded.data_config, model_fingerprint(loaded.model)
 
 

@@ -1,4 +1,4 @@
-"""Reading what the extract stage committed: the layers table, PFV parts, PFV statistics."""
+"""Reading what the extract stage committed: PFV parts and their statistics."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.store import Manifest, fs
+from pipeline.store import AtlasRoot, fs
 
 EXTRACT = "extract"
 
@@ -22,26 +22,19 @@ class PFVPart:
     rows: int
 
 
-def read_layers(root: str) -> dict[str, dict[str, Any]]:
-    """The `layers` table of an extraction, {layer: row}; FileNotFoundError if there is none."""
-    url = fs.join(root, "layers", "part-000000.parquet")
-    if not fs.exists(url):
-        raise FileNotFoundError(f"no extracted PFVs under {root} (missing {url}); run extract first")
-    return {row["layer"]: row for row in fs.read_parquet(url).to_pylist()}
-
-
-def committed_parts(root: str, layer: str) -> list[PFVPart]:
+def committed_parts(root: AtlasRoot | str, layer: str) -> list[PFVPart]:
     """The PFV parts of `layer` recorded in the manifest, in part order.
 
     Only committed parts are listed (never a glob): a part a crashed run left without its
     record is invisible until a re-run recomputes and commits it.
     """
-    records = Manifest(root).records(EXTRACT)
+    root = AtlasRoot.of(root)
+    records = root.manifest.records(EXTRACT)
     key = f"pfv/layer={layer}"
     parts = [
         PFVPart(part=r.part, rows=r.outputs[key],
-                values=fs.join(root, "pfv", f"layer={layer}", f"{r.part}.npy"),
-                ids=fs.join(root, "pfv", f"layer={layer}", f"{r.part}.parquet"))
+                values=root.join("pfv", f"layer={layer}", f"{r.part}.npy"),
+                ids=root.join("pfv", f"layer={layer}", f"{r.part}.parquet"))
         for r in sorted(records.values(), key=lambda r: r.part) if key in r.outputs
     ]
     if not parts:

@@ -111,9 +111,14 @@ def save_checkpoint(
     torch.save(train_state, tmp / "train_state.pt")
     shutil.rmtree(final, ignore_errors=True)  # a re-run writing the same step replaces it
     os.rename(tmp, final)
-    for old in _checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(root, keep)
     return final
+
+
+def prune_checkpoints(root: str | os.PathLike[str], keep: int) -> None:
+    """Delete all but the newest `keep` checkpoint folders under `root` (keep <= 0: none)."""
+    for old in _checkpoints(Path(root))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:

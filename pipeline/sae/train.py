@@ -4,8 +4,9 @@
 on a `DistributedDataParallel`-wrapped one (the unit-norm constraint and the running
 statistics are applied to the unwrapped module; for a DDP module the statistics are
 all-reduced over its process group so every worker holds the same dead-latent counters and
-BatchTopK threshold). `train_sae` is the
-single-process loop with checkpoints and a true resume.
+BatchTopK threshold). `fit` is the one training
+loop (`train_sae` runs it in this process; the train-sae stage in one process or in every Ray
+Train worker), with checkpoints and a true resume.
 
 Resume contract. A checkpoint records the number of batches consumed (`position`). On
 resume, `batches` is re-opened at that position:
@@ -24,12 +25,19 @@ sample (or loads a checkpoint), wraps it with `ray.train.torch.prepare_model`, b
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import math
 import os
+import shutil
+import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -37,7 +45,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from pipeline.sae.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.sae.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from pipeline.sae.config import SAEConfig
 from pipeline.sae.model import SAE
 
@@ -99,6 +113,179 @@ def train_step(sae: nn.Module, optimizer: torch.optim.Optimizer, batch: Tensor) 
     return dict(zip(_STEP_KEYS, stats.tolist()))
 
 
+# ---- sessions: where the loop runs and where its checkpoints go ---------------------------
+
+
+class Session(Protocol):
+    """What the training loop needs from its runtime (one process, or a Ray Train worker)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare(self, sae: SAE) -> nn.Module:
+        """Wrap for data parallelism (DDP) when world_size > 1."""
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        """A local folder holding the newest persisted checkpoint, or None."""
+
+    def persist(self, folder: str | None, metrics: dict[str, Any]) -> None:
+        """Persist the checkpoint in `folder` (rank 0; None on other ranks), with `metrics`."""
+
+
+class LocalSession:
+    """One process; the newest checkpoint kept as `root/latest/` (replaced atomically)."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, root: str | os.PathLike[str], device: str | torch.device = "cpu") -> None:
+        self.root, self.device = Path(root), torch.device(device)
+
+    def prepare(self, sae: SAE) -> nn.Module:
+        return sae
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        latest = self.root / "latest"
+        yield str(latest) if latest.is_dir() else None
+
+    def persist(self, folder: str | None, metrics: dict[str, Any]) -> None:
+        if folder is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".latest.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        shutil.rmtree(self.root / "latest", ignore_errors=True)
+        os.rename(tmp, self.root / "latest")
+
+
+class FolderSession(LocalSession):
+    """One process; checkpoints kept as `root/step-NNNNNNNNN/`, the newest `keep` of them
+    (`root` None: no checkpoints at all)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None, device: str | torch.device = "cpu",
+                 keep: int = 2) -> None:
+        super().__init__(root or ".", device)
+        self.enabled, self.keep = root is not None, keep
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        found = latest_checkpoint(self.root) if self.enabled else None
+        yield None if found is None else str(found)
+
+    def persist(self, folder: str | None, metrics: dict[str, Any]) -> None:
+        if folder is None or not self.enabled:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = Path(folder).name
+        tmp = self.root / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        os.rename(tmp, self.root / name)
+        prune_checkpoints(self.root, self.keep)
+
+
+# ---- the training loop --------------------------------------------------------------------
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by `fit(crash_at_step=...)` to test recovery."""
+
+
+@dataclass
+class Fit:
+    """A training run of `fit`, during (passed to `on_step`) and after (returned): the SAE (the
+    core module, not a DDP wrapper), the per-step stats of the last steps, the current state,
+    the state it started from, and `saved`, the metrics stored with the checkpoint it resumed
+    from ({} for a fresh start)."""
+
+    sae: SAE
+    history: deque[dict[str, float]]
+    state: TrainState
+    start: TrainState
+    saved: dict[str, float]
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    @property
+    def averages(self) -> dict[str, float]:
+        """Per-step stats averaged over the last steps (empty when no step ran)."""
+        h = self.history
+        return {k: sum(x[k] for x in h) / len(h) for k in h[-1]} if h else {}
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def tokens_per_s(self) -> float:
+        """PFVs per second trained by this run (not counting resumed ones)."""
+        return (self.state.tokens - self.start.tokens) / max(self.seconds, 1e-9)
+
+
+def fit(cfg: SAEConfig, batches: Batches, steps: int, session: Session, *,
+        checkpoint_every: int, tag: dict[str, Any] | None = None,
+        report: dict[str, Any] | None = None, init_sample: Tensor | None = None,
+        crash_at_step: int | None = None,
+        on_step: Callable[[Fit], None] | None = None) -> Fit:
+    """Train one SAE for `steps` optimiser steps, resuming from the session's checkpoint.
+
+    The one training loop of the project: `train_sae` (one process) and the train-sae stage
+    (`pipeline.sae.stage`, one process or every Ray Train worker in lockstep) both run it.
+
+    Args:
+        cfg: the SAE and its optimisation settings.
+        batches: Tensor[B, d_in] batches of raw PFVs, or a factory `batches(position)`; see the
+            module docstring for the resume contract.
+        session: rank, device, DDP wrapping and where checkpoints persist.
+        checkpoint_every: steps between checkpoints (the last step is always saved).
+        tag: stored with each checkpoint; a checkpoint is resumed only when its tag equals
+            this one (None: any checkpoint of the session is resumed).
+        report: extra values persisted with each checkpoint's metrics (e.g. the run's id).
+        init_sample: Tensor[N, d_in] for the input scale and b_dec; default the first batch.
+        crash_at_step: raise InjectedFailure at that step unless the run was resumed (tests).
+        on_step: called after every step on rank 0 with the run so far (its `state.step`,
+            `history`, `averages`, `tokens_per_s`).
+    """
+    if steps < 1 or checkpoint_every < 1:
+        raise ValueError(f"steps={steps} and checkpoint_every={checkpoint_every} must be >= 1")
+    device = session.device
+    sae = SAE(cfg).to(device)
+    optimizer = make_optimizer(sae, cfg)
+    state, saved = _restore(session, sae, optimizer, tag)
+    resumed = state is not None
+    state = state or TrainState(step=0, position=0, tokens=0)
+    stream = _open(batches, state.position)
+    if not resumed:
+        first = next(stream, None)
+        if first is None:
+            raise ValueError("batches is empty: nothing to initialise or train the SAE on")
+        stream = itertools.chain([first], stream)
+        sae.initialize_from_sample((first if init_sample is None else init_sample).to(device))
+    model = session.prepare(sae)
+    run = Fit(unwrap(model), deque(maxlen=_SUMMARY_WINDOW), state, state, saved)
+    history = run.history
+    for step in range(state.step + 1, steps + 1):
+        if step == crash_at_step and not resumed:
+            raise InjectedFailure(f"injected failure at step {step}")
+        batch = next(stream, None)
+        if batch is None:
+            raise ValueError(
+                f"batches ran out after {state.position} batches, before step {step} of {steps}")
+        batch = batch.to(device, non_blocking=True)
+        history.append(train_step(model, optimizer, batch))
+        state = TrainState(step, state.position + 1,
+                           state.tokens + batch.shape[0] * session.world_size)
+        run.state = state
+        if step % checkpoint_every == 0 or step == steps:
+            _checkpoint(session, run.sae, optimizer, state, history, tag, report)
+        if on_step is not None and session.rank == 0:
+            on_step(run)
+    run.finished = time.time()
+    return run
+
+
 def train_sae(
     cfg: SAEConfig,
     batches: Batches,
@@ -111,7 +298,7 @@ def train_sae(
     init_sample: Tensor | None = None,
     keep_checkpoints: int = 2,
 ) -> tuple[SAE, dict[str, Any]]:
-    """Train one SAE for `steps` optimiser steps in this process.
+    """Train one SAE for `steps` optimiser steps in this process (`fit` on a `FolderSession`).
 
     Args:
         cfg: the SAE and its optimisation settings (validated when it was built).
@@ -132,8 +319,6 @@ def train_sae(
         last steps; the final dead_frac (training counters) and BatchTopK threshold; `steps`
         and `tokens` (PFVs trained on, this run and resumed ones).
     """
-    if steps < 1 or checkpoint_every < 1:
-        raise ValueError(f"steps={steps} and checkpoint_every={checkpoint_every} must be >= 1")
     found = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     if found is not None and not resume:
         # a fresh run would interleave its step folders with the old run's, and pruning
@@ -141,46 +326,54 @@ def train_sae(
         raise FileExistsError(f"{checkpoint_dir} already holds checkpoints ({found.name}); "
                               "pass resume=True to continue them or use an empty folder")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sae = SAE(cfg).to(device)
-    optimizer = make_optimizer(sae, cfg)
-    state = TrainState(step=0, position=0, tokens=0)
-    if found is not None:
-        state = load_checkpoint(found, sae, optimizer)
-    stream = _open(batches, state.position)
-    if found is None:
-        first = next(stream, None)
-        if first is None:
-            raise ValueError("batches is empty: nothing to initialise or train the SAE on")
-        stream = itertools.chain([first], stream)
-        sae.initialize_from_sample((first if init_sample is None else init_sample).to(device))
+    session = FolderSession(checkpoint_dir, device, keep_checkpoints)
+    with session.latest_checkpoint() as folder:  # step-NNNNNNNNN: the step it resumes from
+        initial = int(Path(folder).name.split("-")[1]) if folder else 0
+    bar = tqdm(total=steps, initial=initial, disable=not progress, desc="train SAE", unit="step")
 
-    history: deque[dict[str, float]] = deque(maxlen=_SUMMARY_WINDOW)
-    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="train SAE", unit="step")
-    for step in range(state.step + 1, steps + 1):
-        batch = next(stream, None)
-        if batch is None:
-            raise ValueError(
-                f"batches ran out after {state.position} batches, before step {step} of {steps}"
-            )
-        history.append(train_step(sae, optimizer, batch.to(device)))
-        state = TrainState(step, state.position + 1, state.tokens + batch.shape[0])
+    def on_step(run: Fit) -> None:
+        stats = run.history[-1]
         bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", l0=f"{history[-1]['l0']:.1f}",
-                        dead=f"{history[-1]['dead_frac']:.3f}", refresh=False)
-        if checkpoint_dir is not None and (step % checkpoint_every == 0 or step == steps):
-            save_checkpoint(checkpoint_dir, sae, optimizer, state, keep=keep_checkpoints)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", l0=f"{stats['l0']:.1f}",
+                        dead=f"{stats['dead_frac']:.3f}", refresh=False)
+
+    done = fit(cfg, batches, steps, session, checkpoint_every=checkpoint_every,
+               init_sample=init_sample, on_step=on_step)
     bar.close()
-    metrics: dict[str, Any] = (
-        {key: sum(h[key] for h in history) / len(history) for key in _STEP_KEYS} if history else {}
-    )
+    averages = done.averages
+    metrics: dict[str, Any] = {key: averages[key] for key in _STEP_KEYS} if averages else {}
     # counters and θ are states, not per-step quantities: report their final values
-    metrics.update(
-        dead_frac=float(sae.dead_mask.float().mean()),
-        threshold=float(sae.threshold),
-        steps=steps,
-        tokens=state.tokens,
-    )
-    return sae.eval(), metrics
+    metrics.update(dead_frac=float(done.sae.dead_mask.float().mean()),
+                   threshold=float(done.sae.threshold), steps=steps, tokens=done.state.tokens)
+    return done.sae.eval(), metrics
+
+
+def _restore(session: Session, sae: SAE, optimizer: torch.optim.Optimizer,
+             tag: dict[str, Any] | None) -> tuple[TrainState | None, dict[str, float]]:
+    """Load the session's newest checkpoint into `sae` and `optimizer` when its tag matches."""
+    with session.latest_checkpoint() as folder:
+        if folder is None:
+            return None, {}
+        record = Path(folder) / "run.json"
+        info = json.loads(record.read_text()) if record.is_file() else {"run": None,
+                                                                         "metrics": {}}
+        if tag is not None and info["run"] != tag:
+            return None, {}  # the checkpoint of another (finished or changed) run
+        return load_checkpoint(folder, sae, optimizer), info["metrics"]
+
+
+def _checkpoint(session: Session, sae: SAE, optimizer: torch.optim.Optimizer,
+                state: TrainState, history: deque[dict[str, float]],
+                tag: dict[str, Any] | None, report: dict[str, Any] | None) -> None:
+    metrics = {k: sum(h[k] for h in history) / len(history) for k in history[-1]}
+    persisted = dict(metrics, **(report or {}), step=state.step)
+    if session.rank != 0:
+        session.persist(None, persisted)
+        return
+    with tempfile.TemporaryDirectory(prefix="sae-ckpt-") as tmp:
+        folder = save_checkpoint(tmp, sae, optimizer, state, keep=1)
+        (folder / "run.json").write_text(json.dumps({"run": tag, "metrics": metrics}))
+        session.persist(str(folder), persisted)
 
 
 def _open(batches: Batches, position: int) -> Iterator[Tensor]:

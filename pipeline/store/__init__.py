@@ -1,4 +1,4 @@
-"""Atomic part writes, the manifest of finished parts, input fingerprints (ARCHITECTURE.md principle 2)."""
+"""Atomic part writes, the manifest of finished parts, input fingerprints, the atlas root."""
 from pipeline.store import fs
 from pipeline.store.manifest import (
     Manifest,
@@ -9,6 +9,7 @@ from pipeline.store.manifest import (
     now,
     worker_id,
 )
+from pipeline.store.root import EXTRACT_STAGE, TRAIN_STAGE, AtlasRoot, ExtractRecord
 
-__all__ = ["Manifest", "PartRecord", "check_stage_config", "config_hash", "fingerprint", "fs",
+__all__ = ["EXTRACT_STAGE", "TRAIN_STAGE", "AtlasRoot", "ExtractRecord", "Manifest", "PartRecord", "check_stage_config", "config_hash", "fingerprint", "fs",
            "now", "worker_id"]

@@ -95,6 +95,13 @@ def read_json(url: str) -> Any:
         return json.loads(f.read())
 
 
+def read_bytes(url: str) -> bytes:
+    """The whole content of a file."""
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
 def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:

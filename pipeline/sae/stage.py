@@ -1,9 +1,11 @@
-"""An SAE sweep on extracted PFVs: runs, resumable training, held-out metrics, the `saes` table.
+"""The train-sae stage: an SAE sweep on extracted PFVs, resumable, with held-out metrics and the
+`saes` table.
 
-Ray-free: the training loop talks to a `Session` (rank, device, DDP wrapping, checkpoint
-persistence). `LocalSession` runs it in one process; the Ray Train job (`jobs/train_sae.py`)
-passes a session over `ray.train` (checkpoints reported to Ray Train's storage, restored by
-`ray.train.get_checkpoint()` after a worker failure or on a re-run).
+Ray-free: each run is the one training loop (`pipeline.sae.train.fit`) talking to a `Session`
+(rank, device, DDP wrapping, checkpoint persistence). `LocalSession` runs it in one process;
+the Ray Train job (`jobs/train_sae.py`) passes a session over `ray.train` (checkpoints
+reported to Ray Train's storage, restored by `ray.train.get_checkpoint()` after a worker
+failure or on a re-run).
 
 A run is one SAE config on one layer, named `sae_id = LAYER-NAME`. It is finished when the
 manifest (stage `train-sae`, part `sae_id`) holds its record under the run's config hash;
@@ -13,47 +15,27 @@ fractions are measured on their PFVs, and logit fidelity on their images.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import itertools
 import json
-import os
-import shutil
 import tempfile
-import time
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
-from pipeline.pfv.extract import ExtractConfig, decode_shard, load, model_fingerprint
-from pipeline.pfv.parts import PFVPart, committed_parts, read_layers, read_values
+from pipeline.pfv.extract import decode_shard
+from pipeline.pfv.parts import PFVPart, committed_parts, read_values
 from pipeline.pfv.stream import DEFAULT_CACHE_BYTES, PFVStream, Reader
-from pipeline.sae import (
-    SAE,
-    SAEConfig,
-    TrainState,
-    evaluate_sae,
-    load_checkpoint,
-    logit_fidelity,
-    make_optimizer,
-    reconstruct_hook,
-    save_checkpoint,
-    save_sae,
-    train_step,
-    unwrap,
-)
-from pipeline.store import Manifest, PartRecord, config_hash, fs, now, worker_id
+from pipeline.sae import SAE, SAEConfig, evaluate_sae, logit_fidelity, reconstruct_hook, save_sae
+from pipeline.sae.train import Fit, Session, fit
+from pipeline.store import AtlasRoot, PartRecord, config_hash, fs, now, worker_id
 from schemas import SAES
 
 STAGE = "train-sae"
-_SUMMARY_WINDOW = 100
 _EVAL_BATCH = 8192
 
 
@@ -177,57 +159,6 @@ def run_hash(run: SAERun, options: TrainOptions, extract_hash: str) -> str:
                         "window_parts": options.window_parts})
 
 
-# ---- sessions: where the loop runs and where its checkpoints go ---------------------------
-
-
-class Session(Protocol):
-    """What the training loop needs from its runtime (one process, or a Ray Train worker)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def prepare(self, sae: SAE) -> nn.Module:
-        """Wrap for data parallelism (DDP) when world_size > 1."""
-
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
-        """A local folder holding the newest persisted checkpoint, or None."""
-
-    def persist(self, folder: str | None, metrics: dict[str, Any]) -> None:
-        """Persist the checkpoint in `folder` (rank 0; None on other ranks), with `metrics`."""
-
-
-class LocalSession:
-    """One process; checkpoints kept as `root/latest/` (replaced atomically)."""
-
-    rank, world_size = 0, 1
-
-    def __init__(self, root: str | os.PathLike[str], device: str = "cpu") -> None:
-        self.root, self.device = Path(root), torch.device(device)
-
-    def prepare(self, sae: SAE) -> nn.Module:
-        return sae
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[str | None]:
-        latest = self.root / "latest"
-        yield str(latest) if latest.is_dir() else None
-
-    def persist(self, folder: str | None, metrics: dict[str, Any]) -> None:
-        if folder is None:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".latest.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(folder, tmp)
-        shutil.rmtree(self.root / "latest", ignore_errors=True)
-        os.rename(tmp, self.root / "latest")
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by `crash_at_step` to test recovery."""
-
-
 # ---- training ---------------------------------------------------------------------------
 
 
@@ -243,88 +174,30 @@ def train_run(run: SAERun, parts: list[PFVPart], options: TrainOptions, session:
 
     Returns the trained SAE (eval mode) and training metrics averaged over the last steps.
     """
-    cfg, device = run.cfg, session.device
-    stream = PFVStream(parts, cfg.batch_size, cfg.seed, session.rank, session.world_size,
-                       options.window_parts, reader, options.cache_bytes)
-    sae = SAE(cfg).to(device)
-    optimizer = make_optimizer(sae, cfg)
-    state, saved = _restore(run, session, sae, optimizer)
-    resumed = state is not None
-    state = state or TrainState(step=0, position=0, tokens=0)
-    batches = stream(state.position)
-    if not resumed:
-        first = next(batches)
-        sae.initialize_from_sample(first.to(device))
-        batches = itertools.chain([first], batches)
-    model = session.prepare(sae)
-    history: deque[dict[str, float]] = deque(maxlen=_SUMMARY_WINDOW)
+    stream = PFVStream(parts, run.cfg.batch_size, run.cfg.seed, session.rank,
+                       session.world_size, options.window_parts, reader, options.cache_bytes)
     log_every = log_every or max(1, run.steps // 10)
-    t0, tokens0 = time.time(), state.tokens
-    for step in range(state.step + 1, run.steps + 1):
-        if step == crash_at_step and not resumed:
-            raise InjectedFailure(f"injected failure at step {step} of {run.sae_id}")
-        batch = next(batches).to(device, non_blocking=True)
-        history.append(train_step(model, optimizer, batch))
-        state = TrainState(step, state.position + 1,
-                           state.tokens + batch.shape[0] * session.world_size)
-        metrics = _average(history)
-        if step % options.checkpoint_every == 0 or step == run.steps:
-            _checkpoint(run, session, unwrap(model), optimizer, state, metrics)
-        if session.rank == 0 and (step % log_every == 0 or step == run.steps):
-            rate = (state.tokens - tokens0) / max(time.time() - t0, 1e-9)
+
+    def log(progress: Fit) -> None:
+        step = progress.state.step
+        if step % log_every == 0 or step == run.steps:
+            metrics = progress.averages
             print(f"[train-sae] {run.sae_id} step {step}/{run.steps} loss {metrics['loss']:.4f} "
                   f"l0 {metrics['l0']:.1f} dead {metrics['dead_frac']:.3f} "
-                  f"{rate:,.0f} PFV/s", flush=True)
-    core = unwrap(model)
+                  f"{progress.tokens_per_s:,.0f} PFV/s", flush=True)
+
+    done = fit(run.cfg, stream, run.steps, session, checkpoint_every=options.checkpoint_every,
+               tag=run.to_dict(), report={"sae_id": run.sae_id}, crash_at_step=crash_at_step,
+               on_step=log)
     # a run resumed from its last checkpoint trains no step: keep the metrics saved with it
-    metrics = dict(_average(history) or saved, steps=run.steps, tokens=state.tokens,
-                   dead_frac_train=float(core.dead_mask.float().mean()),
-                   train_seconds=round(time.time() - t0, 2),
-                   tokens_per_s=round((state.tokens - tokens0) / max(time.time() - t0, 1e-9), 1))
-    return core.eval(), metrics
-
-
-def _average(history: deque[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(h[k] for h in history) / len(history) for k in history[-1]} if history else {}
-
-
-def _restore(run: SAERun, session: Session, sae: SAE, optimizer: torch.optim.Optimizer
-             ) -> tuple[TrainState | None, dict[str, float]]:
-    """Load the session's checkpoint into `sae` and `optimizer` when it belongs to `run`."""
-    with session.latest_checkpoint() as folder:
-        if folder is None:
-            return None, {}
-        info = json.loads((Path(folder) / "run.json").read_text())
-        if info["run"] != run.to_dict():
-            return None, {}  # the checkpoint of another (finished or changed) run
-        return load_checkpoint(folder, sae, optimizer), info["metrics"]
-
-
-def _checkpoint(run: SAERun, session: Session, sae: SAE, optimizer: torch.optim.Optimizer,
-                state: TrainState, metrics: dict[str, float]) -> None:
-    report = dict(metrics, sae_id=run.sae_id, step=state.step)
-    if session.rank != 0:
-        session.persist(None, report)
-        return
-    with tempfile.TemporaryDirectory(prefix="sae-ckpt-") as tmp:
-        folder = save_checkpoint(tmp, sae, optimizer, state, keep=1)
-        (folder / "run.json").write_text(json.dumps({"run": run.to_dict(), "metrics": metrics}))
-        session.persist(str(folder), report)
+    metrics = dict(done.averages or done.saved, steps=run.steps, tokens=done.state.tokens,
+                   dead_frac_train=float(done.sae.dead_mask.float().mean()),
+                   train_seconds=round(done.seconds, 2),
+                   tokens_per_s=round(done.tokens_per_s, 1))
+    return done.sae.eval(), metrics
 
 
 # ---- evaluation and outputs (rank 0) ------------------------------------------------------
-
-
-def extract_config(root: str) -> tuple[ExtractConfig, dict[str, Any], str]:
-    """The ExtractConfig, its recorded identity and config hash of the extraction under `root`."""
-    url = fs.join(root, "stages", "extract.json")
-    if not fs.exists(url):
-        raise FileNotFoundError(f"no extraction under {root} (missing {url}); run extract first")
-    stage = fs.read_json(url)
-    ident = stage["config"]
-    names = {f.name for f in dataclasses.fields(ExtractConfig)}
-    cfg = ExtractConfig(**{k: v for k, v in ident.items() if k in names})
-    return cfg, ident, stage["config_hash"]
 
 
 class Evaluator:
@@ -334,19 +207,16 @@ class Evaluator:
     PFVs were extracted with.
     """
 
-    def __init__(self, root: str, options: TrainOptions, device: torch.device) -> None:
+    def __init__(self, root: AtlasRoot, options: TrainOptions, device: torch.device) -> None:
         self.root, self.options, self.device = root, options, device
-        self.cfg, self.ident, _ = extract_config(root)
-        self.layers = read_layers(root)
+        self.extract = root.extract()
+        self.layers = root.layers()
         self._model: nn.Module | None = None
         self._images: dict[tuple[str, ...], tuple[Tensor, np.ndarray]] = {}
 
     def model(self) -> nn.Module:
         if self._model is None:
-            loaded = load(self.cfg, self.device)
-            if model_fingerprint(loaded.model) != self.ident["weights_fingerprint"]:
-                raise ValueError(f"the weights of {self.cfg.model} ({loaded.weights}) changed "
-                                 f"since the PFVs under {self.root} were extracted; re-extract")
+            loaded = self.root.model(self.device)
             self._model, self._data_config = loaded.model, loaded.data_config
         return self._model
 
@@ -355,7 +225,7 @@ class Evaluator:
         key = tuple(p.part for p in held)
         if key not in self._images:
             self.model()
-            records = Manifest(self.root).records("extract")
+            records = self.root.manifest.records("extract")
             pixels, labels, n = [], [], 0
             for p in held:
                 if n >= self.options.fidelity_images:
@@ -378,7 +248,7 @@ class Evaluator:
         model = self.model()
         pixels, labels = self.images(held)
         module = dict(model.named_modules())[layer]
-        keep = 0 if self.cfg.include_special else int(self.layers[layer]["num_special"])
+        keep = 0 if self.extract.include_special else int(self.layers[layer]["num_special"])
         orig, recon = [], []
         for i in range(0, len(pixels), 64):
             x = pixels[i:i + 64].to(self.device)
@@ -399,11 +269,11 @@ class Evaluator:
         return metrics
 
 
-def save_run(root: str, run: SAERun, sae: SAE, train_metrics: dict[str, Any],
+def save_run(root: AtlasRoot, run: SAERun, sae: SAE, train_metrics: dict[str, Any],
              eval_metrics: dict[str, Any], atlas_id: str, digest: str, started: float,
              input_fingerprint: str) -> PartRecord:
     """Write the SAE (safetensors + json), its `saes` row, then commit its manifest record."""
-    weights = fs.join(root, "sae_weights", run.sae_id)
+    weights = root.join("sae_weights", run.sae_id)
     metrics = {"train": train_metrics, "heldout": eval_metrics}
     with tempfile.TemporaryDirectory(prefix="sae-") as tmp:
         save_sae(sae, Path(tmp) / "sae", metrics)
@@ -424,12 +294,12 @@ def save_run(root: str, run: SAERun, sae: SAE, train_metrics: dict[str, Any],
         "config": json.dumps(cfg.to_dict(), sort_keys=True),
     }
     fs.write_parquet(pa.Table.from_pylist([row], schema=SAES),
-                     fs.join(root, "saes", f"part-{run.sae_id}.parquet"), SAES)
+                     root.join("saes", f"part-{run.sae_id}.parquet"), SAES)
     record = PartRecord(stage=STAGE, part=run.sae_id, input=run.layer,
                         input_fingerprint=input_fingerprint, config_hash=digest, rows=1,
                         outputs={"saes": 1, f"sae_weights/{run.sae_id}": 1}, errors=0,
                         worker=worker_id(), started=started, finished=now())
-    Manifest(root).commit(record)
+    root.manifest.commit(record)
     return record
 
 
@@ -438,8 +308,8 @@ def parts_fingerprint(parts: list[PFVPart]) -> str:
     return config_hash({"parts": [(p.part, p.rows) for p in parts]})
 
 
-def train_runs(root: str, runs: Sequence[SAERun], options: TrainOptions, session: Session,
-               atlas_id: str, reader: Reader | None = None,
+def train_runs(root: AtlasRoot | str, runs: Sequence[SAERun], options: TrainOptions,
+               session: Session, atlas_id: str, reader: Reader | None = None,
                crash_at: tuple[str, int] | None = None) -> list[str]:
     """Train, evaluate and save every unfinished run of the sweep; returns the sae_ids trained.
 
@@ -447,16 +317,18 @@ def train_runs(root: str, runs: Sequence[SAERun], options: TrainOptions, session
     its current config hash) is skipped, so a re-run after a crash continues where it stopped.
     `crash_at` = (sae_id, step) makes that run fail once at that step (tests of recovery).
     """
-    _, _, extract_hash = extract_config(root)
+    root = AtlasRoot.of(root)
+    extract_hash = root.extract().config_hash
     evaluator = Evaluator(root, options, session.device) if session.rank == 0 else None
     trained = []
     for run in runs:
         digest = run_hash(run, options, extract_hash)
-        done = Manifest(root).done(STAGE, digest)
+        done = root.manifest.done(STAGE, digest)
         if run.sae_id in done:
             continue
         started = now()
-        train_parts, held = split_holdout(committed_parts(root, run.layer), options.holdout_parts)
+        train_parts, held = split_holdout(committed_parts(root.url, run.layer),
+                                          options.holdout_parts)
         crash = crash_at[1] if crash_at and crash_at[0] == run.sae_id else None
         sae, train_metrics = train_run(run, train_parts, options, session, reader, crash)
         if evaluator is not None:
@@ -470,13 +342,3 @@ def train_runs(root: str, runs: Sequence[SAERun], options: TrainOptions, session
                   flush=True)
         trained.append(run.sae_id)
     return trained
-
-
-def read_saes(root: str) -> list[dict[str, Any]]:
-    """Rows of the `saes` table under `root` (committed runs only), by sae_id."""
-    records = Manifest(root).records(STAGE)
-    rows = []
-    for sae_id in sorted(records):
-        url = fs.join(root, "saes", f"part-{sae_id}.parquet")
-        rows.extend(fs.read_parquet(url).to_pylist())
-    return rows
