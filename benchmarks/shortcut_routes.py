@@ -44,12 +44,12 @@ from tqdm import tqdm  # noqa: E402
 
 from pipeline.atlas.api import Atlas  # noqa: E402
 from pipeline.atlas.regions import cell_box  # noqa: E402
+from pipeline.atlas.route_render import render_route  # noqa: E402
+from pipeline.atlas.routes import ERROR, RouteFinder, routes_from_edges  # noqa: E402
 from pipeline.cafe.groundtruth import objects  # noqa: E402
 from pipeline.data.concepts import CLASS_NAMES, SHORTCUT_COLOURS  # noqa: E402
 from pipeline.data.errors import ErrorLog  # noqa: E402
 from pipeline.data.shards import expand_shards, iter_samples  # noqa: E402
-from pipeline.icat.routes import ERROR, RouteFinder, routes_from_edges  # noqa: E402
-from pipeline.icat.route_render import render_route  # noqa: E402
 from pipeline.icat.segment import LOGITS  # noqa: E402
 from pipeline.models import load_model, tap  # noqa: E402
 from pipeline.models.demo import WEIGHTS_DIR  # noqa: E402

@@ -108,7 +108,7 @@ def write_route(out: Path, sample: Any) -> dict[str, Any]:
     """The concept route of one held-out image into its predicted class: printed, written as
     `out/route.json` and drawn to `out/route.png`."""
     from pipeline.atlas import Atlas
-    from pipeline.icat.route_render import render_route
+    from pipeline.atlas.route_render import render_route
 
     route = Atlas.open(str(out)).routes(sample.image, label=sample.cls)
     (out / "route.json").write_text(route.to_json() + "\n")

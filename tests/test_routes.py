@@ -14,10 +14,7 @@ from test_train_sae_job import copy_of, extracted  # noqa: F401
 
 from pipeline.atlas.api import Atlas
 from pipeline.atlas.regions import cell_box
-from pipeline.atlas.sheets import exemplar_tile
-from pipeline.cafe.masks import decode_png, encode_png
-from pipeline.data.synthetic import render_sample
-from pipeline.icat.route_render import (
+from pipeline.atlas.route_render import (
     CAPTION,
     H_GAP,
     MARGIN,
@@ -27,7 +24,10 @@ from pipeline.icat.route_render import (
     node_size,
     render_route,
 )
-from pipeline.icat.routes import ERROR, Route, node_id, routes, routes_from_edges, top_sources
+from pipeline.atlas.routes import ERROR, Route, node_id, routes, routes_from_edges, top_sources
+from pipeline.atlas.sheets import exemplar_tile
+from pipeline.cafe.masks import decode_png, encode_png
+from pipeline.data.synthetic import render_sample
 from pipeline.icat.segment import LOGITS
 from pipeline.icat.stage import ICATOptions, ShardScorer, plan_icat
 from pipeline.store import fs

@@ -9,9 +9,9 @@ from test_icat import atlas  # noqa: F401
 from test_train_sae_job import extracted  # noqa: F401
 
 from pipeline.atlas import Atlas
+from pipeline.atlas.routes import Route, routes
 from pipeline.cli import main
 from pipeline.data.synthetic import render_sample
-from pipeline.icat.routes import Route, routes
 
 
 def test_cli_and_atlas_routes_equal_the_library(atlas, tmp_path, capsys) -> None:  # noqa: F811
@@ -34,7 +34,7 @@ def test_cli_and_atlas_routes_equal_the_library(atlas, tmp_path, capsys) -> None
 
 
 def test_atlas_routes_loads_the_model_once_per_method(atlas, tmp_path, monkeypatch) -> None:  # noqa: F811
-    import pipeline.icat.routes as routes_module
+    import pipeline.atlas.routes as routes_module
 
     built = []
     real = routes_module.ShardScorer

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from pipeline.atlas.index import LoadedIndex
-    from pipeline.icat.routes import Route
+    from pipeline.atlas.routes import Route
     from pipeline.models import LoadedModel
     from pipeline.sae import SAE
 
@@ -295,11 +295,11 @@ class Atlas:
     def routes(self, image: ImageInput, target: int | str | None = None, k: int = 3,
                method: str = "ig", steps: int = 32, depth: int | None = None,
                label: int | None = None) -> Route:
-        """The concept route of one image into a class logit (`pipeline.icat.routes.routes`:
+        """The concept route of one image into a class logit (`pipeline.atlas.routes.routes`:
         ICAT edges computed for this image, top-k incoming per node, down the tapped layers).
         The model, SAEs and segments are loaded on the first call per (method, steps) and kept,
         so routing many images pays the loading once."""
-        from pipeline.icat.routes import RouteFinder
+        from pipeline.atlas.routes import RouteFinder
 
         finder = self._route_finders.get((method, steps))
         if finder is None:

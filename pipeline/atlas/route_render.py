@@ -15,8 +15,11 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.atlas.api import Atlas
+from pipeline.atlas.regions import cell_box
+from pipeline.atlas.routes import ERROR, Route, RouteNode
+from pipeline.atlas.sheets import exemplar_tile
 from pipeline.data.concepts import CLASS_NAMES
-from pipeline.icat.routes import ERROR, Route, RouteNode
 
 TILE = 48  # exemplar thumbnail side, pixels
 LINE = 12  # text line height
@@ -48,10 +51,6 @@ def canvas_size(route: Route, thumbs: int) -> tuple[int, int]:
 def exemplar_thumbnails(root: str, route: Route, n: int = 3) -> dict[str, list[np.ndarray]] | None:
     """{node id: up to `n` top exemplars uint8[H, W, 3] with their iERF masks} for the latent
     nodes of `route`, or None when the atlas at `root` has no `exemplars` table (cafe stage)."""
-    from pipeline.atlas.api import Atlas  # lazy: the atlas API wraps pipeline.icat.routes
-    from pipeline.atlas.regions import cell_box
-    from pipeline.atlas.sheets import exemplar_tile
-
     atlas = Atlas.open(root)
     if not atlas.has("exemplars"):
         return None

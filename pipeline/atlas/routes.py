@@ -34,6 +34,8 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
+from pipeline.atlas.api import Atlas
+from pipeline.atlas.views import literal
 from pipeline.data.concepts import CLASS_NAMES
 from pipeline.icat.attribution import METHODS, Decomposed, Readout, attribute, downstream_rows
 from pipeline.icat.segment import LOGITS
@@ -169,7 +171,7 @@ class RouteFinder:
     """
 
     def __init__(self, root: str, method: str = "ig", steps: int = 32,
-                 device: str | torch.device = "cpu", atlas: Any = None) -> None:
+                 device: str | torch.device = "cpu", atlas: Atlas | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"method={method!r}: routes on one image use one of {list(METHODS)} "
                              "(SRD scores are available from the stored edges: routes_from_edges)")
@@ -177,7 +179,7 @@ class RouteFinder:
         self.plan = plan_icat(root, ICATOptions(methods=(method,), steps=steps), record=False)
         self.scorer = ShardScorer(self.plan, device)
         self.layers = list(self.plan.saes)  # forward order
-        self._atlas: Any = atlas  # the open Atlas for label hints; else opened on first need
+        self._atlas = atlas  # the open Atlas for label hints; else opened on first need
 
     def pixels(self, image: ImageInput) -> torch.Tensor:
         """The model input Tensor[1, 3, H, W] of one image (a tensor is taken as preprocessed)."""
@@ -405,18 +407,14 @@ def _layer_chain(table: pa.Table) -> list[str]:
     return chain
 
 
-def _open_atlas(root: str) -> Any:
-    from pipeline.atlas.api import Atlas  # lazy: the atlas API wraps this module
-
+def _open_atlas(root: str) -> Atlas:
     return Atlas.open(root)
 
 
-def _with_hints(atlas: Any, route: Route) -> Route:
+def _with_hints(atlas: Atlas, route: Route) -> Route:
     """Fill `label_hint` of the latent nodes from the `latents` view of `atlas` (an open
     pipeline.atlas.Atlas; needs the scan stage, and the hint itself the exemplars' ground
     truth, else it stays None)."""
-    from pipeline.atlas.views import literal
-
     latent_nodes = [n for n in route.nodes if n.layer in route.saes and n.latent != ERROR]
     if not latent_nodes or not atlas.has("latent_stats"):
         return route
