@@ -5,6 +5,11 @@ trained in process; `straight` adds the icat stage's edges).
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
+import json
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,15 +27,17 @@ from pipeline.atlas.route_render import (
     canvas_size,
     exemplar_thumbnails,
     node_size,
+    node_title,
     render_route,
 )
 from pipeline.atlas.routes import ERROR, Route, node_id, routes, routes_from_edges, top_sources
 from pipeline.atlas.sheets import exemplar_tile
 from pipeline.cafe.masks import decode_png, encode_png
+from pipeline.data.concepts import CLASS_NAMES
 from pipeline.data.synthetic import render_sample
 from pipeline.icat.segment import LOGITS
 from pipeline.icat.stage import ICATOptions, ShardScorer, plan_icat
-from pipeline.store import fs
+from pipeline.store import AtlasRoot, fs
 from schemas import EDGES, EXEMPLARS
 
 STEPS = 4
@@ -79,8 +86,8 @@ def test_route_has_one_level_per_tapped_layer_and_k_sources_per_node(route) -> N
     assert all(e.weight > 0 for e in route.edges)
 
 
-def test_route_weights_and_choices_equal_the_icat_library_on_the_image(  # noqa: F811
-        atlas, image, route) -> None:
+def test_route_weights_and_choices_equal_the_icat_library_on_the_image(
+        atlas, image, route) -> None:  # noqa: F811
     plan = plan_icat(atlas, ICATOptions(methods=("ig",), steps=STEPS), record=False)
     scorer = ShardScorer(plan)
     x = scorer.loaded.preprocess(image)
@@ -135,6 +142,10 @@ def test_json_round_trip(route) -> None:
     back = Route.from_json(text)
     assert back == route
     assert back.to_json() == text
+    # JSON written before routes carried class names reads as a route without them
+    old = json.loads(text)
+    del old["class_names"]
+    assert Route.from_json(json.dumps(old)) == dataclasses.replace(route, class_names=None)
 
 
 def test_render_draws_every_node_on_a_canvas_of_the_layout_size(atlas, route, tmp_path) -> None:  # noqa: F811
@@ -243,3 +254,59 @@ def test_errors_name_the_bad_value(atlas, extracted, image) -> None:  # noqa: F8
         routes(extracted, image, steps=STEPS)
     with pytest.raises(FileNotFoundError, match="no edges table"):
         routes_from_edges(atlas, 0)
+
+
+# ---- class names: the atlas's own, not the synthetic data's -------------------------------
+
+
+@pytest.fixture(scope="module")
+def unnamed(atlas, tmp_path_factory) -> str:  # noqa: F811
+    """A copy of the tiny atlas whose shards have no dataset.json beside them (as for
+    ImageNet shards): `AtlasRoot.class_names` is None."""
+    base = tmp_path_factory.mktemp("unnamed")
+    root = copy_of(atlas, base / "atlas")
+    shards = base / "shards"
+    shards.mkdir()
+    for path in glob.glob(fs.join(root, "manifest", "stage=extract", "*.json")):
+        record = fs.read_json(path)
+        record["input"] = shutil.copy(record["input"], shards)
+        fs.write_json(record, path)
+    return root
+
+
+def test_a_synthetic_atlas_names_the_class_node_with_its_shapes(
+        atlas, straight, image, route) -> None:  # noqa: F811
+    assert AtlasRoot(atlas).class_names() == list(CLASS_NAMES)
+    assert route.class_names == list(CLASS_NAMES)
+    t = route.target
+    assert node_title(route.nodes[0], route.class_names) == f"logits:{t} ({CLASS_NAMES[t]})"
+    assert node_title(route.nodes[1], route.class_names) == route.nodes[1].id  # latents: the id
+    root, _ = straight
+    cls = next(r["dst_latent"] for r in pq.read_table(fs.join(root, "edges")).to_pylist()
+               if r["dst_layer"] == LOGITS)
+    assert routes_from_edges(root, cls, k=1, scope="all").class_names == list(CLASS_NAMES)
+    # an unknown name: the error names the atlas's classes
+    with pytest.raises(ValueError, match="or a class name: " + ", ".join(CLASS_NAMES)):
+        routes(atlas, image, target="hexagon", k=1, steps=STEPS, depth=1)
+
+
+def test_an_atlas_without_class_names_labels_the_class_node_class_n(
+        unnamed, image, route) -> None:
+    assert AtlasRoot(unnamed).class_names() is None
+    got = routes(unnamed, image, k=2, steps=STEPS)
+    assert got.class_names is None
+    # the same route otherwise: the names change no edge
+    assert got == dataclasses.replace(route, class_names=None)
+    t = got.target
+    assert node_title(got.nodes[0], got.class_names) == f"logits:{t} (class {t})"
+    assert CLASS_NAMES[t] not in node_title(got.nodes[0], got.class_names)
+    # the picture draws that title: it differs from the synthetic route's only by the name
+    without = np.asarray(render_route(got, None, thumbs=0))
+    named = np.asarray(render_route(route, None, thumbs=0))
+    assert without.shape == named.shape and (without != named).any()
+    assert (np.asarray(render_route(dataclasses.replace(route, class_names=None), None, thumbs=0))
+            == without).all()
+    # a class name is a target only where the atlas has names
+    with pytest.raises(ValueError, match=r"unknown target class 'triangle'.*no class names"):
+        routes(unnamed, image, target="triangle", k=1, steps=STEPS, depth=1)
+    assert routes(unnamed, image, target=2, k=1, steps=STEPS, depth=1).target == 2

@@ -6,11 +6,13 @@ to its weight (the largest weight into the same layer gets `MAX_EDGE_WIDTH` pixe
 node shows its id, activation on the route's image, label hint and up to `thumbs` CAFE
 exemplars (the image bright on its iERF mask and dimmed elsewhere, the peak cell outlined: the
 atlas's own `pipeline.atlas.sheets.exemplar_tile`) when the atlas has an `exemplars` table;
-without it the node shows its id alone and the caption says so. Error nodes are grey.
+without it the node shows its id alone and the caption says so. Error nodes are grey. The class
+node is named from the atlas's class names (`Route.class_names`), "class N" when it has none.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -19,7 +21,7 @@ from pipeline.atlas.api import Atlas
 from pipeline.atlas.regions import cell_box
 from pipeline.atlas.routes import ERROR, Route, RouteNode
 from pipeline.atlas.sheets import exemplar_tile
-from pipeline.data.concepts import CLASS_NAMES
+from pipeline.icat.segment import LOGITS
 
 TILE = 48  # exemplar thumbnail side, pixels
 LINE = 12  # text line height
@@ -72,6 +74,16 @@ def exemplar_thumbnails(root: str, route: Route, n: int = 3) -> dict[str, list[n
     return out
 
 
+def node_title(node: RouteNode, class_names: Sequence[str] | None) -> str:
+    """The first line of a node's box: its id, and for the class node the class's name from
+    `class_names` (the atlas's, `Route.class_names`), "class N" when there is none."""
+    if node.layer != LOGITS:
+        return node.id
+    names = class_names or ()
+    name = names[node.latent] if 0 <= node.latent < len(names) else f"class {node.latent}"
+    return f"{node.id} ({name})"
+
+
 def render_route(route: Route, root: str | None = None, out: str | os.PathLike | None = None,
                  thumbs: int = 3) -> Image.Image:
     """Draw `route` (see the module docstring); exemplars come from the atlas at `root`
@@ -97,7 +109,8 @@ def render_route(route: Route, root: str | None = None, out: str | os.PathLike |
         colour = (150, 150, 150) if e.src.endswith(":err") else (40, 70, 160)
         draw.line([((sx0 + sx1) // 2, sy0), ((dx0 + dx1) // 2, dy1)], fill=colour, width=width)
     for node in route.nodes:
-        _draw_node(image, draw, node, boxes[node.id], (tiles or {}).get(node.id, []))
+        _draw_node(image, draw, node, boxes[node.id], (tiles or {}).get(node.id, []),
+                   route.class_names)
     _draw_caption(draw, route, size, tiles is not None, root is not None)
     if out is not None:
         image.save(out, format="PNG")
@@ -120,13 +133,12 @@ def _layout(route: Route, width: int, thumbs: int) -> dict[str, tuple[int, int, 
 
 
 def _draw_node(image: Image.Image, draw: ImageDraw.ImageDraw, node: RouteNode,
-               box: tuple[int, int, int, int], tiles: list[np.ndarray]) -> None:
+               box: tuple[int, int, int, int], tiles: list[np.ndarray],
+               class_names: Sequence[str] | None) -> None:
     x0, y0, x1, y1 = box
     fill = (225, 225, 225) if node.latent == ERROR else (255, 255, 255)
     draw.rectangle(box, fill=fill, outline=(0, 0, 0))
-    name = node.id
-    if node.layer == "logits" and 0 <= node.latent < len(CLASS_NAMES):
-        name += f" ({CLASS_NAMES[node.latent]})"  # the synthetic data's classes
+    name = node_title(node, class_names)
     act = "" if node.activation is None else f"act {node.activation:.3f}"
     for i, text in enumerate((name, act, node.label_hint or "")):
         draw.text((x0 + PAD, y0 + PAD + i * LINE), text[:28], fill=(0, 0, 0))

@@ -36,12 +36,11 @@ from PIL import Image
 
 from pipeline.atlas.api import Atlas
 from pipeline.atlas.views import literal
-from pipeline.data.concepts import CLASS_NAMES
 from pipeline.icat.attribution import METHODS, Decomposed, Readout, attribute, downstream_rows
 from pipeline.icat.segment import LOGITS
 from pipeline.icat.stage import ICATOptions, ShardScorer, plan_icat
 from pipeline.models import tap
-from pipeline.store import fs
+from pipeline.store import AtlasRoot, fs
 
 ERROR = -1  # src_latent of a layer's error node (schemas EDGES)
 ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
@@ -79,7 +78,9 @@ class Route:
     """A concept route: `layers` from the logits down (["logits", "layer4", "layer2"]),
     `nodes` level by level (the class node first), `edges` from the level below to the level
     above. `source`: "image" or "edges:<scope>". `saes`: {layer: sae_id} of the SAEs used.
-    `predicted` / `label`: the image's predicted class and its label (None when unknown)."""
+    `predicted` / `label`: the image's predicted class and its label (None when unknown).
+    `class_names`: the names of the model's classes from the atlas's data (its `dataset.json`,
+    `AtlasRoot.class_names`), None when the atlas has none; they name the class node."""
 
     atlas_id: str
     target: int
@@ -93,6 +94,7 @@ class Route:
     predicted: int | None = None
     label: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
 
     def level(self, layer: str) -> list[RouteNode]:
         """The route's nodes on `layer`, in route order."""
@@ -134,7 +136,7 @@ class Route:
 
     @classmethod
     def from_json(cls, text: str) -> Route:
-        """The inverse of `to_json`."""
+        """The inverse of `to_json` (JSON written before `class_names` existed reads as None)."""
         d = json.loads(text)
         nodes = [RouteNode(**{k: v for k, v in n.items() if k != "id"}) for n in d.pop("nodes")]
         edges = [RouteEdge(**e) for e in d.pop("edges")]
@@ -179,6 +181,7 @@ class RouteFinder:
         self.plan = plan_icat(root, ICATOptions(methods=(method,), steps=steps), record=False)
         self.scorer = ShardScorer(self.plan, device)
         self.layers = list(self.plan.saes)  # forward order
+        self.class_names = AtlasRoot(root).class_names()  # of the atlas's data, or None
         self._atlas = atlas  # the open Atlas for label hints; else opened on first need
 
     def pixels(self, image: ImageInput) -> torch.Tensor:
@@ -208,7 +211,9 @@ class RouteFinder:
         with torch.no_grad():
             logits = scorer.segments[(layers[-1], LOGITS)](taps[layers[-1]].values, x)[0]
         predicted = int(logits.argmax())
-        cls = _target(target, predicted, label, len(logits))
+        # the data's names name the logits only when they count the model's classes
+        names = self.class_names if self.class_names and len(self.class_names) == len(logits) else None
+        cls = _target(target, predicted, label, len(logits), names)
 
         chain = [LOGITS] + layers[::-1]
         acts = {layer: scorer.saes[layer].encode(taps[layer].values)[0].amax(0) for layer in layers}
@@ -219,7 +224,8 @@ class RouteFinder:
             lambda layer, f: float(acts[layer][f]))
         route = Route(self.plan.atlas_id, cls, self.method, k, "image", chain[:depth + 1],
                       {layer: row["sae_id"] for layer, row in self.plan.saes.items()}, nodes,
-                      edges, predicted=predicted, label=label, meta={"steps": self.steps})
+                      edges, predicted=predicted, label=label, meta={"steps": self.steps},
+                      class_names=names)
         if not hints:
             return route
         if self._atlas is None:
@@ -235,8 +241,9 @@ def routes(root: str, image: ImageInput, target: int | str | None = None, k: int
     root: a built atlas (extraction and trained SAEs; with several SAEs per layer, the one of
     lowest held-out FVU is used, as in the icat stage). image: a path, PIL image, uint8
     [H, W, 3] array (all preprocessed as the model expects) or a preprocessed Tensor[3, H, W].
-    target: a class index, a class name of the synthetic data, None (the predicted class) or
-    "true" (`label`). k: sources kept per node. method: ig, grad_x_act or grad (ICAT
+    target: a class index, a class name of the atlas's data (`AtlasRoot.class_names`: its
+    `dataset.json`; only when the atlas has names), None (the predicted class) or "true"
+    (`label`). k: sources kept per node. method: ig, grad_x_act or grad (ICAT
     instantiations, METHOD.md section 7); steps: IG quadrature steps. depth: how many tapped
     layers to descend (default: all). Nodes carry their activation on the image and, where the
     atlas has exemplars with ground truth, a label hint. For many images, reuse a `RouteFinder`.
@@ -285,7 +292,8 @@ def routes_from_edges(root: str, target_class: int, k: int = 3, method: str = "i
             fs.read_json(fs.join(root, "stages", "icat.json"))["config"]["saes"].items()}
     route = Route(table["atlas_id"][0].as_py(), int(target_class), method, k,
                   f"edges:{scope_value}", chain[:depth + 1],
-                  {layer: saes[layer] for layer in chain[1:depth + 1]}, nodes, edges)
+                  {layer: saes[layer] for layer in chain[1:depth + 1]}, nodes, edges,
+                  class_names=AtlasRoot(root).class_names())
     return _with_hints(_open_atlas(root), route)
 
 
@@ -374,8 +382,10 @@ def _check_depth(depth: int | None, n_layers: int) -> int:
     return int(depth)
 
 
-def _target(target: int | str | None, predicted: int, label: int | None, n_classes: int) -> int:
-    """The class index a route starts from (see `routes`)."""
+def _target(target: int | str | None, predicted: int, label: int | None, n_classes: int,
+            class_names: list[str] | None = None) -> int:
+    """The class index a route starts from (see `routes`); a class name is looked up in
+    `class_names`, the atlas's (None: the atlas has none, and names are refused)."""
     if target is None:
         return predicted
     if target == "true":
@@ -383,12 +393,13 @@ def _target(target: int | str | None, predicted: int, label: int | None, n_class
             raise ValueError("target='true' needs the image's label (label=CLASS_INDEX)")
         target = label
     if isinstance(target, str) and not target.lstrip("-").isdigit():
-        if target not in CLASS_NAMES or n_classes != len(CLASS_NAMES):
+        if not class_names or target not in class_names:
             raise ValueError(f"unknown target class {target!r}; use a class index 0..{n_classes - 1}, "
                              f"None (predicted), 'true'"
-                             + (f" or a class name: {', '.join(CLASS_NAMES)}"
-                                if n_classes == len(CLASS_NAMES) else ""))
-        return CLASS_NAMES.index(target)
+                             + (f" or a class name: {', '.join(class_names)}" if class_names else
+                                " (this atlas has no class names: no dataset.json with "
+                                "class_names beside its shards)"))
+        return class_names.index(target)
     cls = int(target)
     if not 0 <= cls < n_classes:
         raise ValueError(f"unknown target class {cls}: the model has {n_classes} classes "
