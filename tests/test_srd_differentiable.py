@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from pipeline import srd
 from pipeline.evaluation import Attack, differentiable, manipulate, metrics, smooth_copy
-from pipeline.srd.adapters import SmoothReLU6
+from pipeline.srd.families.base import SmoothReLU6
 from test_srd_bruteforce import perturb, randomize, tiny_lite
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from pipeline.evaluation.methods import Explainer
 from pipeline.evaluation.metrics import unit_maps
-from pipeline.srd.adapters import SmoothReLU6  # one class: SRD must accept it as an element-wise nonlinearity
+from pipeline.srd.families.base import SmoothReLU6  # one class: SRD must accept it as an element-wise nonlinearity
 
 
 def smooth_copy(model: nn.Module, beta: float = 10.0) -> nn.Module:

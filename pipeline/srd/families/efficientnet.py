@@ -18,7 +18,7 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from timm.models.efficientnet import EfficientNet
 from torch import Tensor, nn
 
-from pipeline.srd.adapters import ACTIVATIONS, Claims, graph_of, input_unit, linear_unit
+from pipeline.srd.families.base import ACTIVATIONS, Claims, graph_of, input_unit, linear_unit
 from pipeline.srd.conv import ConvRule, IdentityRule
 from pipeline.srd.errors import UnsupportedModuleError
 from pipeline.srd.graph import Block, Graph, Unit

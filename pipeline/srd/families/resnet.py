@@ -11,7 +11,7 @@ from timm.layers import SelectAdaptivePool2d
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import Tensor, nn
 
-from pipeline.srd.adapters import ACTIVATIONS, Claims, graph_of, input_unit
+from pipeline.srd.families.base import ACTIVATIONS, Claims, graph_of, input_unit
 from pipeline.srd.conv import ConvRule, FrozenPool, IdentityRule, PoolRule
 from pipeline.srd.errors import UnsupportedModuleError
 from pipeline.srd.graph import Block, Graph, Unit

@@ -13,7 +13,7 @@ from timm.layers import ClassifierHead, SelectAdaptivePool2d
 from timm.models.vgg import VGG, ConvMlp
 from torch import Tensor, nn
 
-from pipeline.srd.adapters import ACTIVATIONS, Claims, graph_of, input_unit, linear_unit
+from pipeline.srd.families.base import ACTIVATIONS, Claims, graph_of, input_unit, linear_unit
 from pipeline.srd.conv import ConvRule, FrozenPool, PoolRule
 from pipeline.srd.errors import UnsupportedModuleError
 from pipeline.srd.graph import Block, Graph, Unit

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block as VitBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from pipeline.srd.adapters import ACTIVATIONS, Claims, graph_of, input_unit, linear_unit
+from pipeline.srd.families.base import ACTIVATIONS, Claims, graph_of, input_unit, linear_unit
 from pipeline.srd.conv import ConvRule, IdentityRule
 from pipeline.srd.errors import UnsupportedModuleError
 from pipeline.srd.graph import Block, Graph, Unit
