@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,11 +41,11 @@ sys.path.insert(0, str(REPO))
 
 from jobs import extract as extract_job  # noqa: E402
 from jobs import train_sae as train_job  # noqa: E402
-from jobs.common import init_ray  # noqa: E402
+from jobs.cluster import init_ray  # noqa: E402
 from pipeline.data.synthetic import write_shards  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.models.demo import weights_path  # noqa: E402
-from pipeline.pfv.extract import ExtractConfig, decode_shard  # noqa: E402
+from pipeline.pfv.extract import ExtractOptions, decode_shard  # noqa: E402
 from pipeline.pfv.parts import committed_parts, read_values  # noqa: E402
 from pipeline.sae.stage import TrainOptions, make_runs, split_holdout  # noqa: E402
 from pipeline.sae import SAE, make_optimizer, read_sae_info, train_step  # noqa: E402
@@ -61,7 +62,7 @@ def steady_rate(out: str) -> float:
     return sum(r.rows for r in records[1:]) / (records[-1].finished - records[0].finished)
 
 
-def bare_forward_rate(cfg: ExtractConfig, shards: list[str]) -> float:
+def bare_forward_rate(cfg: ExtractOptions, shards: list[str]) -> float:
     """Images/s of `model(x)` alone on the job's preprocessed batches."""
     loaded = load_model(cfg.model, cfg.weights)
     pixels = np.concatenate([decode_shard(s, loaded.data_config).pixels for s in shards])
@@ -75,11 +76,12 @@ def bare_forward_rate(cfg: ExtractConfig, shards: list[str]) -> float:
     return len(pixels) / (time.perf_counter() - t)
 
 
-def bench_extraction(cfg: ExtractConfig, shards: list[str], work: Path) -> dict:
+def bench_extraction(cfg: ExtractOptions, shards: list[str], work: Path) -> dict:
     out = str(work / "extract-bench")
     shutil.rmtree(out, ignore_errors=True)  # a fresh job: a resumed one would measure nothing
     t = time.perf_counter()
-    summary = extract_job.run(cfg, shards, out, atlas_id="bench", progress=False, stats=False)
+    summary = extract_job.run(out, replace(cfg, shards=tuple(shards)), progress=False,
+                              stats=False)
     wall = time.perf_counter() - t
     pipeline = steady_rate(out)
     bare = bare_forward_rate(cfg, shards)
@@ -88,13 +90,13 @@ def bench_extraction(cfg: ExtractConfig, shards: list[str], work: Path) -> dict:
             "overhead": round(1 - pipeline / bare, 3), "out": out}
 
 
-def bench_scaling(cfg: ExtractConfig, shards: list[str], sizes: list[int], work: Path) -> list:
+def bench_scaling(cfg: ExtractOptions, shards: list[str], sizes: list[int], work: Path) -> list:
     rows = []
     for n in sizes:
         out = str(work / f"scale-{n}")
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
-        summary = extract_job.run(cfg, shards[:n // SHARD_SIZE], out, atlas_id="bench",
+        summary = extract_job.run(out, replace(cfg, shards=tuple(shards[:n // SHARD_SIZE])),
                                   progress=False, stats=False)
         rows.append({"images": summary["images"], "wall_s": round(time.perf_counter() - t, 2),
                      "steady_img_s": round(steady_rate(out), 1)})
@@ -112,8 +114,9 @@ def bench_sae(root: str, layer: str, steps: int, work: Path) -> dict:
     sweep = [{"layer": layer, "sae": {"n_latents": 512, "k": 16, "batch_size": 1024,
                                       "lr": 1e-3, "dead_tokens": 100_000}}]
     # the demo's checkpoint cadence: its cost is part of the job's rate
-    options = TrainOptions(steps=steps, checkpoint_every=250, fidelity_images=64)
-    rows = train_job.run(root, sweep, options, atlas_id="bench")
+    options = TrainOptions(sweep=tuple(sweep), steps=steps, checkpoint_every=250,
+                           fidelity_images=64)
+    rows = train_job.run(root, options)
     ray_rate = read_sae_info(rows[0]["weights"])["metrics"]["train"]["tokens_per_s"]
 
     run = make_runs(sweep, {layer: rows[0]["d_in"]}, options)[0]
@@ -175,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         write_shards(data, n=n_data, seed=0, shard_size=SHARD_SIZE, progress=False)
     shards = sorted(str(s) for s in data.glob("shard-*.tar"))
     weights = "default" if a.model != "demo_resnet" or weights_path(a.model).is_file() else None
-    cfg = ExtractConfig(model=a.model, weights=weights, layers=tuple(a.layers),
-                        batch_size=a.batch_size)
+    cfg = ExtractOptions(model=a.model, weights=weights, layers=tuple(a.layers),
+                         batch_size=a.batch_size, atlas_id="bench")
     init_ray()
 
     t0 = time.time()

@@ -11,7 +11,7 @@ A demo_resnet trained on data where class i mostly has colour SHORTCUT_COLOURS[i
     #    exemplars are >= 50% that class's shortcut colour vs random latents of the layer;
     #    prediction flips when the route latents are deleted vs as many random active latents
     python benchmarks/shortcut_routes.py routes --atlas DIR --data TEST_SHARDS
-    # 4. class routes from the stored edges (after `python -m jobs.icat DIR --methods ig`)
+    # 4. class routes from the stored edges (after `concept-atlas icat DIR --methods ig`)
     python benchmarks/shortcut_routes.py edges --atlas DIR --data TEST_SHARDS
     # the picture of one test image's route
     python benchmarks/shortcut_routes.py picture --atlas DIR --data TEST_SHARDS --index 3 --out r.png
@@ -353,7 +353,7 @@ def main() -> None:
     s.add_argument("--out", default="shortcut_routes.json", help="file name under benchmarks/results")
     s.add_argument("--colour-source", choices=("peak", "ierf"), default="peak",
                    help="exemplar colour: object under the peak cell, or under the iERF mask (cafe)")
-    e = sub.add_parser("edges", help="class routes from the stored edges (run jobs.icat first)")
+    e = sub.add_parser("edges", help="class routes from the stored edges (run `concept-atlas icat` first)")
     e.add_argument("--atlas", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--per-class", type=int, default=20, help="test images predicted as the class")

@@ -1,153 +1,182 @@
-"""`concept-atlas build CONFIG.yaml`: every implemented stage in order, each resumable.
+"""`concept-atlas build CONFIG.yaml`: every stage a build config asks for, in order, each
+resumable; every check of every stage runs first, so a bad config fails before any work.
 
-The stages are an explicit registry (`STAGES`): a stage says when the config asks for it and
-how to run it. Later stages (CAFE exemplars, ICAT edges) append entries here. Every stage's
-checks run first (`pipeline.build.check_build`), so a bad config fails before any work.
+A config has these sections (see `configs/demo.yaml`); each stage's section holds the fields
+of its options class (`jobs.stages`), checked by type and bounds:
+
+    atlas_id: demo                  # stored in every table row
+    out: demo_out                   # output root (local path or fsspec URL; --out overrides)
+    data:                           # exactly one of:
+      synthetic: {n, seed, size, shard_size, shortcut_prob}   # make-data writes OUT/data
+      shards: PATTERN_OR_LIST       # existing WebDataset shards
+    model: {name, weights}
+    extract: {layers, positions, include_special, seed, dtype, batch_size, actors, ...}
+    train_sae: {sweep: [{layer, sae: {...}, name?, steps?}], steps, checkpoint_every, ...}
+    scan: {...}   cafe: {...}   index: {...}   icat: {...}   # later stages, each optional
 """
 from __future__ import annotations
 
-import sys
-import tempfile
+import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from pipeline.build import BuildConfig, CheckedBuild, check_build, load_build_config
+import yaml
+
+from jobs.stages import STAGES, RunContext
 from pipeline.store import fs
 
+if TYPE_CHECKING:
+    from pipeline.models import LayerSpec
+    from pipeline.sae.stage import SAERun
+    from pipeline.stage import Options
 
-@dataclass(frozen=True)
-class Stage:
-    """A build stage: `wanted(config)` says whether the config asks for it."""
-
-    name: str
-    wanted: Callable[[BuildConfig], bool]
-    run: Callable[[BuildConfig, CheckedBuild, str | None], Any]
+TOP = ("atlas_id", "out", "data", "model")
 
 
-def _make_data(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
-    from pipeline.data.synthetic import write_shards
-
-    syn = cfg.synthetic
-    if fs.exists(fs.join(cfg.data_dir, "dataset.json")):  # check_build found it identical
-        print(f"[make-data] reusing {syn['n']} synthetic images in {cfg.data_dir}", flush=True)
-        return {"images": syn["n"], "reused": True}
-    t = time.time()
-    local = fs.local_path(cfg.data_dir)
-    with tempfile.TemporaryDirectory(prefix="make-data-") as tmp:
-        # a remote output gets shards written locally, then uploaded one object each
-        paths = write_shards(local or tmp, n=syn["n"], seed=syn["seed"], size=syn["size"],
-                             shard_size=syn["shard_size"], shortcut_prob=syn["shortcut_prob"])
-        if local is None:
-            for path in [*paths, Path(tmp) / "dataset.json"]:  # dataset.json last: the marker
-                data = path.read_bytes()
-                fs.write_atomic(fs.join(cfg.data_dir, path.name), lambda f, d=data: f.write(d))
-    print(f"[make-data] wrote {syn['n']} images to {cfg.data_dir} in {time.time() - t:.1f}s",
-          flush=True)
-    return {"images": syn["n"], "reused": False}
+class StageFailed(RuntimeError):
+    """A stage finished with parts that failed (recorded in the errors table); re-run to retry."""
 
 
-def _extract(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
-    from jobs.extract import run
+@dataclass
+class BuildConfig:
+    """A parsed build config: the output root and the options of every stage it asks for, by
+    stage name, in stage order."""
 
-    return _no_failures("extract", run(cfg.extract, cfg.shard_spec, cfg.out,
-                                       atlas_id=cfg.atlas_id, address=address,
-                                       **cfg.extract_runtime))
+    atlas_id: str
+    out: str
+    options: dict[str, Options] = field(default_factory=dict)
 
+    @property
+    def data_dir(self) -> str:
+        """Where make-data writes the synthetic shards: OUT/data."""
+        return fs.join(self.out, "data")
 
-def _train_sae(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> Any:
-    from jobs.train_sae import run
+    @property
+    def extract(self) -> Options:
+        return self.options["extract"]
 
-    return run(cfg.out, cfg.sweep, cfg.train, atlas_id=cfg.atlas_id, address=address)
+    @extract.setter
+    def extract(self, value: Options) -> None:
+        self.options["extract"] = value
 
+    @property
+    def train(self) -> Options | None:
+        return self.options.get("train-sae")
 
-def _scan(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
-    from jobs.scan import run
-
-    return _no_failures("scan", run(cfg.out, cfg.stages["scan"], address=address,
-                                    **cfg.stage_runtime["scan"]))
-
-
-def _cafe(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
-    from jobs.cafe import run
-
-    return _no_failures("cafe", run(cfg.out, cfg.stages["cafe"], address=address,
-                                    **cfg.stage_runtime["cafe"]))
-
-
-def _index(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
-    from jobs.index import build_indexes, report
-
-    opts = cfg.stages["index"]
-    summary = build_indexes(cfg.out, opts.exact_below, opts.factory)
-    report(summary)
-    return summary
+    @train.setter
+    def train(self, value: Options) -> None:
+        self.options["train-sae"] = value
 
 
-def _icat(cfg: BuildConfig, checked: CheckedBuild, address: str | None) -> dict[str, Any]:
-    from jobs.icat import run
+@dataclass
+class CheckedBuild:
+    """What the checks found: the model's layer specs, the SAE runs of the sweep, the shards."""
 
-    return _no_failures("icat", run(cfg.out, cfg.stages["icat"], address=address,
-                                    **cfg.stage_runtime["icat"]))
-
-
-def _no_failures(stage: str, summary: dict[str, Any]) -> dict[str, Any]:
-    if summary.get("parts_failed"):
-        raise RuntimeError(f"{stage}: {len(summary['parts_failed'])} parts failed (see the "
-                           "errors table); re-run the build to retry them")
-    return summary
+    specs: dict[str, LayerSpec] = field(default_factory=dict)
+    runs: list[SAERun] = field(default_factory=list)
+    n_shards: int = 0
 
 
-STAGES: list[Stage] = [
-    Stage("make-data", lambda c: c.synthetic is not None, _make_data),
-    Stage("extract", lambda c: True, _extract),
-    Stage("train-sae", lambda c: c.train is not None, _train_sae),
-    Stage("scan", lambda c: "scan" in c.stages, _scan),
-    Stage("cafe", lambda c: "cafe" in c.stages, _cafe),
-    Stage("index", lambda c: "index" in c.stages, _index),
-    Stage("icat", lambda c: "icat" in c.stages, _icat),
-]
+def load_build_config(path: str | os.PathLike[str], out: str | None = None) -> BuildConfig:
+    """Parse a build YAML; unknown sections or keys, and values of the wrong type or out of
+    bounds, are errors naming them and what is valid."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections "
+                         f"{list(TOP) + [s.options.section for s in STAGES[1:]]}")
+    sections = {s.options.section for s in STAGES[1:]}
+    unknown = sorted(set(raw) - set(TOP) - sections)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; known keys: "
+                         f"{list(TOP) + [s.options.section for s in STAGES[1:]]}")
+    for needed in ("data", "model", "extract"):
+        if raw.get(needed) is None:
+            raise ValueError(f"{path}: missing section '{needed}'")
+    atlas_id = raw.get("atlas_id", "atlas")
+    if not isinstance(atlas_id, str):
+        raise ValueError(f"atlas_id={atlas_id!r}: expected a string")
+    cfg = BuildConfig(atlas_id=atlas_id, out=os.fspath(out or raw.get("out") or "atlas_out"))
+    data, model = _mapping(raw, "data", ("synthetic", "shards")), _mapping(raw, "model",
+                                                                            ("name", "weights"))
+    if ("synthetic" in data) == ("shards" in data):
+        raise ValueError(f"{path}: data needs exactly one of 'synthetic' or 'shards'")
+    if "name" not in model:
+        raise ValueError(f"{path}: model.name is missing")
+    for stage in STAGES:
+        section = stage.options.section
+        if stage.name == "make-data":
+            if "synthetic" in data:
+                cfg.options[stage.name] = stage.options.from_section(data["synthetic"])
+            continue
+        if raw.get(section, False) is False:  # absent; an empty section means the defaults
+            continue
+        if stage.needs is not None and raw.get(stage.needs) is None:
+            raise ValueError(f"{path}: section '{section}' needs section '{stage.needs}'")
+        given: dict[str, Any] = {}
+        if stage.name == "extract":
+            shards = [cfg.data_dir] if "synthetic" in data else data["shards"]
+            given = dict(model=model["name"], weights=model.get("weights", "default"),
+                         atlas_id=atlas_id, shards=[shards] if isinstance(shards, str) else shards)
+        cfg.options[stage.name] = stage.options.from_section(raw.get(section), **given)
+    return cfg
+
+
+def check_build(cfg: BuildConfig) -> CheckedBuild:
+    """Every check of every stage the config asks for, before any work (ValueError /
+    FileNotFoundError naming the problem)."""
+    checked = CheckedBuild()
+    for stage in STAGES:
+        if stage.name in cfg.options and stage.check is not None:
+            stage.check(cfg, checked)
+    return checked
 
 
 def run(config: str, out: str | None = None, address: str | None = None,
-        stages: Sequence[str] | None = None) -> dict[str, Any]:
-    """Check the whole config, then run the wanted stages (or only `stages`) in order.
+        stages: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Check the whole config, then run the stages it asks for (or only `stages`) in order.
 
-    Returns {stage name: its result}. Each stage skips the work a previous run finished.
+    Returns {stage name: its summary}. Each stage skips the work a previous run finished.
+    Raises StageFailed after a stage whose parts failed (the later stages need them).
     """
-    return run_build(load_build_config(config, out), address, stages, name=config)
+    return run_build(load_build_config(config, out), address, stages, name=config,
+                     progress=progress)
 
 
 def run_build(cfg: BuildConfig, address: str | None = None, stages: Sequence[str] | None = None,
-              name: str = "build") -> dict[str, Any]:
+              name: str = "build", progress: bool = True) -> dict[str, Any]:
     """`run` for an already parsed (possibly edited) config."""
     known = [s.name for s in STAGES]
     unknown = sorted(set(stages or ()) - set(known))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; stages: {known}")
     t0 = time.time()
-    checked = check_build(cfg)
-    plan = [s for s in STAGES if s.wanted(cfg) and (not stages or s.name in stages)]
+    check_build(cfg)
+    plan = [s for s in STAGES if s.name in cfg.options and (not stages or s.name in stages)]
     print(f"[build] {name} -> {cfg.out}: stages {', '.join(s.name for s in plan)} "
           f"(checked in {time.time() - t0:.1f}s)", flush=True)
+    context = RunContext(address=address, progress=progress)
     results, times = {}, {}
     for stage in plan:
         t = time.time()
-        results[stage.name] = stage.run(cfg, checked, address)
+        result = stage.run(stage.root(cfg), cfg.options[stage.name], context)
+        if isinstance(result, dict) and result.get("parts_failed"):
+            raise StageFailed(f"{stage.name}: {len(result['parts_failed'])} parts failed (see the "
+                              "errors table); re-run the build to retry them")
+        results[stage.name] = result
         times[stage.name] = time.time() - t
     print("[build] done in " + ", ".join(f"{n} {s:.0f}s" for n, s in times.items())
           + f"; total {time.time() - t0:.0f}s. Outputs in {cfg.out}/", flush=True)
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m jobs.build ARGS` is `concept-atlas build ARGS`."""
-    from pipeline.cli import main as cli_main
-
-    return cli_main(["build", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _mapping(raw: dict[str, Any], name: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    section = raw.get(name) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"section '{name}' must be a mapping with keys {list(keys)}")
+    unknown = sorted(set(section) - set(keys))
+    if unknown:
+        raise ValueError(f"{name}: unknown keys {unknown}; known keys: {list(keys)}")
+    return dict(section)

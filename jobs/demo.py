@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from jobs.build import run_build
-from pipeline.build import load_build_config
+from jobs.build import load_build_config, run_build
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEFAULT_LAYERS = {"demo_resnet": ["layer2", "layer4"], "demo_vit": ["blocks.1", "blocks.3"]}
@@ -33,16 +32,17 @@ def run(out: Path, n_images: int | None = None, model_name: str = "demo_resnet",
         raise FileNotFoundError(f"demo config not found at {DEMO_CONFIG}; run from a clone")
     cfg = load_build_config(DEMO_CONFIG, out=str(out))
     if n_images is not None:
-        cfg.synthetic["n"] = n_images
+        cfg.options["make-data"] = dataclasses.replace(cfg.options["make-data"], n=n_images)
     if model_name != cfg.extract.model or layers:
         layers = list(layers or DEFAULT_LAYERS.get(model_name, []))
         if not layers:
             raise ValueError(f"no default layers for {model_name!r}; pass --layers "
                              f"(`concept-atlas layers --model {model_name}` lists them)")
         cfg.extract = dataclasses.replace(cfg.extract, model=model_name, layers=tuple(layers))
-        template = cfg.sweep
-        cfg.sweep = [dict(template[min(i, len(template) - 1)], layer=layer)
-                     for i, layer in enumerate(layers)]
+        template = cfg.train.sweep
+        cfg.train = dataclasses.replace(cfg.train, sweep=tuple(
+            dict(template[min(i, len(template) - 1)], layer=layer)
+            for i, layer in enumerate(layers)))
     results = run_build(cfg, name="demo")
     extract, saes = results["extract"], results["train-sae"]
     accuracy = saes[0]["model_accuracy"] if saes else None
@@ -123,7 +123,7 @@ def heldout_samples(cfg: Any, n: int) -> list[Any]:
     from pipeline.data.shards import expand_shards, iter_samples
 
     samples = []
-    for s in iter_samples(expand_shards(cfg.shard_spec)[-1:], ErrorLog(), stage="demo"):
+    for s in iter_samples(expand_shards(list(cfg.extract.shards))[-1:], ErrorLog(), stage="demo"):
         samples.append(s)
         if len(samples) == n:
             break

@@ -26,19 +26,11 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from jobs.common import cluster_gpus, init_ray, on_loopback
-from pipeline.pfv.parts import PFVPart, committed_parts
-from pipeline.sae.stage import (
-    STAGE,
-    SAERun,
-    TrainOptions,
-    make_runs,
-    run_hash,
-    split_holdout,
-    train_runs,
-)
-from pipeline.sae.train import LocalSession
+from jobs.cluster import cluster_gpus, init_ray, on_loopback
+from pipeline.pfv.parts import PFVPart
 from pipeline.sae import SAE
+from pipeline.sae.stage import SAERun, TrainOptions, plan_runs, print_summary, train_runs
+from pipeline.sae.train import LocalSession
 from pipeline.store import AtlasRoot, fs
 
 
@@ -160,59 +152,33 @@ def ray_data_reader(parts: Sequence[PFVPart]) -> Iterator[np.ndarray]:
 
 def _train_loop(config: dict[str, Any]) -> None:
     """Per-worker entry point of the TorchTrainer."""
-    torch.set_num_threads(max(1, int(config["threads"])))
-    train_runs(config["root"], [SAERun.from_dict(d) for d in config["runs"]],
-               TrainOptions(**config["options"]), RayTrainSession(), config["atlas_id"],
-               reader=ray_data_reader, crash_at=config.get("crash_at"))
+    options = TrainOptions(**config["options"])
+    torch.set_num_threads(max(1, int(options.cpus_per_worker)))
+    train_runs(config["root"], [SAERun.from_dict(d) for d in config["runs"]], options,
+               RayTrainSession(), reader=ray_data_reader, crash_at=config.get("crash_at"))
 
 
-def plan_runs(root: str, sweep: Sequence[dict[str, Any]],
-              options: TrainOptions) -> tuple[list[SAERun], list[SAERun]]:
-    """Validate the sweep against the extraction under `root`: (all runs, unfinished runs).
-
-    Raises before any work for an unknown layer, a bad or oversized SAE config, or too few
-    extracted parts to hold some out.
-    """
-    atlas = AtlasRoot(root)
-    extract_hash = atlas.extract().config_hash
-    channels = {name: row["channels"] for name, row in atlas.layers().items()}
-    runs = make_runs(sweep, channels, options)
-    for layer in {r.layer for r in runs}:
-        train, _ = split_holdout(committed_parts(root, layer), options.holdout_parts)
-        if len(train) < options.workers:
-            raise ValueError(f"layer {layer}: {len(train)} training parts for "
-                             f"{options.workers} workers; use at most {len(train)} workers")
-    manifest = atlas.manifest
-    pending = [r for r in runs
-               if r.sae_id not in manifest.done(STAGE, run_hash(r, options, extract_hash))]
-    return runs, pending
-
-
-def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
-        atlas_id: str = "atlas", address: str | None = None, max_failures: int = 3,
+def run(root: AtlasRoot | str, options: TrainOptions, *, address: str | None = None,
         crash_at: tuple[str, int] | None = None) -> list[dict[str, Any]]:
-    """Train every unfinished SAE of `sweep` on the PFVs under `root`; returns `saes` rows.
+    """Train every unfinished SAE of `options.sweep` on the PFVs under `root`; its `saes` rows.
 
-    Args:
-        root: the extraction's output root (local path or fsspec URL); SAEs are written there.
-        sweep: entries {layer, sae: {SAEConfig fields but d_in}, name?, steps?}.
-        options: steps, checkpointing, held-out parts, scaling (see TrainOptions).
-        max_failures: worker-group restarts Ray Train allows (each resumes from a checkpoint).
-        crash_at: (sae_id, step): that run fails once at that step (tests of recovery).
+    Runs in this process (`options.in_process`) or on Ray Train, data-parallel over
+    `options.workers`. `crash_at` = (sae_id, step): that run fails once at that step (tests of
+    recovery).
     """
     t0 = time.time()
-    root = root if "://" in root else os.path.abspath(root)
-    runs, pending = plan_runs(root, sweep, options)
+    root = AtlasRoot.of(root)
+    runs, pending = plan_runs(root, options)
     print(f"[train-sae] {len(runs)} SAEs under {root}: {len(runs) - len(pending)} done, "
           f"{len(pending)} to train", flush=True)
     if pending and options.in_process:
-        local = fs.local_path(root)
+        local = fs.local_path(root.url)
         if local is None:
             raise ValueError(f"in_process training keeps checkpoints on a local disk; {root} "
                              "is remote: train on Ray instead")
         torch.set_num_threads(max(1, int(options.cpus_per_worker)))
         train_runs(root, pending, options, LocalSession(os.path.join(local, "_local_train")),
-                   atlas_id, crash_at=crash_at)
+                   crash_at=crash_at)
     elif pending:
         # Ray Train tees a worker's print into its logger too, and the driver then shows each
         # progress line twice; the setting is propagated to the workers
@@ -223,9 +189,8 @@ def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
             _train_loop,
             torch_config=torch_config(),
             train_loop_config={
-                "root": root, "runs": [r.to_dict() for r in pending], "atlas_id": atlas_id,
-                "options": dataclasses.asdict(options), "threads": options.cpus_per_worker,
-                "crash_at": crash_at,
+                "root": root.url, "runs": [r.to_dict() for r in pending],
+                "options": dataclasses.asdict(options), "crash_at": crash_at,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=options.workers, use_gpu=use_gpu,
@@ -234,40 +199,11 @@ def run(root: str, sweep: Sequence[dict[str, Any]], options: TrainOptions, *,
                 # one name per output: a re-run restores the latest checkpoint, which the loop
                 # uses only for the run it belongs to (its config is stored with it)
                 name="train-sae",
-                storage_path=fs.join(root, "_ray_train"),
-                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                storage_path=root.join("_ray_train"),
+                failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         )
         trainer.fit()
-    atlas = AtlasRoot(root)
-    rows = [r for r in atlas.saes() if r["sae_id"] in {x.sae_id for x in runs}]
-    print_summary(rows, time.time() - t0, atlas.extract().model)
+    rows = [r for r in root.saes() if r["sae_id"] in {x.sae_id for x in runs}]
+    print_summary(rows, time.time() - t0, root.extract().model)
     return rows
-
-
-def print_summary(rows: list[dict[str, Any]], seconds: float, model: str) -> None:
-    print(f"[train-sae] {len(rows)} SAEs in {seconds:.1f}s (held-out metrics)")
-    print(f"{'sae_id':<28} {'latents':>7} {'k':>3} {'FVU':>7} {'L0':>6} {'dead%':>6} "
-          f"{'dense%':>6} {'top1agr':>7} {'KL':>7}")
-    for r in rows:
-        print(f"{r['sae_id']:<28} {r['n_latents']:>7} {r['k']:>3} {r['fvu']:>7.4f} "
-              f"{r['l0']:>6.1f} {100 * r['dead_frac']:>6.2f} {100 * r['dense_frac']:>6.2f} "
-              f"{r['logit_agreement']:>7.3f} {r['logit_kl']:>7.4f}")
-    accuracy = [r["model_accuracy"] for r in rows if r["model_accuracy"] is not None]
-    if accuracy:
-        # the shards' .cls labels are compared with the model's class indices as they are: for
-        # a model trained on other classes (an ImageNet model on the synthetic data) it means nothing
-        print(f"[accuracy] {model}: {accuracy[0]:.2%} on {rows[0]['heldout_images']} "
-              "held-out images (top-1 against the shards' .cls labels, read as the model's "
-              "class indices)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m jobs.train_sae ARGS` is `concept-atlas train-sae ARGS`."""
-    from pipeline.cli import main as cli_main
-
-    return cli_main(["train-sae", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

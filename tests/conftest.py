@@ -49,7 +49,7 @@ def ray_cluster():
     """One local Ray instance (2 CPUs) for every test that needs one; yields its GCS address."""
     import ray
 
-    from jobs.common import init_ray
+    from jobs.cluster import init_ray
 
     init_ray(num_cpus=2, log_to_driver=False)  # loopback only, as every local instance
     yield ray.get_runtime_context().gcs_address

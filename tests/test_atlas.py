@@ -21,17 +21,18 @@ import torch
 from PIL import Image
 
 from jobs.extract import run as extract
-from jobs.index import build_indexes
 from pipeline.atlas import Atlas, ReadOnlyError
 from pipeline.atlas import index as idx
+from pipeline.atlas.index import IndexOptions
+from pipeline.atlas.indexing import build_indexes
 from pipeline.atlas.regions import box_positions, cell_box
 from pipeline.atlas.views import SOURCES, table_files
 from pipeline.cafe.masks import encode_png
-from pipeline.cli import main
+from jobs.cli import main
 from pipeline.data.errors import ErrorLog
 from pipeline.data.shards import iter_samples
 from pipeline.data.synthetic import write_shards
-from pipeline.pfv.extract import ExtractConfig
+from pipeline.pfv.extract import ExtractOptions
 from pipeline.pfv.parts import committed_parts, read_values
 from pipeline.sae import SAE, SAEConfig, save_sae
 from pipeline.store import fs
@@ -142,8 +143,9 @@ def atlas_root(tmp_path_factory) -> dict:
     shards = [str(p) for p in write_shards(base / "data", n=16, seed=3, size=SIZE, shard_size=8,
                                            workers=1, progress=False)]
     root = str(base / "atlas")
-    cfg = ExtractConfig(model="demo_resnet", layers=("layer2", "layer4"), batch_size=16)
-    extract(cfg, shards, root, atlas_id=ATLAS_ID, progress=False, stats=False, in_process=True)
+    cfg = ExtractOptions(model="demo_resnet", layers=("layer2", "layer4"), batch_size=16,
+                         shards=tuple(shards), atlas_id=ATLAS_ID, in_process=True)
+    extract(root, cfg, progress=False, stats=False)
     grids = {r["layer"]: (r["grid_h"], r["grid_w"])
              for r in pq.read_table(fs.join(root, "layers", "part-000000.parquet")).to_pylist()}
     rng = np.random.default_rng(0)
@@ -362,9 +364,11 @@ def test_index_build_keeps_unchanged_indexes_and_rebuilds_changed_ones(atlas_roo
     assert [p.stat().st_mtime_ns for p in faiss_files] == stamps  # not rewritten
     # other options change the inputs: rebuilt (here to the same exact index), and again
     # when the defaults come back; `force` rebuilds unchanged ones
-    assert not any(r["reused"] for r in build_indexes(root, progress=False, factory="Flat")["indexes"])
+    flat = build_indexes(root, IndexOptions(factory="Flat"), progress=False)
+    assert not any(r["reused"] for r in flat["indexes"])
     assert not any(r["reused"] for r in build_indexes(root, progress=False)["indexes"])
-    assert not any(r["reused"] for r in build_indexes(root, progress=False, force=True)["indexes"])
+    forced = build_indexes(root, IndexOptions(force=True), progress=False)
+    assert not any(r["reused"] for r in forced["indexes"])
     assert all(r["reused"] for r in build_indexes(root, progress=False)["indexes"])
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from jobs import build
-from pipeline.build import check_build, load_build_config
+from jobs.build import check_build, load_build_config
 from pipeline.store import Manifest, check_stage_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LATENTS = 3  # latents per SAE whose picks the stage tests explain
 OPTS = CafeOptions(faithfulness_per_latent=1, steps=4, patch=16, image_batch=4)
+IN_PROCESS = replace(OPTS, in_process=True)
 
 
 class DriverCrash(BaseException):
@@ -65,9 +67,9 @@ def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811
     root = str(tmp_path_factory.mktemp("cafe") / "atlas")
     shutil.copytree(extracted, root)
     runs = make_runs(SWEEP, CHANNELS, OPTIONS)
-    train_runs(root, runs, OPTIONS, LocalSession(Path(root) / "_ckpt"), "t")
-    scan(root, ScanOptions(top_per_image=4, n_top=2, n_quantile=1, sample_size=4),
-         progress=False, in_process=True)
+    train_runs(root, runs, OPTIONS, LocalSession(Path(root) / "_ckpt"))
+    scan(root, ScanOptions(top_per_image=4, n_top=2, n_quantile=1, sample_size=4,
+                           in_process=True), progress=False)
     for run in runs:
         url = fs.join(root, "exemplar_picks", f"sae={run.sae_id}", "part-000000.parquet")
         picks = fs.read_parquet(url)
@@ -239,7 +241,7 @@ def test_stage_writes_one_consistent_row_per_pick(atlas, tmp_path) -> None:
 
     root = copy_of(atlas, tmp_path / "a")
     picks = plan_cafe(root, OPTS).picks
-    summary = run(root, OPTS, progress=False, in_process=True)
+    summary = run(root, IN_PROCESS, progress=False)
     table = pq.read_table(fs.join(root, "exemplars"))
     assert table.schema.remove_metadata().equals(EXEMPLARS.remove_metadata(), check_metadata=False)
     rows = read_rows(root)
@@ -263,25 +265,25 @@ def test_crashed_driver_resumes_with_exact_row_counts(atlas, tmp_path) -> None:
     from jobs.cafe import run
 
     straight = copy_of(atlas, tmp_path / "straight")
-    run(straight, OPTS, progress=False, in_process=True)
+    run(straight, IN_PROCESS, progress=False)
 
     def crash_after_first_part(record) -> None:
         raise DriverCrash(record.part)
 
     root = copy_of(atlas, tmp_path / "crashed")
     with pytest.raises(DriverCrash):
-        run(root, OPTS, progress=False, in_process=True, on_part=crash_after_first_part)
+        run(root, IN_PROCESS, progress=False, on_part=crash_after_first_part)
     # what a crash mid-part leaves: an uncommitted part file and a temporary
     (Path(root) / "exemplars" / "part-000001.parquet").write_bytes(b"stale")
     (Path(root) / "exemplars" / ".part-000002.parquet.tmp-0123456789ab").write_bytes(b"half")
-    summary = run(root, OPTS, progress=False, in_process=True)
+    summary = run(root, IN_PROCESS, progress=False)
     parts = summary["parts_done"]
     assert summary["parts_skipped"] == 1 and summary["parts_new"] == parts - 1
     a, b = read_rows(straight), read_rows(root)
     assert len(b) == len(a) == plan_cafe(root, OPTS).picks
     assert [(r["sae_id"], r["latent"], r["rank"], r["ierf_png"]) for r in b] == [
         (r["sae_id"], r["latent"], r["rank"], r["ierf_png"]) for r in a]
-    assert run(root, OPTS, progress=False, in_process=True)["parts_new"] == 0
+    assert run(root, IN_PROCESS, progress=False)["parts_new"] == 0
 
 
 def test_other_options_in_the_same_atlas_are_refused_naming_the_key(atlas, tmp_path) -> None:
@@ -301,7 +303,7 @@ def test_a_pick_of_an_unknown_image_is_an_error_row_not_an_exemplar(atlas, tmp_p
     ghost = dict(picks.slice(0, 1).to_pylist()[0], image_id=999)  # part 0 has 12 images
     fs.write_parquet(pa.Table.from_pylist(picks.to_pylist() + [ghost], schema=EXEMPLAR_PICKS),
                      url, EXEMPLAR_PICKS)
-    summary = run(root, OPTS, progress=False, in_process=True)
+    summary = run(root, IN_PROCESS, progress=False)
     assert summary["exemplars"] == plan_cafe(root, OPTS).picks - 1 and summary["errors"] == 1
     [error] = pq.read_table(fs.join(root, "errors", "stage=cafe")).to_pylist()
     assert "image_id 999 of a pick is not in the images table of part-000000" in error["reason"]
@@ -332,9 +334,9 @@ def test_on_ray_the_rows_equal_the_in_process_run(ray_cluster, atlas, tmp_path) 
     from jobs.cafe import run
 
     local = copy_of(atlas, tmp_path / "local")
-    run(local, OPTS, progress=False, in_process=True)
+    run(local, IN_PROCESS, progress=False)
     root = copy_of(atlas, tmp_path / "ray")
-    summary = run(root, OPTS, progress=False, actors=1, cpus_per_actor=0.5)
+    summary = run(root, replace(OPTS, actors=1, cpus_per_actor=0.5), progress=False)
     assert summary["parts_failed"] == {} and summary["exemplars"] == plan_cafe(root, OPTS).picks
     a, b = read_rows(local), read_rows(root)
     assert [r["ierf_png"] for r in a] == [r["ierf_png"] for r in b]

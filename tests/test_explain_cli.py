@@ -6,7 +6,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipeline.cli import main
+from jobs.cli import main
 from pipeline.data.synthetic import render_sample
 from pipeline.viz import signed_heatmap
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from pipeline.data.shards import iter_samples
 from pipeline.data.synthetic import write_shards
 from pipeline.pfv.extract import (
     IMAGES_PER_PART,
-    ExtractConfig,
+    ExtractOptions,
     candidate_positions,
     plan_extract,
     sample_positions,
@@ -32,7 +33,7 @@ from pipeline.pfv.parts import committed_parts
 from pipeline.store import AtlasRoot, Manifest, check_stage_config, fingerprint, fs
 
 REPO = Path(__file__).resolve().parents[1]
-CFG = ExtractConfig(model="demo_resnet", weights=None, layers=("layer2", "layer4"),
+CFG = ExtractOptions(model="demo_resnet", weights=None, atlas_id="t", layers=("layer2", "layer4"),
                     positions=5, batch_size=16)
 POSITIONS = {"layer2": 5, "layer4": 5}
 
@@ -132,15 +133,16 @@ def test_other_config_in_the_same_output_is_refused_naming_the_key(tmp_path) -> 
     (dict(weights="missing.safetensors"), "weights file not found"),
 ])
 def test_bad_config_fails_before_any_output_is_written(tmp_path, shards, kwargs, named) -> None:
-    cfg = ExtractConfig(**{**CFG.__dict__, **kwargs})
+    cfg = ExtractOptions(**{**CFG.__dict__, "shards": tuple(shards), **kwargs})
     with pytest.raises((ValueError, FileNotFoundError), match=named):
-        plan_extract(cfg, shards, str(tmp_path / "out"), "t")
+        plan_extract(str(tmp_path / "out"), cfg)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_shards_fail_before_any_output_is_written(tmp_path, shards) -> None:
     with pytest.raises(FileNotFoundError, match="shard-000099.tar"):
-        plan_extract(CFG, shards + [str(tmp_path / "shard-000099.tar")], str(tmp_path / "out"), "t")
+        plan_extract(str(tmp_path / "out"),
+                     replace(CFG, shards=(*shards, str(tmp_path / "shard-000099.tar"))))
     assert not (tmp_path / "out").exists()
 
 
@@ -150,7 +152,7 @@ def test_missing_shards_fail_before_any_output_is_written(tmp_path, shards) -> N
 ])
 def test_extract_config_rejects_bad_values(kwargs, named) -> None:
     with pytest.raises(ValueError, match=named):
-        ExtractConfig(**{**CFG.__dict__, **kwargs})
+        ExtractOptions(**{**CFG.__dict__, **kwargs})
 
 
 # ---- whole jobs: in process by default, on Ray with --runray -----------------------------
@@ -162,7 +164,8 @@ def extracted(shards, tmp_path_factory) -> tuple[str, dict]:
     from jobs.extract import run
 
     out = str(tmp_path_factory.mktemp("extracted") / "out")
-    summary = run(CFG, shards, out, atlas_id="t", progress=False, stats=False, in_process=True)
+    summary = run(out, replace(CFG, shards=tuple(shards), in_process=True), progress=False,
+                  stats=False)
     return out, summary
 
 
@@ -211,7 +214,8 @@ def test_rerun_skips_every_committed_part(extracted, shards) -> None:
 
     out, _ = extracted
     before = read_outputs(out)
-    summary = run(CFG, shards, out, atlas_id="t", progress=False, stats=False)  # Ray not needed
+    # Ray not needed
+    summary = run(out, replace(CFG, shards=tuple(shards)), progress=False, stats=False)
     assert summary["parts_skipped"] == 5 and summary["parts_new"] == 0
     assert_same_outputs(before, read_outputs(out))
 
@@ -225,11 +229,13 @@ def test_rewritten_shard_is_extracted_again(extracted, shards, tmp_path) -> None
     for src, dst in zip(shards, copies):
         shutil.copy(src, dst)
     shutil.copytree(extracted[0], out, dirs_exist_ok=True)
-    summary = run(CFG, copies, out, atlas_id="t", progress=False, stats=False, in_process=True)
+    summary = run(out, replace(CFG, shards=tuple(copies), in_process=True), progress=False,
+                  stats=False)
     assert summary["parts_new"] == 5  # other paths: other fingerprints
     Path(copies[1]).write_bytes(Path(shards[1]).read_bytes())  # same bytes, new mtime
     os.utime(copies[1], (1, 1))
-    summary = run(CFG, copies, out, atlas_id="t", progress=False, stats=False, in_process=True)
+    summary = run(out, replace(CFG, shards=tuple(copies), in_process=True), progress=False,
+                  stats=False)
     assert summary["parts_new"] == 1 and summary["parts_skipped"] == 4
 
 
@@ -256,9 +262,9 @@ def kill_driver_after_first_part_and_rerun(args: list[str], out: Path, parts: in
 
 
 def extract_args(shards: list[str], out: Path) -> list[str]:
-    return [sys.executable, "-m", "jobs.extract", "--shards", *shards, "--model", "demo_resnet",
-            "--weights", "none", "--layers", *CFG.layers, "--positions", "5", "--batch-size",
-            "16", "--out", str(out), "--atlas-id", "t", "--no-progress"]
+    return [sys.executable, "-m", "jobs.cli", "extract", str(out), "--shards", *shards,
+            "--model", "demo_resnet", "--weights", "none", "--layers", *CFG.layers,
+            "--positions", "5", "--batch-size", "16", "--atlas-id", "t", "--no-progress"]
 
 
 class DriverCrash(BaseException):
@@ -273,14 +279,14 @@ def test_crashed_driver_resumes_and_the_output_is_identical(extracted, shards, t
 
     out = tmp_path / "out"
     with pytest.raises(DriverCrash):
-        run(CFG, shards, str(out), atlas_id="t", progress=False, stats=False, in_process=True,
-            on_part=crash_after_first_part)
+        run(str(out), replace(CFG, shards=tuple(shards), in_process=True), progress=False,
+            stats=False, on_part=crash_after_first_part)
     # what a crash mid-part leaves: a finished but uncommitted file, a temporary
     layer2 = out / "pfv" / "layer=layer2"
     (layer2 / "part-000001.npy").write_bytes(b"stale")
     (layer2 / ".part-000002.npy.tmp-0123456789ab").write_bytes(b"half")
-    summary = run(CFG, shards, str(out), atlas_id="t", progress=False, stats=False,
-                  in_process=True)
+    summary = run(str(out), replace(CFG, shards=tuple(shards), in_process=True),
+                  progress=False, stats=False)
     assert summary["parts_skipped"] == 1 and summary["parts_new"] == 4
     assert_same_outputs(read_outputs(extracted[0]), read_outputs(str(out)))
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
@@ -300,7 +306,7 @@ def test_on_ray_the_rows_equal_the_in_process_run(ray_cluster, extracted, shards
     from jobs.extract import run
 
     out = str(tmp_path / "out")
-    summary = run(CFG, shards, out, atlas_id="t", progress=False, stats=False)
+    summary = run(out, replace(CFG, shards=tuple(shards)), progress=False, stats=False)
     check_row_counts(out, summary, shards)
     assert_same_outputs(read_outputs(extracted[0]), read_outputs(out))
 
@@ -320,7 +326,7 @@ def test_killed_model_actor_mid_job_gives_the_same_rows_without_duplicates(
             killed.append(pid)
 
     out = str(tmp_path / "out")
-    summary = run(CFG, shards, out, atlas_id="t", progress=False, stats=False,
+    summary = run(out, replace(CFG, shards=tuple(shards)), progress=False, stats=False,
                   on_part=kill_actor_once)
     assert killed and not summary["parts_failed"] and summary["parts_done"] == 5
     workers = {r.worker for r in Manifest(out).records("extract").values()}
@@ -343,5 +349,5 @@ def test_extraction_writes_to_a_fsspec_url(ray_cluster, shards, tmp_path) -> Non
     from jobs.extract import run
 
     out = "file://" + str(tmp_path / "out")
-    summary = run(CFG, shards[:1], out, atlas_id="t", progress=False, stats=False)
+    summary = run(out, replace(CFG, shards=tuple(shards[:1])), progress=False, stats=False)
     assert summary["images"] == 12 and committed_parts(out, "layer2")[0].values.startswith("file://")

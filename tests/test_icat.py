@@ -6,6 +6,7 @@ model's own PFVs; the stage runs on the tiny atlas of tests/test_train_sae_job.p
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import numpy as np
@@ -385,6 +386,7 @@ def test_duckdb_reduce_runs_under_a_memory_limit_below_the_partials(tmp_path) ->
 # ---- the stage ---------------------------------------------------------------------------
 
 STAGE_OPTIONS = ICATOptions(steps=4, images_per_shard=2, top_edges=4, image_batch=2)
+IN_PROCESS = dataclasses.replace(STAGE_OPTIONS, in_process=True)
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +394,7 @@ def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811
     """The tiny extraction with one SAE per layer trained in process."""
     root = copy_of(extracted, tmp_path_factory.mktemp("icat") / "atlas")
     train_runs(root, make_runs(SWEEP, CHANNELS, OPTIONS), OPTIONS,
-               LocalSession(tmp_path_factory.mktemp("ckpt")), "t")
+               LocalSession(tmp_path_factory.mktemp("ckpt")))
     return root
 
 
@@ -403,7 +405,7 @@ def _edges(root: str) -> pa.Table:
 @pytest.fixture(scope="module")
 def straight(atlas, tmp_path_factory) -> tuple[str, dict]:
     root = copy_of(atlas, tmp_path_factory.mktemp("straight") / "root")
-    return root, jobs.icat.run(root, STAGE_OPTIONS, in_process=True, progress=False)
+    return root, jobs.icat.run(root, IN_PROCESS, progress=False)
 
 
 def test_stage_writes_edges_with_error_nodes_and_scopes(straight) -> None:
@@ -435,10 +437,10 @@ def test_stage_resumes_after_a_crash_with_the_rows_of_an_uninterrupted_run(strai
         raise RuntimeError(f"driver killed after {record.part}")
 
     with pytest.raises(RuntimeError, match="driver killed after part-000000"):
-        jobs.icat.run(root, STAGE_OPTIONS, in_process=True, progress=False, on_part=crash)
+        jobs.icat.run(root, IN_PROCESS, progress=False, on_part=crash)
     assert sorted(Manifest(root).records(MAP_STAGE)) == ["part-000000"]
     assert not fs.exists(fs.join(root, "edges"))
-    summary = jobs.icat.run(root, STAGE_OPTIONS, in_process=True, progress=False)
+    summary = jobs.icat.run(root, IN_PROCESS, progress=False)
     assert summary["parts_new"] == 2 and summary["parts_done"] == 3
     ref = Manifest(ref_root).records(MAP_STAGE)
     got = Manifest(root).records(MAP_STAGE)
@@ -448,7 +450,7 @@ def test_stage_resumes_after_a_crash_with_the_rows_of_an_uninterrupted_run(strai
     np.testing.assert_allclose(_edges(root).column("weight"), _edges(ref_root).column("weight"),
                                rtol=1e-5)
     reduced = Manifest(root).records("icat")
-    again = jobs.icat.run(root, STAGE_OPTIONS, in_process=True, progress=False)
+    again = jobs.icat.run(root, IN_PROCESS, progress=False)
     assert again["parts_new"] == 0 and _edges(root).num_rows == _edges(ref_root).num_rows
     assert Manifest(root).records("icat") == reduced  # nothing new: the reduce is skipped too
 
@@ -456,8 +458,8 @@ def test_stage_resumes_after_a_crash_with_the_rows_of_an_uninterrupted_run(strai
 def test_stage_refuses_another_config_in_the_same_root(straight) -> None:
     root, _ = straight
     with pytest.raises(ValueError, match="steps"):
-        jobs.icat.run(root, ICATOptions(steps=8, images_per_shard=2, top_edges=4),
-                      in_process=True, progress=False)
+        jobs.icat.run(root, ICATOptions(steps=8, images_per_shard=2, top_edges=4,
+                                        in_process=True), progress=False)
 
 
 def test_bad_options_name_the_value(tmp_path) -> None:
@@ -468,7 +470,8 @@ def test_bad_options_name_the_value(tmp_path) -> None:
     # a bad reduce memory limit fails before anything is planned or scored
     for bad in ("lots", "4 G", 4):
         with pytest.raises(ValueError, match="reduce_memory="):
-            jobs.icat.run(str(tmp_path / "no-atlas"), reduce_memory=bad, in_process=True)
+            jobs.icat.run(str(tmp_path / "no-atlas"), ICATOptions(reduce_memory=bad,
+                                                                  in_process=True))
     assert check_memory_limit("512MiB") == "512MiB" and check_memory_limit("1.5GB") == "1.5GB"
 
 
@@ -476,8 +479,8 @@ def test_bad_options_name_the_value(tmp_path) -> None:
 def test_ray_job_writes_the_edges_of_the_in_process_run(ray_cluster, straight, atlas, tmp_path) -> None:
     ref_root, _ = straight
     root = copy_of(atlas, tmp_path / "ray")
-    summary = jobs.icat.run(root, STAGE_OPTIONS, address=ray_cluster, progress=False,
-                            cpus_per_actor=0.5)
+    summary = jobs.icat.run(root, dataclasses.replace(STAGE_OPTIONS, cpus_per_actor=0.5),
+                            address=ray_cluster, progress=False)
     assert summary["parts_new"] == 3 and not summary["parts_failed"]
     assert _edges(root).drop_columns(["weight"]).equals(_edges(ref_root).drop_columns(["weight"]))
     np.testing.assert_allclose(_edges(root).column("weight"), _edges(ref_root).column("weight"),

@@ -95,7 +95,7 @@ def test_stages_on_ray_listen_on_loopback_only(tmp_path) -> None:
 
 SERVER = """
 import sys
-from jobs.common import start_local_ray
+from jobs.cluster import start_local_ray
 print(start_local_ray(num_cpus=1), flush=True)
 sys.stdin.read()  # serve until the test closes stdin
 """

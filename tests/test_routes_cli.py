@@ -10,7 +10,7 @@ from test_train_sae_job import extracted  # noqa: F401
 
 from pipeline.atlas import Atlas
 from pipeline.atlas.routes import Route, routes
-from pipeline.cli import main
+from jobs.cli import main
 from pipeline.data.synthetic import render_sample
 
 

@@ -45,6 +45,7 @@ TRAIN = TrainOptions(steps=15, checkpoint_every=15, fidelity_images=4, eval_pfvs
 # on more than 4 + 6 images; 50 PFVs per batch = 3 images, so parts span several batches
 OPTIONS = ScanOptions(top_per_image=5, n_top=4, n_quantile=3, sample_size=6, seed=7,
                       batch_pfvs=50)
+IN_PROCESS = dataclasses.replace(OPTIONS, in_process=True)
 TABLES = {"activations": ("sae_id", "image_id", "rank"),
           "latent_stats": ("sae_id", "latent"),
           "exemplar_picks": ("sae_id", "latent", "kind", "rank")}
@@ -58,7 +59,7 @@ def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811 (the imported fixtu
     root = copy_of(extracted, tmp_path_factory.mktemp("scan") / "atlas")
     channels = {n: r["channels"] for n, r in AtlasRoot(root).layers().items()}
     runs = make_runs(SWEEP, channels, TRAIN)
-    train_runs(root, runs, TRAIN, LocalSession(Path(root) / "_ckpt"), "t")
+    train_runs(root, runs, TRAIN, LocalSession(Path(root) / "_ckpt"))
     return root
 
 
@@ -66,7 +67,7 @@ def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811 (the imported fixtu
 def scanned(atlas, tmp_path_factory) -> tuple[str, dict]:
     """An uninterrupted in-process scan of a copy of `atlas`: (root, summary)."""
     root = copy_of(atlas, tmp_path_factory.mktemp("scanned") / "atlas")
-    return root, run(root, OPTIONS, in_process=True, progress=False)
+    return root, run(root, IN_PROCESS, progress=False)
 
 
 def read_tables(root: str) -> dict[str, pa.Table]:
@@ -296,20 +297,20 @@ def test_crashed_driver_resumes_and_the_output_is_identical(atlas, scanned, tmp_
             raise DriverCrash(record.part)
 
     with pytest.raises(DriverCrash):
-        run(root, OPTIONS, in_process=True, progress=False, on_part=crash_after_four_parts)
+        run(root, IN_PROCESS, progress=False, on_part=crash_after_four_parts)
     # what a crash mid-part leaves: finished but uncommitted files, a temporary
     # units run SAE by SAE, part by part: the second SAE's last part was not committed
     folder = Path(root, "activations", f"sae={AtlasRoot(root).saes()[1]['sae_id']}")
     (folder / "part-000002.parquet").write_bytes(b"stale")
     (folder / ".part-000002.parquet.tmp-0123456789ab").write_bytes(b"half")
     assert not Path(root, "latent_stats").exists()  # nothing reduced: SAEs were incomplete
-    summary = run(root, OPTIONS, in_process=True, progress=False)
+    summary = run(root, IN_PROCESS, progress=False)
     assert (summary["parts_skipped"], summary["parts_new"]) == (4, 5)
     assert len(summary["reduced"]) == 3 and not summary["incomplete"]
     assert_same_tables(read_tables(scanned[0]), read_tables(root))
     assert not [p for p in Path(root).rglob("*") if ".tmp-" in p.name]
     # a further re-run does nothing, not even a reduce
-    again = run(root, OPTIONS, in_process=True, progress=False)
+    again = run(root, IN_PROCESS, progress=False)
     assert (again["parts_new"], again["parts_skipped"], again["reduced"]) == (0, 9, [])
 
 
@@ -322,18 +323,18 @@ def test_crash_before_the_reduce_reduces_on_rerun_without_rescanning(atlas, scan
             raise DriverCrash(record.part)
 
     with pytest.raises(DriverCrash):
-        run(root, OPTIONS, in_process=True, progress=False, on_part=crash_at_last_part)
-    summary = run(root, OPTIONS, in_process=True, progress=False)
+        run(root, IN_PROCESS, progress=False, on_part=crash_at_last_part)
+    summary = run(root, IN_PROCESS, progress=False)
     assert summary["parts_new"] == 0 and len(summary["reduced"]) == 3
     assert_same_tables(read_tables(scanned[0]), read_tables(root))
 
 
 def test_rewritten_sae_weights_rescan_only_that_sae(atlas, scanned, tmp_path) -> None:
     root = copy_of(atlas, tmp_path / "atlas")  # fingerprints hold paths: scan the copy first
-    run(root, OPTIONS, in_process=True, progress=False)
+    run(root, IN_PROCESS, progress=False)
     weights = Path(root, "sae_weights", "layer4-topk-96-k8.safetensors")
     os.utime(weights, (1, 1))  # same bytes, new fingerprint: as if trained again
-    summary = run(root, OPTIONS, in_process=True, progress=False)
+    summary = run(root, IN_PROCESS, progress=False)
     assert (summary["parts_new"], summary["parts_skipped"]) == (3, 6)
     assert summary["reduced"] == ["layer4-topk-96-k8"]
     assert_same_tables(read_tables(scanned[0]), read_tables(root))
@@ -341,7 +342,7 @@ def test_rewritten_sae_weights_rescan_only_that_sae(atlas, scanned, tmp_path) ->
 
 def test_scan_writes_to_a_fsspec_url(atlas, scanned, tmp_path) -> None:
     root = "file://" + copy_of(atlas, tmp_path / "atlas")
-    summary = run(root, OPTIONS, in_process=True, progress=False)
+    summary = run(root, IN_PROCESS, progress=False)
     assert summary["parts_new"] == 9 and len(summary["reduced"]) == 3
     assert_same_tables(read_tables(scanned[0]), read_tables(str(tmp_path / "atlas")))
 
@@ -350,7 +351,7 @@ def test_failed_part_is_reported_and_only_its_sae_waits(atlas, tmp_path) -> None
     root = copy_of(atlas, tmp_path / "atlas")
     broken = committed_parts(root, "layer2")[1]
     Path(broken.values).write_bytes(b"not an npy file")
-    summary = run(root, OPTIONS, in_process=True, progress=False)
+    summary = run(root, IN_PROCESS, progress=False)
     [(name, reason)] = summary["parts_failed"].items()
     assert name == "layer2-topk-64-k4__part-000001" and "ValueError" in reason
     assert summary["incomplete"] == ["layer2-topk-64-k4"]
@@ -364,8 +365,8 @@ def test_failed_part_is_reported_and_only_its_sae_waits(atlas, tmp_path) -> None
 def test_other_options_in_the_same_output_are_refused_naming_the_key(scanned) -> None:
     root, _ = scanned
     with pytest.raises(ValueError, match="n_top"):
-        run(root, ScanOptions(top_per_image=5, n_top=8, n_quantile=3, sample_size=6, seed=7),
-            in_process=True, progress=False)
+        run(root, ScanOptions(top_per_image=5, n_top=8, n_quantile=3, sample_size=6, seed=7,
+                              in_process=True), progress=False)
 
 
 @pytest.mark.parametrize("kwargs, named", [
@@ -381,7 +382,7 @@ def test_bad_options_are_refused_naming_the_value(kwargs, named) -> None:
 
 def test_unknown_sae_is_refused_naming_the_trained_ones(atlas) -> None:
     with pytest.raises(ValueError, match="layer4-topk-96-k8"):
-        run(atlas, OPTIONS, in_process=True, progress=False, sae_ids=["layer9-x"])
+        run(atlas, dataclasses.replace(IN_PROCESS, saes=("layer9-x",)), progress=False)
 
 
 @pytest.mark.slow  # two CLI runs in fresh interpreters
@@ -389,7 +390,7 @@ def test_killed_driver_process_resumes_and_the_output_is_identical(atlas, scanne
                                                                    tmp_path) -> None:
     root = Path(copy_of(atlas, tmp_path / "atlas"))
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in OPTIONS.identity().items()]
-    args = [sys.executable, "-m", "jobs.scan", "--out", str(root), "--in-process",
+    args = [sys.executable, "-m", "jobs.cli", "scan", str(root), "--in-process",
             "--no-progress", *flags, f"--batch-pfvs={OPTIONS.batch_pfvs}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     repo = Path(__file__).parents[1]

@@ -7,6 +7,7 @@ tests run the same loop inside Ray Train and compare weights with it.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.data.synthetic import write_shards
-from pipeline.pfv.extract import ExtractConfig, ShardExtractor, decode_shard, plan_extract
+from pipeline.pfv.extract import ExtractOptions, ShardExtractor, decode_shard, plan_extract
 from pipeline.pfv.parts import PFVPart, committed_parts
 from pipeline.pfv.stream import PFVStream
 from pipeline.sae import load_sae
@@ -24,8 +25,8 @@ from pipeline.sae.stage import TrainOptions, make_runs, train_runs
 from pipeline.sae.train import InjectedFailure, LocalSession
 from pipeline.store import AtlasRoot, Manifest, fs
 
-CFG = ExtractConfig(model="demo_resnet", weights=None, layers=("layer2", "layer4"),
-                    positions=16, batch_size=36)
+CFG = ExtractOptions(model="demo_resnet", weights=None, layers=("layer2", "layer4"),
+                     positions=16, batch_size=36, atlas_id="t")
 SWEEP = [
     {"layer": "layer2", "sae": {"n_latents": 64, "k": 4, "batch_size": 64, "lr": 1e-3}},
     {"layer": "layer4", "name": "small", "sae": {"n_latents": 96, "k": 8, "batch_size": 48,
@@ -45,8 +46,8 @@ def extracted(tmp_path_factory) -> str:
     shards = [str(p) for p in write_shards(root / "data", n=36, seed=1, size=64, shard_size=12,
                                            workers=1, progress=False)]
     out = str(root / "out")
-    plan = plan_extract(CFG, shards, out, "t")
-    extractor = ShardExtractor(CFG, out, "t")
+    plan = plan_extract(out, replace(CFG, shards=tuple(shards)))
+    extractor = ShardExtractor(plan.cfg, plan.out)
     for task in plan.pending:
         Manifest(out).commit(extractor.run(task, decode_shard(task.shard, plan.data_config)))
     return out
@@ -141,25 +142,25 @@ def test_duplicate_run_names_are_refused() -> None:
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(extracted, tmp_path) -> None:
     runs = make_runs(SWEEP, CHANNELS, OPTIONS)
     straight = copy_of(extracted, tmp_path / "straight")
-    assert train_runs(straight, runs, OPTIONS, LocalSession(tmp_path / "ckpt-a"), "t") == [
+    assert train_runs(straight, runs, OPTIONS, LocalSession(tmp_path / "ckpt-a")) == [
         r.sae_id for r in runs]
 
     crashed = copy_of(extracted, tmp_path / "crashed")
     session = LocalSession(tmp_path / "ckpt-b")
     with pytest.raises(InjectedFailure):  # the second dies at step 25, after its checkpoint
-        train_runs(crashed, runs, OPTIONS, session, "t", crash_at=(runs[1].sae_id, 25))
+        train_runs(crashed, runs, OPTIONS, session, crash_at=(runs[1].sae_id, 25))
     assert [r["sae_id"] for r in AtlasRoot(crashed).saes()] == [runs[0].sae_id]
-    assert train_runs(crashed, runs, OPTIONS, session, "t") == [runs[1].sae_id]
+    assert train_runs(crashed, runs, OPTIONS, session) == [runs[1].sae_id]
     for run in runs:
         assert_same_weights(weights(straight, run.sae_id), weights(crashed, run.sae_id))
     # finished runs are skipped by a further re-run
-    assert train_runs(crashed, runs, OPTIONS, session, "t") == []
+    assert train_runs(crashed, runs, OPTIONS, session) == []
 
 
 def test_saes_table_holds_held_out_metrics_and_loadable_weights(extracted, tmp_path) -> None:
     root = copy_of(extracted, tmp_path / "root")
     runs = make_runs(SWEEP, CHANNELS, OPTIONS)
-    train_runs(root, runs, OPTIONS, LocalSession(tmp_path / "ckpt"), "t")
+    train_runs(root, runs, OPTIONS, LocalSession(tmp_path / "ckpt"))
     table = pq.read_table(fs.join(root, "saes"))
     assert table.schema.metadata[b"table"] == b"saes"
     rows = {r["sae_id"]: r for r in table.to_pylist()}
@@ -186,10 +187,10 @@ def test_ray_train_job_recovers_from_a_worker_failure_with_the_same_weights(
 
     reference = copy_of(extracted, tmp_path / "reference")
     runs = make_runs(SWEEP[1:], CHANNELS, OPTIONS)
-    train_runs(reference, runs, OPTIONS, LocalSession(tmp_path / "ckpt"), "t")
+    train_runs(reference, runs, OPTIONS, LocalSession(tmp_path / "ckpt"))
 
     root = copy_of(extracted, tmp_path / "ray")
-    rows = run(root, SWEEP[1:], OPTIONS, atlas_id="t", max_failures=1,
+    rows = run(root, replace(OPTIONS, sweep=SWEEP[1:], max_failures=1),
                crash_at=("layer4-small", 25))
     assert [r["sae_id"] for r in rows] == ["layer4-small"]
     assert_same_weights(weights(reference, "layer4-small"), weights(root, "layer4-small"))
@@ -204,13 +205,13 @@ def test_ray_train_rerun_after_a_failed_job_resumes_from_its_checkpoint(
 
     reference = copy_of(extracted, tmp_path / "reference")
     runs = make_runs(SWEEP, CHANNELS, OPTIONS)
-    train_runs(reference, runs, OPTIONS, LocalSession(tmp_path / "ckpt"), "t")
+    train_runs(reference, runs, OPTIONS, LocalSession(tmp_path / "ckpt"))
 
     root = copy_of(extracted, tmp_path / "ray")
     with pytest.raises(ray.train.TrainingFailedError):  # the first SAE finishes, the second dies
-        run(root, SWEEP, OPTIONS, atlas_id="t", max_failures=0, crash_at=("layer4-small", 25))
+        run(root, replace(OPTIONS, sweep=SWEEP, max_failures=0), crash_at=("layer4-small", 25))
     assert [r["sae_id"] for r in AtlasRoot(root).saes()] == ["layer2-topk-64-k4"]
-    rows = run(root, SWEEP, OPTIONS, atlas_id="t", max_failures=0)
+    rows = run(root, replace(OPTIONS, sweep=SWEEP, max_failures=0))
     assert [r["sae_id"] for r in rows] == ["layer2-topk-64-k4", "layer4-small"]
     for r in runs:
         assert_same_weights(weights(reference, r.sae_id), weights(root, r.sae_id))
@@ -224,6 +225,6 @@ def test_ray_train_job_trains_data_parallel_on_two_workers(ray_cluster, extracte
     root = copy_of(extracted, tmp_path / "ddp")
     options = TrainOptions(steps=20, checkpoint_every=10, fidelity_images=12, workers=2,
                            cpus_per_worker=0.5)  # leaves a CPU for Ray Data's read tasks
-    [row] = run(root, SWEEP[1:], options, atlas_id="t")
+    [row] = run(root, replace(options, sweep=SWEEP[1:]))
     assert row["tokens"] == 20 * 48 * 2  # both workers' batches count
     assert 0 <= row["fvu"] and row["heldout_images"] == 12

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
@@ -30,6 +30,7 @@ import torch
 from pipeline.pfv.extract import IMAGES_PER_PART
 from pipeline.pfv.parts import committed_parts
 from pipeline.sae import SAE
+from pipeline.stage import Options, option
 from pipeline.store import fs
 
 KINDS = ("decoder", "regions")
@@ -37,17 +38,18 @@ EXACT_BELOW = 100_000
 
 
 @dataclass(frozen=True)
-class IndexOptions:
-    """The `index` section of a build config: exact (Flat) below `exact_below` vectors, else
-    IVF/PQ; `factory` forces one FAISS factory string for every index."""
+class IndexOptions(Options):
+    """The FAISS indexes of an atlas: exact (Flat) below `exact_below` vectors, else IVF/PQ."""
 
-    exact_below: int = EXACT_BELOW
-    factory: str | None = None
+    section: ClassVar[str] = "index"
 
-    def __post_init__(self) -> None:
-        if isinstance(self.exact_below, bool) or not isinstance(self.exact_below, int) \
-                or self.exact_below < 0:
-            raise ValueError(f"index.exact_below={self.exact_below!r}: expected an int >= 0")
+    exact_below: int = option(EXACT_BELOW, "vectors below which an index is exact (Flat); "
+                              "IVF/PQ above", min=0)
+    factory: str | None = option(None, "force one FAISS factory string for every index")
+    force: bool = option(False, "rebuild indexes whose inputs are unchanged (they are kept by "
+                         "default)", runtime=True)
+
+
 DEFAULT_NPROBE = 32
 K_FACTOR = 16  # a refined index re-ranks K_FACTOR * k candidates
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,7 @@ from pipeline.data.shards import iter_samples
 from pipeline.models import make_transform, tap
 from pipeline.pfv.extract import IMAGES_PER_PART, part_name
 from pipeline.sae import SAE, load_sae
+from pipeline.stage import ActorRuntime, option, parts_line, summarize_parts
 from pipeline.store import (
     EXTRACT_STAGE,
     TRAIN_STAGE,
@@ -50,53 +51,37 @@ STAGE = "cafe"
 PICKS_DIR = "exemplar_picks"
 
 
-@dataclass(frozen=True)
-class CafeOptions:
-    """How exemplars are explained. Only `identity()` fields change the rows (and the hash);
-    each field's `metadata["help"]` says what it does (also the `python -m jobs.cafe` help)."""
+FRACTION = "a fraction in (0, 1]"
 
-    # [choice] 0.9, not METHOD.md's example 0.5: on the demo atlas (benchmarks/results/
+
+@dataclass(frozen=True)
+class CafeOptions(ActorRuntime):
+    """How exemplars are explained. Only `identity()` fields change the rows (and the hash)."""
+
+    section: ClassVar[str] = "cafe"
+
+    # [choice] 0.9, not the method's example 0.5: on the demo atlas (benchmarks/results/
     # ierf_masks_stage_h100.json) 0.5-masks cover under 1% of the image, while 0.9-masks match
     # the ground-truth objects better than the activation maps do for 75% (layer2) and 88%
-    # (layer4) of the latents that track a concept
-    mask_mass: float = field(default=0.9, metadata={"help": (
-        "the iERF mask is the smallest pixel set holding this fraction of the positive "
-        "relevance (METHOD.md section 6)")})
-    act_threshold: float = field(default=0.5, metadata={"help": (
-        "the activation map is thresholded at this fraction of its maximum (act_overlap, "
-        "gt_iou_act)")})
-    faithfulness_per_latent: int = field(default=4, metadata={"help": (
-        "insertion / deletion AUCs for the 'top' picks of rank below this, per latent (2 + 6 "
-        "(steps - 1) forwards each); the others get nulls")})
-    steps: int = field(default=16, metadata={"help": "insertion / deletion steps"})
-    patch: int = field(default=8, metadata={"help": "side of the square input patches, pixels"})
-    seed: int = field(default=0, metadata={"help": "seeds the random patch order"})
-    image_batch: int = field(default=8, metadata={"help": (
-        "images per recorded SRD pattern (all their seeds propagate together)")})
-    seed_chunk: int = field(default=64, metadata={"help": (
-        "seeds per image per propagation pass (bounds memory)")})
-    forward_batch: int = field(default=128, metadata={"help": (
-        "perturbed images per forward pass of the faithfulness check")})
-
-    def __post_init__(self) -> None:
-        for name in ("mask_mass", "act_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ValueError(f"{name}={value!r}: expected a fraction in (0, 1]")
-        lows = {"faithfulness_per_latent": 0, "steps": 2, "patch": 1, "seed": 0,
-                "image_batch": 1, "seed_chunk": 1, "forward_batch": 1}
-        for name, low in lows.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r}: expected an int >= {low}")
-
-    def identity(self) -> dict[str, Any]:
-        """The fields the rows depend on (batch sizes change the speed, and the maps only by
-        float rounding)."""
-        d = asdict(self)
-        for name in ("image_batch", "seed_chunk", "forward_batch"):
-            d.pop(name)
-        return d
+    # (layer4) of the latents that track a concept (docs/method.md §6)
+    mask_mass: float = option(0.9, "the iERF mask is the smallest pixel set holding this "
+                              "fraction of the positive relevance (docs/method.md §6)",
+                              gt=0, max=1, expect=FRACTION)
+    act_threshold: float = option(0.5, "the activation map is thresholded at this fraction of "
+                                  "its maximum (act_overlap, gt_iou_act)", gt=0, max=1,
+                                  expect=FRACTION)
+    faithfulness_per_latent: int = option(
+        4, "insertion / deletion AUCs for the 'top' picks of rank below this, per latent (2 + "
+        "6 (steps - 1) forwards each); the others get nulls", min=0)
+    steps: int = option(16, "insertion / deletion steps", min=2)
+    patch: int = option(8, "side of the square input patches, pixels", min=1)
+    seed: int = option(0, "seeds the random patch order", min=0)
+    image_batch: int = option(8, "images per recorded SRD pattern (all their seeds propagate "
+                              "together)", runtime=True, min=1)
+    seed_chunk: int = option(64, "seeds per image per propagation pass (bounds memory)",
+                             runtime=True, min=1)
+    forward_batch: int = option(128, "perturbed images per forward pass of the faithfulness "
+                                "check", runtime=True, min=1)
 
 
 @dataclass(frozen=True)
@@ -112,6 +97,10 @@ class CafeTask:
     @property
     def part(self) -> str:
         return part_name(self.index)
+
+    @property
+    def input(self) -> str:
+        return self.shard
 
 
 @dataclass(frozen=True)
@@ -156,7 +145,7 @@ def read_picks(root: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def plan_cafe(root: AtlasRoot | str, options: CafeOptions, atlas_id: str | None = None) -> CafePlan:
+def plan_cafe(root: AtlasRoot | str, options: CafeOptions) -> CafePlan:
     """Check the inputs, record the stage config and list the parts left to do.
 
     Raises ValueError / FileNotFoundError naming a missing extraction, a pick of an unknown SAE
@@ -165,7 +154,7 @@ def plan_cafe(root: AtlasRoot | str, options: CafeOptions, atlas_id: str | None 
     atlas = AtlasRoot.of(root)
     root = atlas.url
     extract = atlas.extract()
-    atlas_id = atlas_id or extract.atlas_id
+    atlas_id = extract.atlas_id
     saes = {r["sae_id"]: r for r in atlas.saes()}
     picks = read_picks(root)
     _check_picks(picks, saes)
@@ -363,3 +352,39 @@ def _image_keys(root: str, task: CafeTask) -> dict[int, str]:
                              columns=["image_id", "key"])
     return {i: k for i, k in zip(images["image_id"].to_pylist(), images["key"].to_pylist())
             if i in wanted}
+
+
+AUC_COLUMNS = tuple(f"{m}_auc_{o}" for o in ("ierf", "act", "random") for m in ("ins", "del"))
+
+
+def summarize(plan: CafePlan, failed: dict[str, str], seconds: float) -> dict[str, Any]:
+    """Totals over every committed part of this config, what this run did, and mean scores."""
+    root = AtlasRoot(plan.context.root)
+    parts = summarize_parts(root, STAGE, plan.config_hash, list(plan.done), failed, seconds,
+                            "exemplars")
+    summary: dict[str, Any] = {"root": root.url, **parts, "exemplars": parts["rows"]}
+    records = root.manifest.done(STAGE, plan.config_hash)
+    urls = [root.join("exemplars", f"{p}.parquet") for p in sorted(records)]
+    if urls:
+        cols = ["mask_frac", "act_overlap", "ierf_constant", *AUC_COLUMNS, "gt_iou_ierf",
+                "gt_iou_act"]
+        table = pa.concat_tables(fs.read_parquet(u, columns=cols) for u in urls)
+        summary["means"] = {c: _mean(table[c]) for c in cols}
+        summary["faithfulness_rows"] = table.num_rows - table["ins_auc_ierf"].null_count
+        summary["gt_matched_rows"] = table.num_rows - table["gt_iou_ierf"].null_count
+    return summary
+
+
+def _mean(column: Any) -> float | None:
+    value = pc.mean(column).as_py()
+    return None if value is None else round(float(value), 4)
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    rate = f", {s['exemplars_per_s']} exemplars/s" if s["exemplars_per_s"] else ""
+    print(parts_line(STAGE, s, f"{s['exemplars']} exemplars") + f", {s['errors']} errors{rate}")
+    means = s.get("means", {})
+    if means:
+        print("  means: " + ", ".join(f"{k} {v}" for k, v in means.items() if v is not None))
+    for part, reason in s["parts_failed"].items():
+        print(f"  failed {part}: {reason}")

@@ -12,9 +12,9 @@ Outputs (every file atomic, every part committed in the manifest after its files
 """
 from __future__ import annotations
 
-import dataclasses
+import sys
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.icat.aggregate import REDUCE_MEMORY, combine, edge_rows, reduce_partials
+from pipeline.icat.aggregate import (
+    REDUCE_MEMORY,
+    check_memory_limit,
+    combine,
+    edge_rows,
+    reduce_partials,
+)
 from pipeline.icat.attribution import (
     METHODS,
     RULES,
@@ -39,6 +45,7 @@ from pipeline.models import tap
 from pipeline.models import list_layers
 from pipeline.pfv.extract import candidate_positions, decode_shard
 from pipeline.sae import load_sae
+from pipeline.stage import ActorRuntime, all_or_int, option, pairs, parts_line, summarize_parts
 from pipeline.store import (
     EXTRACT_STAGE,
     TRAIN_STAGE,
@@ -59,55 +66,40 @@ ALL_METHODS: tuple[str, ...] = METHODS + ("srd",)
 
 
 @dataclass(frozen=True)
-class ICATOptions:
-    """What the icat stage computes. Every field but `batch_size` / `image_batch` is part of
-    the config hash.
+class ICATOptions(ActorRuntime):
+    """What the icat stage computes. Every field but the runtime ones (batch sizes, the actor
+    pool, the reduce's memory) is part of the config hash (docs/method.md §7)."""
 
-    methods: any of ig, grad_x_act, grad, srd. steps / rule / scale_error: ICAT-IG quadrature
-    and the error term ([choice] held fixed by default). images_per_shard: images scored per
-    shard (evenly spaced in shard order; None = all). top_edges / min_weight: the cut per
-    downstream node. position: read downstream latents at this SAE position instead of the sum.
-    saes: {layer: sae_id} ([choice] default: the SAE of lowest held-out FVU per layer).
-    layers: the layers to connect (default: every layer with an SAE). logits: add the last
-    layer -> class logits pair. batch_size: (image, node) rows per forward; image_batch:
-    images decomposed together.
-    """
+    section: ClassVar[str] = "icat"
 
-    methods: tuple[str, ...] = ALL_METHODS
-    steps: int = 32
-    rule: str = "gauss_legendre"
-    scale_error: bool = False
-    images_per_shard: int | None = 16
-    top_edges: int = 32
-    min_weight: float = 0.0
-    position: int | None = None
-    saes: dict[str, str] | None = None
-    layers: tuple[str, ...] | None = None
-    logits: bool = True
-    batch_size: int = 64
-    image_batch: int = 8
+    methods: tuple[str, ...] = option(ALL_METHODS, "edge scores to compute", choices=ALL_METHODS,
+                                      nonempty=True)
+    steps: int = option(32, "ICAT-IG quadrature steps", min=1)
+    rule: str = option("gauss_legendre", "ICAT-IG quadrature rule", choices=RULES)
+    scale_error: bool = option(False, "scale the SAE error with alpha on the IG path ([choice] "
+                               "default: held fixed)")
+    images_per_shard: int | None = option(16, "images scored per shard, evenly spaced in shard "
+                                          "order (0 or all: every image)", min=1,
+                                          parse=lambda v: None if v in (0, "0") else all_or_int(v))
+    top_edges: int = option(32, "incoming edges kept per downstream node", min=1)
+    min_weight: float = option(0.0, "edges below this weight are dropped")
+    position: int | None = option(None, "read downstream latents at this SAE position "
+                                  "(default: the sum over positions)", min=0)
+    saes: dict[str, str] | None = option(None, "the SAE of a layer, LAYER=SAE_ID ([choice] "
+                                         "default: the one of lowest held-out FVU)", flag="--sae",
+                                         parse=pairs)
+    layers: tuple[str, ...] | None = option(None, "the layers to connect (default: every layer "
+                                            "with an SAE)")
+    logits: bool = option(True, "add the last layer -> class logits pair")
+    batch_size: int = option(64, "(image, node) rows per forward", runtime=True, min=1)
+    image_batch: int = option(8, "images decomposed together", runtime=True, min=1)
+    cpus_per_actor: float = option(0.5, "Ray CPUs per actor (and its torch threads)",
+                                   runtime=True, gt=0)
+    reduce_memory: str = option(REDUCE_MEMORY, "DuckDB memory limit of the reduce, e.g. 16GB "
+                                "(past it, it spills to disk)", runtime=True)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "methods", tuple(self.methods))
-        bad = [m for m in self.methods if m not in ALL_METHODS]
-        if bad or not self.methods:
-            raise ValueError(f"methods={list(self.methods)!r}: expected a non-empty subset of "
-                             f"{list(ALL_METHODS)}")
-        if self.rule not in RULES:
-            raise ValueError(f"rule={self.rule!r}: expected one of {list(RULES)}")
-        for name in ("steps", "top_edges", "batch_size", "image_batch"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected an int >= 1")
-        if self.images_per_shard is not None and self.images_per_shard < 1:
-            raise ValueError(f"images_per_shard={self.images_per_shard!r}: expected None or >= 1")
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(self.layers))
-
-    def identity(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for key in ("batch_size", "image_batch"):
-            d.pop(key)
-        return d
+    def check(self) -> None:
+        check_memory_limit(self.reduce_memory)
 
 
 @dataclass(frozen=True)
@@ -119,6 +111,10 @@ class MapTask:
     shard: str
     fingerprint: str
     config_hash: str
+
+    @property
+    def input(self) -> str:
+        return self.shard
 
 
 @dataclass
@@ -369,3 +365,29 @@ def _write_reader(reader: pa.RecordBatchReader, url: str) -> int:
 
     fs.write_atomic(url, write)
     return rows
+
+
+def summarize(plan: ICATPlan, failed: dict[str, str], edges: dict[str, int], map_seconds: float,
+              seconds: float) -> dict[str, Any]:
+    """Pairs, parts done / new / failed, edges per pair and timings of an icat run."""
+    root = AtlasRoot(plan.root)
+    skipped = [t.part for t in plan.tasks if t not in plan.pending]
+    parts = summarize_parts(root, MAP_STAGE, plan.config_hash, skipped, failed, seconds, "images")
+    return {
+        "root": plan.root, "pairs": [f"{a}->{b}" for a, b in plan.pairs],
+        "saes": {layer: row["sae_id"] for layer, row in plan.saes.items()},
+        "methods": list(plan.options.methods), "steps": plan.options.steps,
+        "parts_done": parts["parts_done"], "parts_new": parts["parts_new"],
+        "parts_skipped": parts["parts_skipped"], "parts_failed": failed, "images": parts["rows"],
+        "edges": {f"{a}->{b}": edges.get(f"part-{k:06d}", 0)
+                  for k, (a, b) in enumerate(plan.pairs)},
+        "map_seconds": round(map_seconds, 2), "seconds": round(seconds, 2),
+        "images_per_s": parts["worker_images_per_s"],
+    }
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    if s["parts_failed"]:
+        print("[icat] edges not reduced: re-run to retry the failed shards", file=sys.stderr)
+    print(parts_line(STAGE, s, f"{s['images']} images") + f"; edges per pair {s['edges']}",
+          flush=True)

@@ -33,12 +33,11 @@ class ScanPlan:
     skipped: int
 
 
-def plan_scan(root: AtlasRoot | str, options: ScanOptions,
-              sae_ids: list[str] | None = None) -> ScanPlan:
+def plan_scan(root: AtlasRoot | str, options: ScanOptions) -> ScanPlan:
     """Check the extraction and the SAEs under `root` and list the units; no output but the
     stage config (`stages/scan.json`), which refuses other options before any work.
 
-    `sae_ids` restricts the scan to those SAEs (default: every committed SAE).
+    `options.saes` restricts the scan to those SAEs (default: every committed SAE).
     """
     atlas = AtlasRoot.of(root)
     root = atlas.url
@@ -49,12 +48,12 @@ def plan_scan(root: AtlasRoot | str, options: ScanOptions,
     if not saes:
         raise ValueError(f"no trained SAEs under {root} (the saes table is empty); "
                          "run train-sae first")
-    if sae_ids is not None:
+    if options.saes is not None:
         known = {s["sae_id"] for s in saes}
-        unknown = sorted(set(sae_ids) - known)
+        unknown = sorted(set(options.saes) - known)
         if unknown:
             raise ValueError(f"unknown SAEs {unknown}; trained SAEs: {sorted(known)}")
-        saes = [s for s in saes if s["sae_id"] in set(sae_ids)]
+        saes = [s for s in saes if s["sae_id"] in set(options.saes)]
     check_stage_config(root, STAGE, {"options": options.identity(), "extract": extract_hash})
     done = atlas.manifest.records(STAGE)
     plans, pending, skipped = [], [], 0
@@ -110,3 +109,39 @@ def summary_rows(plan: ScanPlan) -> dict[str, dict[str, Any]]:
                        dead=sum(stats["dead"].to_pylist()))
         out[sae.sae_id] = row
     return out
+
+
+def summarize(plan: ScanPlan, failed: dict[str, str], reduced: list[str],
+              incomplete: list[str], seconds: float) -> dict[str, Any]:
+    """Totals over the committed parts, what this run did, and per-SAE results."""
+    records = AtlasRoot(plan.root).manifest.records(STAGE)
+    units = [u for u in plan.pending if u.name in records and u.name not in failed]
+    new = [records[u.name] for u in units]
+    pfvs_new = sum(u.pfv.rows for u in units)
+    busy = sum(r.finished - r.started for r in new)
+    return {
+        "root": plan.root, "saes": summary_rows(plan),
+        "parts": sum(len(s.units) for s in plan.saes),
+        "parts_new": len(new), "parts_skipped": plan.skipped, "parts_failed": failed,
+        "images_new": sum(r.rows for r in new),
+        "pfvs_new": pfvs_new, "seconds": round(seconds, 2),
+        "pfvs_per_s": round(pfvs_new / seconds, 1) if new and seconds > 0 else None,
+        "task_pfvs_per_s": round(pfvs_new / busy, 1) if busy > 0 else None,
+        "reduced": reduced, "incomplete": incomplete,
+    }
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    rate = f", {s['pfvs_per_s']:.0f} PFVs/s" if s["pfvs_per_s"] else ""
+    print(f"[scan] {s['parts_new']} parts scanned ({s['images_new']} images, {s['pfvs_new']} "
+          f"PFVs), {s['parts_skipped']} skipped, {len(s['parts_failed'])} failed, "
+          f"{len(s['reduced'])} SAEs reduced in {s['seconds']:.1f}s{rate}")
+    print(f"{'sae_id':<28} {'layer':<10} {'latents':>7} {'images':>8} {'PFVs':>10} {'dead':>6}")
+    for sae_id, r in s["saes"].items():
+        cells = [r[k] if r[k] is not None else "-" for k in ("images", "pfvs", "dead")]
+        print(f"{sae_id:<28} {r['layer']:<10} {r['n_latents']:>7} {cells[0]:>8} {cells[1]:>10} "
+              f"{cells[2]:>6}")
+    for part, reason in s["parts_failed"].items():
+        print(f"  failed {part}: {reason}")
+    if s["incomplete"]:
+        print(f"  not reduced (parts missing; re-run scan): {', '.join(s['incomplete'])}")

@@ -24,7 +24,7 @@ import functools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,7 @@ import torch
 from pipeline.latents.sketch import LatentSketch, Picks, rank_within
 from pipeline.pfv.parts import PFVPart
 from pipeline.sae import SAE, load_sae
+from pipeline.stage import TaskRuntime, option
 from pipeline.store import PartRecord, fingerprint, fs, now, worker_id
 from schemas import ACTIVATIONS
 
@@ -43,52 +44,29 @@ _INT16_MAX = int(np.iinfo(np.int16).max)
 
 
 @dataclass(frozen=True)
-class ScanOptions:
-    """What the scan keeps, and how it runs.
+class ScanOptions(TaskRuntime):
+    """What the scan keeps (hashed into the stage config; another value in the same output is
+    refused), and how it runs (runtime fields: the outputs do not depend on them)."""
 
-    Outcome (hashed into the stage config; another value in the same output is refused):
-    top_per_image: latents kept per image in `activations`; n_top: "top" exemplars per latent;
-    n_quantile: "quantile" exemplars per latent; sample_size: size of the per-latent uniform
-    sample of firing images the quantile picks come from (bottom-k sketch); seed: of that
-    sample's hash.
-    Runtime (outputs do not depend on them): batch_pfvs: PFVs encoded at once (memory is about
-    batch_pfvs x n_latents x 4 bytes; whole images per batch); cpus_per_task / gpus_per_task:
-    Ray resources of one unit (torch uses int(cpus_per_task) threads, at least 1);
-    max_retries: Ray retries of a unit whose worker died.
-    """
+    section: ClassVar[str] = "scan"
 
-    top_per_image: int = 32
-    n_top: int = 32
-    n_quantile: int = 8
-    sample_size: int = 256
-    seed: int = 0
-    batch_pfvs: int = 16384
-    cpus_per_task: float = 1.0
-    gpus_per_task: float = 0.0
-    max_retries: int = 3
+    top_per_image: int = option(32, "latents kept per image in `activations`", min=1,
+                                max=_INT16_MAX,
+                                expect=f"an int in [1, {_INT16_MAX}] (activations.rank is int16)")
+    n_top: int = option(32, "'top' exemplar picks per latent", min=1)
+    n_quantile: int = option(8, "'quantile' exemplar picks per latent", min=1)
+    sample_size: int = option(256, "per-latent uniform sample of firing images the quantile "
+                              "picks come from (bottom-k sketch)", min=1)
+    seed: int = option(0, "seed of that sample's hash", min=0)
+    batch_pfvs: int = option(16384, "PFVs encoded at once (memory ~ batch_pfvs x n_latents x 4 "
+                             "bytes; whole images per batch)", runtime=True, min=1)
+    saes: tuple[str, ...] | None = option(None, "scan only these sae_ids (default: every "
+                                          "trained SAE)", input=True, flag="--sae")
 
-    def __post_init__(self) -> None:
-        for name in ("top_per_image", "n_top", "n_quantile", "sample_size", "batch_pfvs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"scan.{name}={value!r}: expected an int >= 1")
-        if self.top_per_image > _INT16_MAX:
-            raise ValueError(f"scan.top_per_image={self.top_per_image}: at most {_INT16_MAX} "
-                             "(activations.rank is int16)")
+    def check(self) -> None:
         if self.sample_size < self.n_quantile:
             raise ValueError(f"scan.sample_size={self.sample_size} < scan.n_quantile="
                              f"{self.n_quantile}: the sample must hold every quantile pick")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"scan.seed={self.seed!r}: expected an int >= 0")
-        if self.cpus_per_task <= 0 or self.gpus_per_task < 0 or self.max_retries < 0:
-            raise ValueError(f"scan: cpus_per_task={self.cpus_per_task} must be > 0, "
-                             f"gpus_per_task={self.gpus_per_task} and max_retries="
-                             f"{self.max_retries} >= 0")
-
-    def identity(self) -> dict[str, Any]:
-        """The settings the outputs depend on (what the config hash covers)."""
-        return {k: getattr(self, k)
-                for k in ("top_per_image", "n_top", "n_quantile", "sample_size", "seed")}
 
 
 @dataclass(frozen=True)
@@ -123,6 +101,14 @@ class ScanUnit:
     @property
     def name(self) -> str:
         return f"{self.sae_id}__{self.pfv.part}"
+
+    @property
+    def part(self) -> str:
+        return self.name
+
+    @property
+    def input(self) -> str:
+        return self.pfv.values
 
     @property
     def fingerprint(self) -> str:
@@ -246,7 +232,8 @@ def activations_table(picks: Picks, top_per_image: int, unit: ScanUnit) -> pa.Ta
 
 
 def scan_task(unit: ScanUnit, options: ScanOptions, root: str) -> PartRecord:
-    """`scan_unit` as a Ray task body: int(cpus_per_task) torch threads, CUDA when the task
-    was given a GPU (gpus_per_task > 0)."""
+    """`scan_unit` as a task body: int(cpus_per_task) torch threads; CUDA when the Ray task was
+    given a GPU (gpus_per_task > 0) or, in process, when this process sees one."""
     torch.set_num_threads(max(1, int(options.cpus_per_task)))
-    return scan_unit(unit, options, root, "cuda" if options.gpus_per_task > 0 else "cpu")
+    cuda = options.gpus_per_task > 0 or (options.in_process and torch.cuda.is_available())
+    return scan_unit(unit, options, root, "cuda" if cuda else "cpu")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -41,8 +41,10 @@ from pipeline.store import (
     now,
     worker_id,
 )
-from pipeline.store.hashing import splitmix64
+from pipeline.pfv.parts import committed_parts, pfv_stats, read_values
+from pipeline.stage import ActorRuntime, all_or_int, option, parts_line, summarize_parts
 from pipeline.store import AtlasRoot
+from pipeline.store.hashing import splitmix64
 from schemas import IMAGES, LAYERS, PFV_IDS
 
 STAGE = "extract"
@@ -51,53 +53,40 @@ IMAGES_PER_PART = 1_000_000
 DTYPES = ("float16", "float32")
 
 
+def _weights(value: Any) -> Any:
+    """"none" (any case) means random initialisation."""
+    return None if isinstance(value, str) and value.lower() == "none" else value
+
+
 @dataclass(frozen=True)
-class ExtractConfig:
-    """What to extract. Only `identity()` fields change the outputs (and the config hash).
+class ExtractOptions(ActorRuntime):
+    """What to extract, from which shards. Only `identity()` fields change the outputs (and
+    the config hash); the shards are tracked per part by their fingerprints."""
 
-    Attributes:
-        model: timm model name (`demo_resnet`, `resnet50`, ...).
-        layers: module paths to tap (`concept-atlas layers --model M` lists them).
-        weights: weight source for `load_model` (None = random init).
-        positions: PFVs kept per image: None keeps every position, k samples k per image
-            (without replacement, by a hash of seed, layer, image_id, so any batching or
-            worker gives the same sample).
-        include_special: also keep ViT prefix tokens (CLS, registers) as PFVs.
-        seed: seeds the position sampling.
-        dtype: storage dtype of PFV values, "float16" (half the bytes) or "float32".
-        batch_size: images per forward pass.
-    """
+    section: ClassVar[str] = "extract"
 
-    model: str
-    layers: tuple[str, ...]
-    weights: str | None = "default"
-    positions: int | None = None
-    include_special: bool = False
-    seed: int = 0
-    dtype: str = "float16"
-    batch_size: int = 64
+    model: str = option(help="timm model name (`demo_resnet`, `resnet50`, ...)")
+    layers: tuple[str, ...] = option(help="layers to tap (`concept-atlas layers --model M` "
+                                     "lists them)", nonempty=True,
+                                     expect="one or more layer names")
+    shards: tuple[str, ...] | None = option(
+        None, "shard paths, brace patterns, directories, globs or fsspec URLs", input=True)
+    weights: str | None = option("default", "default | demo | imagenet | hub | PATH | none "
+                                 "(none: random init)", parse=_weights)
+    positions: int | None = option(
+        None, "'all' (default) or k: PFVs sampled per image (by a hash of seed, layer and "
+        "image_id, so any batching or worker gives the same sample)", min=1,
+        expect="'all' (None) or an int >= 1", parse=all_or_int)
+    include_special: bool = option(False, "keep ViT prefix tokens (CLS, registers) as PFVs")
+    seed: int = option(0, "seed of the position sampling", min=0, lt=2**32,
+                       expect="an int in [0, 2**32)")
+    dtype: str = option("float16", "storage dtype of PFV values", choices=DTYPES)
+    atlas_id: str = option("atlas", "name stored in every table row")
+    batch_size: int = option(64, "images per forward pass", runtime=True, min=1)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(self.layers))
-        if not self.layers or not all(isinstance(n, str) and n for n in self.layers):
-            raise ValueError(f"layers={list(self.layers)!r}: expected one or more layer names")
+    def check(self) -> None:
         if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers={list(self.layers)!r}: a layer is listed twice")
-        if self.positions is not None and (not _is_int(self.positions) or self.positions < 1):
-            raise ValueError(f"positions={self.positions!r}: expected 'all' (None) or an int >= 1")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed={self.seed!r}: expected an int in [0, 2**32)")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: expected one of {list(DTYPES)}")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r}: expected an int >= 1")
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that determine the output values (batch size does not)."""
-        d = asdict(self)
-        d.pop("batch_size")
-        d["layers"] = list(self.layers)
-        return d
+            raise ValueError(f"extract.layers={list(self.layers)!r}: a layer is listed twice")
 
 
 @dataclass(frozen=True)
@@ -112,6 +101,10 @@ class PartTask:
     @property
     def part(self) -> str:
         return part_name(self.index)
+
+    @property
+    def input(self) -> str:
+        return self.shard
 
 
 @dataclass
@@ -159,7 +152,7 @@ def decode_shard(shard: str, data_config: dict[str, Any]) -> DecodedShard:
                         widths=size[:, 0], heights=size[:, 1], errors=list(errors))
 
 
-def resolve_layers(model: nn.Module, cfg: ExtractConfig) -> dict[str, LayerSpec]:
+def resolve_layers(model: nn.Module, cfg: ExtractOptions) -> dict[str, LayerSpec]:
     """The LayerSpec of every layer of `cfg`; ValueError naming an unknown or too-small layer."""
     specs = {s.name: s for s in list_layers(model)}
     stages = [s.name for s in specs.values() if s.is_feature_stage]
@@ -202,9 +195,8 @@ def sample_positions(image_ids: np.ndarray, candidates: np.ndarray, k: int | Non
 class ShardExtractor:
     """Holds the model (loaded once) and turns decoded shards into written parts."""
 
-    def __init__(self, cfg: ExtractConfig, out: str, atlas_id: str,
-                 device: str | torch.device = "cpu") -> None:
-        self.cfg, self.out, self.atlas_id = cfg, out, atlas_id
+    def __init__(self, cfg: ExtractOptions, out: str, device: str | torch.device = "cpu") -> None:
+        self.cfg, self.out, self.atlas_id = cfg, out, cfg.atlas_id
         self.loaded = load_reproducible(cfg.model, cfg.weights, device)
         self.specs = resolve_layers(self.loaded.model, cfg)
         self.candidates = {n: candidate_positions(s, cfg.include_special)
@@ -261,10 +253,6 @@ class ShardExtractor:
         AtlasRoot(self.out).write_errors(STAGE, task.part, self.atlas_id, decoded.errors)
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 @dataclass
 class ExtractPlan:
     """A validated extraction: what exists, what is left, and what the workers need.
@@ -273,7 +261,7 @@ class ExtractPlan:
     data_config: the model's timm data config, for `decode_shard` on the workers.
     """
 
-    cfg: ExtractConfig
+    cfg: ExtractOptions
     out: str
     atlas_id: str
     shards: list[str]
@@ -284,7 +272,7 @@ class ExtractPlan:
     done: dict[str, PartRecord]
 
 
-def check_model(cfg: ExtractConfig) -> tuple[dict[str, LayerSpec], dict[str, Any], str]:
+def check_model(cfg: ExtractOptions) -> tuple[dict[str, LayerSpec], dict[str, Any], str]:
     """Load the model once to check it and its layers, before any work.
 
     Returns the layer specs, the timm data config and the weights fingerprint. Raises
@@ -294,24 +282,28 @@ def check_model(cfg: ExtractConfig) -> tuple[dict[str, LayerSpec], dict[str, Any
     return resolve_layers(loaded.model, cfg), loaded.data_config, model_fingerprint(loaded.model)
 
 
-def stage_identity(cfg: ExtractConfig, weights_fingerprint: str, atlas_id: str) -> dict[str, Any]:
+def stage_identity(cfg: ExtractOptions, weights_fingerprint: str) -> dict[str, Any]:
     """What the extract stage's outputs depend on: recorded in `stages/extract.json`."""
-    return dict(cfg.identity(), weights_fingerprint=weights_fingerprint, atlas_id=atlas_id)
+    return dict(cfg.identity(), weights_fingerprint=weights_fingerprint)
 
 
-def plan_extract(cfg: ExtractConfig, shards: str | list[str], out: str,
-                 atlas_id: str) -> ExtractPlan:
+def plan_extract(root: AtlasRoot | str, cfg: ExtractOptions) -> ExtractPlan:
     """Validate everything, then record the stage config and list the parts left to do.
 
     A shard is done when its part has a record with this config hash, this shard path and
     the shard's current fingerprint. Nothing but `stages/extract.json` and the `layers`
     table is written, and only after every check passed.
     """
+    out = AtlasRoot.of(root).url
+    if not cfg.shards:
+        raise ValueError("extract.shards is empty: give the shards to extract (--shards, or "
+                         "the build config's data section)")
+    shards = cfg.shards[0] if len(cfg.shards) == 1 else list(cfg.shards)
     # absolute local paths: Ray workers (Train workers above all) run in other folders
     shard_list = [s if "://" in s else os.path.abspath(s) for s in expand_shards(shards)]
     specs, data_config, weights_fp = check_model(cfg)
-    digest = check_stage_config(out, STAGE, stage_identity(cfg, weights_fp, atlas_id))
-    write_layers_table(out, atlas_id, specs, cfg)
+    digest = check_stage_config(out, STAGE, stage_identity(cfg, weights_fp))
+    write_layers_table(out, cfg.atlas_id, specs, cfg)
     done = Manifest(out).done(STAGE, digest)
     pending = []
     for index, shard in enumerate(shard_list):
@@ -322,11 +314,12 @@ def plan_extract(cfg: ExtractConfig, shards: str | list[str], out: str,
     redo = {t.part for t in pending}
     done = {p: r for p, r in done.items()
             if p not in redo and int(p.split("-")[1]) < len(shard_list)}
-    return ExtractPlan(cfg, out, atlas_id, shard_list, specs, data_config, digest, pending, done)
+    return ExtractPlan(cfg, out, cfg.atlas_id, shard_list, specs, data_config, digest, pending,
+                       done)
 
 
 def write_layers_table(out: str, atlas_id: str, specs: dict[str, LayerSpec],
-                       cfg: ExtractConfig) -> None:
+                       cfg: ExtractOptions) -> None:
     """Write the `layers` table: layout and stored positions per image of every tapped layer."""
     rows = [{
         "atlas_id": atlas_id, "layer": name, "kind": s.kind, "channels": s.channels,
@@ -335,3 +328,46 @@ def write_layers_table(out: str, atlas_id: str, specs: dict[str, LayerSpec],
     } for name, s in specs.items()]
     fs.write_parquet(pa.Table.from_pylist(rows, schema=LAYERS),
                      fs.join(out, "layers", "part-000000.parquet"), LAYERS)
+
+
+STATS_ROWS = 200_000  # PFVs per layer the summary's statistics are computed from
+
+
+def summarize(plan: ExtractPlan, failed: dict[str, str], seconds: float,
+              stats: bool) -> dict[str, Any]:
+    """Totals over every committed part of this config, what this run did, and per layer the
+    PFV count and (`stats`) statistics of up to STATS_ROWS PFVs."""
+    root = AtlasRoot(plan.out)
+    parts = summarize_parts(root, STAGE, plan.config_hash, list(plan.done), failed, seconds,
+                            "images")
+    records = root.manifest.done(STAGE, plan.config_hash)
+    summary: dict[str, Any] = {
+        "out": plan.out, "model": plan.cfg.model, "shards": len(plan.shards), **parts,
+        "images": parts["rows"], "actor_images_per_s": parts["worker_images_per_s"],
+        "layers": {},
+    }
+    for name, spec in plan.specs.items():
+        rows = sum(r.outputs.get(f"pfv/layer={name}", 0) for r in records.values())
+        layer: dict[str, Any] = {"pfvs": rows, "channels": spec.channels, "grid": list(spec.grid)}
+        if stats and rows:
+            layer.update(pfv_stats(read_values(committed_parts(root, name), STATS_ROWS)),
+                         pfvs=rows)
+        summary["layers"][name] = layer
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    rate = f", {s['images_per_s']} img/s" if s["images_per_s"] else ""
+    print(parts_line(STAGE, s, f"{s['images']} images") + f", {s['errors']} bad samples{rate}")
+    print(f"{'layer':<12} {'grid':>7} {'C':>5} {'PFVs':>10} {'mean|v|':>8} {'zero%':>6} "
+          f"{'active':>7} {'dead':>5}")
+    for name, st in s["layers"].items():
+        grid = f"{st['grid'][0]}x{st['grid'][1]}"
+        if "mean_norm" in st:
+            print(f"{name:<12} {grid:>7} {st['channels']:>5} {st['pfvs']:>10} "
+                  f"{st['mean_norm']:>8.3f} {100 * st['zero_frac']:>6.1f} "
+                  f"{st['active_channels_per_pfv']:>7.1f} {st['dead_channels']:>5}")
+        else:
+            print(f"{name:<12} {grid:>7} {st['channels']:>5} {st['pfvs']:>10}")
+    for part, reason in s["parts_failed"].items():
+        print(f"  failed {part}: {reason}")

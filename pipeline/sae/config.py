@@ -1,16 +1,18 @@
 """The configuration of one sparse autoencoder and its training run, validated on construction.
 
-Every field is checked in `__post_init__`, so a bad sweep entry fails before any data is read
-or any weight is allocated, with a message naming the field, the bad value and what is valid.
+Every field is checked when the config is built (`pipeline.stage.Options`), so a bad sweep entry
+fails before any data is read or any weight is allocated, with a message naming the field, the
+bad value and what is valid.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+from pipeline.stage import Options, option
 
 VARIANTS: tuple[str, ...] = ("topk", "batchtopk", "relu")
 B_DEC_INITS: tuple[str, ...] = ("geometric_median", "mean")
@@ -23,63 +25,44 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 @dataclass(frozen=True)
-class SAEConfig:
-    """One SAE on PFVs of width `d_in` (METHOD.md section 5).
+class SAEConfig(Options):
+    """One SAE on PFVs of width `d_in` (docs/method.md §5), and its optimisation settings."""
 
-    Attributes:
-        d_in: PFV width (channels of a CNN tap, embedding width of a ViT tap).
-        n_latents: dictionary size.
-        variant: "topk" (k largest per row), "batchtopk" (k·B largest per batch in training, a
-            learned threshold at inference) or "relu" (ReLU with a decoder-norm-weighted L1).
-        k: active latents per PFV for topk / batchtopk (ignored by relu).
-        l1_coeff: weight of the L1 penalty of the relu variant (ignored by the others).
-        aux_k: dead latents used by the AuxK loss (Gao et al. 2024); 0 disables it.
-        aux_coeff: weight α of the AuxK loss; Gao et al. use 1/32.
-        dead_tokens: a latent that has not fired on the last `dead_tokens` training PFVs is
-            dead. Gao et al. use 10M LM tokens; PFV sets are smaller, hence 1M.
-        threshold_momentum: EMA momentum of the BatchTopK inference threshold.
-        lr: Adam learning rate.
-        batch_size: PFVs per optimiser step (per worker under DDP).
-        seed: seeds the weight initialisation.
-        b_dec_init: "geometric_median" (robust to outlier PFVs) or "mean" of an init sample.
-        normalize: scale inputs to unit mean squared norm inside the SAE.
-        dtype: parameter dtype, one of DTYPES.
-    """
+    section: ClassVar[str] = "SAEConfig"
 
-    d_in: int
-    n_latents: int
-    variant: str = "topk"
-    k: int = 32
-    l1_coeff: float = 1e-3
-    aux_k: int = 512
-    aux_coeff: float = 1.0 / 32.0
-    dead_tokens: int = 1_000_000
-    threshold_momentum: float = 0.999
-    lr: float = 2e-4
-    batch_size: int = 4096
-    seed: int = 0
-    b_dec_init: str = "geometric_median"
-    normalize: bool = True
-    dtype: str = "float32"
+    d_in: int = option(help="PFV width (channels of a CNN tap, embedding width of a ViT tap)",
+                       min=1, cli=False)
+    n_latents: int = option(help="dictionary size", min=1)
+    variant: str = option("topk", "topk (k largest per row), batchtopk (k*B largest per batch "
+                          "in training, a learned threshold at inference) or relu (ReLU with a "
+                          "decoder-norm-weighted L1)", choices=VARIANTS)
+    k: int = option(32, "active latents per PFV for topk / batchtopk (ignored by relu)")
+    l1_coeff: float = option(1e-3, "weight of the L1 penalty of the relu variant", min=0,
+                             cli=False)
+    aux_k: int = option(512, "dead latents used by the AuxK loss (Gao et al. 2024); 0 disables "
+                        "it", min=0, cli=False)
+    aux_coeff: float = option(1.0 / 32.0, "weight of the AuxK loss (Gao et al. use 1/32)", min=0,
+                              cli=False)
+    # Gao et al. use 10M LM tokens; PFV sets are smaller, hence 1M
+    dead_tokens: int = option(1_000_000, "a latent that has not fired on the last dead_tokens "
+                              "training PFVs is dead", min=1, cli=False)
+    threshold_momentum: float = option(0.999, "EMA momentum of the BatchTopK inference "
+                                       "threshold", min=0, lt=1, cli=False)
+    lr: float = option(2e-4, "Adam learning rate", gt=0)
+    batch_size: int = option(4096, "PFVs per optimiser step (per worker under DDP)", min=1)
+    seed: int = option(0, "seeds the weight initialisation", min=0)
+    b_dec_init: str = option("geometric_median", "geometric_median (robust to outlier PFVs) or "
+                             "mean of an init sample", choices=B_DEC_INITS, cli=False)
+    normalize: bool = option(True, "scale inputs to unit mean squared norm inside the SAE",
+                             cli=False)
+    dtype: str = option("float32", "parameter dtype", choices=tuple(DTYPES), cli=False)
 
-    def __post_init__(self) -> None:
-        _check_int(self, "d_in", low=1)
-        _check_int(self, "n_latents", low=1)
-        _check_choice(self, "variant", VARIANTS)
-        if self.variant in ("topk", "batchtopk"):
-            _check_int(self, "k", low=1, high=self.n_latents, high_name="n_latents")
-        _check_float(self, "l1_coeff", low=0.0)
-        _check_int(self, "aux_k", low=0)
-        _check_float(self, "aux_coeff", low=0.0)
-        _check_int(self, "dead_tokens", low=1)
-        _check_float(self, "threshold_momentum", low=0.0, below=1.0)
-        _check_float(self, "lr", low=0.0, strict=True)
-        _check_int(self, "batch_size", low=1)
-        _check_int(self, "seed", low=0)
-        _check_choice(self, "b_dec_init", B_DEC_INITS)
-        if not isinstance(self.normalize, bool):
-            raise ValueError(f"SAEConfig.normalize={self.normalize!r}: expected True or False")
-        _check_choice(self, "dtype", tuple(DTYPES))
+    def check(self) -> None:
+        if self.variant in ("topk", "batchtopk") and not 1 <= self.k <= self.n_latents:
+            raise ValueError(f"SAEConfig.k={self.k!r}: must be <= n_latents={self.n_latents} "
+                             f"(valid: 1..{self.n_latents})" if isinstance(self.k, int) and
+                             self.k > self.n_latents else
+                             f"SAEConfig.k={self.k!r}: expected an int >= 1")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -96,36 +79,3 @@ class SAEConfig:
         if unknown:
             raise ValueError(f"unknown SAEConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**d)
-
-
-def _check_int(
-    cfg: SAEConfig, name: str, low: int, high: int | None = None, high_name: str = ""
-) -> None:
-    value = getattr(cfg, name)
-    # bool is an int subclass; True as a width is always a mistake
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"SAEConfig.{name}={value!r}: expected an integer >= {low}")
-    if value < low:
-        raise ValueError(f"SAEConfig.{name}={value}: must be >= {low}")
-    if high is not None and value > high:
-        raise ValueError(
-            f"SAEConfig.{name}={value}: must be <= {high_name}={high} (valid: {low}..{high})"
-        )
-
-
-def _check_float(
-    cfg: SAEConfig, name: str, low: float, below: float | None = None, strict: bool = False
-) -> None:
-    value = getattr(cfg, name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"SAEConfig.{name}={value!r}: expected a finite number")
-    if (value <= low) if strict else (value < low):
-        raise ValueError(f"SAEConfig.{name}={value}: must be {'>' if strict else '>='} {low}")
-    if below is not None and value >= below:
-        raise ValueError(f"SAEConfig.{name}={value}: must be < {below}")
-
-
-def _check_choice(cfg: SAEConfig, name: str, choices: tuple[str, ...]) -> None:
-    value = getattr(cfg, name)
-    if value not in choices:
-        raise ValueError(f"SAEConfig.{name}={value!r}: expected one of {list(choices)}")

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,7 @@ from pipeline.pfv.parts import PFVPart, committed_parts, read_values
 from pipeline.pfv.stream import DEFAULT_CACHE_BYTES, PFVStream, Reader
 from pipeline.sae import SAE, SAEConfig, evaluate_sae, logit_fidelity, reconstruct_hook, save_sae
 from pipeline.sae.train import Fit, Session, fit
+from pipeline.stage import Options, option
 from pipeline.store import AtlasRoot, PartRecord, config_hash, fs, now, worker_id
 from schemas import SAES
 
@@ -40,40 +41,39 @@ _EVAL_BATCH = 8192
 
 
 @dataclass(frozen=True)
-class TrainOptions:
-    """Settings shared by every run of a sweep.
+class TrainOptions(Options):
+    """An SAE sweep and the settings shared by its runs (docs/method.md §5).
 
-    steps: optimiser steps per run (a run may override it); checkpoint_every: steps between
-    checkpoints; holdout_parts: last extracted parts kept for evaluation; window_parts: parts
-    shuffled together; fidelity_images: held-out images for logit fidelity; eval_pfvs: held-out
-    PFVs for FVU/L0/dead/dense; max_sae_gib: refuse SAEs whose weights, gradients and Adam
-    state exceed this; workers / cpus_per_worker / use_gpu: Ray Train scaling (use_gpu None:
-    when the cluster has GPUs); cache_bytes: per-worker in-memory PFV cache; in_process: train
-    in the calling process without Ray (LocalSession; debugging, small jobs, tests).
+    The outputs of a run depend on the run itself (its layer and SAEConfig), the extraction it
+    trains on, `holdout_parts` and `window_parts` (see `run_hash`); the rest is how it runs.
     """
 
-    steps: int = 2000
-    checkpoint_every: int = 250
-    holdout_parts: int = 1
-    window_parts: int = 8
-    fidelity_images: int = 512
-    eval_pfvs: int = 200_000
-    max_sae_gib: float = 16.0
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool | None = None
-    cache_bytes: int = DEFAULT_CACHE_BYTES
-    in_process: bool = False
+    section: ClassVar[str] = "train_sae"
 
-    def __post_init__(self) -> None:
-        for name in ("steps", "checkpoint_every", "window_parts", "fidelity_images",
-                     "eval_pfvs", "workers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"train_sae.{name}={value!r}: expected an int >= 1")
-        if not isinstance(self.holdout_parts, int) or self.holdout_parts < 1:
-            raise ValueError(f"train_sae.holdout_parts={self.holdout_parts!r}: expected an int >= 1 "
-                             "(fidelity and FVU are measured on held-out images)")
+    sweep: tuple[dict[str, Any], ...] = option(
+        (), "the runs: {layer, sae: {SAEConfig fields but d_in}, name?, steps?}", cli=False)
+    steps: int = option(2000, "optimiser steps per run (a run may override it)", min=1)
+    checkpoint_every: int = option(250, "steps between checkpoints", min=1)
+    holdout_parts: int = option(1, "last extracted parts kept for held-out metrics", min=1,
+                                expect="an int >= 1 (fidelity and FVU are measured on "
+                                "held-out images)")
+    window_parts: int = option(8, "extracted parts shuffled together", min=1)
+    fidelity_images: int = option(512, "held-out images for logit fidelity", min=1)
+    eval_pfvs: int = option(200_000, "held-out PFVs for FVU, L0, dead and dense fractions",
+                            min=1)
+    max_sae_gib: float = option(16.0, "refuse SAEs whose weights, gradients and Adam state "
+                                "exceed this", gt=0)
+    workers: int = option(1, "DDP workers (Ray Train)", runtime=True, min=1)
+    cpus_per_worker: float = option(1.0, "Ray CPUs per worker (and its torch threads)",
+                                    runtime=True, gt=0)
+    use_gpu: bool | None = option(None, "train on GPUs (default: when the cluster has them)",
+                                  runtime=True)
+    cache_bytes: int = option(DEFAULT_CACHE_BYTES, "per-worker in-memory PFV cache",
+                              runtime=True, min=0)
+    max_failures: int = option(3, "worker-group restarts Ray Train allows (each resumes from "
+                               "a checkpoint)", runtime=True, min=0)
+    in_process: bool = option(False, "train in this process, without Ray (debugging, small "
+                              "jobs; the same weights)", runtime=True)
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,7 @@ def parts_fingerprint(parts: list[PFVPart]) -> str:
 
 
 def train_runs(root: AtlasRoot | str, runs: Sequence[SAERun], options: TrainOptions,
-               session: Session, atlas_id: str, reader: Reader | None = None,
+               session: Session, reader: Reader | None = None,
                crash_at: tuple[str, int] | None = None) -> list[str]:
     """Train, evaluate and save every unfinished run of the sweep; returns the sae_ids trained.
 
@@ -318,7 +318,8 @@ def train_runs(root: AtlasRoot | str, runs: Sequence[SAERun], options: TrainOpti
     `crash_at` = (sae_id, step) makes that run fail once at that step (tests of recovery).
     """
     root = AtlasRoot.of(root)
-    extract_hash = root.extract().config_hash
+    extract = root.extract()
+    extract_hash, atlas_id = extract.config_hash, extract.atlas_id
     evaluator = Evaluator(root, options, session.device) if session.rank == 0 else None
     trained = []
     for run in runs:
@@ -342,3 +343,41 @@ def train_runs(root: AtlasRoot | str, runs: Sequence[SAERun], options: TrainOpti
                   flush=True)
         trained.append(run.sae_id)
     return trained
+
+
+def plan_runs(root: AtlasRoot | str, options: TrainOptions) -> tuple[list[SAERun], list[SAERun]]:
+    """Validate the sweep against the extraction under `root`: (all runs, unfinished runs).
+
+    Raises before any work for an unknown layer, a bad or oversized SAE config, or too few
+    extracted parts to hold some out and feed every worker.
+    """
+    root = AtlasRoot.of(root)
+    extract_hash = root.extract().config_hash
+    channels = {name: row["channels"] for name, row in root.layers().items()}
+    runs = make_runs(options.sweep, channels, options)
+    for layer in {r.layer for r in runs}:
+        train, _ = split_holdout(committed_parts(root, layer), options.holdout_parts)
+        if len(train) < options.workers:
+            raise ValueError(f"layer {layer}: {len(train)} training parts for "
+                             f"{options.workers} workers; use at most {len(train)} workers")
+    manifest = root.manifest
+    pending = [r for r in runs
+               if r.sae_id not in manifest.done(STAGE, run_hash(r, options, extract_hash))]
+    return runs, pending
+
+
+def print_summary(rows: list[dict[str, Any]], seconds: float, model: str) -> None:
+    print(f"[train-sae] {len(rows)} SAEs in {seconds:.1f}s (held-out metrics)")
+    print(f"{'sae_id':<28} {'latents':>7} {'k':>3} {'FVU':>7} {'L0':>6} {'dead%':>6} "
+          f"{'dense%':>6} {'top1agr':>7} {'KL':>7}")
+    for r in rows:
+        print(f"{r['sae_id']:<28} {r['n_latents']:>7} {r['k']:>3} {r['fvu']:>7.4f} "
+              f"{r['l0']:>6.1f} {100 * r['dead_frac']:>6.2f} {100 * r['dense_frac']:>6.2f} "
+              f"{r['logit_agreement']:>7.3f} {r['logit_kl']:>7.4f}")
+    accuracy = [r["model_accuracy"] for r in rows if r["model_accuracy"] is not None]
+    if accuracy:
+        # the shards' .cls labels are compared with the model's class indices as they are: for
+        # a model trained on other classes (an ImageNet model on the synthetic data) it means nothing
+        print(f"[accuracy] {model}: {accuracy[0]:.2%} on {rows[0]['heldout_images']} "
+              "held-out images (top-1 against the shards' .cls labels, read as the model's "
+              "class indices)")

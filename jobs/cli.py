@@ -1,15 +1,20 @@
 """`concept-atlas` command line: one subcommand per stage or query.
 
-Imports are deferred into each command so `concept-atlas --help` stays instant.
+Stage commands come from the stage registry (`jobs.stages`): their flags are their options' fields.
+The commands that query an atlas import what they need when they run.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
+
+from jobs.build import StageFailed
+from jobs.stages import STAGES, RunContext, Stage
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -17,15 +22,6 @@ Handler = Callable[[argparse.Namespace], int]
 def _weights(value: str) -> str | None:
     """`--weights none` means random init; every other value goes to `load_model` as is."""
     return None if value.lower() == "none" else value
-
-
-def _cmd_make_data(a: argparse.Namespace) -> int:
-    from pipeline.data.synthetic import write_shards
-
-    paths = write_shards(Path(a.out), n=a.n, seed=a.seed, size=a.size, shard_size=a.shard_size,
-                         shortcut_prob=a.shortcut_prob, workers=a.workers)
-    print(f"wrote {a.n} images in {len(paths)} shards to {a.out}")
-    return 0
 
 
 def _cmd_train_demo_model(a: argparse.Namespace) -> int:
@@ -72,52 +68,37 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def _positions(value: str) -> int | None:
-    """`--positions all` keeps every position; an integer k samples k per image."""
-    return None if value.lower() == "all" else int(value)
-
-
-def _cmd_extract(a: argparse.Namespace) -> int:
-    from jobs.extract import run
-    from pipeline.pfv.extract import ExtractConfig
-
-    cfg = ExtractConfig(model=a.model, layers=tuple(a.layers), weights=_weights(a.weights),
-                        positions=a.positions, include_special=a.include_special, seed=a.seed,
-                        dtype=a.dtype, batch_size=a.batch_size)
-    summary = run(cfg, a.shards, a.out, atlas_id=a.atlas_id, actors=a.actors,
-                  cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
-                  address=a.address, progress=not a.no_progress, in_process=a.in_process)
-    return 1 if summary["parts_failed"] else 0
-
-
-def _cmd_train_sae(a: argparse.Namespace) -> int:
-    from jobs.train_sae import run
-    from pipeline.build import load_build_config
-    from pipeline.sae.stage import TrainOptions
-
-    if a.config:
-        cfg = load_build_config(a.config, a.out)
-        if cfg.train is None:
-            raise ValueError(f"{a.config} has no train_sae section")
-        options, sweep = cfg.train, cfg.sweep
-    else:
-        if not a.layers:
-            raise ValueError("give --layers (one SAE per layer) or --config CONFIG.yaml")
-        sae = {"n_latents": a.n_latents, "k": a.k, "variant": a.variant,
-               "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed}
-        sweep = [{"layer": layer, "sae": sae} for layer in a.layers]
-        options = TrainOptions(steps=a.steps, checkpoint_every=a.checkpoint_every,
-                               holdout_parts=a.holdout_parts, workers=a.workers,
-                               cpus_per_worker=a.cpus_per_worker)
-    run(a.out, sweep, options, atlas_id=a.atlas_id, address=a.address)
-    return 0
-
-
 def _cmd_build(a: argparse.Namespace) -> int:
     from jobs.build import run
 
-    run(a.config, out=a.out, address=a.address, stages=a.stages)
+    run(a.config, out=a.out, address=a.address, stages=a.stages, progress=not a.no_progress)
     return 0
+
+
+def _cmd_stage(stage: Stage, a: argparse.Namespace) -> int:
+    """A stage command: its options from the flags, run on the atlas root; 1 if a part failed."""
+    root = a.atlas or a.out
+    if a.out:
+        where = "the output folder" if stage.name == "make-data" else "the atlas root"
+        print(f"concept-atlas {stage.name}: --out is deprecated: give {where} as the first "
+              "argument", file=sys.stderr)
+    if getattr(a, "atlas_id_deprecated", None) is not None:
+        print(f"concept-atlas {stage.name}: --atlas-id is deprecated and ignored: the atlas id "
+              "is the extraction's", file=sys.stderr)
+    if not root:
+        raise ValueError("give the atlas root (a folder or an fsspec URL) as the first argument")
+    options = (stage.options_from_args or stage.options.from_args)(a)
+    context = RunContext(address=getattr(a, "address", None), progress=not a.no_progress)
+    summary = stage.run(root, options, context)
+    return 1 if isinstance(summary, dict) and summary.get("parts_failed") else 0
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from pipeline.atlas.compare import compare_atlases
+
+    result = compare_atlases(a.a, a.b, ignore=a.ignore or (), skip=a.skip or ())
+    print(result.text())
+    return 0 if result.equal else 1
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
@@ -136,7 +117,7 @@ def _cmd_explain(a: argparse.Namespace) -> int:
 
 def _cmd_routes(a: argparse.Namespace) -> int:
     from pipeline.atlas import Atlas
-    from pipeline.icat.route_render import render_route
+    from pipeline.atlas.route_render import render_route
 
     atlas = Atlas.open(a.atlas)
     target = a.target if a.target in (None, "true") or not a.target.isdigit() else int(a.target)
@@ -240,36 +221,44 @@ def _cmd_latent(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_index(a: argparse.Namespace) -> int:
-    from jobs.index import build_indexes, report
-
-    report(build_indexes(a.atlas, exact_below=a.exact_below, factory=a.factory,
-                         progress=not a.no_progress, force=a.force))
-    return 0
+ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else a private local instance)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand (each `--help` lists examples)."""
+def add_command(sub: argparse._SubParsersAction, name: str, handler: Handler, help_: str,
+                examples: str) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` ends with its examples."""
+    sp = sub.add_parser(name, help=help_, description=help_, epilog="examples:\n" + examples,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.set_defaults(handler=handler)
+    return sp
+
+
+def add_stage_command(sub: argparse._SubParsersAction, stage: Stage) -> None:
+    """The command of a registered stage: the atlas root first, then its options' flags."""
+    sp = add_command(sub, stage.name, functools.partial(_cmd_stage, stage), stage.help,
+                     "".join(f"  {e}\n" for e in stage.examples))
+    where = ("the folder the shards and dataset.json go to" if stage.name == "make-data" else
+             "the atlas root: a local folder or an fsspec URL (s3://, gs://)")
+    sp.add_argument("atlas", nargs="?", help=where)
+    sp.add_argument("--out", default=None, help=argparse.SUPPRESS)  # before the positional root
+    if stage.name in ("train-sae", "cafe"):
+        sp.add_argument("--atlas-id", dest="atlas_id_deprecated", help=argparse.SUPPRESS)
+    stage.options.add_arguments(sp)
+    if stage.arguments is not None:
+        stage.arguments(sp)
+    if stage.ray:
+        sp.add_argument("--address", default=None, help=ADDRESS_HELP)
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (each `--help` lists examples); with `command`,
+    only that stage command gets its full flags (the others are not parsed)."""
     p = argparse.ArgumentParser(prog="concept-atlas", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, help_: str, examples: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_, epilog="examples:\n" + examples,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.set_defaults(handler=handler)
-        return sp
-
-    sp = add("make-data", _cmd_make_data, "write the synthetic concept dataset as WebDataset shards",
-             "  concept-atlas make-data --out data/synth --n 10000 --seed 0\n"
-             "  concept-atlas make-data --out data/shortcut --n 5000 --shortcut-prob 0.9")
-    sp.add_argument("--out", required=True, help="output directory for shard-*.tar and dataset.json")
-    sp.add_argument("--n", type=int, required=True, help="number of images")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    sp.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    sp.add_argument("--shortcut-prob", type=float, default=0.0,
-                    help="probability that the largest object has its class's shortcut colour")
-    sp.add_argument("--workers", type=int, default=None, help="render processes (default: up to 2)")
+        return add_command(sub, name, handler, help_, examples)
 
     sp = add("train-demo-model", _cmd_train_demo_model, "train a demo model on synthetic shards",
              "  concept-atlas make-data --out data/train --n 12000 --seed 1\n"
@@ -303,56 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True)
     sp.add_argument("--weights", default="default")
 
-    sp = add("extract", _cmd_extract, "extract PFVs of model layers from shards (Ray, resumable)",
-             "  concept-atlas extract --shards demo_out/data --model demo_resnet "
-             "--layers layer2 layer4 --out atlas/\n"
-             "  concept-atlas extract --shards 's3://b/imagenet/shard-{000000..001281}.tar' "
-             "--model resnet50 --weights hub \\\n"
-             "      --layers layer3 --positions 16 --out s3://b/atlas --actors 8 --address auto")
-    sp.add_argument("--shards", required=True, nargs="+",
-                    help="shard paths, brace patterns, directories, globs or fsspec URLs")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--weights", default="default", help="default | demo | imagenet | hub | PATH | none")
-    sp.add_argument("--layers", required=True, nargs="+", help="layers to tap (see `layers`)")
-    sp.add_argument("--out", required=True, help="output root: a local path or fsspec URL")
-    sp.add_argument("--positions", type=_positions, default=None,
-                    help="'all' (default) or k: PFVs sampled per image")
-    sp.add_argument("--include-special", action="store_true", help="keep ViT CLS/register tokens")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the position sampling")
-    sp.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    sp.add_argument("--batch-size", type=int, default=64)
-    sp.add_argument("--atlas-id", default="atlas", help="name stored in every table row")
-    sp.add_argument("--actors", type=int, default=1, help="model actors (one model each)")
-    sp.add_argument("--cpus-per-actor", type=float, default=1.0)
-    sp.add_argument("--gpus-per-actor", type=float, default=None,
-                    help="default: 1 when the cluster has GPUs, else 0")
-    sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-    sp.add_argument("--no-progress", action="store_true")
-    sp.add_argument("--in-process", action="store_true",
-                    help="run every part in this process, without Ray (debugging, small jobs)")
-
-    sp = add("train-sae", _cmd_train_sae, "train SAEs on extracted PFVs (Ray Train, resumable)",
-             "  concept-atlas train-sae --out atlas/ --layers layer2 layer4 --n-latents 512 --k 16\n"
-             "  concept-atlas train-sae --out demo_out --config configs/demo.yaml   # its sweep\n"
-             "  concept-atlas train-sae --out s3://b/atlas --config sweep.yaml --address auto")
-    sp.add_argument("--out", required=True, help="the extraction's output root (path or URL)")
-    sp.add_argument("--config", default=None, help="a build YAML: train its train_sae sweep")
-    sp.add_argument("--layers", nargs="+", default=None, help="one SAE per layer")
-    sp.add_argument("--n-latents", type=int, default=1024)
-    sp.add_argument("--k", type=int, default=32)
-    sp.add_argument("--variant", default="topk", choices=["topk", "batchtopk", "relu"])
-    sp.add_argument("--batch-size", type=int, default=4096)
-    sp.add_argument("--lr", type=float, default=2e-4)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--steps", type=int, default=2000)
-    sp.add_argument("--checkpoint-every", type=int, default=250)
-    sp.add_argument("--holdout-parts", type=int, default=1,
-                    help="last extracted parts kept for held-out metrics")
-    sp.add_argument("--workers", type=int, default=1, help="DDP workers (Ray Train)")
-    sp.add_argument("--cpus-per-worker", type=float, default=1.0)
-    sp.add_argument("--atlas-id", default="atlas")
-    sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
-
     sp = add("build", _cmd_build, "run every stage of a build config in order (resumable)",
              "  concept-atlas build configs/demo.yaml\n"
              "  concept-atlas build configs/demo.yaml --out atlas_out --stages make-data extract\n"
@@ -361,7 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("config", help="build YAML (see configs/demo.yaml)")
     sp.add_argument("--out", default=None, help="output root (default: the config's `out`)")
     sp.add_argument("--stages", nargs="+", default=None, help="run only these stages")
-    sp.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    sp.add_argument("--address", default=None, help=ADDRESS_HELP)
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    for stage in STAGES:
+        if command in (None, stage.name):
+            add_stage_command(sub, stage)
+        else:  # listed in `concept-atlas --help` without importing the stage's options
+            sub.add_parser(stage.name, help=stage.help, add_help=False)
+
+    sp = add("compare", _cmd_compare, "compare two atlas folders file by file (tables as row "
+             "sets, the columns that vary between builds left out); exit 1 when they differ",
+             "  concept-atlas compare atlas_a atlas_b\n"
+             "  concept-atlas compare demo_out rebuilt --skip saliency/ route.json route.png")
+    sp.add_argument("a", help="an atlas root")
+    sp.add_argument("b", help="another atlas root")
+    sp.add_argument("--ignore", nargs="+", help="more columns / keys that may differ")
+    sp.add_argument("--skip", nargs="+", help="relative paths (prefixes) left out on both sides")
 
     sp = add("explain", _cmd_explain, "SRD saliency of one image: input, map and overlay side by side (PNG)",
              "  concept-atlas explain --model demo_resnet --image img.png --out explain.png\n"
@@ -419,11 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("latent", type=_latent_ref, help="LAYER:ID or SAE_ID:ID")
     sp.add_argument("--out", default=None, help="contact sheet PNG (exemplars, iERF masks)")
 
-    # the later stages: each job owns its command line (`main` hands the arguments over);
-    # listed here for `concept-atlas --help`
-    for name, help_ in JOB_COMMANDS.items():
-        sub.add_parser(name, help=help_, add_help=False)
-
     sp = add("routes", _cmd_routes, "concept routes of one image: from a class logit, the top-k "
              "ICAT edges per node down the tapped layers (JSON and a graph PNG)",
              "  concept-atlas routes demo_out --image demo_out/saliency/00002500.png --out route.png\n"
@@ -442,42 +392,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", default=None, help="write the route as JSON here")
     sp.add_argument("--out", default=None, help="write the rendered route (PNG) here")
 
-    sp = add("index", _cmd_index, "build the FAISS indexes of an atlas (decoder directions, "
-             "exemplar regions)",
-             "  concept-atlas index demo_out\n  concept-atlas index demo_out --exact-below 0  "
-             "# IVF/PQ at any size")
-    sp.add_argument("atlas", help="atlas root")
-    sp.add_argument("--exact-below", type=int, default=100_000,
-                    help="vectors below which an index is exact (Flat); IVF/PQ above")
-    sp.add_argument("--factory", default=None, help="force a FAISS factory string")
-    sp.add_argument("--force", action="store_true",
-                    help="rebuild indexes whose inputs are unchanged (they are kept by default)")
-    sp.add_argument("--no-progress", action="store_true")
     return p
 
 
-JOB_COMMANDS = {
-    "scan": "the latent scan: SAE activations over every PFV, latent statistics, exemplar "
-            "picks (Ray, resumable)",
-    "cafe": "CAFE: latent iERF masks and faithfulness for every exemplar pick (Ray, resumable)",
-    "icat": "ICAT edges between the tapped layers' latents and to the class logits (Ray, "
-            "resumable)",
-}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `concept-atlas` console script."""
+    """Entry point of the `concept-atlas` console script: 0 done, 1 a part or stage failed
+    (recorded in the errors table; a re-run retries it), 2 a bad value (one line naming it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not sys.stderr.isatty():
         # progress bars in a log file or CI: one line every 30 s, not ten a second
         os.environ.setdefault("TQDM_MININTERVAL", "30")
-    if argv and argv[0] in JOB_COMMANDS:
-        import importlib
-
-        return importlib.import_module(f"jobs.{argv[0]}").main(argv[1:])
-    args = build_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in {s.name for s in STAGES} else "").parse_args(argv)
     try:
         return args.handler(args)
+    except StageFailed as e:
+        print(f"concept-atlas {args.command}: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"concept-atlas {args.command}: error: {e}", file=sys.stderr)
         return 2

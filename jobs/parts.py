@@ -1,0 +1,271 @@
+"""Running a stage's parts: in this process or on Ray (a pool of stateful actors, or plain
+tasks), committing each finished part as it returns (docs/architecture.md, "Parts").
+
+`run_parts` is the one driver loop of every part-wise stage (extract, scan, cafe, icat). Each
+finished part's manifest record is committed when it returns, so a killed driver loses only the
+parts in flight; a part that fails is recorded in the `errors` table (one row, the last line of
+its error), reported, and left uncommitted for the next run. A dead actor is restarted and its
+calls retried (`max_retries`); part names are deterministic, so a retried part replaces its
+half-done files and nothing is duplicated.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from jobs.cluster import cluster_gpus, init_ray, local_device
+from pipeline.data.errors import ErrorRecord
+from pipeline.stage import ActorRuntime, TaskRuntime
+from pipeline.store import AtlasRoot, PartRecord
+
+
+class Task(Protocol):
+    """A part to compute: its name and what it reads (a shard, a PFV part)."""
+
+    @property
+    def part(self) -> str: ...
+
+    @property
+    def input(self) -> str: ...
+
+
+T = TypeVar("T", bound=Task)
+OnPart = Callable[[PartRecord], None]
+# calls queued per actor (or task slot), so a worker never waits for the driver between parts
+QUEUE_PER_SLOT = 2
+
+
+@dataclass(frozen=True)
+class Actors:
+    """Parts run by stateful workers: `factory(*args, device=...)` is built once per actor (the
+    model loaded once) and computes a part with `worker.run(task, *prepared)`.
+
+    `prepare(task)`, when given, returns (function, args) computed ahead of the worker, as a
+    one-CPU Ray task (shard decoding): its result is passed to `run` after the task.
+    """
+
+    factory: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    prepare: Callable[[Any], tuple[Callable[..., Any], tuple[Any, ...]]] | None = None
+    role: str = "worker"
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """Parts run as independent Ray tasks: `fn(task, *args)` returns the part's record."""
+
+    fn: Callable[..., PartRecord]
+    args: tuple[Any, ...] = ()
+
+
+@dataclass
+class Progress:
+    """The progress bar of a stage: `count(record)` units per finished part; `total` None
+    estimates it from the mean per part; `extra` = (name, amount(record)) shown as a sum."""
+
+    unit: str
+    total: int | None
+    count: Callable[[PartRecord], int] = lambda record: record.rows
+    extra: tuple[str, Callable[[PartRecord], int]] | None = None
+
+
+class PartCommitter:
+    """Commits finished parts (errors part, manifest, progress) and records failed ones."""
+
+    def __init__(self, stage: str, root: AtlasRoot, atlas_id: str, parts: int,
+                 progress: Progress, show: bool, on_part: OnPart | None) -> None:
+        self.stage, self.root, self.atlas_id, self.parts = stage, root, atlas_id, parts
+        self.progress, self.on_part = progress, on_part
+        self.failed: dict[str, str] = {}
+        self.done = self.counted = self.extra = 0
+        self.bar = tqdm(total=progress.total, unit=progress.unit, desc=stage,
+                        disable=not show or not parts, smoothing=0.1)
+
+    def ok(self, record: PartRecord) -> None:
+        if record.errors == 0:
+            # replaces the errors of an earlier failed attempt at this part
+            self.root.write_errors(self.stage, record.part, self.atlas_id, [])
+        self.root.manifest.commit(record)
+        self.done += 1
+        amount = self.progress.count(record)
+        self.counted += amount
+        if self.progress.total is None:  # an ETA from the mean part so far
+            self.bar.total = round(self.counted / self.done * self.parts)
+        if self.progress.extra is not None:
+            name, of = self.progress.extra
+            self.extra += of(record)
+            self.bar.set_postfix({name: self.extra}, refresh=False)
+        self.bar.update(amount)
+        if self.on_part is not None:
+            self.on_part(record)
+
+    def fail(self, task: Task, reason: str) -> None:
+        reason = reason.strip().splitlines()[-1][:2000] if reason.strip() else "unknown failure"
+        self.root.write_errors(self.stage, task.part, self.atlas_id,
+                               [ErrorRecord(stage=self.stage, shard=task.input, key="",
+                                            reason=reason)])
+        print(f"[{self.stage}] {task.part} ({task.input}) failed: {reason}", file=sys.stderr,
+              flush=True)
+        self.failed[task.part] = reason
+
+
+def run_parts(stage: str, root: AtlasRoot, atlas_id: str, tasks: Sequence[T],
+              execute: Actors | Tasks, runtime: ActorRuntime | TaskRuntime, *,
+              progress: Progress, show: bool = True, address: str | None = None,
+              on_part: OnPart | None = None) -> dict[str, str]:
+    """Compute `tasks` in this process (`runtime.in_process`) or on Ray; returns the failed
+    parts, {part: reason}. Every finished part is committed before this returns."""
+    committer = PartCommitter(stage, root, atlas_id, len(tasks), progress, show, on_part)
+    if tasks:
+        if runtime.in_process:
+            _run_here(tasks, execute, runtime, committer)
+        else:
+            init_ray(address)
+            if isinstance(execute, Actors):
+                _run_actors(tasks, execute, runtime, committer)
+            else:
+                _run_tasks(tasks, execute, runtime, committer)
+    committer.bar.close()
+    return committer.failed
+
+
+# ---- in this process ----------------------------------------------------------------------
+
+
+def _run_here(tasks: Sequence[T], execute: Actors | Tasks, runtime: ActorRuntime | TaskRuntime,
+              committer: PartCommitter) -> None:
+    """Every part here, one after the other; each result or exception to the committer."""
+    if isinstance(execute, Actors):
+        worker = execute.factory(*execute.args, device=local_device())
+
+        def run_one(task: T) -> PartRecord:
+            prepared = []
+            if execute.prepare is not None:
+                fn, args = execute.prepare(task)
+                prepared = [fn(*args)]
+            return worker.run(task, *prepared)
+    else:
+        # as many torch threads as a Ray task would get (this process's setting stays changed)
+        torch.set_num_threads(max(1, int(runtime.cpus_per_task)))
+
+        def run_one(task: T) -> PartRecord:
+            return execute.fn(task, *execute.args)
+    for task in tasks:
+        try:
+            record = run_one(task)
+        except Exception as exc:  # one broken part must not stop the others
+            committer.fail(task, f"{type(exc).__name__}: {exc}")
+        else:
+            committer.ok(record)
+
+
+# ---- on Ray -------------------------------------------------------------------------------
+
+
+class WorkerActor:
+    """A Ray actor around a stage's worker: `factory(*args, device=...)` is built once per actor
+    (the model loaded once), and each call runs `worker.run(*call_args)`."""
+
+    def __init__(self, threads: int, factory: Callable[..., Any], *args: Any) -> None:
+        torch.set_num_threads(max(1, threads))
+        # a GPU only when Ray gave this actor one (num_gpus > 0), not merely when one is visible
+        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        self.worker = factory(*args, device=device)
+
+    def run(self, *call_args: Any) -> Any:
+        return self.worker.run(*call_args)
+
+
+def _run_actors(tasks: Sequence[T], execute: Actors, runtime: ActorRuntime,
+                committer: PartCommitter) -> None:
+    """The parts on a pool of `WorkerActor`s, committing as calls finish; an actor out of
+    restarts fails its part ("{role} actor died: ...") and its slot gets a fresh actor."""
+    gpus = runtime.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if cluster_gpus() > 0 else 0.0
+    actor_cls = ray.remote(WorkerActor).options(
+        num_cpus=runtime.cpus_per_actor, num_gpus=gpus, max_restarts=runtime.max_retries,
+        max_task_retries=runtime.max_retries)
+    # the worker's arguments (a plan, a context) go to the object store once, not per actor
+    args = tuple(ray.put(a) for a in execute.args)
+    threads = max(1, int(runtime.cpus_per_actor))
+
+    def new_actor() -> ray.actor.ActorHandle:
+        return actor_cls.remote(threads, execute.factory, *args)
+
+    actors = [new_actor() for _ in range(max(1, min(runtime.actors, len(tasks))))]
+    remotes: dict[Callable[..., Any], Any] = {}  # each prepare function as a one-CPU Ray task
+
+    def submit(slot: int, task: T) -> ray.ObjectRef:
+        prepared = []
+        if execute.prepare is not None:
+            fn, fn_args = execute.prepare(task)
+            if fn not in remotes:
+                remotes[fn] = ray.remote(fn).options(num_cpus=1, max_retries=runtime.max_retries)
+            prepared = [remotes[fn].remote(*fn_args)]
+        return actors[slot].run.remote(task, *prepared)
+
+    def died(slot: int, task: T, exc: Exception) -> None:
+        committer.fail(task, f"{execute.role} actor died: {exc}")
+        actors[slot] = new_actor()
+
+    _in_flight(tasks, submit, committer, slots=len(actors), on_actor_died=died)
+
+
+def _run_tasks(tasks: Sequence[T], execute: Tasks, runtime: TaskRuntime,
+               committer: PartCommitter) -> None:
+    """The parts as Ray tasks, a bounded number at a time, committing as they finish."""
+    remote = ray.remote(execute.fn).options(num_cpus=runtime.cpus_per_task,
+                                            num_gpus=runtime.gpus_per_task,
+                                            max_retries=runtime.max_retries)
+    resources = ray.cluster_resources()
+    # a slot is what one task may use; a few tasks in flight per slot keep the workers busy
+    # without queueing every part
+    slots = int(resources.get("CPU", 1) / runtime.cpus_per_task)
+    if runtime.gpus_per_task > 0:
+        slots = min(slots, int(resources.get("GPU", 0) / runtime.gpus_per_task))
+    args = tuple(ray.put(a) for a in execute.args)
+    _in_flight(tasks, lambda _, task: remote.remote(task, *args), committer, slots=max(1, slots))
+
+
+def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
+               committer: PartCommitter, *, slots: int, per_slot: int = QUEUE_PER_SLOT,
+               on_actor_died: Callable[[int, T, Exception], None] | None = None) -> None:
+    """Run `tasks` in order through `submit(slot, task)`, `per_slot` calls in flight per slot.
+
+    Each finished call's slot gets the next task, so a slot's worker never waits for the driver
+    between two tasks and no more than `slots * per_slot` are queued. Results are committed in
+    the order they finish; a Ray error fails its part, or, when the call's actor is gone for
+    good (`RayActorError`), goes to `on_actor_died(slot, task, error)`.
+    """
+    queue = list(reversed(tasks))  # pop() takes them in order
+    in_flight: dict[ray.ObjectRef, tuple[int, T]] = {}
+
+    def fill(slot: int) -> None:
+        task = queue.pop()
+        in_flight[submit(slot, task)] = (slot, task)
+
+    for slot in range(slots):
+        for _ in range(per_slot):
+            if queue:
+                fill(slot)
+    while in_flight:
+        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        slot, task = in_flight.pop(ref)
+        try:
+            record = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            if on_actor_died is not None and isinstance(exc, ray.exceptions.RayActorError):
+                on_actor_died(slot, task, exc)
+            else:
+                committer.fail(task, f"{type(exc).__name__}: {exc}")
+        else:
+            committer.ok(record)
+        if queue:
+            fill(slot)
