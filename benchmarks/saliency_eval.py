@@ -6,7 +6,7 @@
     python benchmarks/saliency_eval.py --only manipulation --models demo_resnet   # re-measure the attack
                                    # only; its entries replace those of the --out file's runs
 
-Sets (METHOD.md section 8): synthetic scenes (not the demo models' training seed) with the mask
+Sets (docs/method.md §8): synthetic scenes (not the demo models' training seed) with the mask
 of the class object, explained by demo_resnet (and demo_vit when its weights exist), class =
 the true label; scikit-image / scikit-learn photos explained by EfficientNet-Lite0 (ImageNet),
 class = the predicted one, no masks. Metrics per method, means over images (NaN-free ones):

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from jobs.stages import STAGES, RunContext
+from jobs import stages as registry
+from jobs.stages import RunContext
 from pipeline.store import fs
 
 if TYPE_CHECKING:
@@ -84,14 +85,12 @@ def load_build_config(path: str | os.PathLike[str], out: str | None = None) -> B
     bounds, are errors naming them and what is valid."""
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
+    known = list(TOP) + [s.options.section for s in registry.STAGES if s.name != "make-data"]
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of sections "
-                         f"{list(TOP) + [s.options.section for s in STAGES[1:]]}")
-    sections = {s.options.section for s in STAGES[1:]}
-    unknown = sorted(set(raw) - set(TOP) - sections)
+        raise ValueError(f"{path}: expected a mapping of sections {known}")
+    unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; known keys: "
-                         f"{list(TOP) + [s.options.section for s in STAGES[1:]]}")
+        raise ValueError(f"{path}: unknown keys {unknown}; known keys: {known}")
     for needed in ("data", "model", "extract"):
         if raw.get(needed) is None:
             raise ValueError(f"{path}: missing section '{needed}'")
@@ -105,7 +104,7 @@ def load_build_config(path: str | os.PathLike[str], out: str | None = None) -> B
         raise ValueError(f"{path}: data needs exactly one of 'synthetic' or 'shards'")
     if "name" not in model:
         raise ValueError(f"{path}: model.name is missing")
-    for stage in STAGES:
+    for stage in registry.STAGES:
         section = stage.options.section
         if stage.name == "make-data":
             if "synthetic" in data:
@@ -128,7 +127,7 @@ def check_build(cfg: BuildConfig) -> CheckedBuild:
     """Every check of every stage the config asks for, before any work (ValueError /
     FileNotFoundError naming the problem)."""
     checked = CheckedBuild()
-    for stage in STAGES:
+    for stage in registry.STAGES:
         if stage.name in cfg.options and stage.check is not None:
             stage.check(cfg, checked)
     return checked
@@ -148,13 +147,14 @@ def run(config: str, out: str | None = None, address: str | None = None,
 def run_build(cfg: BuildConfig, address: str | None = None, stages: Sequence[str] | None = None,
               name: str = "build", progress: bool = True) -> dict[str, Any]:
     """`run` for an already parsed (possibly edited) config."""
-    known = [s.name for s in STAGES]
+    known = [s.name for s in registry.STAGES]
     unknown = sorted(set(stages or ()) - set(known))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; stages: {known}")
     t0 = time.time()
     check_build(cfg)
-    plan = [s for s in STAGES if s.name in cfg.options and (not stages or s.name in stages)]
+    plan = [s for s in registry.STAGES
+            if s.name in cfg.options and (not stages or s.name in stages)]
     print(f"[build] {name} -> {cfg.out}: stages {', '.join(s.name for s in plan)} "
           f"(checked in {time.time() - t0:.1f}s)", flush=True)
     context = RunContext(address=address, progress=progress)

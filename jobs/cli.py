@@ -1,7 +1,7 @@
 """`concept-atlas` command line: one subcommand per stage or query.
 
-Stage commands come from the stage registry (`jobs.stages`): their flags are their options' fields.
-The commands that query an atlas import what they need when they run.
+Stage commands come from the stage registry (`jobs.stages`): their flags are their options'
+fields. The commands that query an atlas import what they need when they run.
 """
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import functools
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
 from jobs.build import StageFailed
-from jobs.stages import STAGES, RunContext, Stage
+from jobs import stages as registry
+from jobs.stages import RunContext, Stage
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -261,7 +263,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         return add_command(sub, name, handler, help_, examples)
 
     sp = add("train-demo-model", _cmd_train_demo_model, "train a demo model on synthetic shards",
-             "  concept-atlas make-data --out data/train --n 12000 --seed 1\n"
+             "  concept-atlas make-data data/train --n 12000 --seed 1\n"
              "  concept-atlas train-demo-model --model demo_resnet --data data/train")
     sp.add_argument("--model", required=True, choices=["demo_resnet", "demo_vit"])
     sp.add_argument("--data", required=True, help="shard directory, pattern or list")
@@ -303,7 +305,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--address", default=None, help=ADDRESS_HELP)
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    for stage in STAGES:
+    for stage in registry.STAGES:
         if command in (None, stage.name):
             add_stage_command(sub, stage)
         else:  # listed in `concept-atlas --help` without importing the stage's options
@@ -403,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # progress bars in a log file or CI: one line every 30 s, not ten a second
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in {s.name for s in STAGES} else "").parse_args(argv)
+    stage_names = {s.name for s in registry.STAGES}
+    args = build_parser(command if command in stage_names else "").parse_args(argv)
     try:
         return args.handler(args)
     except StageFailed as e:
@@ -412,6 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"concept-atlas {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug or a broken environment: the traceback, then the one line
+        traceback.print_exc()
+        print(f"concept-atlas {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -109,13 +109,13 @@ def _run_icat(root: Any, options: Any, ctx: RunContext) -> Any:
 
 
 def _run_make_data(root: Any, options: Any, ctx: RunContext) -> Any:
-    from pipeline.data.synthetic import make_data
+    from jobs.make_data import make_data
 
     return make_data(str(root), options, progress=ctx.progress)
 
 
 def _check_data(cfg: BuildConfig, checked: CheckedBuild) -> None:
-    from pipeline.data.synthetic import synthetic_mismatch
+    from jobs.make_data import synthetic_mismatch
 
     options = cfg.options["make-data"]
     checked.n_shards = math.ceil(options.n / options.shard_size)

@@ -1,7 +1,7 @@
 """Arrow schemas of the atlas tables written by the pipeline stages, and the schema version.
 
 Layout of a build's output root (local path or fsspec URL), one folder per table, one Parquet
-part per input shard (or per SAE) so a stage resumes part by part (ARCHITECTURE.md principle 2):
+part per input shard (or per SAE) so a stage resumes part by part (docs/architecture.md, "Crash and resume"):
 
 | path | table | written by |
 |---|---|---|
@@ -114,7 +114,7 @@ SAES = _schema("saes", [
     pa.field("config", pa.string(), nullable=False),  # JSON SAEConfig
 ])
 
-# --- scan stage: SAE latents over every stored PFV (METHOD.md sections 5-6) ---
+# --- scan stage: SAE latents over every stored PFV (docs/method.md §§5-6) ---
 
 ACTIVATIONS = _schema("activations", [
     pa.field("atlas_id", pa.string(), nullable=False),
@@ -179,7 +179,7 @@ EXEMPLARS = _schema("exemplars", [
     pa.field("gt_iou_act", pa.float32()),  # IoU of the thresholded activation map with it
 ])
 
-# --- icat stage: the interlayer concept graph (METHOD.md section 7) ---
+# --- icat stage: the interlayer concept graph (docs/method.md §7) ---
 
 EDGES = _schema("edges", [
     pa.field("atlas_id", pa.string(), nullable=False),

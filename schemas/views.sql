@@ -75,7 +75,7 @@ FROM ${edges};
 -- [choice] The aggregates run over the latent's `top` exemplars only (the top-N by
 -- activation, which define what the latent stands for); the quantile picks stay in
 -- `exemplars` for queries about weaker activations. CAFE AUCs are means over those exemplars:
--- cafe_ins_auc / cafe_del_auc are the iERF-ordered AUCs (METHOD.md section 6), *_act and
+-- cafe_ins_auc / cafe_del_auc are the iERF-ordered AUCs (docs/method.md §6), *_act and
 -- *_random the activation-ordered and random-ordered baselines; `cafe_faithful` says whether
 -- the iERF order beat the activation order on both (higher insertion, lower deletion).
 -- label_hint is the most common ground-truth concept "colour texture shape" among the top

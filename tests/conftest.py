@@ -54,3 +54,51 @@ def ray_cluster():
     init_ray(num_cpus=2, log_to_driver=False)  # loopback only, as every local instance
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+# ---- the tiny atlas (tests/tiny.py), built once per session without Ray ------------------
+
+
+@pytest.fixture(scope="session")
+def extracted(tmp_path_factory) -> str:
+    """An extraction root with 3 parts of 12 images (the last one held out)."""
+    from dataclasses import replace
+
+    from pipeline.data.synthetic import write_shards
+    from pipeline.pfv.extract import ShardExtractor, decode_shard, plan_extract
+    from pipeline.store import Manifest
+    from tiny import EXTRACT
+
+    root = tmp_path_factory.mktemp("sae_job")
+    shards = [str(p) for p in write_shards(root / "data", n=36, seed=1, size=64, shard_size=12,
+                                           workers=1, progress=False)]
+    out = str(root / "out")
+    plan = plan_extract(out, replace(EXTRACT, shards=tuple(shards)))
+    extractor = ShardExtractor(plan.cfg, plan.out)
+    for task in plan.pending:
+        Manifest(out).commit(extractor.run(task, decode_shard(task.shard, plan.data_config)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def atlas(extracted, tmp_path_factory) -> str:
+    """The tiny extraction with one SAE per layer trained in process (a test module that
+    needs another atlas overrides this fixture with its own)."""
+    from pipeline.sae.stage import make_runs, train_runs
+    from pipeline.sae.train import LocalSession
+    from tiny import CHANNELS, SWEEP, TRAIN, copy_of
+
+    root = copy_of(extracted, tmp_path_factory.mktemp("icat") / "atlas")
+    train_runs(root, make_runs(SWEEP, CHANNELS, TRAIN), TRAIN,
+               LocalSession(tmp_path_factory.mktemp("ckpt")))
+    return root
+
+
+@pytest.fixture(scope="session")
+def straight(atlas, tmp_path_factory) -> tuple[str, dict]:
+    """A copy of `atlas` with the icat stage's edges, and the stage's summary."""
+    import jobs.icat
+    from tiny import ICAT, copy_of
+
+    root = copy_of(atlas, tmp_path_factory.mktemp("straight") / "root")
+    return root, jobs.icat.run(root, ICAT, progress=False)

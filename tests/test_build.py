@@ -10,6 +10,7 @@ import yaml
 
 from jobs import build
 from jobs.build import check_build, load_build_config
+from jobs.stages import STAGES
 from pipeline.store import Manifest, check_stage_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_demo_config_passes_every_check(tmp_path) -> None:
     cfg = load_build_config(REPO / "configs" / "demo.yaml", out=str(tmp_path / "out"))
     cfg.extract = dataclasses.replace(cfg.extract, weights=None)  # no trained weights needed
     checked = check_build(cfg)
-    assert [s.name for s in build.STAGES if s.wanted(cfg)] == ["make-data", "extract", "train-sae",
+    assert [s.name for s in STAGES if s.wanted(cfg)] == ["make-data", "extract", "train-sae",
                                                                "scan", "cafe", "index", "icat"]
     assert {n: s.channels for n, s in checked.specs.items()} == {"layer2": 32, "layer4": 128}
     assert checked.n_shards > cfg.train.holdout_parts
@@ -63,7 +64,7 @@ def test_demo_config_passes_every_check(tmp_path) -> None:
 
 
 def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> None:
-    assert [s.name for s in build.STAGES] == ["make-data", "extract", "train-sae", "scan", "cafe", "index", "icat"]
+    assert [s.name for s in STAGES] == ["make-data", "extract", "train-sae", "scan", "cafe", "index", "icat"]
     with pytest.raises(ValueError, match=r"unknown stages \['cafes'\]; stages: \['make-data'"):
         build.run(write_config(tmp_path, TINY), out=str(tmp_path / "out"), stages=["cafes"])
 

@@ -40,12 +40,7 @@ from pipeline.sae.stage import make_runs, train_runs
 from pipeline.sae.train import LocalSession
 from pipeline.store import fs
 from schemas import EXEMPLAR_PICKS, EXEMPLARS
-from tests.test_train_sae_job import (  # noqa: F401 (fixture: the extraction)
-    CHANNELS,
-    OPTIONS,
-    SWEEP,
-    extracted,
-)
+from tiny import CHANNELS, SWEEP, TRAIN
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,15 +54,15 @@ class DriverCrash(BaseException):
 
 
 @pytest.fixture(scope="module")
-def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811
+def atlas(extracted, tmp_path_factory) -> str:  # this module's atlas: with the scan's picks
     """The extraction + both SAEs + the scan's picks (2 top, 1 quantile) of the first LATENTS
     latents that fire, per SAE."""
     from jobs.scan import run as scan
 
     root = str(tmp_path_factory.mktemp("cafe") / "atlas")
     shutil.copytree(extracted, root)
-    runs = make_runs(SWEEP, CHANNELS, OPTIONS)
-    train_runs(root, runs, OPTIONS, LocalSession(Path(root) / "_ckpt"))
+    runs = make_runs(SWEEP, CHANNELS, TRAIN)
+    train_runs(root, runs, TRAIN, LocalSession(Path(root) / "_ckpt"))
     scan(root, ScanOptions(top_per_image=4, n_top=2, n_quantile=1, sample_size=4,
                            in_process=True), progress=False)
     for run in runs:
@@ -224,7 +219,7 @@ def test_masks_follow_the_resize_and_centre_crop_of_the_images() -> None:
     assert out[:, :4].all() and not out[:, 4:].any()
 
 
-def test_reader_decodes_only_the_asked_images(extracted) -> None:  # noqa: F811
+def test_reader_decodes_only_the_asked_images(extracted) -> None:
     from pipeline.store import Manifest
 
     shard = Manifest(extracted).records("extract")["part-000000"].input

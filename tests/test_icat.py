@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_train_sae_job import CHANNELS, OPTIONS, SWEEP, copy_of, extracted  # noqa: F401
+from tiny import ICAT, copy_of
 
 import jobs.icat
 from pipeline.icat.aggregate import (
@@ -40,8 +40,6 @@ from pipeline.icat.segment import LOGITS, Segment
 from pipeline.icat.srd_scores import srd_scores
 from pipeline.icat.stage import MAP_STAGE, ICATOptions
 from pipeline.models import list_layers, load_model, tap
-from pipeline.sae.stage import make_runs, train_runs
-from pipeline.sae.train import LocalSession
 from pipeline.sae import SAE, SAEConfig
 from pipeline.store import Manifest, fs
 from schemas import EDGES
@@ -385,27 +383,12 @@ def test_duckdb_reduce_runs_under_a_memory_limit_below_the_partials(tmp_path) ->
 
 # ---- the stage ---------------------------------------------------------------------------
 
-STAGE_OPTIONS = ICATOptions(steps=4, images_per_shard=2, top_edges=4, image_batch=2)
-IN_PROCESS = dataclasses.replace(STAGE_OPTIONS, in_process=True)
-
-
-@pytest.fixture(scope="module")
-def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811
-    """The tiny extraction with one SAE per layer trained in process."""
-    root = copy_of(extracted, tmp_path_factory.mktemp("icat") / "atlas")
-    train_runs(root, make_runs(SWEEP, CHANNELS, OPTIONS), OPTIONS,
-               LocalSession(tmp_path_factory.mktemp("ckpt")))
-    return root
+IN_PROCESS = ICAT  # the options of the shared `straight` fixture (tests/conftest.py)
+STAGE_OPTIONS = dataclasses.replace(ICAT, in_process=False)
 
 
 def _edges(root: str) -> pa.Table:
     return pq.read_table(fs.join(root, "edges")).sort_by([(k, "ascending") for k in EDGES.names])
-
-
-@pytest.fixture(scope="module")
-def straight(atlas, tmp_path_factory) -> tuple[str, dict]:
-    root = copy_of(atlas, tmp_path_factory.mktemp("straight") / "root")
-    return root, jobs.icat.run(root, IN_PROCESS, progress=False)
 
 
 def test_stage_writes_edges_with_error_nodes_and_scopes(straight) -> None:

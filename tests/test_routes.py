@@ -14,8 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_icat import atlas, straight  # noqa: F401
-from test_train_sae_job import copy_of, extracted  # noqa: F401
+from tiny import copy_of
 
 from pipeline.atlas.api import Atlas
 from pipeline.atlas.regions import cell_box
@@ -52,7 +51,7 @@ def image() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def route(atlas, image) -> Route:  # noqa: F811
+def route(atlas, image) -> Route:
     return routes(atlas, image, k=2, steps=STEPS)
 
 
@@ -87,7 +86,7 @@ def test_route_has_one_level_per_tapped_layer_and_k_sources_per_node(route) -> N
 
 
 def test_route_weights_and_choices_equal_the_icat_library_on_the_image(
-        atlas, image, route) -> None:  # noqa: F811
+        atlas, image, route) -> None:
     plan = plan_icat(atlas, ICATOptions(methods=("ig",), steps=STEPS), record=False)
     scorer = ShardScorer(plan)
     x = scorer.loaded.preprocess(image)
@@ -114,7 +113,7 @@ def test_route_weights_and_choices_equal_the_icat_library_on_the_image(
     assert checked == len(route.edges)
 
 
-def test_route_activations_are_the_latents_max_over_positions(atlas, image, route) -> None:  # noqa: F811
+def test_route_activations_are_the_latents_max_over_positions(atlas, image, route) -> None:
     from pipeline.models import tap
 
     plan = plan_icat(atlas, ICATOptions(methods=("ig",), steps=STEPS), record=False)
@@ -130,7 +129,7 @@ def test_route_activations_are_the_latents_max_over_positions(atlas, image, rout
     assert route.nodes[0].activation == pytest.approx(float(logits.max()), rel=1e-5)
 
 
-def test_depth_target_and_the_true_label(atlas, image) -> None:  # noqa: F811
+def test_depth_target_and_the_true_label(atlas, image) -> None:
     short = routes(atlas, image, target="true", label=2, k=1, steps=STEPS, depth=1)
     assert short.layers == [LOGITS, "layer4"] and short.target == 2 and short.label == 2
     assert {n.layer for n in short.nodes} <= {LOGITS, "layer4"}
@@ -148,7 +147,7 @@ def test_json_round_trip(route) -> None:
     assert Route.from_json(json.dumps(old)) == dataclasses.replace(route, class_names=None)
 
 
-def test_render_draws_every_node_on_a_canvas_of_the_layout_size(atlas, route, tmp_path) -> None:  # noqa: F811
+def test_render_draws_every_node_on_a_canvas_of_the_layout_size(atlas, route, tmp_path) -> None:
     out = tmp_path / "route.png"
     im = render_route(route, atlas, out, thumbs=3)
     w, h = node_size(3)
@@ -161,7 +160,7 @@ def test_render_draws_every_node_on_a_canvas_of_the_layout_size(atlas, route, tm
     assert exemplar_thumbnails(atlas, route) is None  # no cafe stage in this atlas
 
 
-def test_render_shows_exemplar_thumbnails_with_their_ierf_masks(atlas, route, tmp_path) -> None:  # noqa: F811
+def test_render_shows_exemplar_thumbnails_with_their_ierf_masks(atlas, route, tmp_path) -> None:
     """An exemplars table written by hand (one exemplar per route latent: image 0, position 0,
     an iERF mask on the left half) gives each latent node one thumbnail tinted on that half."""
     root = copy_of(atlas, tmp_path / "with_exemplars")
@@ -193,7 +192,7 @@ def test_render_shows_exemplar_thumbnails_with_their_ierf_masks(atlas, route, tm
     assert with_tiles.shape == without.shape and (with_tiles != without).any()
 
 
-def test_route_from_stored_edges_uses_the_stored_weights(straight) -> None:  # noqa: F811
+def test_route_from_stored_edges_uses_the_stored_weights(straight) -> None:
     root, _ = straight
     edges = pq.read_table(fs.join(root, "edges")).to_pylist()
     cls = next(r["dst_latent"] for r in edges
@@ -239,7 +238,7 @@ def test_an_error_node_that_ranks_joins_the_route_as_a_leaf(tmp_path) -> None:
     assert route.saes == {"layer4": "s4", "layer2": "s2"}
 
 
-def test_errors_name_the_bad_value(atlas, extracted, image) -> None:  # noqa: F811
+def test_errors_name_the_bad_value(atlas, extracted, image) -> None:
     with pytest.raises(ValueError, match=r"unknown target class 7: the model has 5 classes"):
         routes(atlas, image, target=7, steps=STEPS)
     with pytest.raises(ValueError, match="unknown target class 'hexagon'"):
@@ -260,7 +259,7 @@ def test_errors_name_the_bad_value(atlas, extracted, image) -> None:  # noqa: F8
 
 
 @pytest.fixture(scope="module")
-def unnamed(atlas, tmp_path_factory) -> str:  # noqa: F811
+def unnamed(atlas, tmp_path_factory) -> str:
     """A copy of the tiny atlas whose shards have no dataset.json beside them (as for
     ImageNet shards): `AtlasRoot.class_names` is None."""
     base = tmp_path_factory.mktemp("unnamed")
@@ -275,7 +274,7 @@ def unnamed(atlas, tmp_path_factory) -> str:  # noqa: F811
 
 
 def test_a_synthetic_atlas_names_the_class_node_with_its_shapes(
-        atlas, straight, image, route) -> None:  # noqa: F811
+        atlas, straight, image, route) -> None:
     assert AtlasRoot(atlas).class_names() == list(CLASS_NAMES)
     assert route.class_names == list(CLASS_NAMES)
     t = route.target

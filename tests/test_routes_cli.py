@@ -5,8 +5,6 @@ import json
 
 import pytest
 from PIL import Image
-from test_icat import atlas  # noqa: F401
-from test_train_sae_job import extracted  # noqa: F401
 
 from pipeline.atlas import Atlas
 from pipeline.atlas.routes import Route, routes
@@ -14,7 +12,7 @@ from jobs.cli import main
 from pipeline.data.synthetic import render_sample
 
 
-def test_cli_and_atlas_routes_equal_the_library(atlas, tmp_path, capsys) -> None:  # noqa: F811
+def test_cli_and_atlas_routes_equal_the_library(atlas, tmp_path, capsys) -> None:
     png = tmp_path / "img.png"
     Image.fromarray(render_sample(5, 3, 64)[0]).save(png)
     out, js = tmp_path / "route.png", tmp_path / "route.json"
@@ -33,7 +31,7 @@ def test_cli_and_atlas_routes_equal_the_library(atlas, tmp_path, capsys) -> None
         assert im.width > 100 and im.height > 100
 
 
-def test_atlas_routes_loads_the_model_once_per_method(atlas, tmp_path, monkeypatch) -> None:  # noqa: F811
+def test_atlas_routes_loads_the_model_once_per_method(atlas, tmp_path, monkeypatch) -> None:
     import pipeline.atlas.routes as routes_module
 
     built = []
@@ -52,7 +50,7 @@ def test_atlas_routes_loads_the_model_once_per_method(atlas, tmp_path, monkeypat
         assert json.loads(route.to_json()) == json.loads(routes(atlas, str(p), k=2, steps=4).to_json())
 
 
-def test_cli_routes_names_a_bad_target(atlas, tmp_path, capsys) -> None:  # noqa: F811
+def test_cli_routes_names_a_bad_target(atlas, tmp_path, capsys) -> None:
     png = tmp_path / "img.png"
     Image.fromarray(render_sample(5, 3, 64)[0]).save(png)
     assert main(["routes", atlas, "--image", str(png), "--target", "hexagon", "--steps", "2"]) == 2

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_train_sae_job import copy_of, extracted  # noqa: F401 (fixtures)
+from tiny import copy_of
 
 from jobs.scan import run
 from pipeline.latents import LatentSketch, Picks, ScanOptions, priority
@@ -54,7 +54,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def atlas(extracted, tmp_path_factory) -> str:  # noqa: F811 (the imported fixture)
+def atlas(extracted, tmp_path_factory) -> str:  # this module's atlas: three SAEs
     """The extraction with the SAEs of SWEEP trained on it (no scan yet)."""
     root = copy_of(extracted, tmp_path_factory.mktemp("scan") / "atlas")
     channels = {n: r["channels"] for n, r in AtlasRoot(root).layers().items()}

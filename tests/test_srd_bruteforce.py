@@ -3,7 +3,7 @@
 The reference knows nothing of the engine: it rebuilds each tiny model's forward pass from the
 modules, gets every contribution vector c0(p->q) of an affine branch by evaluating the branch
 on the input with only source position p kept (plain loop over p), shares the branch bias
-fn(0) by norm, and forms mu(p->q) = <c(p->q), z_q> / ||z_q||^2 by definition (METHOD.md 2-3).
+fn(0) by norm, and forms mu(p->q) = <c(p->q), z_q> / ||z_q||^2 by definition (docs/method.md §§2-3).
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def bn_affine(bn: torch.nn.BatchNorm2d):
 
 
 def gap_seed(fc: torch.nn.Linear, v: torch.Tensor, y: int) -> torch.Tensor:
-    """R_p = (w_y . v_p + b_y) / n (METHOD.md section 3)."""
+    """R_p = (w_y . v_p + b_y) / n (docs/method.md §3)."""
     return (torch.einsum("c,chw->hw", fc.weight[y], v) + fc.bias[y]) / v[0].numel()
 
 

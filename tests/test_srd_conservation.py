@@ -1,4 +1,4 @@
-"""Conservation (METHOD.md section 3): with the identity contrastive rule, in float64, the pixel
+"""Conservation (docs/method.md §3): with the identity contrastive rule, in float64, the pixel
 map plus the constant share sums to the seed, the class logit, for every supported family."""
 from __future__ import annotations
 

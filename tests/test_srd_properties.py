@@ -69,7 +69,7 @@ def test_ierf_of_one_hot_seed_sums_to_one_less_constant(name: str) -> None:
 
 
 def test_ierf_is_linear_in_the_seed_map() -> None:
-    """A class map is sum_r R_r iERF_r (METHOD.md section 4): seed maps vs one-hot seeds."""
+    """A class map is sum_r R_r iERF_r (docs/method.md §4): seed maps vs one-hot seeds."""
     model, size = MODELS["resnet-basic"]
     images = images_for(size)
     onehot = srd.ierf(model, images, "layer2", torch.arange(16))

@@ -1,5 +1,5 @@
 """Anything SRD has no exact rule for raises UnsupportedModuleError naming the module type and its
-module path (ARCHITECTURE.md principle 6: never a silently wrong map)."""
+module path (docs/architecture.md, "Principles": never a silently wrong map)."""
 from __future__ import annotations
 
 import pytest

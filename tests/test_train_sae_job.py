@@ -6,9 +6,7 @@ tests run the same loop inside Ray Train and compare weights with it.
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,46 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.data.synthetic import write_shards
-from pipeline.pfv.extract import ExtractOptions, ShardExtractor, decode_shard, plan_extract
 from pipeline.pfv.parts import PFVPart, committed_parts
 from pipeline.pfv.stream import PFVStream
 from pipeline.sae import load_sae
 from pipeline.sae.stage import TrainOptions, make_runs, train_runs
 from pipeline.sae.train import InjectedFailure, LocalSession
-from pipeline.store import AtlasRoot, Manifest, fs
-
-CFG = ExtractOptions(model="demo_resnet", weights=None, layers=("layer2", "layer4"),
-                     positions=16, batch_size=36, atlas_id="t")
-SWEEP = [
-    {"layer": "layer2", "sae": {"n_latents": 64, "k": 4, "batch_size": 64, "lr": 1e-3}},
-    {"layer": "layer4", "name": "small", "sae": {"n_latents": 96, "k": 8, "batch_size": 48,
-                                                 "lr": 1e-3, "dead_tokens": 2000}},
-]
-OPTIONS = TrainOptions(steps=40, checkpoint_every=10, fidelity_images=12, eval_pfvs=5000)
-CHANNELS = {"layer2": 32, "layer4": 128}
-
+from pipeline.store import AtlasRoot, fs
+from tiny import CHANNELS, SWEEP, TRAIN, copy_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def extracted(tmp_path_factory) -> str:
-    """An extraction root with 3 parts (the last one held out), made without Ray."""
-    root = tmp_path_factory.mktemp("sae_job")
-    shards = [str(p) for p in write_shards(root / "data", n=36, seed=1, size=64, shard_size=12,
-                                           workers=1, progress=False)]
-    out = str(root / "out")
-    plan = plan_extract(out, replace(CFG, shards=tuple(shards)))
-    extractor = ShardExtractor(plan.cfg, plan.out)
-    for task in plan.pending:
-        Manifest(out).commit(extractor.run(task, decode_shard(task.shard, plan.data_config)))
-    return out
-
-
-def copy_of(extracted: str, dest: Path) -> str:
-    shutil.copytree(extracted, dest)
-    return str(dest)
 
 
 def weights(root: str, sae_id: str) -> dict[str, torch.Tensor]:
@@ -130,37 +97,37 @@ def test_stream_gives_each_worker_its_own_parts(counted_parts) -> None:
 ])
 def test_bad_sweep_entry_fails_naming_the_entry_and_the_problem(entry, named) -> None:
     with pytest.raises(ValueError, match=named):
-        make_runs([entry], CHANNELS, OPTIONS)
+        make_runs([entry], CHANNELS, TRAIN)
 
 
 def test_duplicate_run_names_are_refused() -> None:
     entry = {"layer": "layer2", "sae": {"n_latents": 64, "k": 4}}
     with pytest.raises(ValueError, match="names runs twice"):
-        make_runs([entry, entry], CHANNELS, OPTIONS)
+        make_runs([entry, entry], CHANNELS, TRAIN)
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(extracted, tmp_path) -> None:
-    runs = make_runs(SWEEP, CHANNELS, OPTIONS)
+    runs = make_runs(SWEEP, CHANNELS, TRAIN)
     straight = copy_of(extracted, tmp_path / "straight")
-    assert train_runs(straight, runs, OPTIONS, LocalSession(tmp_path / "ckpt-a")) == [
+    assert train_runs(straight, runs, TRAIN, LocalSession(tmp_path / "ckpt-a")) == [
         r.sae_id for r in runs]
 
     crashed = copy_of(extracted, tmp_path / "crashed")
     session = LocalSession(tmp_path / "ckpt-b")
     with pytest.raises(InjectedFailure):  # the second dies at step 25, after its checkpoint
-        train_runs(crashed, runs, OPTIONS, session, crash_at=(runs[1].sae_id, 25))
+        train_runs(crashed, runs, TRAIN, session, crash_at=(runs[1].sae_id, 25))
     assert [r["sae_id"] for r in AtlasRoot(crashed).saes()] == [runs[0].sae_id]
-    assert train_runs(crashed, runs, OPTIONS, session) == [runs[1].sae_id]
+    assert train_runs(crashed, runs, TRAIN, session) == [runs[1].sae_id]
     for run in runs:
         assert_same_weights(weights(straight, run.sae_id), weights(crashed, run.sae_id))
     # finished runs are skipped by a further re-run
-    assert train_runs(crashed, runs, OPTIONS, session) == []
+    assert train_runs(crashed, runs, TRAIN, session) == []
 
 
 def test_saes_table_holds_held_out_metrics_and_loadable_weights(extracted, tmp_path) -> None:
     root = copy_of(extracted, tmp_path / "root")
-    runs = make_runs(SWEEP, CHANNELS, OPTIONS)
-    train_runs(root, runs, OPTIONS, LocalSession(tmp_path / "ckpt"))
+    runs = make_runs(SWEEP, CHANNELS, TRAIN)
+    train_runs(root, runs, TRAIN, LocalSession(tmp_path / "ckpt"))
     table = pq.read_table(fs.join(root, "saes"))
     assert table.schema.metadata[b"table"] == b"saes"
     rows = {r["sae_id"]: r for r in table.to_pylist()}
@@ -186,11 +153,11 @@ def test_ray_train_job_recovers_from_a_worker_failure_with_the_same_weights(
     from jobs.train_sae import run
 
     reference = copy_of(extracted, tmp_path / "reference")
-    runs = make_runs(SWEEP[1:], CHANNELS, OPTIONS)
-    train_runs(reference, runs, OPTIONS, LocalSession(tmp_path / "ckpt"))
+    runs = make_runs(SWEEP[1:], CHANNELS, TRAIN)
+    train_runs(reference, runs, TRAIN, LocalSession(tmp_path / "ckpt"))
 
     root = copy_of(extracted, tmp_path / "ray")
-    rows = run(root, replace(OPTIONS, sweep=SWEEP[1:], max_failures=1),
+    rows = run(root, replace(TRAIN, sweep=SWEEP[1:], max_failures=1),
                crash_at=("layer4-small", 25))
     assert [r["sae_id"] for r in rows] == ["layer4-small"]
     assert_same_weights(weights(reference, "layer4-small"), weights(root, "layer4-small"))
@@ -204,14 +171,14 @@ def test_ray_train_rerun_after_a_failed_job_resumes_from_its_checkpoint(
     from jobs.train_sae import run
 
     reference = copy_of(extracted, tmp_path / "reference")
-    runs = make_runs(SWEEP, CHANNELS, OPTIONS)
-    train_runs(reference, runs, OPTIONS, LocalSession(tmp_path / "ckpt"))
+    runs = make_runs(SWEEP, CHANNELS, TRAIN)
+    train_runs(reference, runs, TRAIN, LocalSession(tmp_path / "ckpt"))
 
     root = copy_of(extracted, tmp_path / "ray")
     with pytest.raises(ray.train.TrainingFailedError):  # the first SAE finishes, the second dies
-        run(root, replace(OPTIONS, sweep=SWEEP, max_failures=0), crash_at=("layer4-small", 25))
+        run(root, replace(TRAIN, sweep=SWEEP, max_failures=0), crash_at=("layer4-small", 25))
     assert [r["sae_id"] for r in AtlasRoot(root).saes()] == ["layer2-topk-64-k4"]
-    rows = run(root, replace(OPTIONS, sweep=SWEEP, max_failures=0))
+    rows = run(root, replace(TRAIN, sweep=SWEEP, max_failures=0))
     assert [r["sae_id"] for r in rows] == ["layer2-topk-64-k4", "layer4-small"]
     for r in runs:
         assert_same_weights(weights(reference, r.sae_id), weights(root, r.sae_id))

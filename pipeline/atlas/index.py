@@ -1,6 +1,6 @@
 """FAISS indexes of an atlas: decoder directions (latent -> latent), exemplar regions (image -> latent).
 
-Layout under the atlas root, one index per SAE (ARCHITECTURE.md principle 3: vectors in the
+Layout under the atlas root, one index per SAE (docs/architecture.md, "Principles": vectors in the
 index, keys in a Parquet id table beside it, row i of the ids = FAISS id i):
 
     index/decoder/SAE_ID.faiss, SAE_ID.parquet, SAE_ID.json   unit decoder directions

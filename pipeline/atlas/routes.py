@@ -10,7 +10,7 @@
 Starting at the class logit, a route takes the `k` incoming edges of largest positive weight
 from the SAE latents of the last tapped layer, then for each of those latents the `k` largest
 incoming edges from the previous tapped layer, and so on down to the first tapped layer
-(METHOD.md section 7, "Concept routes"). `routes` computes the edges of one image on the fly
+(docs/method.md §7, "Concept routes"). `routes` computes the edges of one image on the fly
 with the pipeline.icat library, attributing at each level only the downstream nodes the route
 needs (one batched `attribute` call per level); `routes_from_edges` reads them from the
 `edges` table written by the icat stage.
@@ -167,7 +167,7 @@ class RouteFinder:
 
     root: a built atlas (extraction and trained SAEs; with several SAEs per layer, the one of
     lowest held-out FVU is used, as in the icat stage). method: ig, grad_x_act or grad (ICAT
-    instantiations, METHOD.md section 7); steps: IG quadrature steps. atlas: an open
+    instantiations, docs/method.md §7); steps: IG quadrature steps. atlas: an open
     `pipeline.atlas.Atlas` of `root` to read label hints from (opened on first need when None).
     `routes` is the one-call form; call a finder for many images.
     """
@@ -244,7 +244,7 @@ def routes(root: str, image: ImageInput, target: int | str | None = None, k: int
     target: a class index, a class name of the atlas's data (`AtlasRoot.class_names`: its
     `dataset.json`; only when the atlas has names), None (the predicted class) or "true"
     (`label`). k: sources kept per node. method: ig, grad_x_act or grad (ICAT
-    instantiations, METHOD.md section 7); steps: IG quadrature steps. depth: how many tapped
+    instantiations, docs/method.md §7); steps: IG quadrature steps. depth: how many tapped
     layers to descend (default: all). Nodes carry their activation on the image and, where the
     atlas has exemplars with ground truth, a label hint. For many images, reuse a `RouteFinder`.
 
@@ -270,7 +270,7 @@ def routes_from_edges(root: str, target_class: int, k: int = 3, method: str = "i
     parts = fs.listdir(fs.join(root, "edges"), ".parquet")
     if not parts:
         raise FileNotFoundError(f"no edges table under {root}; run the icat stage first "
-                                "(`python -m jobs.icat ROOT` or an 'icat' section in the build)")
+                                "(`concept-atlas icat ROOT` or an 'icat' section in the build)")
     table = pa.concat_tables([fs.read_parquet(p) for p in parts])
     methods = sorted(set(table["method"].to_pylist()))
     if method not in methods:

@@ -1,6 +1,7 @@
 """A read-only DuckDB connection whose views (schemas/views.sql) cover an atlas's Parquet parts.
 
-User SQL runs against these views only (ARCHITECTURE.md principle 7). Two locks, both needed:
+User SQL runs against these views only (docs/architecture.md, "Principles": safe by
+default). Two locks, both needed:
 * every statement must be a SELECT (`check_read_only`, from DuckDB's own parser): COPY, ATTACH,
   INSTALL/LOAD, CREATE/INSERT, SET/PRAGMA/CALL, EXPLAIN ANALYZE of a write are refused before
   anything runs (the `query()` table function itself accepts only a SELECT);

@@ -1,5 +1,5 @@
 """CAFE exemplars: latent iERF masks, their PNG encoding and statistics, insertion / deletion
-faithfulness, and ground-truth IoU on the synthetic data (METHOD.md sections 4 and 6).
+faithfulness, and ground-truth IoU on the synthetic data (docs/method.md §§4, 6).
 
     masks        mass masks, the 8-bit PNG (mask == png >= 128), bbox, IoU, activation maps
     ierf         latent iERFs of many exemplars per recorded image batch

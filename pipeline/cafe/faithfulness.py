@@ -1,4 +1,4 @@
-"""CAFE faithfulness (METHOD.md section 6, step 4): insertion / deletion of input patches.
+"""CAFE faithfulness (docs/method.md §6, step 4): insertion / deletion of input patches.
 
 The input is cut into `patch` x `patch` pixel patches (the last row / column of patches is
 smaller when the side is not a multiple). Patches are ranked three ways: by iERF mass, by

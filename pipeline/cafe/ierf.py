@@ -1,4 +1,4 @@
-"""Latent iERFs of exemplars, batched per image (METHOD.md section 4, "iERF of an SAE latent").
+"""Latent iERFs of exemplars, batched per image (docs/method.md §4, "iERF of an SAE latent").
 
 For one image batch the frozen pattern is recorded once (`srd.build`) and the seeds of every
 exemplar on those images travel together through one `srd.ierf` call per layer: the sharing

@@ -1,7 +1,7 @@
 """iERF masks and their compact form: mass masks, the 8-bit PNG, bounding boxes, IoU.
 
 Every map here is at the model's input resolution (pixels after preprocessing), the frame the
-iERF lives in (METHOD.md section 6, step 3).
+iERF lives in (docs/method.md §6, step 3).
 
 The PNG encodes a map *and* its mask in one grey channel (`encode_png`): the mask is exactly
 `png >= 128` (`mask_from_png`), and the grey level is monotone in the positive relevance, so

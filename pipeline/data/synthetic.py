@@ -34,19 +34,16 @@ import os
 import queue
 import struct
 import tarfile
-import tempfile
-import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.stage import Options, option
-from pipeline.store import fs
 
 from pipeline.data.concepts import (
     BACKGROUNDS,
@@ -570,43 +567,3 @@ def _drain(progress_queue, bar: tqdm) -> None:
             bar.update(progress_queue.get_nowait())
         except queue.Empty:
             return
-
-
-def synthetic_mismatch(out: str, options: SyntheticOptions) -> str:
-    """'' when `out` holds no dataset or the one `options` describe, else the differences."""
-    url = fs.join(out, "dataset.json")
-    if not fs.exists(url):
-        return ""
-    spec = fs.read_json(url)
-    wanted = options.identity()
-    return ", ".join(f"{k}: {spec.get(k)!r} -> {v!r}" for k, v in wanted.items()
-                     if spec.get(k) != v)
-
-
-def make_data(out: str, options: SyntheticOptions, progress: bool = True) -> dict[str, Any]:
-    """The make-data stage: write the dataset into `out` (a local folder or an fsspec URL), or
-    keep the identical one already there; {"images", "reused"}.
-
-    A remote `out` gets the shards written locally, then uploaded one object each with
-    `dataset.json` last (it marks a complete dataset). Raises ValueError when `out` holds
-    another synthetic dataset.
-    """
-    differs = synthetic_mismatch(out, options)
-    if differs:
-        raise ValueError(f"{out} holds another synthetic dataset ({differs}); delete it or use "
-                         "another output folder")
-    if fs.exists(fs.join(out, "dataset.json")):
-        print(f"[make-data] reusing {options.n} synthetic images in {out}", flush=True)
-        return {"images": options.n, "reused": True}
-    t = time.time()
-    local = fs.local_path(out)
-    with tempfile.TemporaryDirectory(prefix="make-data-") as tmp:
-        paths = write_shards(local or tmp, n=options.n, seed=options.seed, size=options.size,
-                             shard_size=options.shard_size, shortcut_prob=options.shortcut_prob,
-                             workers=options.workers, progress=progress)
-        if local is None:
-            for path in [*paths, Path(tmp) / "dataset.json"]:
-                data = path.read_bytes()
-                fs.write_atomic(fs.join(out, path.name), lambda f, d=data: f.write(d))
-    print(f"[make-data] wrote {options.n} images to {out} in {time.time() - t:.1f}s", flush=True)
-    return {"images": options.n, "reused": False}

@@ -1,4 +1,4 @@
-"""Saliency evaluation (METHOD.md section 8): baselines under one signature, metrics, and the
+"""Saliency evaluation (docs/method.md §8): baselines under one signature, metrics, and the
 targeted-manipulation attack. `benchmarks/saliency_eval.py` runs them; `docs/saliency_eval.md`
 has the measured table.
 

@@ -3,7 +3,7 @@
 Baselines are Captum's (Saliency, InputXGradient, IntegratedGradients, GuidedBackprop,
 SmoothGrad = NoiseTunnel over Saliency, LRP), plus Grad-CAM and LayerCAM written here (they
 must also read ViT token layouts, which Captum's LayerGradCam does not), and SRD, our method
-(plain, and with the contrastive seed rule of METHOD.md section 3).
+(plain, and with the contrastive seed rule of docs/method.md §3).
 
 Reduction over colour channels **[choice]**: every pixel-space attribution is summed over its
 three channels, keeping its sign; Saliency and SmoothGrad are |gradient| summed (Captum's

@@ -1,4 +1,4 @@
-"""Saliency metrics (METHOD.md section 8): localisation, sparseness, fidelity, stability.
+"""Saliency metrics (docs/method.md §8): localisation, sparseness, fidelity, stability.
 
 Every function takes batched maps `Tensor[N, H, W]` (one signed map per image, already reduced
 over colour channels) and returns one value per image, so a caller can average, split by class

@@ -1,4 +1,4 @@
-"""ICAT: interlayer concept attribution between SAE latents of tapped layers (METHOD.md section 7).
+"""ICAT: interlayer concept attribution between SAE latents of tapped layers (docs/method.md §7).
 
     seg = Segment(model, "layer2", "layer4")               # F_ab, only the modules in between
     dec = Decomposed.of(LayerSAE("layer2", sae2, positions), pfvs2)   # x = dec(a) + err

@@ -27,7 +27,7 @@ from pipeline.store import fs
 from schemas import EDGES
 
 KEY = ["src_layer", "src_latent", "dst_layer", "dst_latent", "method", "scope"]
-# DuckDB's memory limit for the reduce ([choice]; `--reduce-memory` in jobs.icat): past it the
+# DuckDB's memory limit for the reduce ([choice]; `--reduce-memory` of `concept-atlas icat`): past it the
 # aggregation and the top-k window spill to disk
 REDUCE_MEMORY = "4GB"
 # Exact sums: each weight is split into three integer lanes of 2^-160, 2^-64 and 2^32 units

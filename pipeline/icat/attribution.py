@@ -1,4 +1,4 @@
-"""ICAT edge scores between SAE latents of an isolated layer pair (METHOD.md section 7).
+"""ICAT edge scores between SAE latents of an isolated layer pair (docs/method.md §7).
 
 Layer `la`'s PFVs at the positions its SAE reads are written as `x = dec(a) + err`, with the
 latents `a` (Tensor[N, P_a, F], normalised SAE units) the only variables; the other positions

@@ -1,4 +1,4 @@
-"""Interlayer insertion/deletion protocol: how faithful is each ICAT method (METHOD.md section 7).
+"""Interlayer insertion/deletion protocol: how faithful is each ICAT method (docs/method.md §7).
 
 For a downstream node g of an image (a latent of lb's SAE, or a class logit), each method
 ranks the upstream latents of la that are active in the image by their score (largest signed

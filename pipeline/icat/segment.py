@@ -1,4 +1,4 @@
-"""Pair isolation: run only the sub-network F_ab between two tapped layers (METHOD.md section 7).
+"""Pair isolation: run only the sub-network F_ab between two tapped layers (docs/method.md §7).
 
 A `Segment` maps layer `src`'s output, in PFV layout Tensor[N, P, C] (pipeline.models.taps), to
 layer `dst`'s output in PFV layout, or to the class logits Tensor[N, K] when `dst == "logits"`.

@@ -1,9 +1,9 @@
-"""The SRD-style ICAT variant: sharing ratios across the layer pair (METHOD.md section 7).
+"""The SRD-style ICAT variant: sharing ratios across the layer pair (docs/method.md §7).
 
 Construction (no gradients, one recorded forward):
 1. Seed the downstream node on lb's unit of the SRD graph (pipeline.srd): for a latent g, the
    whole-image latent seed `R(r) = a_g(r)` at lb's SAE positions with the directional first
-   step along g's encoder row (the latent iERF rule of METHOD.md section 4); for a class
+   step along g's encoder row (the latent iERF rule of docs/method.md §4); for a class
    logit, the exact head seed (`R_p = (w_y . v_p + b_y) / n` for a pooled head).
 2. Propagate with the SRD rules through the blocks strictly between la and lb only (the
    graph is cut at la's unit, which plays the input), giving R(v_p) on la's positions; by

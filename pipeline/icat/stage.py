@@ -1,7 +1,7 @@
 """The icat stage, Ray-free: plan the layer pairs, score one shard (map), reduce to `edges`.
 
 Inputs: an atlas root after extract and train-sae. Pairs: the layers with an SAE, in forward
-order, each with the next one, and the last one with the class logits (METHOD.md section 7).
+order, each with the next one, and the last one with the class logits (docs/method.md §7).
 
 Outputs (every file atomic, every part committed in the manifest after its files):
     icat_partial/part-N.parquet   EDGES sums and counts of shard N, all edges (stage icat-map)

@@ -1,4 +1,4 @@
-"""The scan stage's unit of work, Ray-free: one SAE over one PFV part (METHOD.md sections 5-6).
+"""The scan stage's unit of work, Ray-free: one SAE over one PFV part (docs/method.md §§5-6).
 
 A unit encodes the part's PFVs with the SAE in batches of whole images and reduces each image
 to every latent's maximum over the image's positions (and the argmax position). From these

@@ -1,4 +1,4 @@
-"""Sparse autoencoders on PFVs: config, model, training, checkpoints, metrics (METHOD.md §5)."""
+"""Sparse autoencoders on PFVs: config, model, training, checkpoints, metrics (docs/method.md §5)."""
 from pipeline.sae.checkpoint import (
     TrainState,
     latest_checkpoint,

@@ -1,4 +1,4 @@
-"""Quality metrics stored with every SAE (METHOD.md section 5).
+"""Quality metrics stored with every SAE (docs/method.md §5).
 
 * FVU: fraction of variance unexplained, Σ||x − x̂||² / Σ||x − mean(x)||² over a set
   (0 for a perfect reconstruction, 1 for predicting the set mean).

@@ -1,4 +1,4 @@
-"""The sparse autoencoder on PFVs: TopK, BatchTopK and ReLU+L1 variants (METHOD.md section 5).
+"""The sparse autoencoder on PFVs: TopK, BatchTopK and ReLU+L1 variants (docs/method.md §5).
 
 Conventions (all documented here once):
 

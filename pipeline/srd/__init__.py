@@ -1,4 +1,4 @@
-"""SRD: Sharing Ratio Decomposition of unmodified timm vision models (METHOD.md sections 1-4).
+"""SRD: Sharing Ratio Decomposition of unmodified timm vision models (docs/method.md §§1-4).
 
     maps = srd.saliency(model, images)                      # Tensor[N, H, W], predicted class
     maps, const = srd.saliency(model, images, 3, return_constant=True)
@@ -12,7 +12,7 @@ projection and ResNet-D avg-pool shortcuts; resnet18, resnet50, demo_resnet), VG
 without BN; exact FC head or the reference's Grad-CAM seed), VisionTransformer (ViT / DeiT,
 CLS or mean-pool head, register tokens, layer scale; demo_vit) and EfficientNet without SE
 (EfficientNet-Lite0). Anything else raises UnsupportedModuleError naming the module type and
-path. Where METHOD.md leaves a choice, the code says so at the place it is made:
+path. Where the method leaves a choice (docs/method.md), the code says so at the place it is made:
 BN shift with eps (conv.fold_bn), zero pre-activations (graph.upstream_signal), the gate of a
 latent direction (graph.Unit.pull_direction, transformer.mlp_pull), the seed map of the
 contrastive rule (graph.propagate), linear bottlenecks (families/efficientnet), the ViT rules

@@ -1,4 +1,4 @@
-"""Public SRD API: class saliency, hidden-layer relevance, iERFs (METHOD.md sections 3-4)."""
+"""Public SRD API: class saliency, hidden-layer relevance, iERFs (docs/method.md §§3-4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -83,7 +83,7 @@ def relevance(model: nn.Module, images: Tensor, target: int | Tensor | None,
 def ierf(model: nn.Module, images: Tensor, layer: str, seeds: Tensor,
          direction: Tensor | None = None, *, return_constant: bool = False,
          chunk: int = 64, graph: Graph | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """Instance-specific effective receptive fields (METHOD.md section 4): images [N, 3, H, W] ->
+    """Instance-specific effective receptive fields (docs/method.md §4): images [N, 3, H, W] ->
     Tensor[N, S, H, W], one signed map per seed, each summing to its seed total less its
     constant share (returned as Tensor[N, S] with return_constant).
 

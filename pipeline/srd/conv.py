@@ -1,6 +1,6 @@
 """SRD rules for CNN branches: conv (+BN folded), frozen max/avg pooling, identity shortcut.
 
-Efficient form (METHOD.md section 3): the bias-free part of a branch is input x VJP of the
+Efficient form (docs/method.md §3): the bias-free part of a branch is input x VJP of the
 modified upstream signal g (one transposed conv, one pooling fold); only the bias share needs
 per-pair norms ||c0(p->q)||, computed per kernel tap (k^2 one-by-one products, each the size of
 one output map) instead of the reference's 2 k^2 full convolutions per layer.
@@ -31,7 +31,7 @@ def sqrt0(x: Tensor) -> Tensor:
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None]:
     """Weight and bias of conv followed by eval-mode BN, as one affine map (BN is never a step).
 
-    [choice] (METHOD.md section 2) the BN shift includes eps, beta - gamma*mean/sqrt(var + eps):
+    [choice] (docs/method.md §2) the BN shift includes eps, beta - gamma*mean/sqrt(var + eps):
     the true affine map of the forward pass (the reference code omits eps).
     """
     w, b = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
@@ -83,7 +83,7 @@ class Geometry:
 
 
 class FrozenPool:
-    """A max or average pooling with its pattern frozen (METHOD.md section 3): per channel,
+    """A max or average pooling with its pattern frozen (docs/method.md §3): per channel,
     pooled(q') = sum_u m_u(q') * x[s q' + u - p], m one-hot at the recorded argmax (max pooling:
     a channel-wise selection) or 1/count (average pooling)."""
 
@@ -157,7 +157,7 @@ class PoolRule(IdentityRule):
 
 class ConvRule:
     """Conv with BN folded in, optionally preceded by a frozen pooling that then belongs to this
-    block (METHOD.md section 3: max pooling joins the next conv's block, sources are pre-pool
+    block (docs/method.md §3: max pooling joins the next conv's block, sources are pre-pool
     PFVs). Per-pair contributions c0(p->q) sum over every (conv tap, pool tap) path from p to q."""
 
     def __init__(self, source: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, src: Tensor,

@@ -1,4 +1,5 @@
-"""The one error SRD raises for anything it cannot decompose exactly (ARCHITECTURE.md, principle 6)."""
+"""The one error SRD raises for anything it cannot decompose exactly (docs/architecture.md,
+"Principles": fail loudly)."""
 from __future__ import annotations
 
 from torch import nn

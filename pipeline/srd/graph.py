@@ -1,10 +1,10 @@
-"""The decomposition graph and SRD propagation (METHOD.md sections 1-4).
+"""The decomposition graph and SRD propagation (docs/method.md §§1-4).
 
-A `Unit` is one PFV layer: its pre-activation `z` and post-activation `v = sigma(z)` (METHOD.md
-section 1), both channel-first `[N, C, *pos]` (`pos` = `(H, W)` for a CNN map, `(T,)` for ViT tokens).
+A `Unit` is one PFV layer: its pre-activation `z` and post-activation `v = sigma(z)` (docs/method.md
+§1), both channel-first `[N, C, *pos]` (`pos` = `(H, W)` for a CNN map, `(T,)` for ViT tokens).
 A `Block` is the affine map between nonlinearities that produces one unit's `z` from earlier
 units' `v`; each `Rule` in it is one branch (main path, shortcut, attention, ...) with its own
-bias, shared by norm among that branch's contributions (METHOD.md section 2).
+bias, shared by norm among that branch's contributions (docs/method.md §2).
 
 Relevance tensors are `[N, S, *pos]`: S seeds per image propagate together (section 4,
 "batching"). The share of relevance that falls on constants with no pixel source is collected in

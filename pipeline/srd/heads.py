@@ -1,4 +1,4 @@
-"""Seeds: where a class logit enters the decomposition (METHOD.md section 3, heads)."""
+"""Seeds: where a class logit enters the decomposition (docs/method.md §3, heads)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

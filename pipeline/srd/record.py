@@ -1,6 +1,6 @@
 """Recording the forward pass of an unmodified model: module inputs and outputs by module path.
 
-The frozen pattern (METHOD.md section 1) is read from this one recorded pass: pre-activations
+The frozen pattern (docs/method.md §1) is read from this one recorded pass: pre-activations
 are the inputs of activation modules, taken by a pre-hook and cloned because timm runs most
 activations (and ResNet's residual add) in place. By default the pass runs without autograd and
 the recording is detached; `differentiable=True` keeps the recorded tensors on the autograd

@@ -1,4 +1,4 @@
-"""SRD rules for ViT branches (METHOD.md section 3, ViT rules [choice]).
+"""SRD rules for ViT branches (docs/method.md §3, ViT rules [choice]).
 
 Token layouts are channel-first, [N, D, T], like CNN maps with one position axis.
 - Self-attention with frozen weights A^h: c(i->j) = sum_h A^h_ji W_O^h (W_V^h LN1(x_i) + b_V^h);

@@ -1,7 +1,7 @@
 """Storage paths that are local paths or fsspec URLs, and writes that appear only when complete.
 
 Every output file is written under a hidden temporary name in its final folder and renamed
-into place when it is complete (ARCHITECTURE.md principle 2). On a local disk the rename is
+into place when it is complete (docs/architecture.md, "Crash and resume"). On a local disk the rename is
 atomic; on an object store (`s3://`, `gs://`) `mv` is a copy then a delete, and the copy is a
 single PUT, so a reader still never sees a half-written object under the final name. Readers
 (pyarrow, DuckDB, Ray Data) skip names that start with `.` or `_`, so a temporary left by a
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 TMP_MARK = ".tmp-"
-# ~128k rows per row group: DuckDB and Ray Data parallelise over row groups (STYLE.md)
+# ~128k rows per row group: DuckDB and Ray Data parallelise over row groups
 ROW_GROUP_SIZE = 128 * 1024
 
 

@@ -26,7 +26,7 @@ class SmoothReLU6(nn.Module):
 
 
 # Element-wise nonlinearities: any sigma works with the frozen ratio gate v/z and R(z) = R(v)
-# (METHOD.md section 3); Softplus and SmoothReLU6 are the attack's smooth ReLU / ReLU6.
+# (docs/method.md §3); Softplus and SmoothReLU6 are the attack's smooth ReLU / ReLU6.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Tanh, nn.Sigmoid,
     nn.Softplus, SmoothReLU6)

@@ -96,7 +96,7 @@ def build(model: ResNet, images: Tensor, head: str, differentiable: bool = False
 
 def _shortcut_rule(sc, src: str, x: Tensor, stem_pool: FrozenPool | None, out_size, path: str):
     """Identity shortcut: x itself, no bias share; projection: its own conv + BN with its own bias
-    (METHOD.md section 3, residual add), both measured against the full sum after the add."""
+    (docs/method.md §3, residual add), both measured against the full sum after the add."""
     avg, conv, bn = sc
     if conv is None:
         return PoolRule(src, stem_pool) if stem_pool is not None else IdentityRule(src)

@@ -4,7 +4,7 @@ Units are the activation modules of `features` and of the ConvMlp head (`pre_log
 `pre_logits.act2` = fc6, fc7); each max-pool joins the next conv's block (fc6 included: a 7x7
 conv over the pooled map, decomposed over the pre-pool PFVs feeding it) and is also a tap
 layer of its own (`features.K` of a pool: a channel-wise selection, no bias).
-Heads (METHOD.md section 3, [choice] both): "exact" seeds GAP + linear at fc7 and decomposes
+Heads (docs/method.md §3, [choice] both): "exact" seeds GAP + linear at fc7 and decomposes
 through the FC layers; "gradcam" seeds the reference code's Grad-CAM at the last conv map.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ Units are residual-stream token maps [N, D, T] (prefix tokens first): `norm_pre`
 embedding + position embedding, CLS and register tokens as constants of that first block) and
 `blocks.l` (x^{l+1}). The unit `blocks.l` has pre-activation z = x^l + attention output (the
 sum the attention decomposition targets) and its per-token "nonlinearity" is the MLP sub-block,
-through which relevance passes (METHOD.md section 3, [choice]).
+through which relevance passes (docs/method.md §3, [choice]).
 """
 from __future__ import annotations
 
