@@ -26,7 +26,7 @@ def synthetic_mismatch(out: str, options: SyntheticOptions) -> str:
                      if spec.get(k) != v)
 
 
-def make_data(out: str, options: SyntheticOptions, progress: bool = True) -> dict[str, Any]:
+def run(out: str, options: SyntheticOptions, *, progress: bool = True) -> dict[str, Any]:
     """The make-data stage: write the dataset into `out` (a local folder or an fsspec URL), or
     keep the identical one already there; {"images", "reused"}.
 

@@ -35,7 +35,8 @@ class Stage:
 
     name: its command (`concept-atlas NAME`) and its manifest stage; options_path:
     "module:Class" of its options (imported when needed, so the registry and `--help` stay
-    light; `options.section` is its build-config section); run(root, options, context) -> the
+    light; `options.section` is its build-config section); run_path: "module:function" of
+    `run(root, options, *, progress, address)` (no `address` unless `ray`), which returns the
     summary (a dict with `parts_failed` when it works part by part); needs: the section a
     build config must also have; check(config, checked): checks before any work in a build,
     which may record what they found on `checked`; ray: whether it may start Ray (its command
@@ -46,7 +47,7 @@ class Stage:
 
     name: str
     options_path: str
-    run: Callable[[Any, Any, RunContext], Any]
+    run_path: str
     help: str
     examples: tuple[str, ...]
     needs: str | None = None
@@ -58,60 +59,24 @@ class Stage:
 
     @property
     def options(self) -> type[Options]:
-        module, name = self.options_path.split(":")
-        return getattr(importlib.import_module(module), name)
+        return _resolve(self.options_path)
+
+    def run(self, root: str, options: Options, context: RunContext) -> Any:
+        """Run the stage on `root` with `options`; its summary."""
+        extra = {"address": context.address} if self.ray else {}
+        return _resolve(self.run_path)(root, options, progress=context.progress, **extra)
 
     def wanted(self, cfg: BuildConfig) -> bool:
         """Whether the build config asks for this stage."""
         return self.name in cfg.options
 
 
-# ---- how each stage runs ------------------------------------------------------------------
-
-
-def _run_extract(root: Any, options: Any, ctx: RunContext) -> Any:
-    from jobs.extract import run
-
-    return run(root, options, address=ctx.address, progress=ctx.progress)
-
-
-def _run_train(root: Any, options: Any, ctx: RunContext) -> Any:
-    from jobs.train_sae import run
-
-    return run(root, options, address=ctx.address)
-
-
-def _run_scan(root: Any, options: Any, ctx: RunContext) -> Any:
-    from jobs.scan import run
-
-    return run(root, options, address=ctx.address, progress=ctx.progress)
-
-
-def _run_cafe(root: Any, options: Any, ctx: RunContext) -> Any:
-    from jobs.cafe import run
-
-    return run(root, options, address=ctx.address, progress=ctx.progress)
-
-
-def _run_index(root: Any, options: Any, ctx: RunContext) -> Any:
-    from pipeline.atlas.indexing import run
-
-    return run(root, options, progress=ctx.progress)
-
-
-def _run_icat(root: Any, options: Any, ctx: RunContext) -> Any:
-    from jobs.icat import run
-
-    return run(root, options, address=ctx.address, progress=ctx.progress)
+def _resolve(path: str) -> Any:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # ---- checks before any work ---------------------------------------------------------------
-
-
-def _run_make_data(root: Any, options: Any, ctx: RunContext) -> Any:
-    from jobs.make_data import make_data
-
-    return make_data(str(root), options, progress=ctx.progress)
 
 
 def _check_data(cfg: BuildConfig, checked: CheckedBuild) -> None:
@@ -186,13 +151,13 @@ def _train_options(args: argparse.Namespace) -> Options:
 
 
 STAGES: list[Stage] = [
-    Stage("make-data", "pipeline.data.synthetic:SyntheticOptions", _run_make_data,
+    Stage("make-data", "pipeline.data.synthetic:SyntheticOptions", "jobs.make_data:run",
           "write the synthetic concept dataset (shapes x colours x textures x backgrounds, with "
           "ground-truth masks) as WebDataset shards",
           ("concept-atlas make-data data/synth --n 10000 --seed 0",
            "concept-atlas make-data data/shortcut --n 5000 --shortcut-prob 0.9"),
           check=_check_data, ray=False, root=lambda cfg: cfg.data_dir),
-    Stage("extract", "pipeline.pfv.extract:ExtractOptions", _run_extract,
+    Stage("extract", "pipeline.pfv.extract:ExtractOptions", "jobs.extract:run",
           "extract PFVs of model layers from shards (Ray, resumable)",
           ("concept-atlas extract atlas/ --shards demo_out/data --model demo_resnet "
            "--layers layer2 layer4",
@@ -200,32 +165,32 @@ STAGES: list[Stage] = [
            ".tar' --model resnet50 --weights hub --layers layer3 --positions 16 --actors 8 "
            "--address auto"),
           check=_check_extract),
-    Stage("train-sae", "pipeline.sae.stage:TrainOptions", _run_train,
+    Stage("train-sae", "pipeline.sae.stage:TrainOptions", "jobs.train_sae:run",
           "train SAEs on extracted PFVs (Ray Train, resumable)",
           ("concept-atlas train-sae atlas/ --layers layer2 layer4 --n-latents 512 --k 16",
            "concept-atlas train-sae demo_out --config configs/demo.yaml   # its sweep",
            "concept-atlas train-sae s3://b/atlas --config sweep.yaml --address auto"),
           needs="extract", check=_check_train, arguments=_train_arguments,
           options_from_args=_train_options),
-    Stage("scan", "pipeline.latents.scan:ScanOptions", _run_scan,
+    Stage("scan", "pipeline.latents.scan:ScanOptions", "jobs.scan:run",
           "the latent scan: SAE activations over every PFV, latent statistics, exemplar picks "
           "(Ray, resumable)",
           ("concept-atlas scan demo_out",
            "concept-atlas scan demo_out --in-process --n-top 8",
            "concept-atlas scan s3://b/atlas --address auto --gpus-per-task 0.25"),
           needs="train_sae"),
-    Stage("cafe", "pipeline.cafe.stage:CafeOptions", _run_cafe,
+    Stage("cafe", "pipeline.cafe.stage:CafeOptions", "jobs.cafe:run",
           "CAFE: latent iERF masks and faithfulness for every exemplar pick (Ray, resumable)",
           ("concept-atlas cafe demo_out",
            "concept-atlas cafe atlas/ --faithfulness-per-latent 0 --in-process",
            "concept-atlas cafe s3://b/atlas --address auto --actors 8"),
           needs="scan"),
-    Stage("index", "pipeline.atlas.index:IndexOptions", _run_index,
+    Stage("index", "pipeline.atlas.index:IndexOptions", "pipeline.atlas.indexing:run",
           "build the FAISS indexes of an atlas (decoder directions, exemplar regions)",
           ("concept-atlas index demo_out",
            "concept-atlas index demo_out --exact-below 0   # IVF/PQ at any size"),
           needs="scan", ray=False),
-    Stage("icat", "pipeline.icat.stage:ICATOptions", _run_icat,
+    Stage("icat", "pipeline.icat.stage:ICATOptions", "jobs.icat:run",
           "ICAT edges between the tapped layers' latents and to the class logits (Ray, "
           "resumable)",
           ("concept-atlas icat demo_out --in-process --images-per-shard 4",

@@ -155,16 +155,17 @@ def _train_loop(config: dict[str, Any]) -> None:
     options = TrainOptions(**config["options"])
     torch.set_num_threads(max(1, int(options.cpus_per_worker)))
     train_runs(config["root"], [SAERun.from_dict(d) for d in config["runs"]], options,
-               RayTrainSession(), reader=ray_data_reader, crash_at=config.get("crash_at"))
+               RayTrainSession(), reader=ray_data_reader, crash_at=config.get("crash_at"),
+               log=config["log"])
 
 
 def run(root: AtlasRoot | str, options: TrainOptions, *, address: str | None = None,
-        crash_at: tuple[str, int] | None = None) -> list[dict[str, Any]]:
+        progress: bool = True, crash_at: tuple[str, int] | None = None) -> list[dict[str, Any]]:
     """Train every unfinished SAE of `options.sweep` on the PFVs under `root`; its `saes` rows.
 
     Runs in this process (`options.in_process`) or on Ray Train, data-parallel over
-    `options.workers`. `crash_at` = (sae_id, step): that run fails once at that step (tests of
-    recovery).
+    `options.workers`. `progress`: a line every tenth of a run's steps. `crash_at` = (sae_id,
+    step): that run fails once at that step (tests of recovery).
     """
     t0 = time.time()
     root = AtlasRoot.of(root)
@@ -178,7 +179,7 @@ def run(root: AtlasRoot | str, options: TrainOptions, *, address: str | None = N
                              "is remote: train on Ray instead")
         torch.set_num_threads(max(1, int(options.cpus_per_worker)))
         train_runs(root, pending, options, LocalSession(os.path.join(local, "_local_train")),
-                   crash_at=crash_at)
+                   crash_at=crash_at, log=progress)
     elif pending:
         # Ray Train tees a worker's print into its logger too, and the driver then shows each
         # progress line twice; the setting is propagated to the workers
@@ -190,7 +191,7 @@ def run(root: AtlasRoot | str, options: TrainOptions, *, address: str | None = N
             torch_config=torch_config(),
             train_loop_config={
                 "root": root.url, "runs": [r.to_dict() for r in pending],
-                "options": dataclasses.asdict(options), "crash_at": crash_at,
+                "options": dataclasses.asdict(options), "crash_at": crash_at, "log": progress,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=options.workers, use_gpu=use_gpu,

@@ -345,6 +345,33 @@ def _parser(tp: Any, optional: bool = False) -> Any:
     return convert
 
 
+# ---- a part made from one input shard ----------------------------------------------------
+
+
+def part_name(index: int) -> str:
+    """The name of part `index`: `part-NNNNNN` (the manifest's and the files')."""
+    return f"part-{index:06d}"
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: shard `shard` (index `index` in the stage's shard list) becomes part
+    `part-NNNNNN`, computed under `config_hash`; `fingerprint` identifies the shard's bytes."""
+
+    index: int
+    shard: str
+    fingerprint: str
+    config_hash: str
+
+    @property
+    def part(self) -> str:
+        return part_name(self.index)
+
+    @property
+    def input(self) -> str:
+        return self.shard
+
+
 # ---- what every part-wise stage reports ---------------------------------------------------
 
 

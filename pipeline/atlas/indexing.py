@@ -34,7 +34,7 @@ REGION_COLUMNS = ["sae_id", "layer", "latent", "kind", "rank", "image_id", "posi
 STAGE = "index"
 
 
-def run(root: AtlasRoot | str, options: IndexOptions | None = None,
+def run(root: AtlasRoot | str, options: IndexOptions | None = None, *,
         progress: bool = True) -> dict[str, Any]:
     """The index stage: `build_indexes`, then its report; returns the summary."""
     summary = build_indexes(root, options, progress)

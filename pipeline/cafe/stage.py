@@ -30,9 +30,9 @@ from pipeline.cafe.masks import act_masks, bbox, encode_png, iou, mass_masks, up
 from pipeline.data.errors import ErrorLog, ErrorRecord
 from pipeline.data.shards import iter_samples
 from pipeline.models import make_transform, tap
-from pipeline.pfv.extract import IMAGES_PER_PART, part_name
+from pipeline.pfv.extract import IMAGES_PER_PART
 from pipeline.sae import SAE, load_sae
-from pipeline.stage import ActorRuntime, option, parts_line, summarize_parts
+from pipeline.stage import ActorRuntime, ShardTask, option, part_name, parts_line, summarize_parts
 from pipeline.store import (
     EXTRACT_STAGE,
     TRAIN_STAGE,
@@ -85,22 +85,10 @@ class CafeOptions(ActorRuntime):
 
 
 @dataclass(frozen=True)
-class CafeTask:
+class CafeTask(ShardTask):
     """Image part `index` (its shard read once) with its picks (EXEMPLAR_PICKS rows)."""
 
-    index: int
-    shard: str
-    fingerprint: str
-    config_hash: str
     picks: pa.Table
-
-    @property
-    def part(self) -> str:
-        return part_name(self.index)
-
-    @property
-    def input(self) -> str:
-        return self.shard
 
 
 @dataclass(frozen=True)

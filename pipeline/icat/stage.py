@@ -45,7 +45,15 @@ from pipeline.models import tap
 from pipeline.models import list_layers
 from pipeline.pfv.extract import candidate_positions, decode_shard
 from pipeline.sae import load_sae
-from pipeline.stage import ActorRuntime, all_or_int, option, pairs, parts_line, summarize_parts
+from pipeline.stage import (
+    ActorRuntime,
+    ShardTask,
+    all_or_int,
+    option,
+    pairs,
+    parts_line,
+    summarize_parts,
+)
 from pipeline.store import (
     EXTRACT_STAGE,
     TRAIN_STAGE,
@@ -102,21 +110,6 @@ class ICATOptions(ActorRuntime):
         check_memory_limit(self.reduce_memory)
 
 
-@dataclass(frozen=True)
-class MapTask:
-    """Score the images of extract part `part` (shard `shard`, index `index`)."""
-
-    index: int
-    part: str
-    shard: str
-    fingerprint: str
-    config_hash: str
-
-    @property
-    def input(self) -> str:
-        return self.shard
-
-
 @dataclass
 class ICATPlan:
     """A validated icat run: pairs, SAEs, the map tasks left, the config hash."""
@@ -129,8 +122,8 @@ class ICATPlan:
     saes: dict[str, dict[str, Any]]  # layer -> saes row, in forward order
     pairs: list[tuple[str, str]]
     config_hash: str
-    tasks: list[MapTask]
-    pending: list[MapTask]
+    tasks: list[ShardTask]
+    pending: list[ShardTask]
 
 
 def plan_icat(root: AtlasRoot | str, options: ICATOptions, record: bool = True) -> ICATPlan:
@@ -157,7 +150,7 @@ def plan_icat(root: AtlasRoot | str, options: ICATOptions, record: bool = True) 
                           for layer, row in saes.items()})
     digest = check_stage_config(root, STAGE, identity) if record else config_hash(identity)
     done = atlas.manifest.done(MAP_STAGE, digest)
-    tasks = [MapTask(int(r.part.split("-")[1]), r.part, r.input, r.input_fingerprint, digest)
+    tasks = [ShardTask(int(r.part.split("-")[1]), r.input, r.input_fingerprint, digest)
              for r in sorted(atlas.manifest.done(EXTRACT_STAGE, extract.config_hash).values(),
                              key=lambda r: r.part)]
     pending = [t for t in tasks if t.part not in done or done[t.part].input_fingerprint != t.fingerprint]
@@ -288,7 +281,7 @@ class ShardScorer:
         return [edge_rows(self.score_pair(pair, pixels, labels, taps).scores, labels, *pair,
                           self.plan.atlas_id) for pair in self.segments]
 
-    def run(self, task: MapTask, crash_after_batches: int | None = None) -> PartRecord:
+    def run(self, task: ShardTask, crash_after_batches: int | None = None) -> PartRecord:
         """Score part `task` and write its partial edges; return its (uncommitted) record."""
         started = now()
         decoded = decode_shard(task.shard, self.plan.data_config)

@@ -42,7 +42,14 @@ from pipeline.store import (
     worker_id,
 )
 from pipeline.pfv.parts import committed_parts, pfv_stats, read_values
-from pipeline.stage import ActorRuntime, all_or_int, option, parts_line, summarize_parts
+from pipeline.stage import (
+    ActorRuntime,
+    ShardTask,
+    all_or_int,
+    option,
+    parts_line,
+    summarize_parts,
+)
 from pipeline.store import AtlasRoot
 from pipeline.store.hashing import splitmix64
 from schemas import IMAGES, LAYERS, PFV_IDS
@@ -89,24 +96,6 @@ class ExtractOptions(ActorRuntime):
             raise ValueError(f"extract.layers={list(self.layers)!r}: a layer is listed twice")
 
 
-@dataclass(frozen=True)
-class PartTask:
-    """One unit of work: shard `shard` becomes part `part` (index `index` in the shard list)."""
-
-    index: int
-    shard: str
-    fingerprint: str
-    config_hash: str
-
-    @property
-    def part(self) -> str:
-        return part_name(self.index)
-
-    @property
-    def input(self) -> str:
-        return self.shard
-
-
 @dataclass
 class DecodedShard:
     """A decoded, preprocessed shard.
@@ -123,10 +112,6 @@ class DecodedShard:
     widths: np.ndarray
     heights: np.ndarray
     errors: list[ErrorRecord] = field(default_factory=list)
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:06d}"
 
 
 def decode_shard(shard: str, data_config: dict[str, Any]) -> DecodedShard:
@@ -215,7 +200,7 @@ class ShardExtractor:
                 out[name][start:start + len(x)] = pfvs.values.float().cpu().numpy()
         return out
 
-    def run(self, task: PartTask, decoded: DecodedShard) -> PartRecord:
+    def run(self, task: ShardTask, decoded: DecodedShard) -> PartRecord:
         """Extract and write part `task.part` from its decoded shard; return its record."""
         started = now()
         n = len(decoded.keys)
@@ -241,7 +226,7 @@ class ShardExtractor:
                           rows=n, outputs=outputs, errors=len(decoded.errors),
                           worker=worker_id(), started=started, finished=now())
 
-    def _write_tables(self, task: PartTask, decoded: DecodedShard, image_ids: np.ndarray) -> None:
+    def _write_tables(self, task: ShardTask, decoded: DecodedShard, image_ids: np.ndarray) -> None:
         n = len(image_ids)
         labels = pa.array(decoded.labels, mask=decoded.labels < 0, type=pa.int32())
         images = pa.table({
@@ -268,7 +253,7 @@ class ExtractPlan:
     specs: dict[str, LayerSpec]
     data_config: dict[str, Any]
     config_hash: str
-    pending: list[PartTask]
+    pending: list[ShardTask]
     done: dict[str, PartRecord]
 
 
@@ -307,7 +292,7 @@ def plan_extract(root: AtlasRoot | str, cfg: ExtractOptions) -> ExtractPlan:
     done = Manifest(out).done(STAGE, digest)
     pending = []
     for index, shard in enumerate(shard_list):
-        task = PartTask(index, shard, fingerprint(shard), digest)
+        task = ShardTask(index, shard, fingerprint(shard), digest)
         rec = done.get(task.part)
         if rec is None or rec.input != shard or rec.input_fingerprint != task.fingerprint:
             pending.append(task)

@@ -164,21 +164,22 @@ def run_hash(run: SAERun, options: TrainOptions, extract_hash: str) -> str:
 
 def train_run(run: SAERun, parts: list[PFVPart], options: TrainOptions, session: Session,
               reader: Reader | None = None, crash_at_step: int | None = None,
-              log_every: int | None = None) -> tuple[SAE, dict[str, Any]]:
+              log: bool = True) -> tuple[SAE, dict[str, Any]]:
     """Train `run` on `parts`, resuming from the session's checkpoint of this run if any.
 
     Every rank calls this in lockstep. Checkpoints (every `checkpoint_every` steps and at the
     end) hold weights, optimiser state, step and data position; a resumed run continues the
     same batch sequence (`PFVStream`) and ends with the weights of an uninterrupted one.
-    `crash_at_step` raises InjectedFailure at that step unless the run was resumed (tests).
+    `crash_at_step` raises InjectedFailure at that step unless the run was resumed (tests);
+    `log`: a progress line every tenth of the run's steps.
 
     Returns the trained SAE (eval mode) and training metrics averaged over the last steps.
     """
     stream = PFVStream(parts, run.cfg.batch_size, run.cfg.seed, session.rank,
                        session.world_size, options.window_parts, reader, options.cache_bytes)
-    log_every = log_every or max(1, run.steps // 10)
+    log_every = max(1, run.steps // 10)
 
-    def log(progress: Fit) -> None:
+    def show(progress: Fit) -> None:
         step = progress.state.step
         if step % log_every == 0 or step == run.steps:
             metrics = progress.averages
@@ -188,7 +189,7 @@ def train_run(run: SAERun, parts: list[PFVPart], options: TrainOptions, session:
 
     done = fit(run.cfg, stream, run.steps, session, checkpoint_every=options.checkpoint_every,
                tag=run.to_dict(), report={"sae_id": run.sae_id}, crash_at_step=crash_at_step,
-               on_step=log)
+               on_step=show if log else None)
     # a run resumed from its last checkpoint trains no step: keep the metrics saved with it
     metrics = dict(done.averages or done.saved, steps=run.steps, tokens=done.state.tokens,
                    dead_frac_train=float(done.sae.dead_mask.float().mean()),
@@ -310,7 +311,7 @@ def parts_fingerprint(parts: list[PFVPart]) -> str:
 
 def train_runs(root: AtlasRoot | str, runs: Sequence[SAERun], options: TrainOptions,
                session: Session, reader: Reader | None = None,
-               crash_at: tuple[str, int] | None = None) -> list[str]:
+               crash_at: tuple[str, int] | None = None, log: bool = True) -> list[str]:
     """Train, evaluate and save every unfinished run of the sweep; returns the sae_ids trained.
 
     Every rank calls this; rank 0 evaluates and writes. A finished run (committed record with
@@ -331,7 +332,7 @@ def train_runs(root: AtlasRoot | str, runs: Sequence[SAERun], options: TrainOpti
         train_parts, held = split_holdout(committed_parts(root.url, run.layer),
                                           options.holdout_parts)
         crash = crash_at[1] if crash_at and crash_at[0] == run.sae_id else None
-        sae, train_metrics = train_run(run, train_parts, options, session, reader, crash)
+        sae, train_metrics = train_run(run, train_parts, options, session, reader, crash, log)
         if evaluator is not None:
             eval_metrics = evaluator.evaluate(sae, run.layer, held)
             save_run(root, run, sae, train_metrics, eval_metrics, atlas_id, digest, started,
