@@ -224,6 +224,7 @@ def _cmd_latent(a: argparse.Namespace) -> int:
 
 
 ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else a private local instance)"
+VERBOSE_HELP = "also show Ray's own log lines (resource requests, checkpoints, retries)"
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, handler: Handler, help_: str,
@@ -250,6 +251,7 @@ def add_stage_command(sub: argparse._SubParsersAction, stage: Stage) -> None:
         stage.arguments(sp)
     if stage.ray:
         sp.add_argument("--address", default=None, help=ADDRESS_HELP)
+        sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -303,6 +305,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="output root (default: the config's `out`)")
     sp.add_argument("--stages", nargs="+", default=None, help="run only these stages")
     sp.add_argument("--address", default=None, help=ADDRESS_HELP)
+    sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     for stage in registry.STAGES:
@@ -338,6 +341,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     help="synthetic images to generate (default: configs/demo.yaml's)")
     sp.add_argument("--model", default="demo_resnet")
     sp.add_argument("--layers", nargs="+", default=None, help="layers to tap (default: two per model)")
+    sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+
     sp = add("sql", _cmd_sql, "run a read-only SQL query over an atlas's views (docs/atlas.md)",
              "  concept-atlas sql demo_out \"SELECT layer, sae_id, fvu, l0 FROM saes\"\n"
              "  concept-atlas sql demo_out \"SELECT * FROM latents WHERE NOT dead ORDER BY freq DESC "
@@ -407,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     stage_names = {s.name for s in registry.STAGES}
     args = build_parser(command if command in stage_names else "").parse_args(argv)
+    if getattr(args, "verbose", False):
+        from jobs.cluster import set_verbose
+
+        set_verbose(True)
     try:
         return args.handler(args)
     except StageFailed as e:

@@ -11,6 +11,28 @@ import ray
 import torch
 
 
+# Ray's own log lines (INFO and WARNING from the driver and every worker: resource requests,
+# checkpoint reports, state-API retries) are shown only with `--verbose`; the stages' progress
+# lines and errors always are
+_VERBOSE = os.environ.get("CONCEPT_ATLAS_VERBOSE", "") not in ("", "0")
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show Ray's own log lines (for the Ray instance this process connects to next)."""
+    global _VERBOSE
+    _VERBOSE = verbose
+
+
+def verbose() -> bool:
+    """Whether Ray's own log lines are shown."""
+    return _VERBOSE
+
+
+def logging_config() -> ray.LoggingConfig:
+    """The log level of Ray's loggers in the driver and the workers."""
+    return ray.LoggingConfig(log_level="INFO" if _VERBOSE else "ERROR")
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None,
              log_to_driver: bool = True) -> None:
     """Connect to the Ray cluster at `address` (or `RAY_ADDRESS`), else start a private one here.
@@ -25,7 +47,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     if address is None:
         start_local_ray(num_cpus=num_cpus, log_to_driver=log_to_driver)
     else:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_config=logging_config())
 
 
 # Ray's switch for "no multi-node cluster on this host": with it off, the node's address is the
@@ -63,7 +85,7 @@ def start_local_ray(*, num_cpus: int | None = None, log_to_driver: bool = True) 
     auth_logger.setLevel(logging.ERROR)
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=log_to_driver)
+                 log_to_driver=log_to_driver, logging_config=logging_config())
     finally:
         auth_logger.setLevel(level)
     gcs = ray.get_runtime_context().gcs_address

@@ -192,12 +192,12 @@ def _run_actors(tasks: Sequence[T], execute: Actors, runtime: ActorRuntime,
     actor_cls = ray.remote(WorkerActor).options(
         num_cpus=runtime.cpus_per_actor, num_gpus=gpus, max_restarts=runtime.max_retries,
         max_task_retries=runtime.max_retries)
-    # the worker's arguments (a plan, a context) go to the object store once, not per actor
-    args = tuple(ray.put(a) for a in execute.args)
     threads = max(1, int(runtime.cpus_per_actor))
 
     def new_actor() -> ray.actor.ActorHandle:
-        return actor_cls.remote(threads, execute.factory, *args)
+        # the worker's arguments (options, a plan, a context: small) travel with each actor's
+        # creation, so a restarted actor never depends on an object-store copy that is gone
+        return actor_cls.remote(threads, execute.factory, *execute.args)
 
     actors = [new_actor() for _ in range(max(1, min(runtime.actors, len(tasks))))]
     remotes: dict[Callable[..., Any], Any] = {}  # each prepare function as a one-CPU Ray task

@@ -23,10 +23,11 @@ import numpy as np
 import ray
 import ray.train
 import ray.train.torch
+from ray.util.debug import log_once
 import torch
 from torch import nn
 
-from jobs.cluster import cluster_gpus, init_ray, on_loopback
+from jobs.cluster import cluster_gpus, init_ray, on_loopback, verbose
 from pipeline.pfv.parts import PFVPart
 from pipeline.sae import SAE
 from pipeline.sae.stage import SAERun, TrainOptions, plan_runs, print_summary, train_runs
@@ -131,8 +132,10 @@ def ray_data_reader(parts: Sequence[PFVPart]) -> Iterator[np.ndarray]:
     """Each part's PFVs [rows, C], read in parallel by Ray Data, in part order."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # parts come back in the order asked
-    # one small read per window or run: per-read progress bars would drown the job's log
+    # one small read per window or run: per-read progress bars would drown the job's log (and
+    # Ray Data says once that they are off: that once is spent here, so it stays quiet)
     ctx.enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ds = ray.data.read_numpy([p.values for p in parts], override_num_blocks=len(parts))
     pending: list[np.ndarray] = []
@@ -152,6 +155,10 @@ def ray_data_reader(parts: Sequence[PFVPart]) -> Iterator[np.ndarray]:
 
 def _train_loop(config: dict[str, Any]) -> None:
     """Per-worker entry point of the TorchTrainer."""
+    if not config["verbose"]:
+        # Ray Train sets the worker's root logger to INFO (its report lines, timm's loading
+        # lines would interleave with the progress lines, which are printed, not logged)
+        logging.getLogger().setLevel(logging.WARNING)
     options = TrainOptions(**config["options"])
     torch.set_num_threads(max(1, int(options.cpus_per_worker)))
     train_runs(config["root"], [SAERun.from_dict(d) for d in config["runs"]], options,
@@ -192,6 +199,7 @@ def run(root: AtlasRoot | str, options: TrainOptions, *, address: str | None = N
             train_loop_config={
                 "root": root.url, "runs": [r.to_dict() for r in pending],
                 "options": dataclasses.asdict(options), "crash_at": crash_at, "log": progress,
+                "verbose": verbose(),
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=options.workers, use_gpu=use_gpu,
@@ -202,7 +210,10 @@ def run(root: AtlasRoot | str, options: TrainOptions, *, address: str | None = N
                 name="train-sae",
                 storage_path=root.join("_ray_train"),
                 failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                # its checkpoint and report lines would interleave with the progress lines
+                logging_config=ray.train.LoggingConfig(
+                    log_level="INFO" if verbose() else "WARNING")),
         )
         trainer.fit()
     rows = [r for r in root.saes() if r["sae_id"] in {x.sae_id for x in runs}]
