@@ -104,14 +104,12 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
-    from PIL import Image
-
+    from pipeline.data.images import load
     from pipeline.explain import explain_images
     from pipeline.models import load_model
 
     loaded = load_model(a.model, _weights(a.weights))
-    with Image.open(a.image) as im:
-        [(panel, facts)] = explain_images(loaded, [im], a.target, a.contrastive)
+    [(panel, facts)] = explain_images(loaded, [load(a.image)], a.target, a.contrastive)
     panel.save(a.out)
     print(json.dumps({**facts, "out": a.out}))
     return 0

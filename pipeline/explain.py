@@ -18,7 +18,7 @@ def explain_images(loaded: LoadedModel, images: list[Image.Image], target: int |
     The facts are the target class, its logit, the pixel sum of the map and the constant share
     (with the identity rule the last two add up to the logit).
     """
-    x = loaded.preprocess([im.convert("RGB") for im in images])
+    x = loaded.preprocess(images)  # decoded to RGB by the preprocessing (data.images.to_rgb)
     res = srd.explain(loaded.model, x, target, contrastive)
     out = []
     for i in range(len(images)):

@@ -29,6 +29,7 @@ from PIL import Image
 
 from pipeline.atlas.regions import box_positions
 from pipeline.atlas.views import SOURCES, check_read_only, connect, literal as _q
+from pipeline.data.images import load as load_image
 from pipeline.store import AtlasRoot, fs
 from pipeline.viz import denormalise
 
@@ -278,8 +279,7 @@ class Atlas:
         """(model input Tensor[1, 3, H, W], the same image as uint8[H, W, 3]) of an image."""
         loaded = self.model()
         if isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as im:
-                image = im.convert("RGB")
+            image = load_image(image)
         x = loaded.preprocess(image)
         cfg = loaded.data_config
         return x, denormalise(x[0].cpu().numpy(), cfg["mean"], cfg["std"])

@@ -36,6 +36,7 @@ from PIL import Image
 
 from pipeline.atlas.api import Atlas
 from pipeline.atlas.views import literal
+from pipeline.data.images import load as load_image
 from pipeline.icat.attribution import METHODS, Decomposed, Readout, attribute, downstream_rows
 from pipeline.icat.segment import LOGITS
 from pipeline.icat.stage import ICATOptions, ShardScorer, plan_icat
@@ -196,8 +197,7 @@ class RouteFinder:
             p = next(loaded.model.parameters())
             return x.to(device=p.device, dtype=p.dtype)
         if isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as im:
-                image = im.convert("RGB")
+            image = load_image(image)
         return loaded.preprocess(image)
 
     def __call__(self, image: ImageInput, target: int | str | None = None, k: int = 3,

@@ -19,7 +19,6 @@ stream ended, members are grouped into samples with webdataset's own key rule
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import operator
@@ -30,11 +29,12 @@ from typing import IO, Collection, Iterator, Sequence
 
 import fsspec
 from braceexpand import braceexpand
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.data.errors import ErrorLog, ErrorRecord
+from pipeline.data.images import ImageDecodeError, decode
 
 log = logging.getLogger(__name__)
 
@@ -222,12 +222,9 @@ def _finish(
         problems.append(f"no image member (members: {', '.join(sorted(members))})")
     elif decode_image is True or (decode_image is not False and key in decode_image):
         try:
-            with Image.open(io.BytesIO(members[image_ext])) as im:
-                image = im.convert("RGB")
-        except UnidentifiedImageError:  # its message holds a memory address: keep reasons reproducible
-            problems.append(f"undecodable image {key}.{image_ext}: not a recognised image format")
-        except Exception as exc:  # Pillow raises many types for damaged data
-            problems.append(f"undecodable image {key}.{image_ext}: {exc!r}")
+            image = decode(members[image_ext])
+        except ImageDecodeError as exc:
+            problems.append(f"undecodable image {key}.{image_ext}: {exc}")
     if "cls" in members:
         try:
             cls = int(members["cls"].decode("ascii").strip())

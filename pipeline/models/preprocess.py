@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from pipeline.data.images import to_rgb
+
 ImageLike = Union[Image.Image, np.ndarray]
 Transform = Callable[[Image.Image], Tensor]
 
@@ -44,7 +46,7 @@ def make_transform(cfg: dict[str, Any]) -> Transform:
 
 def _to_pil(image: ImageLike) -> Image.Image:
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb(image)  # EXIF orientation, 16-bit grey, transparency (data.images)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
                 image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
