@@ -8,6 +8,7 @@ of its options class (`jobs.stages`), checked by type and bounds:
     out: demo_out                   # output root (local path or fsspec URL; --out overrides)
     data:                           # exactly one of:
       synthetic: {n, seed, size, shard_size, shortcut_prob}   # make-data writes OUT/data
+      images: {src, resize, crop, crops, ...}                 # make-shards writes OUT/data
       shards: PATTERN_OR_LIST       # existing WebDataset shards
     model: {name, weights}
     extract: {layers, positions, include_special, seed, dtype, batch_size, actors, ...}
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from pipeline.stage import Options
 
 TOP = ("atlas_id", "out", "data", "model")
+# what a build's data section may hold: one data stage's section, or existing shards
+DATA_KINDS = ("synthetic", "images", "shards")
 
 
 class StageFailed(RuntimeError):
@@ -85,7 +88,8 @@ def load_build_config(path: str | os.PathLike[str], out: str | None = None) -> B
     bounds, are errors naming them and what is valid."""
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
-    known = list(TOP) + [s.options.section for s in registry.STAGES if s.name != "make-data"]
+    known = list(TOP) + [s.options.section for s in registry.STAGES
+                         if not s.options.section.startswith("data.")]
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of sections {known}")
     unknown = sorted(set(raw) - set(known))
@@ -98,17 +102,18 @@ def load_build_config(path: str | os.PathLike[str], out: str | None = None) -> B
     if not isinstance(atlas_id, str):
         raise ValueError(f"atlas_id={atlas_id!r}: expected a string")
     cfg = BuildConfig(atlas_id=atlas_id, out=os.fspath(out or raw.get("out") or "atlas_out"))
-    data, model = _mapping(raw, "data", ("synthetic", "shards")), _mapping(raw, "model",
-                                                                            ("name", "weights"))
-    if ("synthetic" in data) == ("shards" in data):
-        raise ValueError(f"{path}: data needs exactly one of 'synthetic' or 'shards'")
+    data = _mapping(raw, "data", DATA_KINDS)
+    model = _mapping(raw, "model", ("name", "weights"))
+    if len(data) != 1:
+        raise ValueError(f"{path}: data needs exactly one of {' or '.join(map(repr, DATA_KINDS))}")
     if "name" not in model:
         raise ValueError(f"{path}: model.name is missing")
     for stage in registry.STAGES:
         section = stage.options.section
-        if stage.name == "make-data":
-            if "synthetic" in data:
-                cfg.options[stage.name] = stage.options.from_section(data["synthetic"])
+        if section.startswith("data."):  # a data stage: the data section names at most one
+            kind = section.split(".", 1)[1]
+            if kind in data:
+                cfg.options[stage.name] = stage.options.from_section(data[kind])
             continue
         if raw.get(section, False) is False:  # absent; an empty section means the defaults
             continue
@@ -116,7 +121,7 @@ def load_build_config(path: str | os.PathLike[str], out: str | None = None) -> B
             raise ValueError(f"{path}: section '{section}' needs section '{stage.needs}'")
         given: dict[str, Any] = {}
         if stage.name == "extract":
-            shards = [cfg.data_dir] if "synthetic" in data else data["shards"]
+            shards = data["shards"] if "shards" in data else [cfg.data_dir]
             given = dict(model=model["name"], weights=model.get("weights", "default"),
                          atlas_id=atlas_id, shards=[shards] if isinstance(shards, str) else shards)
         cfg.options[stage.name] = stage.options.from_section(raw.get(section), **given)

@@ -81,7 +81,7 @@ def _cmd_stage(stage: Stage, a: argparse.Namespace) -> int:
     """A stage command: its options from the flags, run on the atlas root; 1 if a part failed."""
     root = a.atlas or a.out
     if a.out:
-        where = "the output folder" if stage.name == "make-data" else "the atlas root"
+        where = "the output folder" if stage.name.startswith("make-") else "the atlas root"
         print(f"concept-atlas {stage.name}: --out is deprecated: give {where} as the first "
               "argument", file=sys.stderr)
     if getattr(a, "atlas_id_deprecated", None) is not None:
@@ -238,13 +238,17 @@ def add_stage_command(sub: argparse._SubParsersAction, stage: Stage) -> None:
     """The command of a registered stage: the atlas root first, then its options' flags."""
     sp = add_command(sub, stage.name, functools.partial(_cmd_stage, stage), stage.help,
                      "".join(f"  {e}\n" for e in stage.examples))
-    where = ("the folder the shards and dataset.json go to" if stage.name == "make-data" else
-             "the atlas root: a local folder or an fsspec URL (s3://, gs://)")
-    sp.add_argument("atlas", nargs="?", help=where)
+    where = ("the folder the shards and dataset.json go to" if stage.name.startswith("make-")
+             else "the atlas root: a local folder or an fsspec URL (s3://, gs://)")
+    for name in stage.leading:  # before the root: `make-shards SRC OUT`
+        field = stage.options.__dataclass_fields__[name]
+        sp.add_argument(name, help=field.metadata["help"])
+    sp.add_argument("atlas", nargs="?", help=where,
+                    metavar="OUT" if stage.name.startswith("make-") else "ATLAS")
     sp.add_argument("--out", default=None, help=argparse.SUPPRESS)  # before the positional root
     if stage.name in ("train-sae", "cafe"):
         sp.add_argument("--atlas-id", dest="atlas_id_deprecated", help=argparse.SUPPRESS)
-    stage.options.add_arguments(sp)
+    stage.options.add_arguments(sp, skip=stage.leading)
     if stage.arguments is not None:
         stage.arguments(sp)
     if stage.ray:

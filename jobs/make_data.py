@@ -1,8 +1,10 @@
-"""`concept-atlas make-data`: the synthetic concept dataset as WebDataset shards, written once.
+"""The data stages: `make-data` (the synthetic concept dataset) and `make-shards` (your own
+images) as WebDataset shards.
 
-The shards themselves come from `pipeline.data.synthetic.write_shards`; this stage adds what a
-build needs around it: keeping an identical dataset that is already there, refusing another,
-and writing to a remote folder (fsspec URL) through a local one.
+The shards themselves come from `pipeline.data.synthetic.write_shards` and
+`pipeline.data.ingest.make_shards`; `make-data` adds what a build needs around it: keeping an
+identical dataset that is already there, refusing another, and writing to a remote folder
+(fsspec URL) through a local one.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.ingest import ShardsOptions, make_shards
 from pipeline.data.synthetic import SyntheticOptions, write_shards
 from pipeline.store import fs
 
@@ -53,3 +56,19 @@ def run(out: str, options: SyntheticOptions, *, progress: bool = True) -> dict[s
                 fs.write_atomic(fs.join(out, path.name), lambda f, d=data: f.write(d))
     print(f"[make-data] wrote {options.n} images to {out} in {time.time() - t:.1f}s", flush=True)
     return {"images": options.n, "reused": False}
+
+
+def shards(out: str, options: ShardsOptions, *, progress: bool = True) -> dict[str, Any]:
+    """The make-shards stage: the images of `options.src` as shards in the local folder `out`
+    (shards whose inputs are unchanged are kept); its summary, also printed."""
+    local = fs.local_path(out)
+    if local is None:
+        raise ValueError(f"make-shards writes to a local folder, not {out}: write locally, then "
+                         "copy the folder to your bucket")
+    t = time.time()
+    summary = make_shards(local, options, progress)
+    classes = f", {summary['classes']} classes" if summary["classes"] else ", unlabelled"
+    print(f"[make-shards] {summary['images']} images in {summary['shards']} shards "
+          f"({summary['kept']} kept){classes}, {summary['errors']} unreadable files "
+          f"(errors.parquet) -> {out} in {time.time() - t:.1f}s", flush=True)
+    return summary

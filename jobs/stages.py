@@ -40,8 +40,9 @@ class Stage:
     summary (a dict with `parts_failed` when it works part by part); needs: the section a
     build config must also have; check(config, checked): checks before any work in a build,
     which may record what they found on `checked`; ray: whether it may start Ray (its command
-    takes --address); arguments / options_from_args: command-line flags beyond its options'
-    fields and how they make its options; help and examples: for `--help`; root(config): where
+    takes --address); leading: options given as positional arguments before the root
+    (`make-shards SRC OUT`); arguments / options_from_args: command-line flags beyond its
+    options' fields and how they make its options; help and examples: for `--help`; root(config): where
     it writes in a build (default the output root).
     """
 
@@ -53,6 +54,7 @@ class Stage:
     needs: str | None = None
     check: Callable[[BuildConfig, CheckedBuild], None] | None = None
     ray: bool = True
+    leading: tuple[str, ...] = ()
     arguments: Callable[[argparse.ArgumentParser], None] | None = None
     options_from_args: Callable[[argparse.Namespace], Options] | None = None
     root: Callable[[BuildConfig], str] = field(default=lambda cfg: cfg.out)
@@ -90,12 +92,20 @@ def _check_data(cfg: BuildConfig, checked: CheckedBuild) -> None:
                          f"delete it or use another output folder")
 
 
+def _check_images(cfg: BuildConfig, checked: CheckedBuild) -> None:
+    from pipeline.data.ingest import find_sources, plan_shards
+
+    options = cfg.options["make-shards"]
+    sources, _ = find_sources(options.src, options.path_column, options.label_column)
+    checked.n_shards = len(plan_shards(sources, options))
+
+
 def _check_extract(cfg: BuildConfig, checked: CheckedBuild) -> None:
     from pipeline.pfv.extract import STAGE, check_model, stage_identity
     from pipeline.store import check_stage_config
 
     options = cfg.options["extract"]
-    if "make-data" not in cfg.options:
+    if not {"make-data", "make-shards"} & set(cfg.options):
         from pipeline.data.shards import expand_shards
 
         checked.n_shards = len(expand_shards(list(options.shards or ())))
@@ -157,6 +167,13 @@ STAGES: list[Stage] = [
           ("concept-atlas make-data data/synth --n 10000 --seed 0",
            "concept-atlas make-data data/shortcut --n 5000 --shortcut-prob 0.9"),
           check=_check_data, ray=False, root=lambda cfg: cfg.data_dir),
+    Stage("make-shards", "pipeline.data.ingest:ShardsOptions", "jobs.make_data:shards",
+          "your images as WebDataset shards: a folder (ImageFolder layout: labels from the "
+          "sub-folder names), a glob, or a CSV / Parquet table of paths and labels",
+          ("concept-atlas make-shards photos/ data/photos --crop 224",
+           "concept-atlas make-shards 'pets/**/*.jpg' data/pets --crop 224 --crops 4",
+           "concept-atlas make-shards labels.csv data/labelled --label-column label --crop 256"),
+          check=_check_images, ray=False, leading=("src",), root=lambda cfg: cfg.data_dir),
     Stage("extract", "pipeline.pfv.extract:ExtractOptions", "jobs.extract:run",
           "extract PFVs of model layers from shards (Ray, resumable)",
           ("concept-atlas extract atlas/ --shards demo_out/data --model demo_resnet "

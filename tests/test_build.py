@@ -64,7 +64,8 @@ def test_demo_config_passes_every_check(tmp_path) -> None:
 
 
 def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> None:
-    assert [s.name for s in STAGES] == ["make-data", "extract", "train-sae", "scan", "cafe", "index", "icat"]
+    assert [s.name for s in STAGES] == ["make-data", "make-shards", "extract", "train-sae", "scan",
+                                        "cafe", "index", "icat"]
     with pytest.raises(ValueError, match=r"unknown stages \['cafes'\]; stages: \['make-data'"):
         build.run(write_config(tmp_path, TINY), out=str(tmp_path / "out"), stages=["cafes"])
 
@@ -83,7 +84,8 @@ def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> No
     (dict(train_sae={"holdout_parts": 3, "sweep": TINY["train_sae"]["sweep"]}),
      "3 shards cannot hold out train_sae.holdout_parts=3"),
     (dict(extract={"layers": ["layer2"], "positions": 0}), "positions=0"),
-    (dict(data={"synthetic": {"n": 24}, "shards": "x"}), "exactly one of 'synthetic' or 'shards'"),
+    (dict(data={"synthetic": {"n": 24}, "shards": "x"}),
+     "exactly one of 'synthetic' or 'images' or 'shards'"),
     (dict(modle={"name": "demo_resnet"}), "unknown keys \\['modle'\\]"),
     (dict(extract={"layers": ["layer2"], "actor": 2}), "extract: unknown keys \\['actor'\\]"),
     (dict(model=None), "missing section 'model'"),

@@ -16,6 +16,7 @@ NAMES = [s.name for s in STAGES]
 # per stage: flags with one value its options refuse, and the start of the refusal
 BAD = {
     "make-data": (["--n", "0"], "data.synthetic.n=0: expected an int >= 1"),
+    "make-shards": (["--crop", "4"], "data.images.crop=4: expected None or an int >= 8"),
     "extract": (["--shards", "x.tar", "--model", "demo_resnet", "--layers", "layer2",
                  "--actors", "0"], "extract.actors=0: expected an int >= 1"),
     "train-sae": (["--layers", "layer2", "--steps", "0"], "train_sae.steps=0: expected an int"),
@@ -34,7 +35,8 @@ def test_help_lists_examples_and_the_atlas_root_first(name, capsys) -> None:
     out = capsys.readouterr().out
     usage, examples = out.split("examples:")
     assert usage.rstrip().splitlines()[0].startswith(f"usage: concept-atlas {name}")
-    assert "[atlas]" in usage and "--no-progress" in usage
+    assert ("[OUT]" if name.startswith("make-") else "[ATLAS]") in usage
+    assert "--no-progress" in usage
     assert examples.count(f"concept-atlas {name} ") >= 1
 
 
@@ -42,7 +44,8 @@ def test_help_lists_examples_and_the_atlas_root_first(name, capsys) -> None:
 def test_a_bad_value_is_one_line_and_exit_2_before_any_work(name, tmp_path, capsys) -> None:
     flags, refusal = BAD[name]
     root = tmp_path / "atlas"
-    assert main([name, str(root), *flags, "--no-progress"]) == 2
+    source = [str(tmp_path / "photos")] if name == "make-shards" else []  # `make-shards SRC OUT`
+    assert main([name, *source, str(root), *flags, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"concept-atlas {name}: error: {refusal}"), err
     assert not root.exists()

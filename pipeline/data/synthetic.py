@@ -26,16 +26,11 @@ column-major; this one is not.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
-import multiprocessing
 import os
-import queue
 import struct
-import tarfile
 import zlib
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -43,6 +38,7 @@ from typing import Callable, ClassVar
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.data.tars import run_jobs, shard_name, write_shard
 from pipeline.stage import Options, option
 
 from pipeline.data.concepts import (
@@ -399,59 +395,13 @@ def encode_sample(index: int, img: np.ndarray, meta: dict) -> dict:
     }
 
 
-def shard_name(shard: int) -> str:
-    """File name of shard number ``shard``."""
-    return f"shard-{shard:06d}.tar"
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed mtime and owner: a shard's bytes then depend on its content only.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _write_shard(
-    out_dir: Path,
-    shard: int,
-    start: int,
-    stop: int,
-    seed: int,
-    size: int,
-    shortcut_prob: float,
-    report: Callable[[int], None] | None,
-) -> Path:
+def _write_shard(out_dir: Path, shard: int, start: int, stop: int, seed: int, size: int,
+                 shortcut_prob: float, report: Callable[[int], None] | None) -> Path:
     """Write images ``start..stop-1`` to one shard, atomically (temp name, then rename)."""
     path = out_dir / shard_name(shard)
-    tmp = out_dir / f".{path.name}.tmp-{os.getpid()}"
-    done = 0
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for index in range(start, stop):
-                sample = encode_sample(index, *render_sample(seed, index, size, shortcut_prob))
-                for ext in ("png", "cls", "json"):
-                    _add_member(tar, f"{sample['__key__']}.{ext}", sample[ext])
-                done += 1
-                if report is not None and done % 32 == 0:
-                    report(32)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if report is not None and done % 32:
-        report(done % 32)
+    write_shard(path, (encode_sample(i, *render_sample(seed, i, size, shortcut_prob))
+                       for i in range(start, stop)), report)
     return path
-
-
-_progress_queue = None
-
-
-def _init_worker(progress_queue) -> None:
-    global _progress_queue
-    _progress_queue = progress_queue
-
-
-def _write_shard_in_worker(*args) -> Path:
-    return _write_shard(*args, report=_progress_queue.put if _progress_queue is not None else None)
 
 
 def _check_no_stale_shards(out_dir: Path, n_shards: int) -> None:
@@ -514,10 +464,7 @@ def write_shards(
     jobs = [(out, i, start, stop, seed, size, shortcut_prob) for i, (start, stop) in enumerate(ranges)]
 
     with tqdm(total=n, unit="img", desc="make-data", disable=not progress) as bar:
-        if workers == 1:
-            paths = [_write_shard(*job, report=bar.update) for job in jobs]
-        else:
-            paths = _write_parallel(jobs, workers, bar)
+        paths = run_jobs(_write_shard, jobs, workers, bar)
 
     spec = {
         "generator": "pipeline.data.synthetic",
@@ -544,26 +491,3 @@ def write_shards(
     tmp.write_text(json.dumps(spec, indent=2))
     os.replace(tmp, out / "dataset.json")
     return paths
-
-
-def _write_parallel(jobs: list[tuple], workers: int, bar: tqdm) -> list[Path]:
-    # spawn: the caller may hold threads (torch, tqdm) that fork would copy in a broken state.
-    ctx = multiprocessing.get_context("spawn")
-    progress_queue = ctx.Queue()
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue,)) as pool:
-        futures = [pool.submit(_write_shard_in_worker, *job) for job in jobs]
-        pending = set(futures)
-        while pending:
-            _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            _drain(progress_queue, bar)
-        paths = [f.result() for f in futures]
-    _drain(progress_queue, bar)
-    return paths
-
-
-def _drain(progress_queue, bar: tqdm) -> None:
-    while True:
-        try:
-            bar.update(progress_queue.get_nowait())
-        except queue.Empty:
-            return
