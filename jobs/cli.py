@@ -107,9 +107,11 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     from pipeline.data.images import load
     from pipeline.explain import explain_images
     from pipeline.models import load_model
+    from pipeline.models.classes import ClassNames
 
     loaded = load_model(a.model, _weights(a.weights))
-    [(panel, facts)] = explain_images(loaded, [load(a.image)], a.target, a.contrastive)
+    names = ClassNames.from_file(a.class_names) if a.class_names else None
+    [(panel, facts)] = explain_images(loaded, [load(a.image)], a.target, a.contrastive, names)
     panel.save(a.out)
     print(json.dumps({**facts, "out": a.out}))
     return 0
@@ -327,11 +329,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     sp = add("explain", _cmd_explain, "SRD saliency of one image: input, map and overlay side by side (PNG)",
              "  concept-atlas explain --model demo_resnet --image img.png --out explain.png\n"
-             "  concept-atlas explain --model efficientnet_lite0 --image cat.jpg --target 282 --out cat.png")
+             "  concept-atlas explain --model efficientnet_lite0 --weights imagenet --image cat.jpg "
+             "--target 'tabby cat' --out cat.png")
     sp.add_argument("--model", required=True)
     sp.add_argument("--weights", default="default", help="default | demo | imagenet | hub | PATH | none")
     sp.add_argument("--image", required=True, help="an image file Pillow can read")
-    sp.add_argument("--target", type=int, default=None, help="class index (default: the predicted class)")
+    sp.add_argument("--target", default=None,
+                    help="class index or name, e.g. 281 or 'tabby cat' (default: the predicted class)")
+    sp.add_argument("--class-names", default=None,
+                    help="names of the model's classes: a JSON list or one per line (default: "
+                         "the model's own, e.g. ImageNet's)")
     sp.add_argument("--contrastive", action="store_true", help="R <- R - mean(R) on the seed map")
     sp.add_argument("--out", default="explain.png")
 

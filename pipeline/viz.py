@@ -43,6 +43,39 @@ def side_by_side(panels: Sequence[np.ndarray], gap: int = 4) -> Image.Image:
     return Image.fromarray(canvas)
 
 
+def colour_bar(height: int, scale: float, width: int = 14) -> np.ndarray:
+    """The key of `signed_heatmap` with clip value `scale`: uint8[height, width + text, 3],
+    +scale (red) at the top, 0 (white) in the middle, -scale (blue) at the bottom."""
+    from PIL import ImageDraw
+
+    ramp = signed_heatmap(np.linspace(1, -1, height)[:, None].repeat(width, 1), 100)
+    label = Image.new("RGB", (44, height), (255, 255, 255))
+    draw = ImageDraw.Draw(label)
+    for text, y in ((f"+{scale:.2g}", 0), ("0", height // 2 - 5), (f"-{scale:.2g}", height - 11)):
+        draw.text((2, max(0, y)), text, fill=(0, 0, 0))
+    return np.concatenate([ramp, np.asarray(label)], axis=1)
+
+
+def captioned(image: Image.Image, lines: Sequence[str], line_height: int = 14) -> Image.Image:
+    """`image` under a white band holding `lines` of text."""
+    from PIL import ImageDraw
+
+    band = line_height * len(lines) + 4
+    out = Image.new("RGB", (image.width, image.height + band), (255, 255, 255))
+    out.paste(image, (0, band))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + i * line_height), line, fill=(0, 0, 0))
+    return out
+
+
+def enlarged(image: np.ndarray, at_least: int = 256) -> np.ndarray:
+    """image uint8[H, W, 3] scaled up by a whole factor (nearest) until its shorter side is at
+    least `at_least` pixels: a 128-pixel input is read at 256."""
+    factor = max(1, -(-at_least // min(image.shape[:2])))
+    return np.asarray(image).repeat(factor, 0).repeat(factor, 1) if factor > 1 else image
+
+
 def denormalise(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """A model input float[3, H, W] (normalised with `mean`/`std`) -> the image uint8[H, W, 3]."""
     m = np.asarray(mean, np.float64).reshape(3, 1, 1)

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from jobs.cli import main
+from pipeline.data.concepts import CLASS_NAMES
 from pipeline.data.synthetic import render_sample
 from pipeline.viz import signed_heatmap
 
@@ -20,10 +21,30 @@ def test_explain_writes_three_panels_and_its_map_sums_to_the_logit(tmp_path, cap
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["target"] == meta["class"]  # the demo model gets this image right
     assert abs(report["pixel_sum"] + report["constant_share"] - report["logit"]) < 1e-3 * abs(report["logit"])
+    assert report["class_name"] == CLASS_NAMES[meta["class"]]
     panels = np.asarray(Image.open(out))
-    assert panels.shape == (128, 3 * 128 + 2 * 4, 3)
-    heat = panels[:, 132:260]
+    # a caption band (2 lines), then input | map | overlay at 2x (256 px) and the colour key
+    assert panels.shape == (2 * 14 + 4 + 256, 3 * 256 + 3 * 4 + 14 + 44, 3)
+    heat = panels[32:, 260:516]
     assert heat.std() > 1.0  # the map panel is not blank
+
+
+def test_the_target_is_a_class_index_or_name_with_a_did_you_mean(tmp_path, capsys):
+    img, _ = render_sample(3, 0)
+    Image.fromarray(img).save(tmp_path / "in.png")
+    args = ["explain", "--model", "demo_resnet", "--image", str(tmp_path / "in.png"),
+            "--out", str(tmp_path / "x.png"), "--target"]
+    assert main([*args, "Star"]) == 0
+    by_name = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "3"]) == 0
+    by_index = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert by_name == by_index and by_name["target"] == 3 and by_name["class_name"] == "star"
+    assert main([*args, "stra"]) == 2
+    assert "did you mean 'star'" in capsys.readouterr().err
+    names = tmp_path / "names.txt"
+    names.write_text("disc\nbox\nwedge\nasterisk, star shape\nplus\n")
+    assert main([*args, "star shape", "--class-names", str(names)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["class_name"] == "asterisk"
 
 
 def test_signed_heatmap_is_red_for_positive_blue_for_negative_white_at_zero():

@@ -258,10 +258,13 @@ def test_errors_name_the_bad_value(atlas, extracted, image) -> None:
 # ---- class names: the atlas's own, not the synthetic data's -------------------------------
 
 
-@pytest.fixture(scope="module")
-def unnamed(atlas, tmp_path_factory) -> str:
-    """A copy of the tiny atlas whose shards have no dataset.json beside them (as for
-    ImageNet shards): `AtlasRoot.class_names` is None."""
+@pytest.fixture
+def unnamed(atlas, tmp_path_factory, monkeypatch) -> str:
+    """A copy of the tiny atlas whose shards have no dataset.json beside them, of a model whose
+    config names no class: `AtlasRoot.class_names` is None."""
+    import pipeline.models.classes
+
+    monkeypatch.setattr(pipeline.models.classes, "model_class_names", lambda name: None)
     base = tmp_path_factory.mktemp("unnamed")
     root = copy_of(atlas, base / "atlas")
     shards = base / "shards"
@@ -275,7 +278,7 @@ def unnamed(atlas, tmp_path_factory) -> str:
 
 def test_a_synthetic_atlas_names_the_class_node_with_its_shapes(
         atlas, straight, image, route) -> None:
-    assert AtlasRoot(atlas).class_names() == list(CLASS_NAMES)
+    assert AtlasRoot(atlas).class_names().names == list(CLASS_NAMES)
     assert route.class_names == list(CLASS_NAMES)
     t = route.target
     assert node_title(route.nodes[0], route.class_names) == f"logits:{t} ({CLASS_NAMES[t]})"
@@ -285,7 +288,7 @@ def test_a_synthetic_atlas_names_the_class_node_with_its_shapes(
                if r["dst_layer"] == LOGITS)
     assert routes_from_edges(root, cls, k=1, scope="all").class_names == list(CLASS_NAMES)
     # an unknown name: the error names the atlas's classes
-    with pytest.raises(ValueError, match="or a class name: " + ", ".join(CLASS_NAMES)):
+    with pytest.raises(ValueError, match="or a name, e.g. " + ", ".join(map(repr, CLASS_NAMES))):
         routes(atlas, image, target="hexagon", k=1, steps=STEPS, depth=1)
 
 

@@ -41,6 +41,7 @@ from pipeline.icat.attribution import METHODS, Decomposed, Readout, attribute, d
 from pipeline.icat.segment import LOGITS
 from pipeline.icat.stage import ICATOptions, ShardScorer, plan_icat
 from pipeline.models import tap
+from pipeline.models.classes import ClassNames
 from pipeline.store import AtlasRoot, fs
 
 ERROR = -1  # src_latent of a layer's error node (schemas EDGES)
@@ -182,7 +183,7 @@ class RouteFinder:
         self.plan = plan_icat(root, ICATOptions(methods=(method,), steps=steps), record=False)
         self.scorer = ShardScorer(self.plan, device)
         self.layers = list(self.plan.saes)  # forward order
-        self.class_names = AtlasRoot(root).class_names()  # of the atlas's data, or None
+        self.class_names = AtlasRoot(root).class_names()  # the model's, or None
         self._atlas = atlas  # the open Atlas for label hints; else opened on first need
 
     def pixels(self, image: ImageInput) -> torch.Tensor:
@@ -211,7 +212,7 @@ class RouteFinder:
         with torch.no_grad():
             logits = scorer.segments[(layers[-1], LOGITS)](taps[layers[-1]].values, x)[0]
         predicted = int(logits.argmax())
-        # the data's names name the logits only when they count the model's classes
+        # names name the logits only when they count the model's classes
         names = self.class_names if self.class_names and len(self.class_names) == len(logits) else None
         cls = _target(target, predicted, label, len(logits), names)
 
@@ -225,7 +226,7 @@ class RouteFinder:
         route = Route(self.plan.atlas_id, cls, self.method, k, "image", chain[:depth + 1],
                       {layer: row["sae_id"] for layer, row in self.plan.saes.items()}, nodes,
                       edges, predicted=predicted, label=label, meta={"steps": self.steps},
-                      class_names=names)
+                      class_names=names.names if names else None)
         if not hints:
             return route
         if self._atlas is None:
@@ -293,7 +294,7 @@ def routes_from_edges(root: str, target_class: int, k: int = 3, method: str = "i
     route = Route(table["atlas_id"][0].as_py(), int(target_class), method, k,
                   f"edges:{scope_value}", chain[:depth + 1],
                   {layer: saes[layer] for layer in chain[1:depth + 1]}, nodes, edges,
-                  class_names=AtlasRoot(root).class_names())
+                  class_names=(names := AtlasRoot(root).class_names()) and names.names)
     return _with_hints(_open_atlas(root), route)
 
 
@@ -383,23 +384,22 @@ def _check_depth(depth: int | None, n_layers: int) -> int:
 
 
 def _target(target: int | str | None, predicted: int, label: int | None, n_classes: int,
-            class_names: list[str] | None = None) -> int:
-    """The class index a route starts from (see `routes`); a class name is looked up in
-    `class_names`, the atlas's (None: the atlas has none, and names are refused)."""
+            class_names: ClassNames | None = None) -> int:
+    """The class index a route starts from (see `routes`): an index or a class name of the
+    model (`AtlasRoot.class_names`; None: the atlas knows none, and names are refused)."""
     if target is None:
         return predicted
     if target == "true":
         if label is None:
             raise ValueError("target='true' needs the image's label (label=CLASS_INDEX)")
         target = label
-    if isinstance(target, str) and not target.lstrip("-").isdigit():
-        if not class_names or target not in class_names:
-            raise ValueError(f"unknown target class {target!r}; use a class index 0..{n_classes - 1}, "
-                             f"None (predicted), 'true'"
-                             + (f" or a class name: {', '.join(class_names)}" if class_names else
-                                " (this atlas has no class names: no dataset.json with "
-                                "class_names beside its shards)"))
-        return class_names.index(target)
+    if isinstance(target, str) and not target.strip().lstrip("-").isdigit() and not class_names:
+        raise ValueError(f"unknown target class {target!r}: this atlas knows no class names (the "
+                         "model's config names none, and no dataset.json beside its shards "
+                         f"does); give a class index 0..{n_classes - 1}, None (predicted) or "
+                         "'true'")
+    if class_names:
+        return class_names.index(target, n_classes)
     cls = int(target)
     if not 0 <= cls < n_classes:
         raise ValueError(f"unknown target class {cls}: the model has {n_classes} classes "

@@ -14,7 +14,7 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.data.concepts import NUM_CLASSES
+from pipeline.data.concepts import CLASS_NAMES, NUM_CLASSES
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEMO_MODELS: tuple[str, ...] = ("demo_resnet", "demo_vit")
@@ -30,6 +30,7 @@ def _cfg(name: str) -> dict[str, Any]:
     return {
         "file": str(weights_path(name)),
         "num_classes": NUM_CLASSES,
+        "label_names": list(CLASS_NAMES),  # the synthetic dataset's shapes (timm's class names)
         "input_size": (3, IMAGE_SIZE, IMAGE_SIZE),
         "pool_size": None,
         # the synthetic images are rendered at the model's resolution: no crop, no resize

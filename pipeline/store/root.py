@@ -21,6 +21,7 @@ from schemas import ERRORS
 
 if TYPE_CHECKING:
     from pipeline.models import LoadedModel
+    from pipeline.models.classes import ClassNames
 
 EXTRACT_STAGE = "extract"
 TRAIN_STAGE = "train-sae"
@@ -128,9 +129,9 @@ class AtlasRoot:
                              f"PFVs under {self.url} were extracted; re-extract")
         return loaded
 
-    def class_names(self) -> list[str] | None:
-        """The class names of the data the atlas was built from, when the shards' folder
-        describes them (`dataset.json` beside the first shard); None otherwise."""
+    def label_names(self) -> list[str] | None:
+        """The names of the data's labels, when the shards' folder describes them
+        (`dataset.json` beside the first shard, docs/data.md); None otherwise."""
         records = self.manifest.records(EXTRACT_STAGE)
         if not records:
             return None
@@ -140,6 +141,20 @@ class AtlasRoot:
             return None
         names = fs.read_json(spec).get("class_names")
         return list(names) if names else None
+
+    def class_names(self) -> ClassNames | None:
+        """The names of the model's output classes: from the model's config or timm's ImageNet
+        metadata (`pipeline.models.classes`), else the data's label names; None when neither
+        is known."""
+        from pipeline.models.classes import ClassNames, model_class_names
+
+        try:
+            names = model_class_names(self.extract().model)
+        except FileNotFoundError:  # edges or tables without an extraction record (tests, copies)
+            names = None
+        if names is None and (labels := self.label_names()):
+            names = ClassNames.from_names(labels)
+        return names
 
     # ---- trained SAEs --------------------------------------------------------------------
 
