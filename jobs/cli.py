@@ -56,10 +56,27 @@ def _cmd_layers(a: argparse.Namespace) -> int:
     from pipeline.models import list_layers, load_model
 
     loaded = load_model(a.model, _weights(a.weights))
-    print(f"{'layer':<24} {'kind':<5} {'channels':>8} {'grid':>9}")
-    for spec in list_layers(loaded.model):
-        print(f"{spec.name:<24} {spec.kind:<5} {spec.channels:>8} {spec.grid[0]:>4}x{spec.grid[1]:<4}")
-    print("(any module path of model.named_modules() is also a valid layer)")
+    modules = dict(loaded.model.named_modules())
+    order = {name: i for i, name in enumerate(modules)}
+    specs = sorted(list_layers(loaded.model), key=lambda s: order.get(s.name, -1))
+    shown = [s for s in specs
+             if (a.depth is None or s.name.count(".") < a.depth)
+             and (a.kind is None or a.kind.lower() in type(modules[s.name]).__name__.lower())]
+    if not shown:
+        raise ValueError(f"no layer of {a.model} matches --depth {a.depth} --kind {a.kind}")
+    print(f"{'layer':<32} {'module':<18} {'channels':>8} {'grid':>9}  (* a feature stage: "
+          "the usual tap)")
+    group = None
+    for spec in shown:
+        top = spec.name.split(".", 1)[0]
+        if top != group and "." in spec.name:
+            print(f"{top}/")
+        group = top
+        indent = "  " * spec.name.count(".")
+        name = f"{indent}{spec.name}{' *' if spec.is_feature_stage else ''}"
+        print(f"{name:<32} {type(modules[spec.name]).__name__[:18]:<18} {spec.channels:>8} "
+              f"{spec.grid[0]:>4}x{spec.grid[1]:<4}")
+    print(f"{len(shown)} of {len(specs)} tappable layers (--depth / --kind filter them)")
     return 0
 
 
@@ -148,7 +165,6 @@ def _latent_ref(value: str) -> tuple[str, int]:
 def _print_table(table, fmt: str = "table", out: str | None = None) -> None:
     """Write an Arrow table as a text table, CSV, JSON lines or Parquet (to `out` or stdout)."""
     import duckdb
-    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -157,11 +173,7 @@ def _print_table(table, fmt: str = "table", out: str | None = None) -> None:
             raise ValueError("--format parquet needs --out FILE")
         pq.write_table(table, out, compression="zstd")
     elif fmt == "csv":
-        # lists and blobs have no CSV form: written as their text
-        nested = (pa.types.is_list, pa.types.is_fixed_size_list, pa.types.is_binary)
-        table = table.cast(pa.schema([f.with_type(pa.string()) if any(t(f.type) for t in nested)
-                                      else f for f in table.schema]))
-        pacsv.write_csv(table, out or sys.stdout.buffer)
+        pacsv.write_csv(csv_ready(table), out or sys.stdout.buffer)
     else:
         if fmt == "json":
             text = "".join(json.dumps(r, default=str) + "\n" for r in table.to_pylist())
@@ -174,6 +186,24 @@ def _print_table(table, fmt: str = "table", out: str | None = None) -> None:
             sys.stdout.write(text)
     if out:
         print(f"wrote {table.num_rows} rows to {out}", file=sys.stderr)
+
+
+def csv_ready(table):
+    """`table` with every column CSV can hold as it is: lists, maps and structs become their
+    JSON text, binary columns (PNG masks) their size ("<N bytes>")."""
+    import pyarrow as pa
+
+    def text(column):
+        kind = column.type
+        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            return pa.array([None if v is None else f"<{len(v)} bytes>"
+                             for v in column.to_pylist()], pa.string())
+        if pa.types.is_nested(kind):
+            return pa.array([None if v is None else json.dumps(v, default=str)
+                             for v in column.to_pylist()], pa.string())
+        return column
+
+    return pa.table([text(c) for c in table.columns], names=table.column_names)
 
 
 def _cmd_sql(a: argparse.Namespace) -> int:
@@ -295,10 +325,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--heldout", action="store_true", help="only the training run's held-out split")
     sp.add_argument("--holdout-frac", type=float, default=0.1)
 
-    sp = add("layers", _cmd_layers, "list the tappable layers of a model",
-             "  concept-atlas layers --model demo_vit\n  concept-atlas layers --model resnet50 --weights none")
+    sp = add("layers", _cmd_layers, "list the tappable layers of a model, in model order, "
+             "grouped by top-level module",
+             "  concept-atlas layers --model demo_vit --depth 2\n"
+             "  concept-atlas layers --model resnet50 --weights none --kind conv\n"
+             "  concept-atlas layers --model efficientnet_lite0 --weights none --depth 1")
     sp.add_argument("--model", required=True)
     sp.add_argument("--weights", default="default")
+    sp.add_argument("--depth", type=int, default=None,
+                    help="only module paths of at most this many parts (1: top-level modules)")
+    sp.add_argument("--kind", default=None,
+                    help="only modules whose class name contains this, e.g. conv, norm, act, block")
 
     sp = add("build", _cmd_build, "run every stage of a build config in order (resumable)",
              "  concept-atlas build configs/demo.yaml\n"

@@ -505,6 +505,11 @@ def test_cli_sql_writes_every_format(atlas_root, tmp_path, capsys) -> None:
     assert pq.read_table(tmp_path / "a.parquet").num_rows == 16
     assert main(["sql", root, "SELECT bbox FROM exemplars LIMIT 3", "--format", "json"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3
+    # list and blob columns as text in CSV (a list column used to fail the cast)
+    assert main(["sql", root, "SELECT bbox, ierf_png FROM exemplars ORDER BY ALL LIMIT 2",
+                 "--format", "csv"]) == 0
+    header, first, _ = capsys.readouterr().out.splitlines()
+    assert header == '"bbox","ierf_png"' and first.startswith('"[') and "bytes>" in first
     assert main(["sql", root, "SELECT sae_id FROM saes ORDER BY 1"]) == 0
     assert "layer4-b" in capsys.readouterr().out
     assert main(["sql", root, f"COPY images TO '{tmp_path}/x.csv'"]) == 2

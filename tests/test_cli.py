@@ -106,3 +106,16 @@ def test_a_failed_stage_exits_1_with_its_reason(name, target, atlas, tmp_path, m
     assert main([name, root, *flags, "--no-progress"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"concept-atlas {name}: failed: RuntimeError: the part broke")
+
+
+def test_layers_are_listed_in_model_order_and_filtered(capsys) -> None:
+    assert main(["layers", "--model", "demo_resnet", "--weights", "none", "--depth", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines[1:-1]]
+    assert names == ["conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    assert lines[5].split()[:2] == ["layer1", "*"]  # a feature stage is marked
+    assert main(["layers", "--model", "demo_resnet", "--weights", "none", "--kind", "batchnorm",
+                 "--depth", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "bn1" in out and "conv1" not in out and "1 of" in out.splitlines()[-1]
+    assert main(["layers", "--model", "demo_resnet", "--weights", "none", "--kind", "lstm"]) == 2

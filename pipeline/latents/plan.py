@@ -123,7 +123,9 @@ def summarize(plan: ScanPlan, failed: dict[str, str], reduced: list[str],
         "root": plan.root, "saes": summary_rows(plan),
         "parts": sum(len(s.units) for s in plan.saes),
         "parts_new": len(new), "parts_skipped": plan.skipped, "parts_failed": failed,
-        "images_new": sum(r.rows for r in new),
+        # an image scanned by several SAEs counts once
+        "images_new": sum({u.pfv.part: records[u.name].rows for u in units}.values()),
+        "saes_new": len({u.sae_id for u in units}),
         "pfvs_new": pfvs_new, "seconds": round(seconds, 2),
         "pfvs_per_s": round(pfvs_new / seconds, 1) if new and seconds > 0 else None,
         "task_pfvs_per_s": round(pfvs_new / busy, 1) if busy > 0 else None,
@@ -133,8 +135,8 @@ def summarize(plan: ScanPlan, failed: dict[str, str], reduced: list[str],
 
 def print_summary(s: dict[str, Any]) -> None:
     rate = f", {s['pfvs_per_s']:.0f} PFVs/s" if s["pfvs_per_s"] else ""
-    print(f"[scan] {s['parts_new']} parts scanned ({s['images_new']} images, {s['pfvs_new']} "
-          f"PFVs), {s['parts_skipped']} skipped, {len(s['parts_failed'])} failed, "
+    print(f"[scan] {s['parts_new']} parts scanned ({s['images_new']} images by "
+          f"{s['saes_new']} SAEs, {s['pfvs_new']} PFVs), {s['parts_skipped']} skipped, {len(s['parts_failed'])} failed, "
           f"{len(s['reduced'])} SAEs reduced in {s['seconds']:.1f}s{rate}")
     print(f"{'sae_id':<28} {'layer':<10} {'latents':>7} {'images':>8} {'PFVs':>10} {'dead':>6}")
     for sae_id, r in s["saes"].items():
