@@ -209,7 +209,10 @@ def csv_ready(table):
 def _cmd_sql(a: argparse.Namespace) -> int:
     from pipeline.atlas import Atlas
 
-    _print_table(Atlas.open(a.atlas).sql(a.query), a.format, a.out)
+    table = Atlas.open(a.atlas).sql(a.query, timeout=a.timeout, max_rows=a.max_rows)
+    _print_table(table, a.format, a.out)
+    if (table.schema.metadata or {}).get(b"truncated"):
+        print(f"(the first {table.num_rows} rows: --max-rows cut the result)", file=sys.stderr)
     return 0
 
 
@@ -398,6 +401,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("atlas", help="atlas root (a build's output folder or URL)")
     sp.add_argument("query", help="one SELECT statement (WITH, FROM, DESCRIBE, SUMMARIZE too)")
     sp.add_argument("--format", default="table", choices=["table", "csv", "parquet", "json"])
+    sp.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds after which the query is stopped (default 60)")
+    sp.add_argument("--max-rows", type=int, default=1_000_000,
+                    help="rows of the result kept (default 1000000)")
     sp.add_argument("--out", default=None, help="write the result to this file")
 
     sp = add("search", _cmd_search, "latents whose exemplar regions match an image region",

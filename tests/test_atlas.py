@@ -9,6 +9,7 @@ region is planted: a region no other latent's exemplar is near, so search must f
 from __future__ import annotations
 
 import json
+import time
 import os
 from pathlib import Path
 
@@ -558,3 +559,26 @@ def test_highlight_keeps_the_mask_and_dims_the_rest_by_relevance() -> None:
     weight = np.array([[255, 128, 64], [0, 0, 200]], np.uint8)
     out = highlight(image, weight, floor=0.25)
     np.testing.assert_array_equal(out[..., 0], [[200, 200, 125], [50, 50, 200]])
+
+
+def test_a_runaway_query_stops_at_its_time_limit_and_rows_are_capped(atlas_root, tmp_path,
+                                                                     monkeypatch) -> None:
+    from pipeline.atlas import QueryLimitError
+
+    atlas = Atlas.open(atlas_root["root"])
+    for query in ("SELECT count(*) FROM range(100000000) a, range(100000000) b",
+                  "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) "
+                  "SELECT count(*) FROM r"):
+        t = time.time()
+        with pytest.raises(QueryLimitError, match="time limit of 1 s"):
+            atlas.sql(query, timeout=1)
+        assert time.time() - t < 10
+    assert atlas.sql("SELECT 1 AS x").column("x").to_pylist() == [1]  # the connection lives on
+    capped = atlas.sql("SELECT * FROM range(100000)", max_rows=7)
+    assert capped.num_rows == 7 and capped.schema.metadata[b"truncated"] == b"true"
+    # DuckDB's own temp folder is private: a file in the working directory's .tmp is out of reach
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "secret.txt").write_text("x")
+    with pytest.raises(ValueError, match="Permission"):
+        Atlas.open(atlas_root["root"]).sql("SELECT * FROM read_text('.tmp/secret.txt')")

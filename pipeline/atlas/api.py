@@ -15,6 +15,7 @@ seconds to import, and `Atlas.open(...).sql(...)` (the `sql` command) needs none
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,7 +29,8 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipeline.atlas.regions import box_positions
-from pipeline.atlas.views import SOURCES, check_read_only, connect, literal as _q
+from pipeline.atlas.views import SOURCES, QueryLimitError, check_read_only, connect
+from pipeline.atlas.views import literal as _q
 from pipeline.data.images import load as load_image
 from pipeline.store import AtlasRoot, fs
 from pipeline.viz import denormalise
@@ -106,17 +108,44 @@ class Atlas:
 
     # ---- SQL ------------------------------------------------------------------------------
 
-    def sql(self, query: str) -> pa.Table:
+    def sql(self, query: str, *, timeout: float | None = None,
+            max_rows: int | None = None) -> pa.Table:
         """Run one read-only query (SELECT / WITH / FROM / DESCRIBE / SUMMARIZE) -> Arrow table.
 
         Anything else (COPY, ATTACH, INSTALL, CREATE, INSERT, SET, PRAGMA, CALL...) raises
         ReadOnlyError before it runs; reading files outside the atlas is refused by DuckDB.
+        `timeout`: seconds after which the query is interrupted (QueryLimitError); `max_rows`:
+        the result is cut there (the table's schema metadata says `truncated: true`).
         """
         statement = check_read_only(self._con, query)
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout={timeout}: expected a number of seconds > 0")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows={max_rows}: expected an int >= 1")
+        timer = threading.Timer(timeout, self._con.interrupt) if timeout else None
         try:
-            return self._con.sql(statement).to_arrow_table()
+            if timer is not None:
+                timer.start()
+            reader = self._con.sql(statement).to_arrow_reader(batch_size=65536)
+            batches, rows, truncated = [], 0, False
+            for batch in reader:
+                if max_rows is not None and rows + batch.num_rows > max_rows:
+                    batches.append(batch.slice(0, max_rows - rows))
+                    truncated = True
+                    break
+                batches.append(batch)
+                rows += batch.num_rows
+            table = pa.Table.from_batches(batches, schema=reader.schema)
+        except duckdb.InterruptException:
+            raise QueryLimitError(f"the query ran past its time limit of {timeout:g} s and was "
+                                  "stopped (give a longer --timeout, or a narrower query)") from None
         except duckdb.Error as exc:
             raise ValueError(str(exc)) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                              b"truncated": b"true"}) if truncated else table
 
     def has(self, table: str) -> bool:
         """Whether table `table` has files in this atlas."""

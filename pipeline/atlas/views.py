@@ -13,6 +13,9 @@ default). Two locks, both needed:
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
 from importlib import resources
 from string import Template
@@ -28,6 +31,10 @@ STATEMENTS_ALLOWED = (duckdb.StatementType.SELECT,)
 
 class ReadOnlyError(ValueError):
     """A statement that is not a plain query (the atlas is read-only)."""
+
+
+class QueryLimitError(ValueError):
+    """A query that ran past its time limit and was stopped."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,11 @@ def connect(root: str, atlas_id: str, threads: int | None = None
         prefixes = {root + "/"}
     files = {name: len(table_files(root, name)) for name in SOURCES}
     con.execute(f"SET allowed_directories = [{', '.join(map(literal, sorted(prefixes)))}]")
+    # DuckDB may always read its own temp folder (`.tmp/` in the working directory by default,
+    # whatever another process left there): a private empty one per connection instead
+    spill = tempfile.mkdtemp(prefix="atlas-duckdb-")
+    weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)
+    con.execute(f"SET temp_directory = {literal(spill)}")
     for setting in ("enable_external_access", "autoinstall_known_extensions",
                     "autoload_known_extensions", "allow_community_extensions",
                     "allow_persistent_secrets"):
