@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from jobs import stages as registry
+from jobs.lock import output_lock
 from jobs.stages import RunContext
 from pipeline.store import fs
 
@@ -139,19 +140,27 @@ def check_build(cfg: BuildConfig) -> CheckedBuild:
 
 
 def run(config: str, out: str | None = None, address: str | None = None,
-        stages: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
+        stages: Sequence[str] | None = None, progress: bool = True,
+        wait: bool = False) -> dict[str, Any]:
     """Check the whole config, then run the stages it asks for (or only `stages`) in order.
 
     Returns {stage name: its summary}. Each stage skips the work a previous run finished.
     Raises StageFailed after a stage whose parts failed (the later stages need them).
     """
     return run_build(load_build_config(config, out), address, stages, name=config,
-                     progress=progress)
+                     progress=progress, wait=wait)
 
 
 def run_build(cfg: BuildConfig, address: str | None = None, stages: Sequence[str] | None = None,
-              name: str = "build", progress: bool = True) -> dict[str, Any]:
-    """`run` for an already parsed (possibly edited) config."""
+              name: str = "build", progress: bool = True, wait: bool = False) -> dict[str, Any]:
+    """`run` for an already parsed (possibly edited) config; one build per output folder at a
+    time (`jobs.lock`: another is refused, or waited for with `wait`)."""
+    with output_lock(cfg.out, f"concept-atlas build {name}", wait):
+        return _run_build(cfg, address, stages, name, progress)
+
+
+def _run_build(cfg: BuildConfig, address: str | None, stages: Sequence[str] | None, name: str,
+               progress: bool) -> dict[str, Any]:
     known = [s.name for s in registry.STAGES]
     unknown = sorted(set(stages or ()) - set(known))
     if unknown:

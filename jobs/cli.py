@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from jobs.build import StageFailed
+from jobs.lock import output_lock
 from jobs import stages as registry
 from jobs.stages import RunContext, Stage
 
@@ -90,7 +91,8 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 def _cmd_build(a: argparse.Namespace) -> int:
     from jobs.build import run
 
-    run(a.config, out=a.out, address=a.address, stages=a.stages, progress=not a.no_progress)
+    run(a.config, out=a.out, address=a.address, stages=a.stages, progress=not a.no_progress,
+        wait=a.wait)
     return 0
 
 
@@ -108,7 +110,8 @@ def _cmd_stage(stage: Stage, a: argparse.Namespace) -> int:
         raise ValueError("give the atlas root (a folder or an fsspec URL) as the first argument")
     options = (stage.options_from_args or stage.options.from_args)(a)
     context = RunContext(address=getattr(a, "address", None), progress=not a.no_progress)
-    summary = stage.run(root, options, context)
+    with output_lock(root, f"concept-atlas {stage.name} {root}", a.wait):
+        summary = stage.run(root, options, context)
     return 1 if isinstance(summary, dict) and summary.get("parts_failed") else 0
 
 
@@ -257,6 +260,8 @@ def _cmd_latent(a: argparse.Namespace) -> int:
 
 
 ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else a private local instance)"
+WAIT_HELP = ("when another run writes to the same folder, wait for it (default: refuse, "
+             "naming it)")
 VERBOSE_HELP = "also show Ray's own log lines (resource requests, checkpoints, retries)"
 
 
@@ -290,6 +295,7 @@ def add_stage_command(sub: argparse._SubParsersAction, stage: Stage) -> None:
         sp.add_argument("--address", default=None, help=ADDRESS_HELP)
         sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument("--wait", action="store_true", help=WAIT_HELP)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -351,6 +357,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--address", default=None, help=ADDRESS_HELP)
     sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp.add_argument("--wait", action="store_true", help=WAIT_HELP)
 
     for stage in registry.STAGES:
         if command in (None, stage.name):

@@ -11,7 +11,7 @@ import yaml
 from jobs import build
 from jobs.build import check_build, load_build_config
 from jobs.stages import STAGES
-from pipeline.store import Manifest, check_stage_config
+from pipeline.store import Manifest, PartRecord, check_stage_config, fs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,6 +96,18 @@ def test_stage_registry_runs_in_order_and_refuses_unknown_stages(tmp_path) -> No
     (dict(index={"exact_below": -1}), "index.exact_below=-1: expected an int >= 0"),
     (dict(cafe={"mask_mass": 1.5}), "mask_mass=1.5: expected a fraction in \\(0, 1\\]"),
     (dict(icat={"methods": ["ig", "lrp"]}), "methods=\\['ig', 'lrp'\\]: expected a non-empty subset"),
+    # wrong types and bounds are caught by one typed schema, before any work
+    (dict(icat={"steps": "8"}), "icat.steps='8': expected an int >= 1"),
+    (dict(icat={"top_edges": 2.5}), "icat.top_edges=2.5: expected an int >= 1"),
+    (dict(data={"synthetic": {"n": 24, "shard_size": 100.5}}),
+     "data.synthetic.shard_size=100.5: expected an int >= 1"),
+    (dict(data={"synthetic": {"n": 24, "shard_size": -1}}),
+     "data.synthetic.shard_size=-1: expected an int >= 1"),
+    (dict(data={"synthetic": {"n": 24, "size": "128"}}), "data.synthetic.size='128'"),
+    (dict(data={"synthetic": {"n": True}}), "data.synthetic.n=True: expected an int"),
+    (dict(extract=dict(TINY["extract"], actors=0)), "extract.actors=0: expected an int >= 1"),
+    (dict(extract=dict(TINY["extract"], cpus_per_actor=-1)),
+     "extract.cpus_per_actor=-1: expected a number > 0"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, changes, named) -> None:
     with pytest.raises((ValueError, FileNotFoundError), match=named):
@@ -106,9 +118,21 @@ def test_bad_config_fails_before_any_work(tmp_path, changes, named) -> None:
 def test_output_built_with_another_config_is_refused_before_any_work(tmp_path) -> None:
     out = tmp_path / "out"
     check_stage_config(str(out), "extract", {"model": "demo_vit"})
+    Manifest(str(out)).commit(PartRecord("extract", "part-000000", "x.tar", "f", "h", rows=1))
     with pytest.raises(ValueError, match="already holds 'extract' outputs built with another"):
         build.run(write_config(tmp_path, TINY), out=str(out))
-    assert sorted(p.name for p in out.iterdir()) == ["stages"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest", "stages"]
+
+
+def test_a_config_recorded_by_a_run_that_committed_nothing_is_replaced(tmp_path) -> None:
+    # a run refused or stopped before its first part binds no config: the corrected one runs
+    out = tmp_path / "out"
+    check_stage_config(str(out), "extract", {"model": "demo_vit"})
+    config = with_changes(extract=dict(TINY["extract"], layers=["layer4"]), train_sae=None,
+                          scan=None, cafe=None, index=None, icat=None)
+    results = build.run(write_config(tmp_path, config), out=str(out))
+    assert results["extract"]["parts_new"] == 3
+    assert fs.read_json(str(out / "stages" / "extract.json"))["config"]["layers"] == ["layer4"]
 
 
 def test_tiny_build_runs_every_stage_and_a_rerun_skips_them(tmp_path) -> None:
@@ -129,7 +153,13 @@ def test_tiny_build_runs_every_stage_and_a_rerun_skips_them(tmp_path) -> None:
     picks = pq.read_table(Path(out) / "exemplar_picks").to_pandas()
     assert picks.groupby(["sae_id", "latent", "kind"]).size().max() == 3
 
-    again = build.run(config, out=out)
+    # a re-run of a finished build writes nothing (it also works on a read-only copy)
+    with pytest.MonkeyPatch.context() as patch:
+        def refuse(url, write):
+            raise PermissionError(f"read-only file system: {url}")
+
+        patch.setattr(fs, "write_atomic", refuse)
+        again = build.run(config, out=out)
     assert again["make-data"]["reused"] and again["extract"]["parts_new"] == 0
     assert again["extract"]["parts_skipped"] == 3 and again["train-sae"] == results["train-sae"]
     assert again["scan"]["parts_new"] == 0 and again["cafe"]["parts_new"] == 0

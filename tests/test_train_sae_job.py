@@ -195,3 +195,22 @@ def test_ray_train_job_trains_data_parallel_on_two_workers(ray_cluster, extracte
     [row] = run(root, replace(options, sweep=SWEEP[1:]))
     assert row["tokens"] == 20 * 48 * 2  # both workers' batches count
     assert 0 <= row["fvu"] and row["heldout_images"] == 12
+
+
+def test_an_unreadable_held_out_shard_is_refused_before_any_training(tmp_path) -> None:
+    from jobs.extract import run as extract
+    from jobs.train_sae import run as train
+    from pipeline.data.synthetic import write_shards
+    from tiny import EXTRACT
+
+    shards = [str(p) for p in write_shards(tmp_path / "data", n=24, seed=2, size=64,
+                                           shard_size=12, workers=1, progress=False)]
+    garbage = tmp_path / "data" / "shard-000002.tar"
+    garbage.write_bytes(b"not a tar archive at all" * 64)  # the last shard: the held-out one
+    root = str(tmp_path / "out")
+    summary = extract(root, replace(EXTRACT, shards=(*shards, str(garbage)), in_process=True),
+                      progress=False, stats=False)
+    assert summary["parts_done"] == 3 and summary["errors"] == 1
+    with pytest.raises(ValueError, match="held-out parts part-000002 hold no PFVs"):
+        train(root, replace(TRAIN, sweep=tuple(SWEEP), in_process=True))
+    assert not AtlasRoot(root).saes()

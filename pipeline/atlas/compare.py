@@ -92,7 +92,7 @@ def _files(root: str, skip: tuple[str, ...]) -> list[str]:
     for path in filesystem.find(base):
         rel = path[len(base):].lstrip("/")
         name = rel.rsplit("/", 1)[-1]
-        if rel.startswith(skip) or ".tmp-" in name:
+        if rel.startswith(skip) or ".tmp-" in name or name == ".lock":
             continue
         found.append(rel)
     return found

@@ -148,7 +148,8 @@ def plan_icat(root: AtlasRoot | str, options: ICATOptions, record: bool = True) 
     identity = dict(options.identity(), extract=extract.config_hash, pairs=pairs,
                     saes={layer: [row["sae_id"], train[row["sae_id"]].config_hash]
                           for layer, row in saes.items()})
-    digest = check_stage_config(root, STAGE, identity) if record else config_hash(identity)
+    digest = (check_stage_config(root, STAGE, identity, parts_of=(STAGE, MAP_STAGE)) if record
+              else config_hash(identity))
     done = atlas.manifest.done(MAP_STAGE, digest)
     tasks = [ShardTask(int(r.part.split("-")[1]), r.input, r.input_fingerprint, digest)
              for r in sorted(atlas.manifest.done(EXTRACT_STAGE, extract.config_hash).values(),

@@ -54,7 +54,8 @@ def plan_scan(root: AtlasRoot | str, options: ScanOptions) -> ScanPlan:
         if unknown:
             raise ValueError(f"unknown SAEs {unknown}; trained SAEs: {sorted(known)}")
         saes = [s for s in saes if s["sae_id"] in set(options.saes)]
-    check_stage_config(root, STAGE, {"options": options.identity(), "extract": extract_hash})
+    check_stage_config(root, STAGE, {"options": options.identity(), "extract": extract_hash},
+                       parts_of=(STAGE, REDUCE_STAGE))
     done = atlas.manifest.records(STAGE)
     plans, pending, skipped = [], [], 0
     for row in saes:

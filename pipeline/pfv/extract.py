@@ -311,8 +311,11 @@ def write_layers_table(out: str, atlas_id: str, specs: dict[str, LayerSpec],
         "grid_h": s.grid[0], "grid_w": s.grid[1], "num_special": s.num_special,
         "positions_per_image": cfg.positions or len(candidate_positions(s, cfg.include_special)),
     } for name, s in specs.items()]
-    fs.write_parquet(pa.Table.from_pylist(rows, schema=LAYERS),
-                     fs.join(out, "layers", "part-000000.parquet"), LAYERS)
+    url = fs.join(out, "layers", "part-000000.parquet")
+    table = pa.Table.from_pylist(rows, schema=LAYERS)
+    if fs.exists(url) and fs.read_parquet(url).equals(table):
+        return  # unchanged: a re-run of a finished build writes nothing (a read-only copy works)
+    fs.write_parquet(table, url, LAYERS)
 
 
 STATS_ROWS = 200_000  # PFVs per layer the summary's statistics are computed from

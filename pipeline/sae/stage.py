@@ -356,8 +356,13 @@ def plan_runs(root: AtlasRoot | str, options: TrainOptions) -> tuple[list[SAERun
     extract_hash = root.extract().config_hash
     channels = {name: row["channels"] for name, row in root.layers().items()}
     runs = make_runs(options.sweep, channels, options)
-    for layer in {r.layer for r in runs}:
-        train, _ = split_holdout(committed_parts(root, layer), options.holdout_parts)
+    for layer in sorted({r.layer for r in runs}):
+        train, held = split_holdout(committed_parts(root, layer), options.holdout_parts)
+        if not sum(p.rows for p in held):
+            raise ValueError(
+                f"layer {layer}: the held-out parts {', '.join(p.part for p in held)} hold no "
+                "PFVs (their shards were unreadable: the errors table of stage extract says "
+                "why); replace those shards and re-run extract, or hold out other parts")
         if len(train) < options.workers:
             raise ValueError(f"layer {layer}: {len(train)} training parts for "
                              f"{options.workers} workers; use at most {len(train)} workers")

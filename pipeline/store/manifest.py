@@ -17,6 +17,7 @@ import os
 import socket
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -107,17 +108,23 @@ class Manifest:
         return pa.Table.from_pylist(rows, schema=MANIFEST)
 
 
-def check_stage_config(root: str, stage: str, config: dict[str, Any], write: bool = True) -> str:
+def check_stage_config(root: str, stage: str, config: dict[str, Any], write: bool = True,
+                       parts_of: Sequence[str] | None = None) -> str:
     """Record `config` as the config of `stage` under `root`, or refuse a different one.
 
     Returns its hash. Raises ValueError naming the differing keys when `root` already holds
-    this stage's outputs under another config. `write=False` only checks.
+    parts of this stage (committed under any stage of `parts_of`, default `stage` itself) built
+    with another config. A recorded config that no committed part depends on (a run refused or
+    stopped before its first part) is replaced: it binds nothing. `write=False` only checks.
     """
     url = fs.join(os.fspath(root), "stages", f"{stage}.json")
     digest = config_hash(config)
     if fs.exists(url):
         old = fs.read_json(url)
-        if old["config_hash"] != digest:
+        if old["config_hash"] == digest:
+            return digest
+        manifest = Manifest(os.fspath(root))
+        if any(manifest.records(s) for s in (parts_of or (stage,))):
             new = json.loads(json.dumps(config, default=str))
             keys = sorted(k for k in set(old["config"]) | set(new)
                           if old["config"].get(k) != new.get(k)) or ["schema_version"]
@@ -125,7 +132,6 @@ def check_stage_config(root: str, stage: str, config: dict[str, Any], write: boo
             raise ValueError(
                 f"{root} already holds '{stage}' outputs built with another config ({diffs}); "
                 f"use another output folder, or delete {root} to rebuild it")
-        return digest
     if write:
         fs.write_json({"stage": stage, "config": config, "config_hash": digest,
                        "schema_version": SCHEMA_VERSION}, url)
