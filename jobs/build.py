@@ -153,14 +153,9 @@ def run(config: str, out: str | None = None, address: str | None = None,
 
 def run_build(cfg: BuildConfig, address: str | None = None, stages: Sequence[str] | None = None,
               name: str = "build", progress: bool = True, wait: bool = False) -> dict[str, Any]:
-    """`run` for an already parsed (possibly edited) config; one build per output folder at a
-    time (`jobs.lock`: another is refused, or waited for with `wait`)."""
-    with output_lock(cfg.out, f"concept-atlas build {name}", wait):
-        return _run_build(cfg, address, stages, name, progress)
-
-
-def _run_build(cfg: BuildConfig, address: str | None, stages: Sequence[str] | None, name: str,
-               progress: bool) -> dict[str, Any]:
+    """`run` for an already parsed (possibly edited) config. Every check runs first, writing
+    nothing; then one build per output folder at a time (`jobs.lock`: another is refused, or
+    waited for with `wait`)."""
     known = [s.name for s in registry.STAGES]
     unknown = sorted(set(stages or ()) - set(known))
     if unknown:
@@ -173,14 +168,15 @@ def _run_build(cfg: BuildConfig, address: str | None, stages: Sequence[str] | No
           f"(checked in {time.time() - t0:.1f}s)", flush=True)
     context = RunContext(address=address, progress=progress)
     results, times = {}, {}
-    for stage in plan:
-        t = time.time()
-        result = stage.run(stage.root(cfg), cfg.options[stage.name], context)
-        if isinstance(result, dict) and result.get("parts_failed"):
-            raise StageFailed(f"{stage.name}: {len(result['parts_failed'])} parts failed (see the "
-                              "errors table); re-run the build to retry them")
-        results[stage.name] = result
-        times[stage.name] = time.time() - t
+    with output_lock(cfg.out, f"concept-atlas build {name}", wait):
+        for stage in plan:
+            t = time.time()
+            result = stage.run(stage.root(cfg), cfg.options[stage.name], context)
+            if isinstance(result, dict) and result.get("parts_failed"):
+                raise StageFailed(f"{stage.name}: {len(result['parts_failed'])} parts failed "
+                                  "(see the errors table); re-run the build to retry them")
+            results[stage.name] = result
+            times[stage.name] = time.time() - t
     print("[build] done in " + ", ".join(f"{n} {s:.0f}s" for n, s in times.items())
           + f"; total {time.time() - t0:.0f}s. Outputs in {cfg.out}/", flush=True)
     return results

@@ -36,6 +36,7 @@ def output_lock(root: str, command: str, wait: bool = False) -> Iterator[None]:
         yield
         return
     path = os.path.join(local, LOCK_NAME)
+    created = not os.path.exists(local)
     try:
         os.makedirs(local, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -62,6 +63,10 @@ def output_lock(root: str, command: str, wait: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+        if created and os.listdir(local) == [LOCK_NAME]:
+            # a run refused before it wrote anything leaves no folder behind
+            os.remove(path)
+            os.rmdir(local)
 
 
 def _holder(fd: int) -> str:

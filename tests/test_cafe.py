@@ -38,7 +38,7 @@ from pipeline.latents import ScanOptions
 from pipeline.models import load_model
 from pipeline.sae.stage import make_runs, train_runs
 from pipeline.sae.train import LocalSession
-from pipeline.store import fs
+from pipeline.store import Manifest, PartRecord, fs
 from schemas import EXEMPLAR_PICKS, EXEMPLARS
 from tiny import CHANNELS, SWEEP, TRAIN
 
@@ -284,6 +284,8 @@ def test_crashed_driver_resumes_with_exact_row_counts(atlas, tmp_path) -> None:
 def test_other_options_in_the_same_atlas_are_refused_naming_the_key(atlas, tmp_path) -> None:
     root = copy_of(atlas, tmp_path / "a")
     plan_cafe(root, OPTS)
+    # a config binds once a part was committed under it (a refused run's does not)
+    Manifest(root).commit(PartRecord("cafe", "part-000000", "x.tar", "f", "h", rows=1))
     with pytest.raises(ValueError, match="mask_mass: 0.9 -> 0.3"):
         plan_cafe(root, CafeOptions(**{**OPTS.__dict__, "mask_mass": 0.3}))
     plan_cafe(root, CafeOptions(**{**OPTS.__dict__, "image_batch": 1}))  # speed only: accepted

@@ -30,7 +30,7 @@ from pipeline.pfv.extract import (
     sample_positions,
 )
 from pipeline.pfv.parts import committed_parts
-from pipeline.store import AtlasRoot, Manifest, check_stage_config, fingerprint, fs
+from pipeline.store import AtlasRoot, Manifest, PartRecord, check_stage_config, fingerprint, fs
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = ExtractOptions(model="demo_resnet", weights=None, atlas_id="t", layers=("layer2", "layer4"),
@@ -122,7 +122,10 @@ def test_fingerprint_changes_when_a_shard_is_rewritten(tmp_path) -> None:
 
 def test_other_config_in_the_same_output_is_refused_naming_the_key(tmp_path) -> None:
     check_stage_config(str(tmp_path), "extract", {"layers": ["layer2"], "seed": 0})
-    with pytest.raises(ValueError, match=r"layers: \['layer2'\] -> \['layer3'\]"):
+    # nothing committed yet: the recorded config binds nothing and is replaced
+    assert check_stage_config(str(tmp_path), "extract", {"layers": ["layer4"], "seed": 0})
+    Manifest(str(tmp_path)).commit(PartRecord("extract", "part-000000", "x.tar", "f", "h", rows=1))
+    with pytest.raises(ValueError, match=r"layers: \['layer4'\] -> \['layer3'\]"):
         check_stage_config(str(tmp_path), "extract", {"layers": ["layer3"], "seed": 0})
 
 
