@@ -68,7 +68,8 @@ def seeds_of(model, sae, layer: str, x: torch.Tensor, s: int) -> tuple[torch.Ten
 
 def run_layer(model, sae, layer: str, x: torch.Tensor, args, device) -> dict:
     positions, latents = seeds_of(model, sae, layer, x, args.seeds)
-    dirs = sae.W_enc.detach()[latents]  # [N, s, C]
+    dirs, offs = sae.readout(latents.flatten())
+    dirs, offs = dirs.view(*latents.shape, -1), offs.view(latents.shape)  # [N, s, C], [N, s]
     n = len(x)
     masks_total = n * args.seeds
     out: dict = {"masks": masks_total}
@@ -80,7 +81,8 @@ def run_layer(model, sae, layer: str, x: torch.Tensor, args, device) -> dict:
         xb = x[lo:lo + args.image_batch]
         graph = srd.build(model, xb)[0]
         maps, _ = batched_latent_ierfs(model, graph, xb, layer, list(positions[lo:lo + len(xb)]),
-                                       list(dirs[lo:lo + len(xb)]), args.chunk)
+                                       list(dirs[lo:lo + len(xb)]), list(offs[lo:lo + len(xb)]),
+                                       args.chunk)
         for m in maps:
             mass_masks(m, 0.5)
         batched += maps

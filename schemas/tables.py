@@ -165,7 +165,7 @@ EXEMPLARS = _schema("exemplars", [
     pa.field("bbox", pa.list_(pa.int32(), 4)),  # x0, y0, x1, y1 of the mask; null if empty
     pa.field("mask_frac", pa.float32(), nullable=False),  # mask area / image area
     pa.field("act_overlap", pa.float32(), nullable=False),  # IoU mask vs upsampled act map
-    pa.field("ierf_constant", pa.float32(), nullable=False),  # share with no pixel source
+    pa.field("ierf_constant", pa.float32(), nullable=False),  # share of pre-act. with no pixel source
     pa.field("ins_auc_ierf", pa.float32()),  # CAFE insertion/deletion AUCs (null: not run)
     pa.field("del_auc_ierf", pa.float32()),
     pa.field("ins_auc_act", pa.float32()),

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from pipeline import srd
 from pipeline.cafe import (
@@ -31,11 +32,16 @@ from pipeline.cafe import (
 )
 from pipeline.cafe.faithfulness import ORDERS, aucs, curves, patch_orders
 from pipeline.cafe.groundtruth import GTObject, match, to_input_frame
-from pipeline.cafe.ierf import batched_latent_ierfs
+from pipeline.cafe.ierf import as_shares, batched_latent_ierfs
 from pipeline.data.errors import ErrorLog
 from pipeline.data.shards import iter_samples
 from pipeline.latents import ScanOptions
-from pipeline.models import load_model
+from pipeline.data.synthetic import render_sample
+from pipeline.models import load_model, tap
+from pipeline.sae.checkpoint import load_sae
+from pipeline.sae.config import SAEConfig
+from pipeline.sae.model import SAE
+from pipeline.store import AtlasRoot
 from pipeline.sae.stage import make_runs, train_runs
 from pipeline.sae.train import LocalSession
 from pipeline.store import Manifest, PartRecord, fs
@@ -93,18 +99,89 @@ def test_batched_latent_ierfs_equal_one_seed_at_a_time() -> None:
     images = torch.randn(3, 3, 64, 64)
     positions = [torch.tensor([0, 5, 63]), torch.tensor([], dtype=torch.long), torch.tensor([9])]
     directions = [torch.randn(len(p), 32) for p in positions]
+    offsets = [torch.randn(len(p)) for p in positions]
     graph = srd.build(model, images)[0]
     maps, consts = batched_latent_ierfs(model, graph, images, "layer2", positions, directions,
-                                        chunk=2)
+                                        offsets, chunk=2)
     assert [len(m) for m in maps] == [3, 0, 1]
-    for i, (pos, dirs) in enumerate(zip(positions, directions)):
+    v = tap(model, images, ["layer2"])["layer2"].values  # [N, P, C]
+    for i, (pos, dirs, offs) in enumerate(zip(positions, directions, offsets)):
         for s in range(len(pos)):
             one, c = srd.ierf(model, images[i:i + 1], "layer2", pos[s:s + 1], dirs[s:s + 1],
-                              return_constant=True)
+                              offset=offs[s:s + 1], return_constant=True)
             torch.testing.assert_close(maps[i][s], one[0, 0], rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(consts[i][s], c[0, 0], rtol=1e-4, atol=1e-6)
-            # a one-hot seed of 1: pixels + constant share sum to 1 (conservation)
-            assert float(one.sum() + c.sum()) == pytest.approx(1.0, abs=1e-4)
+            # pixels + constant share = the readout <w, v_r> + offset (conservation)
+            readout = float(v[i, pos[s]] @ dirs[s] + offs[s])
+            assert float(one.sum() + c.sum()) == pytest.approx(readout, rel=1e-4, abs=1e-4)
+
+
+def _pfvs(model: torch.nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
+    return tap(model, images, [layer])[layer].values  # [N, P, C], the model's dtype
+
+
+def test_latent_firing_through_its_bias_keeps_its_sign() -> None:
+    """A latent whose direction reads the PFV negatively (<w, v_r> < 0) but fires through its
+    bias: its pixels sum to the (negative) data term, the bias is booked as constant, and the
+    two add up to its pre-activation (docs/method.md §4). The directional ratio of the old rule
+    (seed 1 divided by <w, v_r>) turned this map positive."""
+    torch.manual_seed(0)
+    model = load_model("demo_resnet", None).model.eval().double()
+    images = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    v = _pfvs(model, images, "layer2")[0]  # [P, 32]
+    r = int(v.norm(dim=1).argmax())
+    sae = SAE(SAEConfig(d_in=32, n_latents=4, k=2)).double()
+    with torch.no_grad():
+        sae.scale.fill_(0.5)
+        sae.b_dec.copy_(0.1 * torch.randn(32, dtype=torch.float64))
+        sae.W_enc[0] = -v[r] / v[r].norm()  # reads v_r negatively ...
+        sae.b_enc[0] = 0.5 * float(v[r].norm()) + float(sae.W_enc[0] @ sae.b_dec) + 1.0  # ... fires by bias
+    with torch.no_grad():
+        pre = sae._pre_acts(sae._normalise(v[r:r + 1]))[0, 0]
+    w, b = sae.readout(torch.tensor([0]))
+    data = float(w[0] @ v[r])
+    assert data < 0 < float(pre) and float(b[0]) > float(pre)
+    graph = srd.build(model, images)[0]
+    maps, consts = batched_latent_ierfs(model, graph, images, "layer2", [torch.tensor([r])], [w], [b])
+    pixels, const = float(maps[0][0].sum()), float(consts[0][0])
+    assert pixels + const == pytest.approx(float(pre), rel=1e-9)
+    assert pixels == pytest.approx(data, rel=1e-6)  # the data term is what the pixels explain
+    shares, share_const = as_shares(maps[0], consts[0])
+    assert float(shares.sum()) < 0 and float(shares.sum() + share_const) == pytest.approx(1.0)
+
+
+def test_latent_ierf_sums_have_the_sign_of_their_data_term(atlas) -> None:
+    """Property over the tiny atlas's trained SAEs: for every firing (position, latent) pair of a
+    few synthetic scenes, the pixel sum of its latent iERF has the sign of its data term
+    <w, v_r>, and pixels + constant = its pre-activation; latents that fire through their bias
+    (data term <= 0) are among them."""
+    root = AtlasRoot(atlas)
+    loaded = root.model()
+    model = loaded.model.double()
+    images = torch.stack([loaded.transform(Image.fromarray(render_sample(7, i, 64)[0]))
+                          for i in range(3)]).double()
+    graph = srd.build(model, images)[0]
+    through_bias = 0
+    for row in root.saes():
+        sae = load_sae(row["weights"]).double()
+        v = _pfvs(model, images, row["layer"])  # [N, P, C]
+        with torch.no_grad():
+            acts = sae.encode(v)  # [N, P, F]
+        fired = (acts > 0).nonzero()  # (image, position, latent)
+        fired = fired[torch.randperm(len(fired), generator=torch.Generator().manual_seed(0))[:48]]
+        w, b = sae.readout(fired[:, 2])
+        data = (v[fired[:, 0], fired[:, 1]] * w).sum(1)
+        pre = data + b
+        positions = [fired[fired[:, 0] == i, 1] for i in range(len(images))]
+        dirs = [w[fired[:, 0] == i] for i in range(len(images))]
+        offs = [b[fired[:, 0] == i] for i in range(len(images))]
+        maps, consts = batched_latent_ierfs(model, graph, images, row["layer"], positions, dirs, offs)
+        sums = torch.cat([m.flatten(1).sum(1) for m in maps])
+        order = torch.cat([(fired[:, 0] == i).nonzero()[:, 0] for i in range(len(images))])
+        torch.testing.assert_close(sums + torch.cat(consts), pre[order], rtol=1e-6, atol=1e-6)
+        assert (torch.sign(sums) == torch.sign(data[order])).all(), row["sae_id"]
+        through_bias += int((data <= 0).sum())
+    assert through_bias >= 3  # the case the rule is for occurs in real SAEs
 
 
 # ---- masks and their PNG ---------------------------------------------------------------
@@ -242,12 +319,17 @@ def test_stage_writes_one_consistent_row_per_pick(atlas, tmp_path) -> None:
     rows = read_rows(root)
     assert len(rows) == picks == summary["exemplars"] and picks <= 2 * 3 * LATENTS
     assert {r["sae_id"] for r in rows} == {"layer2-topk-64-k4", "layer4-small"}
+    saes = {row["sae_id"]: load_sae(row["weights"]) for row in AtlasRoot(root).saes()}
     for r in rows:
         mask = mask_from_png(r["ierf_png"])
         assert mask.shape == (128, 128)  # 64 px images, resized to the model input
         assert r["mask_frac"] == pytest.approx(mask.mean())
         assert r["bbox"] == bbox(mask)
-        assert 0 <= r["act_overlap"] <= 1 and abs(r["ierf_constant"]) < 1
+        assert 0 <= r["act_overlap"] <= 1
+        # the constant share: the latent's bias part over its pre-activation (the activation of
+        # the pick, from float16 PFVs), as the network's own constants take almost nothing here
+        _, offset = saes[r["sae_id"]].readout(torch.tensor([r["latent"]]))
+        assert r["ierf_constant"] == pytest.approx(float(offset[0]) / r["activation"], rel=1e-2, abs=1e-3)
         faithful = r["kind"] == "top" and r["rank"] < OPTS.faithfulness_per_latent
         assert (r["ins_auc_ierf"] is not None) == faithful
         if faithful:  # areas in units of the exemplar's activation, over x in [0, 1]

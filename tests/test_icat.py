@@ -132,6 +132,8 @@ PAIRS = [
     ("demo_resnet", {}, 64, "layer3", LOGITS, False),
     # CLS token outside the SAE: held at its recorded value, relevance booked to the error node
     ("vit_tiny_patch16_224", {"img_size": 32}, 32, "blocks.0", "blocks.2", True),
+    # a CLS head: the logit row is the class readout of the CLS token (docs/method.md §3.3)
+    ("vit_tiny_patch16_224", {"img_size": 32}, 32, "blocks.10", LOGITS, True),
 ]
 
 

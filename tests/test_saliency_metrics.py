@@ -45,6 +45,29 @@ def test_map_concentrated_in_mask_hits_and_holds_all_mass() -> None:
     assert torch.isnan(metrics.mask_mass(-torch.ones(1, 4, 4), masks[:1])).all()
 
 
+def test_class_switch_pointing_scores_a_map_only_where_it_follows_the_class() -> None:
+    """Two images with a square (class 0) and a disc-like block (class 1): an explainer that maps
+    the requested class's object scores 1 on every (image, class) pair; one that ignores the
+    target (always class 0's object) scores only on the class-0 pairs; an image with a single
+    class is refused."""
+    masks = torch.zeros(2, 2, 8, 8, dtype=torch.bool)  # [image, class, H, W]
+    masks[0, 0, 1:3, 1:3], masks[0, 1, 5:8, 4:7] = True, True
+    masks[1, 0, 4:6, 0:2], masks[1, 1, 0:3, 5:8] = True, True
+    images = torch.arange(2.0).view(2, 1, 1, 1).expand(2, 3, 8, 8)  # image i is filled with i
+    objects = [[(0, masks[i, 0]), (1, masks[i, 1])] for i in range(2)]
+
+    def follows(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return masks[x[:, 0, 0, 0].long(), target].float()
+
+    def ignores(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return masks[x[:, 0, 0, 0].long(), 0].float()
+
+    assert metrics.class_switch_pointing(follows, images, objects, batch=3).tolist() == [1.0] * 4
+    assert metrics.class_switch_pointing(ignores, images, objects).tolist() == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="fewer than two classes"):
+        metrics.class_switch_pointing(follows, images, [objects[0], objects[1][:1]])
+
+
 def test_gini_of_one_hot_constant_and_two_level_maps() -> None:
     n = 64
     one_hot = torch.zeros(1, 8, 8)

@@ -104,13 +104,17 @@ def brute_block(r_t: torch.Tensor, z: torch.Tensor, branches: list[Branch], cons
 def brute_propagate(blocks: list[tuple[str, torch.Tensor, list[Branch], torch.Tensor | None]],
                     seed_unit: str, seed: torch.Tensor, u: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Blocks in forward order (target, z [C, P], branches, const); returns (R on input, constant).
-    u [C, P]: latent direction on the seed unit's z for the first step only."""
+    u [C, P]: a readout direction on the seed unit's z for the first step only; the seed then
+    holds the readout's coefficients alpha_r, and R(z_r) = alpha_r <u_r, z_r> is shared by
+    <c(p->r), u_r> / <u_r, z_r>."""
     acc = {seed_unit: seed.flatten()}
     constant = 0.0
     for target, z, branches, const in reversed(blocks):
         if target not in acc:
             continue
-        shares, c = brute_block(acc.pop(target), z, branches, const, u if target == seed_unit else None)
+        first = u if target == seed_unit else None
+        r = acc.pop(target) if first is None else acc.pop(target) * (first * z).sum(0)
+        shares, c = brute_block(r, z, branches, const, first)
         constant += c
         for name, rel in shares.items():
             acc[name] = acc.get(name, 0) + rel
@@ -180,7 +184,7 @@ def resnet_reference(model: ResNet, x: torch.Tensor, y: int):
                 prev, cur_pool = f"layer{k}.{i}.act{j}", same
             src, pool = prev, same
     seed = gap_seed(model.fc, ch.v[src], y)
-    return ch.blocks, src, seed, float(seed.sum())
+    return ch.blocks, src, seed, float(seed.sum()), None
 
 
 def vgg_reference(model: VGG, x: torch.Tensor, y: int):
@@ -200,13 +204,14 @@ def vgg_reference(model: VGG, x: torch.Tensor, y: int):
     ch.conv("pre_logits.act1", src, lambda t: mlp.fc1(pool(t)), mlp.act1)
     ch.conv("pre_logits.act2", "pre_logits.act1", mlp.fc2, mlp.act2)
     seed = gap_seed(model.head.fc, ch.v["pre_logits.act2"], y)
-    return ch.blocks, "pre_logits.act2", seed, float(seed.sum())
+    return ch.blocks, "pre_logits.act2", seed, float(seed.sum()), None
 
 
 def vit_reference(model: VisionTransformer, x: torch.Tensor, y: int):
     """Blocks of a timm ViT: patch embedding (pos-embed in its bias, prefix tokens constant), then
     per layer the attention block with explicit c(i->j) = sum_h A^h_ji W_O^h (W_V^h LN1(x_i) + b_V^h)
-    (loops over i, j, h), b_O shared by norm, the skip x_j; the MLP passes relevance."""
+    (loops over i, j, h), b_O shared by norm, the skip x_j; the MLP passes relevance. A CLS head
+    is a readout of the CLS token's z (`cls_readout`); a mean-pool head is split over tokens."""
     prefix = model.num_prefix_tokens
     x0 = model.norm_pre(model._pos_embed(model.patch_embed(x[None])))[0].T  # [D, T]
     patch = lambda t: model.patch_embed.proj(t).flatten(2)  # noqa: E731
@@ -238,14 +243,62 @@ def vit_reference(model: VisionTransformer, x: torch.Tensor, y: int):
         v, src = blk(v.T[None])[0].T, f"blocks.{l}"
     if model.global_pool == "token":
         seed = torch.zeros(t, dtype=v.dtype)
-        seed[0] = model.forward_head(model.norm(v.T[None]))[0, y]
+        seed[0] = 1.0
+        u, kappa = cls_readout(model, blocks[-1][1], y)
+        return blocks, src, seed, float(model.forward_head(model.norm(v.T[None]))[0, y]), (u, kappa)
     else:
         a = model.norm(v.T)[prefix:]  # [n, D]
         if isinstance(model.fc_norm, torch.nn.LayerNorm):
             m, fn = a.mean(0), model.fc_norm
             a = (a - a.mean(1, keepdim=True)) / torch.sqrt(m.var(unbiased=False) + fn.eps) * fn.weight + fn.bias
         seed = F.pad((a @ model.head.weight[y] + model.head.bias[y]) / a.shape[0], (prefix, 0))
-    return blocks, src, seed, float(seed.sum())
+    return blocks, src, seed, float(seed.sum()), None
+
+
+def frozen_mlp(blk, z: torch.Tensor):
+    """y [T, D] -> y + ls2 MLP(LN2(y)) with LN2's scale and the activation ratios frozen at z [D, T]:
+    the affine map the engine's MLP pull-back linearises."""
+    ln = blk.norm2
+    sigma = torch.sqrt(z.T.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    pre = blk.mlp.fc1(ln(z.T))
+    gate = blk.mlp.act(pre) / pre
+
+    def frozen(yy: torch.Tensor) -> torch.Tensor:
+        h = (yy - yy.mean(-1, keepdim=True)) / sigma * ln.weight + ln.bias
+        return yy + blk.ls2(blk.mlp.fc2(gate * blk.mlp.fc1(h)))
+
+    assert torch.allclose(frozen(z.T), z.T + blk.ls2(blk.mlp(ln(z.T))), atol=1e-12)
+    return frozen
+
+
+def frozen_norm(norm: torch.nn.Module, a: torch.Tensor):
+    """A LayerNorm with its scale frozen at the vector a [D] (an identity passes)."""
+    if isinstance(norm, torch.nn.Identity):
+        return lambda t: t
+    sigma = torch.sqrt(a.var(unbiased=False) + norm.eps)
+    return lambda t: (t - t.mean(-1, keepdim=True)) / sigma * norm.weight + norm.bias
+
+
+def cls_readout(model: VisionTransformer, z: torch.Tensor, y: int) -> tuple[torch.Tensor, float]:
+    """logit_y as an affine function of the last unit's z [D, T] with every scale and gate frozen
+    (the last MLP, `norm`, `fc_norm`): its gradient u [D, T] (autograd) and its value at z = 0."""
+    mlp = frozen_mlp(model.blocks[-1], z)
+    x = mlp(z.T)[0]
+    norms = []
+    for norm in (model.norm, model.fc_norm):
+        norms.append(frozen_norm(norm, x))
+        x = norm(x)
+
+    def logit(zz: torch.Tensor) -> torch.Tensor:
+        t = mlp(zz.T)[0]
+        for fn in norms:
+            t = fn(t)
+        return t @ model.head.weight[y] + model.head.bias[y]
+
+    zz = z.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (u,) = torch.autograd.grad(logit(zz), zz)
+    return u, float(logit(torch.zeros_like(z)))
 
 
 def effnet_reference(model: EfficientNet, x: torch.Tensor, y: int):
@@ -269,7 +322,7 @@ def effnet_reference(model: EfficientNet, x: torch.Tensor, y: int):
             src = p
     ch.conv("bn2", src, lambda t: bn_affine(model.bn2)(model.conv_head(t)), model.bn2.act)
     seed = gap_seed(model.classifier, ch.v["bn2"], y)
-    return ch.blocks, "bn2", seed, float(seed.sum())
+    return ch.blocks, "bn2", seed, float(seed.sum()), None
 
 
 @torch.no_grad()
@@ -278,9 +331,11 @@ def check_against_engine(model, images, reference) -> None:
     logits = model(images)
     for i in range(images.shape[0]):
         y = int(logits[i].argmax())
-        blocks, seed_unit, seed, logit = reference(model, images[i], y)
+        blocks, seed_unit, seed, logit, readout = reference(model, images[i], y)
         assert logit == pytest.approx(float(logits[i, y]), rel=1e-10), "reference forward differs from model"
-        ref, ref_const = brute_propagate(blocks, seed_unit, seed)
+        u, kappa = readout if readout is not None else (None, 0.0)
+        ref, ref_const = brute_propagate(blocks, seed_unit, seed, u)
+        ref_const += kappa
         ref = ref.view(images.shape[2:])
         err = (maps[i] - ref).abs().max() / ref.abs().max()
         assert err < 1e-6, f"image {i}: engine vs brute force relative error {err:.2e}"
@@ -349,31 +404,25 @@ def test_efficientnet_lite_matches_brute_force() -> None:
     check_against_engine(model, images, effnet_reference)
 
 
-def ratio_pull(blocks, v: torch.Tensor, unit: str, w: torch.Tensor) -> torch.Tensor:
-    """u = w * gate, gate = v/z (0 where z = 0): the frozen element-wise nonlinearity (section 4)."""
+def ratio_pull(blocks, v: torch.Tensor, unit: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """u = w * gate, gate = v/z (0 where z = 0): the frozen element-wise nonlinearity (section 4);
+    and the readout <w, v> at z = 0 per position, zero for these nonlinearities (sigma(0) = 0)."""
     z = dict((b[0], b[1]) for b in blocks)[unit]
     v = v.flatten(1)
-    return w[:, None] * torch.where(z != 0, v / torch.where(z != 0, z, 1.0), 0.0)
+    return w[:, None] * torch.where(z != 0, v / torch.where(z != 0, z, 1.0), 0.0), z.new_zeros(z.shape[1])
 
 
-def vit_pull(blk, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """u = w + J^T w through x + ls2 MLP(LN2(x)) with LN2's scale and the GELU ratios frozen (autograd)."""
-    y, ln = z.T, blk.norm2
-    sigma = torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + ln.eps)
-    pre = blk.mlp.fc1(ln(y))
-    gate = blk.mlp.act(pre) / pre
-
-    def frozen(yy: torch.Tensor) -> torch.Tensor:
-        h = (yy - yy.mean(-1, keepdim=True)) / sigma * ln.weight + ln.bias
-        return yy + blk.ls2(blk.mlp.fc2(gate * blk.mlp.fc1(h)))
-
-    assert torch.allclose(frozen(y), y + blk.ls2(blk.mlp(ln(y))), atol=1e-12)
-    _, u = torch.autograd.functional.vjp(frozen, y, w.expand_as(y))
-    return u.T
+def vit_pull(blk, z: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """u = w + J^T w through x + ls2 MLP(LN2(x)) with LN2's scale and the GELU ratios frozen (autograd),
+    and the readout <w, frozen(0)> per token: the MLP's bias paths, which no contribution carries."""
+    frozen = frozen_mlp(blk, z)
+    _, u = torch.autograd.functional.vjp(frozen, z.T, w.expand_as(z.T))
+    return u.T, (frozen(torch.zeros_like(z.T)) @ w).detach()
 
 
 def check_ierf(model, images, reference, layer: str, unit: str, pull) -> None:
-    """Engine iERFs (one-hot seeds, PFV and latent directions) vs brute force from `unit`."""
+    """Engine iERFs (one-hot seeds, PFV and latent readouts) vs brute force from `unit`: a latent
+    readout <w, v_r> is decomposed along u = w pulled back onto z, its part at z = 0 is constant."""
     graph, _ = srd.build(model, images)
     pos = graph.units[unit].positions
     seeds = torch.tensor([0, pos - 1])
@@ -387,9 +436,11 @@ def check_ierf(model, images, reference, layer: str, unit: str, pull) -> None:
         for s, r in enumerate(seeds.tolist()):
             seed = torch.zeros(pos, dtype=images.dtype)
             seed[r] = 1.0
-            for got, got_c, u in ((maps, const, None), (dmaps, dconst, pull(model, blocks, v, unit, w[s]))):
+            u, at_zero = pull(model, blocks, v, unit, w[s])
+            for got, got_c, u, extra in ((maps, const, None, 0.0), (dmaps, dconst, u, float(at_zero[r]))):
                 with torch.no_grad():
                     ref, ref_c = brute_propagate(blocks, unit, seed, u)
+                ref_c += extra
                 ref = ref.view(images.shape[2:])
                 err = (got[i, s] - ref).abs().max() / ref.abs().max()
                 assert err < 1e-6, f"{layer} seed {r} direction={u is not None}: relative error {err:.2e}"
@@ -405,7 +456,7 @@ def test_ierf_and_latent_ierf_match_brute_force_cnn() -> None:
     lite = randomize(tiny_lite(), seed=11)
     images = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     check_ierf(lite, images, effnet_reference, "blocks.1.1.bn2", "blocks.1.1.bn2", pull)
-    identity = lambda m, blocks, v, unit, w: w[:, None].expand(-1, v[0].numel())  # noqa: E731
+    identity = lambda m, blocks, v, unit, w: (w[:, None].expand(-1, v[0].numel()), v.new_zeros(v[0].numel()))  # noqa: E731
     check_ierf(lite, images, effnet_reference, "blocks.1", "blocks.1.1", identity)
 
 

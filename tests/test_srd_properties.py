@@ -11,6 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import pipeline.models.demo  # noqa: F401  (registers demo_resnet)
 from pipeline import srd
+from pipeline.srd.conv import FrozenPool, fold_bn
 from pipeline.srd.graph import share, upstream_signal
 from test_srd_bruteforce import perturb, randomize, tiny_lite
 
@@ -39,19 +40,22 @@ def images_for(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_sharing_ratios_into_every_target_sum_to_one(name: str) -> None:
-    """For every block and every target q: sum_p mu(p->q) (+ its constant share) = 1, both for the
-    PFV ratio and for a directional ratio (one seed per target position, batched)."""
+    """For every block and every target q: sum_p mu(p->q) (+ its constant share) = 1 for the PFV
+    ratio, and a directional step along u shares exactly <u_q, z_q> (one seed per target
+    position, batched)."""
     model, size = MODELS[name]
     graph, _ = srd.build(model, images_for(size))
     for block in graph.blocks:
         z = graph.units[block.target].z
         n, c, p = z.shape[0], z.shape[1], z[0, 0].numel()
         onehot = torch.eye(p, dtype=z.dtype).expand(n, p, p).reshape(n, p, *z.shape[2:])
-        w = torch.randn(n, p, c, *z.shape[2:], generator=torch.Generator().manual_seed(1), dtype=z.dtype)
-        for u in (None, w):
-            shares, constant = share(graph, block, onehot, u)
+        u = torch.randn(n, p, c, *z.shape[2:], generator=torch.Generator().manual_seed(1), dtype=z.dtype)
+        g, lost = upstream_signal(onehot, z)
+        for signal, want in ((g, torch.ones(n, p, dtype=z.dtype) - lost),
+                             (onehot.unsqueeze(2) * u, (onehot.unsqueeze(2) * u * z.unsqueeze(1)).flatten(2).sum(2))):
+            shares, constant = share(graph, block, signal)
             total = sum(r.flatten(2).sum(2) for r in shares.values()) + constant
-            assert torch.allclose(total, torch.ones_like(total), atol=1e-9), (block.target, u is None)
+            assert torch.allclose(total, want, atol=1e-9), block.target
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -111,11 +115,21 @@ def test_float32_matches_float64() -> None:
 
 
 def test_contrastive_rule_centres_the_seed_map() -> None:
-    """R <- R - mean(R) on the seed map: the maps then sum to zero (the logit is subtracted)."""
-    for name in ("resnet-basic", "vit-reg-ls", "vgg-bn"):
+    """R <- R - mean(R) on the seed map: the maps then sum to zero (the logit is subtracted).
+    A CLS head's first step is a readout along the class direction: the contrast centres the map
+    it reaches (blocks.0 here), and the constant booked by that first step stays."""
+    for name in ("resnet-basic", "vgg-bn"):
         model, size = MODELS[name]
         maps, const = srd.saliency(model, images_for(size), contrastive=True, return_constant=True)
         assert torch.allclose(maps.sum((1, 2)) + const, torch.zeros_like(const), atol=1e-10)
+    model, size = MODELS["vit-reg-ls"]
+    images = images_for(size)
+    plain = srd.explain(model, images, layers=("blocks.0",))
+    first_step = plain.logit - plain.layers["blocks.0"][:, 0].sum(1)  # booked above blocks.0
+    res = srd.explain(model, images, contrastive=True, layers=("blocks.0",))
+    assert torch.allclose(res.layers["blocks.0"][:, 0].sum(1), torch.zeros(2, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(res.pixels.sum((1, 2, 3)) + res.constant[:, 0], first_step, atol=1e-10)
+    assert not torch.allclose(res.pixels, plain.pixels)
 
 
 def test_vgg_gradcam_seed_is_relu_of_gradient_weighted_last_conv() -> None:
@@ -136,10 +150,35 @@ def test_zero_pre_activation_books_its_relevance_as_constant() -> None:
     """||z_q|| = 0 has no sharing ratio: g_q = 0 and R_q goes to the constant share."""
     z = torch.tensor([[[0.0, 1.0], [0.0, 2.0]]], dtype=torch.float64)  # [N=1, C=2, P=2], q=0 is zero
     r = torch.tensor([[[3.0, 5.0]]], dtype=torch.float64)
-    g, lost = upstream_signal(r, z, None)
+    g, lost = upstream_signal(r, z)
     assert torch.equal(g[0, 0, :, 0], torch.zeros(2, dtype=torch.float64))
     assert float(lost) == 3.0
     assert torch.allclose((g[0, 0, :, 1] * z[0, :, 1]).sum(), torch.tensor(5.0, dtype=torch.float64))
+
+
+def test_tied_max_pool_window_is_split_equally() -> None:
+    """[choice] A maximum held by t taps gives each tap 1/t of the channel (docs/method.md §3.5),
+    not all of it to the first tap in scan order; the reference mode duplicates it to every tied
+    tap that some window recorded as its winner (their un-pooled map)."""
+    x = torch.tensor([0.0, 3.0, 1.0, 3.0, 0.0], dtype=torch.float64).view(1, 1, 1, 5)
+    pool = torch.nn.MaxPool2d((1, 3), (1, 2), (0, 1))  # windows: cols {-1,0,1}, {1,2,3}, {3,4,5}
+    middle = lambda fp: fp.m[0, 0, :, 1].tolist()  # noqa: E731  taps of the window over cols 1..3
+    assert middle(FrozenPool(pool, x, "pool")) == [0.5, 0.0, 0.5]
+    assert middle(FrozenPool(pool, x, "pool", ties="reference")) == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="ties must be one of"):
+        FrozenPool(pool, x, "pool", ties="first")
+
+
+def test_reference_bn_shift_omits_eps() -> None:
+    conv, bn = torch.nn.Conv2d(2, 3, 1).double(), torch.nn.BatchNorm2d(3, eps=0.1).double().eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        bn.running_var.copy_(torch.tensor([0.2, 1.0, 3.0]))
+    for shift_eps, eps in ((True, 0.1), (False, 0.0)):
+        w, b = fold_bn(conv, bn, shift_eps)
+        scale = bn.weight / torch.sqrt(bn.running_var + 0.1)
+        shift = bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + eps) + scale * conv.bias
+        assert torch.allclose(w, conv.weight * scale.view(-1, 1, 1, 1)) and torch.allclose(b, shift)
 
 
 @pytest.mark.gpu

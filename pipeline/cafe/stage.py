@@ -25,7 +25,7 @@ from torch import Tensor
 
 from pipeline import srd
 from pipeline.cafe import faithfulness, groundtruth
-from pipeline.cafe.ierf import batched_latent_ierfs, latent_directions
+from pipeline.cafe.ierf import as_shares, batched_latent_ierfs
 from pipeline.cafe.masks import act_masks, bbox, encode_png, iou, mass_masks, upsample
 from pipeline.data.errors import ErrorLog, ErrorRecord
 from pipeline.data.shards import iter_samples
@@ -261,20 +261,22 @@ class CafeWorker:
         for layer, layer_picks in by_layer.items():
             positions = [torch.tensor([p["position"] for p in ps], dtype=torch.long)
                          for ps in layer_picks]
-            directions = [self._directions(ps, x) for ps in layer_picks]
+            readouts = [self._readouts(ps, x) for ps in layer_picks]
             maps, consts = batched_latent_ierfs(self.model, graph, x, layer, positions,
-                                                directions, self.opt.seed_chunk)
+                                                [d for d, _ in readouts], [o for _, o in readouts],
+                                                self.opt.seed_chunk)
             for i, ps in enumerate(layer_picks):
                 if ps:
                     acts = self._act_maps(layer, ps, pfvs[layer].values[i])
-                    rows += self._rows(x[i], layer, ps, maps[i], consts[i], acts, gts[i])
+                    rows += self._rows(x[i], layer, ps, *as_shares(maps[i], consts[i]), acts, gts[i])
         return rows
 
-    def _directions(self, picks: list[dict[str, Any]], x: Tensor) -> Tensor:
+    def _readouts(self, picks: list[dict[str, Any]], x: Tensor) -> tuple[Tensor, Tensor]:
+        """Each pick's latent readout on its layer's PFVs (`SAE.readout`): ([S, C], [S])."""
         if not picks:
-            return x.new_zeros(0, 0)
-        return torch.stack([latent_directions(self.sae(p["sae_id"]).W_enc,
-                                              torch.tensor([p["latent"]]))[0] for p in picks])
+            return x.new_zeros(0, 0), x.new_zeros(0)
+        pairs = [self.sae(p["sae_id"]).readout(torch.tensor([p["latent"]])) for p in picks]
+        return torch.cat([d for d, _ in pairs]), torch.cat([o for _, o in pairs])
 
     def _act_maps(self, layer: str, picks: list[dict[str, Any]], values: Tensor) -> Tensor:
         """Each pick's latent activation over the image's grid positions: Tensor[S, h, w]."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.synthetic import render_sample, rle_decode
+from pipeline.data.synthetic import SHAPES, render_sample, rle_decode
 
 # scikit-image's bundled photos of ImageNet-like objects (grey ones are repeated to RGB) and
 # scikit-learn's two sample photos; no download needed for any of them
@@ -24,6 +24,28 @@ def synthetic_set(n: int, seed: int, size: int = 128) -> tuple[list[np.ndarray],
         labels.append(meta["class"])
         masks.append(rle_decode(largest["mask"]))
     return images, np.asarray(labels), np.stack(masks)
+
+
+def multi_object_set(n: int, seed: int, size: int = 128,
+                     max_index: int = 10_000) -> tuple[list[np.ndarray], list[list[tuple[int, np.ndarray]]]]:
+    """The first `n` synthetic scenes of dataset `seed` that hold objects of two or more
+    shapes, for the class-switch pointing game: (images uint8 [H, W, 3] each, per image its
+    (class, mask bool [H, W]) pairs, one per shape present, the class being the shape's index
+    and the mask the visible pixels of all objects of that shape)."""
+    images, objects = [], []
+    for index in range(max_index):
+        if len(images) == n:
+            return images, objects
+        img, meta = render_sample(seed, index, size)
+        by_shape: dict[int, np.ndarray] = {}
+        for obj in meta["objects"]:
+            c = SHAPES.index(obj["shape"])
+            by_shape[c] = by_shape.get(c, False) | rle_decode(obj["mask"])
+        if len(by_shape) >= 2:
+            images.append(img)
+            objects.append(sorted(by_shape.items()))
+    raise ValueError(f"only {len(images)} of the first {max_index} scenes of seed {seed} hold two shapes; "
+                     f"asked for {n}")
 
 
 def real_photos() -> tuple[list[tuple[str, np.ndarray]], list[str]]:

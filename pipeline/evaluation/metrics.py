@@ -26,6 +26,29 @@ def pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
     return masks.flatten(1).gather(1, top[:, None])[:, 0].float()
 
 
+def class_switch_pointing(explain: Callable[[Tensor, Tensor], Tensor], images: Tensor,
+                          objects: list[list[tuple[int, Tensor]]], batch: int = 16) -> Tensor:
+    """Class-switch pointing game: each image is explained once per class of the objects it
+    holds, and a pair scores 1.0 when that class's map peaks inside that class's object (the
+    same image, only the target switched, so a map that ignores the class cannot score).
+
+    explain: (images [B, 3, H, W], target [B]) -> maps [B, H, W]; images [N, 3, H, W];
+    objects[i]: image i's (class, mask bool [H, W]) pairs, at least two classes per image (a
+    class's mask is the union of its objects). Returns Tensor[P] over the pairs, image by image
+    in the order given. Peaks as `pointing_game` (no tolerance, first maximum)."""
+    if len(objects) != images.shape[0]:
+        raise ValueError(f"{len(objects)} object lists for {images.shape[0]} images: expected one per image")
+    few = [i for i, objs in enumerate(objects) if len({c for c, _ in objs}) < 2]
+    if few:
+        raise ValueError(f"images {few[:5]} hold fewer than two classes: a class switch needs two or more")
+    index = torch.tensor([i for i, objs in enumerate(objects) for _ in objs])
+    target = torch.tensor([c for objs in objects for c, _ in objs], device=images.device)
+    masks = torch.stack([m for objs in objects for _, m in objs]).to(images.device)
+    maps = torch.cat([explain(images[index[lo:lo + batch]], target[lo:lo + batch])
+                      for lo in range(0, len(index), batch)])
+    return pointing_game(maps, masks)
+
+
 def mask_mass(maps: Tensor, masks: Tensor) -> Tensor:
     """Relevance mass inside the mask (attribution localisation, Kohlbrenner et al. 2020): the
     share of the map's *positive* relevance that falls inside the mask, maps [N, H, W], masks

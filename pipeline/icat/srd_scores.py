@@ -1,10 +1,13 @@
 """The SRD-style ICAT variant: sharing ratios across the layer pair (docs/method.md §7).
 
 Construction (no gradients, one recorded forward):
-1. Seed the downstream node on lb's unit of the SRD graph (pipeline.srd): for a latent g, the
-   whole-image latent seed `R(r) = a_g(r)` at lb's SAE positions with the directional first
-   step along g's encoder row (the latent iERF rule of docs/method.md §4); for a class
-   logit, the exact head seed (`R_p = (w_y . v_p + b_y) / n` for a pooled head).
+1. Seed the downstream node on lb's unit of the SRD graph (pipeline.srd): for a latent g, its
+   pre-activation read at every position where it is active, `g(x) = sum_r [a_g(r) > 0] pre_g(v_r)`
+   (the selection frozen), as a linear readout: coefficients `[a_g(r) > 0]` along g's
+   `SAE.readout`, whose data term the first step decomposes along g's direction and whose
+   offset (`b_g - W_enc[g] . b_dec` per active position) is constant share (the latent iERF
+   rule of docs/method.md §4); for a class logit, the exact head seed (`R_p = (w_y . v_p + b_y) / n`
+   for a pooled head, the class readout of the CLS token for a CLS head, §3.3).
 2. Propagate with the SRD rules through the blocks strictly between la and lb only (the
    graph is cut at la's unit, which plays the input), giving R(v_p) on la's positions; by
    conservation `sum_p R(v_p)` = the seed total (up to the reported constant share).
@@ -54,18 +57,27 @@ def srd_scores(model: nn.Module, images: Tensor, dec: Decomposed, down: LayerSAE
         dst_unit = graph.units[dst_name]
         seed = dst_unit.z.new_zeros(n, q, dst_unit.positions)
         cols = torch.arange(q, device=seed.device)
-        direction = None
+        direction = offset = None
         if down is None:
+            if head.readout is not None:  # a CLS head: one class readout per row
+                direction = seed.new_zeros(n, q, dst_unit.z.shape[1])
+                offset = seed.new_zeros(n, q)
             for c in nodes.unique():  # the head seeds one class for every image at a time
                 sel = (nodes == c).nonzero()[:, 0]
-                per_image = head.seed(torch.full((n,), int(c), device=seed.device)).reshape(n, -1)
-                seed[rows[sel], cols[sel]] = per_image[rows[sel]].to(seed.dtype)
+                r, d, o = head.start(torch.full((n,), int(c), device=seed.device))
+                seed[rows[sel], cols[sel]] = r.reshape(n, -1)[rows[sel]].to(seed.dtype)
+                if d is not None:
+                    direction[rows[sel], cols[sel]] = d[rows[sel]].to(seed.dtype)
+                    offset[rows[sel], cols[sel]] = o[rows[sel]].to(seed.dtype)
         else:
-            seed[rows[:, None], cols[:, None], down.positions[None, :]] = \
-                down_acts[rows, :, nodes].to(seed.dtype)
-            w = down.sae.W_enc[nodes].to(seed.dtype)  # [Q, C_b]: g reads v along its encoder row
-            direction = w.unsqueeze(0).expand(n, q, w.shape[-1])
-        res = propagate(sub, dst_name, seed.reshape(n, q, *dst_unit.z.shape[2:]), direction)
+            active = (down_acts[rows, :, nodes] > 0).to(seed.dtype)  # [Q, P_b], frozen selection
+            seed[rows[:, None], cols[:, None], down.positions[None, :]] = active
+            w, b = down.sae.readout(nodes)  # pre_g(v) = <w, v> + b
+            direction = seed.new_zeros(n, q, w.shape[-1])
+            offset = seed.new_zeros(n, q)
+            direction[rows, cols], offset[rows, cols] = w.to(seed.dtype), b.to(seed.dtype)
+        res = propagate(sub, dst_name, seed.reshape(n, q, *dst_unit.z.shape[2:]), direction,
+                        offset=offset)
         rel = res.pixels.reshape(n, q, positions)[rows, cols]  # [Q, P]
         constant = res.constant[rows, cols]
         out[lo:lo + q] = _share(dec, rows, rel, constant)

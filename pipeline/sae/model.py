@@ -176,6 +176,16 @@ class SAE(nn.Module):
         """Tensor[n_latents, d_in]: unit decoder direction of each latent (normalised space)."""
         return self.W_dec.t()
 
+    @torch.no_grad()
+    def readout(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        """Each latent's pre-activation as a linear readout of a raw PFV x,
+        pre_f(x) = <w, x> + offset with w = scale * W_enc[f] and offset = b_enc[f] - W_enc[f] . b_dec:
+        (w Tensor[S, d_in], offset Tensor[S]) for latents LongTensor[S]. The latent iERF
+        decomposes <w, x> over pixels and books the offset as constant (docs/method.md §4)."""
+        idx = latents.to(self.W_enc.device).long()
+        w_enc = self.W_enc[idx]
+        return w_enc * self.scale.to(w_enc.dtype), self.b_enc[idx] - w_enc @ self.b_dec
+
     # ---- internals ----------------------------------------------------------------------
 
     def _check_width(self, x: Tensor) -> None:

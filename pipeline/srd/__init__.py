@@ -4,8 +4,9 @@
     maps, const = srd.saliency(model, images, 3, return_constant=True)
     rel = srd.relevance(model, images, None, ["layer3"])    # {layer: Tensor[N, h, w]}
     erfs = srd.ierf(model, images, "layer3", torch.tensor([0, 5]))          # Tensor[N, 2, H, W]
-    erfs = srd.ierf(model, images, "blocks.7", seeds, direction=w_f)        # latent iERFs
+    erfs = srd.ierf(model, images, "blocks.7", seeds, direction=w, offset=o)  # latent iERFs
     maps = srd.saliency(model, images, differentiable=True)  # on autograd: d maps / d images
+    maps = srd.saliency(resnet50, images, reference=True)    # the authors' code's rules
 
 Supported families (one table: `adapters._families`): timm ResNet (BasicBlock / Bottleneck,
 projection and ResNet-D avg-pool shortcuts; resnet18, resnet50, demo_resnet), VGG (with and
@@ -13,10 +14,13 @@ without BN; exact FC head or the reference's Grad-CAM seed), VisionTransformer (
 CLS or mean-pool head, register tokens, layer scale; demo_vit) and EfficientNet without SE
 (EfficientNet-Lite0). Anything else raises UnsupportedModuleError naming the module type and
 path. Where the method leaves a choice (docs/method.md), the code says so at the place it is made:
-BN shift with eps (conv.fold_bn), zero pre-activations (graph.upstream_signal), the gate of a
-latent direction (graph.Unit.pull_direction, transformer.mlp_pull), the seed map of the
-contrastive rule (graph.propagate), linear bottlenecks (families/efficientnet), the ViT rules
-(transformer), the VGG heads (families/vgg).
+BN shift with eps (conv.fold_bn), tied max-pool taps (conv.FrozenPool), zero pre-activations
+(graph.upstream_signal), directional first steps of linear readouts (graph.readout_signal), the
+gate of a latent direction (graph.Unit.pull_direction, transformer.mlp_pull), the seed map of the
+contrastive rule (graph.propagate), the CLS head's class readout (heads.token_readout), linear
+bottlenecks (families/efficientnet), the ViT rules (transformer), the VGG heads (families/vgg).
+`reference=True` reproduces the authors' ResNet code where these choices differ from it
+(families/resnet).
 """
 from pipeline.srd.adapters import build
 from pipeline.srd.api import SRDResult, explain, ierf, relevance, saliency

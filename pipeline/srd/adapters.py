@@ -39,12 +39,22 @@ def _families() -> dict[type[nn.Module], Builder]:
 
 
 def build(model: nn.Module, images: Tensor, head: str = "exact",
-          differentiable: bool = False) -> tuple[Graph, Head]:
+          differentiable: bool = False, reference: bool = False) -> tuple[Graph, Head]:
     """Record `model(images)` and lay it out for SRD. `head`: "exact" (decompose the classifier
     head exactly) or "gradcam" (VGG only: the reference code's Grad-CAM seed at the last conv).
     `differentiable`: record and lay out under autograd, so that the graph (and every map
     propagated on it) is a differentiable function of `images`; parameters enter as constants.
-    Off by default: no autograd graph, no memory kept for one."""
+    Off by default: no autograd graph, no memory kept for one. `reference`: reproduce the
+    authors' ResNet code instead of the project's rules where they differ (docs/method.md §3.7;
+    timm ResNets with Bottleneck blocks only)."""
+    if reference:
+        from pipeline.srd.families import resnet
+
+        if not isinstance(model, ResNet):
+            raise ValueError(f"reference=True reproduces the authors' ResNet code; {type(model).__name__} "
+                             "has no reference implementation (valid: timm ResNet with Bottleneck blocks)")
+        with torch.set_grad_enabled(differentiable):
+            return resnet.build(model, images, head, differentiable, reference=True)
     families = _families()
     builder = families.get(type(model))
     if builder is None:

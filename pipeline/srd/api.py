@@ -26,7 +26,7 @@ class SRDResult:
 
 def explain(model: nn.Module, images: Tensor, target: int | Tensor | None = None,
             contrastive: bool = False, head: str = "exact", layers: tuple[str, ...] = (), *,
-            differentiable: bool = False) -> SRDResult:
+            differentiable: bool = False, reference: bool = False) -> SRDResult:
     """SRD of the class logit (S = 1): images [N, 3, H, W] -> SRDResult with pixels [N, 1, H, W].
 
     head: "exact" decomposes the classifier head exactly (GAP + linear, CLS token, mean-pool,
@@ -35,8 +35,11 @@ def explain(model: nn.Module, images: Tensor, target: int | Tensor | None = None
     recorded activations, hence the frozen pattern and the sharing ratios, stay on the autograd
     graph; weights are constants). Off by default: no graph is built. Where the model has
     ReLU-type kinks the map is only piecewise smooth (the attack's smooth copy replaces them).
+    reference: reproduce the authors' ResNet code where the project differs on purpose (tied
+    max-pool taps duplicated, BN shifts without eps, the contrastive mean over the batch, their
+    layer names; docs/method.md §3.7); Bottleneck ResNets only.
     """
-    graph, seed_head = build(model, images, head, differentiable)
+    graph, seed_head = build(model, images, head, differentiable, reference)
     return _explain(graph, seed_head, target, contrastive, tuple(layers))
 
 
@@ -44,8 +47,10 @@ def _explain(graph: Graph, seed_head: Head, target: int | Tensor | None, contras
              layers: tuple[str, ...]) -> SRDResult:
     y = resolve_target(graph.logits, target)
     units = {name: graph.unit(name).name for name in layers}
-    res = propagate(graph, seed_head.unit, seed_head.seed(y).unsqueeze(1), contrastive=contrastive,
-                    keep=tuple(units.values()))
+    seed, direction, offset = seed_head.start(y)
+    res = propagate(graph, seed_head.unit, seed.unsqueeze(1),
+                    None if direction is None else direction.unsqueeze(1), contrastive,
+                    tuple(units.values()), None if offset is None else offset.unsqueeze(1))
     missing = [name for name, unit in units.items() if unit not in res.layers]
     if missing:
         raise ValueError(f"layers {missing} lie above the seed of the head: they get no relevance")
@@ -55,23 +60,26 @@ def _explain(graph: Graph, seed_head: Head, target: int | Tensor | None, contras
 
 def saliency(model: nn.Module, images: Tensor, target: int | Tensor | None = None,
              contrastive: bool = False, *, head: str = "exact", return_constant: bool = False,
-             differentiable: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+             differentiable: bool = False, reference: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """SRD saliency map of class `target` (None: the predicted class): images [N, 3, H, W] ->
     Tensor[N, H, W]. contrastive: R <- R - mean(R) on the seed map. With return_constant, also
     the constant share Tensor[N] (pixel sum + constant = logit when contrastive is False).
-    differentiable: the map as a differentiable function of `images` (see `explain`)."""
-    res = explain(model, images, target, contrastive, head, differentiable=differentiable)
+    differentiable: the map as a differentiable function of `images`; reference: the authors'
+    ResNet code's behaviour (see `explain`)."""
+    res = explain(model, images, target, contrastive, head, differentiable=differentiable,
+                  reference=reference)
     maps = res.pixels[:, 0]
     return (maps, res.constant[:, 0]) if return_constant else maps
 
 
 def relevance(model: nn.Module, images: Tensor, target: int | Tensor | None,
               layers: list[str] | tuple[str, ...], *, contrastive: bool = False,
-              head: str = "exact") -> dict[str, Tensor]:
+              head: str = "exact", reference: bool = False) -> dict[str, Tensor]:
     """Hidden-layer relevance R(z) = R(v) of the class logit: {layer: Tensor[N, h, w]} on each
     layer's spatial grid (for ViT layers the patch tokens; the prefix tokens' relevance is in
-    `explain(...).layers` in tap layout)."""
-    graph, seed_head = build(model, images, head)
+    `explain(...).layers` in tap layout). With `reference`, layers may be named as the authors'
+    code names them (`layer4.1` is the input of that block; see `explain`)."""
+    graph, seed_head = build(model, images, head, reference=reference)
     res = _explain(graph, seed_head, target, contrastive, tuple(layers))
     out = {}
     for name, r in res.layers.items():
@@ -81,11 +89,12 @@ def relevance(model: nn.Module, images: Tensor, target: int | Tensor | None,
 
 
 def ierf(model: nn.Module, images: Tensor, layer: str, seeds: Tensor,
-         direction: Tensor | None = None, *, return_constant: bool = False,
-         chunk: int = 64, graph: Graph | None = None) -> Tensor | tuple[Tensor, Tensor]:
+         direction: Tensor | None = None, *, offset: Tensor | None = None,
+         return_constant: bool = False, chunk: int = 64, graph: Graph | None = None,
+         reference: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Instance-specific effective receptive fields (docs/method.md §4): images [N, 3, H, W] ->
-    Tensor[N, S, H, W], one signed map per seed, each summing to its seed total less its
-    constant share (returned as Tensor[N, S] with return_constant).
+    Tensor[N, S, H, W], one signed map per seed; map + constant share (returned as Tensor[N, S]
+    with return_constant) is the seed total, or with `direction` the seeded readout.
 
     `layer` is a module path; the seed sits on that module's output, the post-activation PFVs v,
     and relevance passes to the pre-activation z of the same unit (R(z) = R(v)): for a ReLU/BN
@@ -93,20 +102,32 @@ def ierf(model: nn.Module, images: Tensor, layer: str, seeds: Tensor,
     blocks) z is the sum the block's attention/skip decomposition targets (see families/).
     seeds: LongTensor[S] or [N, S] of positions in tap layout (row-major h*w for CNNs, token
     index for ViTs, prefix tokens first) for one-hot seeds, or float Tensor[N, S, P] seed maps.
-    direction: Tensor[S, C] or [N, S, C] latent directions w_f read on v; the first step then
-    uses mu_f(p->r) = <w_f*gate_r, c(p->r)> / <w_f*gate_r, z_r> (latent iERF), ordinary PFV
-    ratios below. Seeds are propagated `chunk` at a time (the frozen pattern is recorded once);
-    pass `graph=srd.build(model, images)[0]` to reuse one recording across calls.
+    direction: Tensor[S, C] or [N, S, C], a linear readout f_r = <w, v_r> + offset per seed (an
+    SAE latent: w = scale * W_enc[f], offset = b_enc[f] - W_enc[f] . b_dec, so f_r is its
+    pre-activation). The seeds are then its coefficients: a one-hot seed decomposes f_r, a seed
+    map sum_r alpha_r f_r. The first step shares the data term <w, v_r> over the contributions
+    to z_r by <u, c(p->r)> (u: w pulled back onto z; no division, so a pixel's sign is the sign
+    of its effect on the readout), ordinary PFV ratios below; the offset (Tensor[S] or [N, S])
+    and the part of <w, v_r> no contribution carries are constant share (latent iERF).
+    Seeds are propagated `chunk` at a time (the frozen pattern is recorded once); pass
+    `graph=srd.build(model, images)[0]` to reuse one recording across calls. `reference`: the
+    authors' ResNet rules and layer names (see `explain`), for a graph built here (a given
+    `graph` was built with or without them: `srd.build(..., reference=True)`).
     """
-    graph = graph if graph is not None else build(model, images)[0]
+    if graph is not None and reference:
+        raise ValueError("reference=True with a given graph: build that graph with srd.build(..., reference=True)")
+    graph = graph if graph is not None else build(model, images, reference=reference)[0]
     unit = graph.unit(layer)
     seed = _seed_maps(unit, seeds, images.shape[0])
     if direction is not None:
         direction = direction.to(images.dtype).expand(seed.shape[0], *direction.shape[-2:])
+    if offset is not None:
+        offset = offset.to(images.dtype).expand(seed.shape[0], offset.shape[-1])
     maps, consts = [], []
     for lo in range(0, seed.shape[1], chunk):
         d = None if direction is None else direction[:, lo:lo + chunk]
-        res = propagate(graph, unit.name, seed[:, lo:lo + chunk], d)
+        o = None if offset is None else offset[:, lo:lo + chunk]
+        res = propagate(graph, unit.name, seed[:, lo:lo + chunk], d, offset=o)
         maps.append(res.pixels)
         consts.append(res.constant)
     maps_t, const_t = torch.cat(maps, 1), torch.cat(consts, 1)

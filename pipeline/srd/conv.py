@@ -28,17 +28,20 @@ def sqrt0(x: Tensor) -> Tensor:
     return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), 0.0)
 
 
-def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None]:
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
+            shift_eps: bool = True) -> tuple[Tensor, Tensor | None]:
     """Weight and bias of conv followed by eval-mode BN, as one affine map (BN is never a step).
 
     [choice] (docs/method.md §2) the BN shift includes eps, beta - gamma*mean/sqrt(var + eps):
-    the true affine map of the forward pass (the reference code omits eps).
+    the true affine map of the forward pass. `shift_eps=False` is the reference code's shift,
+    beta - gamma*mean/sqrt(var) (its scale keeps eps), for `reference=True` (docs/method.md §3.7).
     """
     w, b = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
     if bn is None:
         return w, b
     scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias.detach() - scale * bn.running_mean
+    shift_scale = scale if shift_eps else bn.weight.detach() / torch.sqrt(bn.running_var)
+    shift = bn.bias.detach() - shift_scale * bn.running_mean
     if b is not None:
         shift = shift + scale * b
     return w * scale.reshape(-1, 1, 1, 1), shift
@@ -82,26 +85,47 @@ class Geometry:
         return xp[..., i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
 
 
-class FrozenPool:
-    """A max or average pooling with its pattern frozen (docs/method.md §3): per channel,
-    pooled(q') = sum_u m_u(q') * x[s q' + u - p], m one-hot at the recorded argmax (max pooling:
-    a channel-wise selection) or 1/count (average pooling)."""
+TIES = ("split", "reference")
 
-    def __init__(self, module: nn.MaxPool2d | nn.AvgPool2d, x: Tensor, path: str) -> None:
+
+class FrozenPool:
+    """A max or average pooling with its pattern frozen (docs/method.md §3.5): per channel,
+    pooled(q') = sum_u m_u(q') * x[s q' + u - p], with m_u = 1/count for average pooling and,
+    for max pooling, a channel-wise selection of the window's maximum.
+
+    ties (max pooling): "split" (default, [choice]) gives each of the t taps holding a window's
+    maximum m_u = 1/t: the pooled value stays exact, relevance is conserved and no tap is
+    favoured by scan order. "reference" reproduces the authors' code: m_u = 1 on every tap whose
+    value equals the pooled one and that is the recorded winner of some window (their un-pooled
+    map), so a tied channel counts once per such tap and the shares sum to more than one.
+    """
+
+    def __init__(self, module: nn.MaxPool2d | nn.AvgPool2d, x: Tensor, path: str,
+                 ties: str = "split") -> None:
         if getattr(module, "dilation", 1) not in (1, (1, 1)):
             raise UnsupportedModuleError(module, path, "dilated pooling")
+        if ties not in TIES:
+            raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
         out = module(x)
         self.geo = Geometry(module.kernel_size, module.stride or module.kernel_size,
                             module.padding, 1, x.shape[2:], out.shape[2:])
         h, w = x.shape[2:]
         flat = torch.arange(1, h * w + 1, dtype=torch.float64, device=x.device).view(1, 1, h, w)
         src = self.geo.unfold(flat)[0, 0].long() - 1  # [k*k, L] flat source index, -1 = padding
-        if isinstance(module, nn.MaxPool2d):
+        pooled = out.flatten(2).unsqueeze(2)  # [N, C, 1, L]
+        if isinstance(module, nn.MaxPool2d) and ties == "reference":
             _, ind = F.max_pool2d(x, self.geo.k, self.geo.s, self.geo.p, 1, module.ceil_mode, True)
-            self.m = (src.unsqueeze(0).unsqueeze(0) == ind.flatten(2).unsqueeze(2)).to(x.dtype)
+            winners = torch.zeros_like(x).flatten(2).scatter_(2, ind.flatten(2), 1.0).view_as(x)
+            self.m = ((self.geo.unfold(x * winners) == pooled) & (pooled != 0)).to(x.dtype)
+            reproduced = ((self.m.sum(2) > 0) | (out.flatten(2) == 0)).all()
         else:
-            self.m = self._avg_weights(module, src, h, w).to(x.dtype)[None, None]
-        if not torch.allclose(self.taps(x).sum(2).view_as(out), out, rtol=1e-5, atol=1e-6):
+            if isinstance(module, nn.MaxPool2d):
+                won = ((self.geo.unfold(x) == pooled) & (src >= 0)).to(x.dtype)
+                self.m = won / won.sum(2, keepdim=True)
+            else:
+                self.m = self._avg_weights(module, src, h, w).to(x.dtype)[None, None]
+            reproduced = torch.allclose(self.taps(x).sum(2).view_as(out), out, rtol=1e-5, atol=1e-6)
+        if not reproduced:
             raise UnsupportedModuleError(module, path, "pooling configuration not reproduced")
 
     def _avg_weights(self, module: nn.AvgPool2d, src: Tensor, h: int, w: int) -> Tensor:
@@ -161,13 +185,14 @@ class ConvRule:
     PFVs). Per-pair contributions c0(p->q) sum over every (conv tap, pool tap) path from p to q."""
 
     def __init__(self, source: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, src: Tensor,
-                 out_size: tuple[int, int], pool: FrozenPool | None = None, path: str = "") -> None:
+                 out_size: tuple[int, int], pool: FrozenPool | None = None, path: str = "",
+                 shift_eps: bool = True) -> None:
         self.source, self.pool, self.src = source, pool, src
         if conv.padding_mode != "zeros":
             raise UnsupportedModuleError(conv, path, f"padding_mode {conv.padding_mode!r}: pads must be zeros")
         if bn is not None and bn.running_var is None:
             raise UnsupportedModuleError(bn, path, "BatchNorm without running statistics is not affine")
-        self.weight, self.bias = fold_bn(conv, bn)
+        self.weight, self.bias = fold_bn(conv, bn, shift_eps)
         if self.bias is not None:
             self.bias = self.bias.reshape(1, -1, 1, 1)
         self.groups = conv.groups

@@ -91,6 +91,7 @@ class Graph:
     logits: Tensor | None = None  # [N, classes] of the recorded forward pass
     input: str = "input"
     differentiable: bool = False  # recorded under autograd: propagate keeps the graph to the images
+    batch_contrast: bool = False  # contrastive mean over the whole batch (reference=True, §3.7)
 
     def unit(self, layer: str) -> Unit:
         name = self.aliases.get(layer, layer)
@@ -100,35 +101,55 @@ class Graph:
         return self.units[name]
 
 
-def upstream_signal(r: Tensor, z: Tensor, u: Tensor | None) -> tuple[Tensor, Tensor]:
-    """g_q = R_q u_q / <u_q, z_q> (section 3; u = z gives the PFV sharing ratio, a latent
-    direction u = w_f * gate gives the directional ratio of section 4).
+def upstream_signal(r: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """g_q = R_q z_q / ||z_q||^2, the PFV sharing ratio's upstream signal (section 3).
 
-    r [N,S,*pos], z [N,C,*pos], u [N,S,C,*pos] or None. Returns (g [N,S,C,*pos], lost [N,S]).
-    Numerical guard: where <u_q, z_q> == 0 (a zero pre-activation, ||z_q|| = 0) no ratio exists;
-    g_q = 0 there and R_q is returned as `lost`, booked to the constant share, never dropped.
+    r [N,S,*pos], z [N,C,*pos]. Returns (g [N,S,C,*pos], lost [N,S]).
+    Numerical guard: where ||z_q|| = 0 (a zero pre-activation) no ratio exists; g_q = 0 there
+    and R_q is returned as `lost`, booked to the constant share, never dropped.
     """
-    if u is None:
-        den = (z * z).sum(1).unsqueeze(1)
-        num = z.unsqueeze(1)
-    else:
-        den = (u * z.unsqueeze(1)).sum(2)
-        num = u
-    ok = den.abs() > torch.finfo(den.dtype).tiny
+    den = (z * z).sum(1).unsqueeze(1)
+    ok = den > torch.finfo(den.dtype).tiny
     scale = torch.where(ok, r / torch.where(ok, den, torch.ones_like(den)), 0.0)
     lost = torch.where(ok, 0.0, r).flatten(2).sum(2)
-    return scale.unsqueeze(2) * num, lost
+    return scale.unsqueeze(2) * z.unsqueeze(1), lost
 
 
-def _contrast(r: Tensor) -> Tensor:
-    """Contrastive rule R <- R - mean(R) over the positions of the seed map (section 3)."""
-    return r - r.flatten(2).mean(2).reshape(*r.shape[:2], *([1] * (r.dim() - 2)))
+def readout_signal(alpha: Tensor, unit: Unit, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The directional first step (docs/method.md §4): a linear readout f_r = <w, v_r> of the
+    seeded unit, weighted by coefficients alpha_r, is decomposed over the contributions to z_r.
+
+    With the unit's nonlinearity frozen, <w, v_r> = <u_r, z_r> + k_r, with u = the pull-back of
+    w onto z (`Unit.pull_direction`) and k_r the part no contribution to z_r carries (a ViT MLP's
+    bias paths; sigma(0) of a nonlinearity that is not zero at zero). So g_r = alpha_r u_r
+    shares <u_r, z_r> over the sources exactly, and alpha_r k_r goes to the constant share:
+    no division, so the sign of each share is the sign of its effect on the readout.
+
+    alpha [N,S,*pos]; w [N,S,C] or [N,S,C,*pos] on v. Returns (g [N,S,C,*pos], the relevance of
+    the seeded positions alpha_r <w, v_r> [N,S,*pos], the constant share [N,S]).
+    """
+    u = unit.pull_direction(w)
+    w = w.reshape(*w.shape, *([1] * (u.dim() - w.dim())))
+    data = alpha * (w * unit.v.unsqueeze(1)).sum(2)
+    linear = alpha * (u * unit.z.unsqueeze(1)).sum(2)
+    return alpha.unsqueeze(2) * u, data, (data - linear).flatten(2).sum(2)
 
 
-def share(graph: Graph, block: Block, r: Tensor, u: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
-    """One step across `block`: R(z_q) [N,S,*pos] of its target -> R(v_p) of each source unit,
-    R(v_p) = sum_q mu(p->q) R(z_q), and the constant share [N,S] (section 3)."""
-    g, constant = upstream_signal(r, graph.units[block.target].z, u)
+def _contrast(r: Tensor, over_batch: bool = False) -> Tensor:
+    """Contrastive rule R <- R - mean(R) over the positions of the seed map (section 3); with
+    `over_batch`, over every image's positions together (the reference code's `x - x.mean()`
+    on its [N, H, W] map)."""
+    mean = r.flatten(2).mean(2)
+    if over_batch:
+        mean = mean.mean(0, keepdim=True)
+    return r - mean.reshape(*mean.shape, *([1] * (r.dim() - 2)))
+
+
+def share(graph: Graph, block: Block, g: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """One step across `block`: the upstream signal g [N,S,C,*pos] on its target's z (from
+    `upstream_signal` or `readout_signal`) -> R(v_p) = sum_q <c(p->q), g_q> of each source unit,
+    and the constant share [N,S] of the block's unshared constants (section 3)."""
+    constant = g.new_zeros(g.shape[:2])
     if block.const is not None:
         constant = constant + (block.const.unsqueeze(1) * g).flatten(2).sum(2)
     out: dict[str, Tensor] = {}
@@ -155,24 +176,36 @@ class Propagation:
 
 
 def propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None = None,
-              contrastive: bool = False, keep: tuple[str, ...] = ()) -> Propagation:
-    """Propagate seed relevance [N, S, *pos] on `unit` down to the input pixels, without autograd
-    unless `graph.differentiable` (then the result is differentiable in the recorded images).
+              contrastive: bool = False, keep: tuple[str, ...] = (),
+              offset: Tensor | None = None) -> Propagation:
+    """Propagate a seed on `unit` down to the input pixels, without autograd unless
+    `graph.differentiable` (then the result is differentiable in the recorded images).
 
-    `direction` ([N,S,C] or [N,S,C,*pos], on the seeded unit's v) replaces the PFV sharing ratio
-    by the directional one at the first step only (section 4). `contrastive` applies R - mean(R)
-    on the seed map: the first unit reached that has more than one position (the seeded unit
-    itself for ResNet/ViT heads; the last conv map for the exact VGG head through 1x1 FC maps).
+    Without `direction`, `seed` [N, S, *pos] is the relevance R(v) of the unit's positions.
+    With `direction` ([N,S,C] or [N,S,C,*pos], on the unit's v), `seed` holds coefficients
+    alpha_r of the linear readout f_r = <w, v_r> + offset, and what is decomposed is
+    sum_r alpha_r f_r: the first step follows w (`readout_signal`), later steps use the PFV
+    ratios, and `offset` ([N, S], e.g. a latent's b_f - w_f . b_dec or a logit's bias) times
+    sum_r alpha_r goes to the constant share (docs/method.md §§3.3, 4).
+
+    `contrastive` applies R - mean(R) to the seed map: the first relevance map with more than
+    one position (the seeded unit for ResNet/ViT mean-pool heads; the last conv map for VGG's
+    exact head through 1x1 FC maps; after a directional first step, the map it reaches, since a
+    readout's coefficients are not relevance).
     """
     with torch.set_grad_enabled(graph.differentiable):
-        return _propagate(graph, unit, seed, direction, contrastive, keep)
+        return _propagate(graph, unit, seed, direction, contrastive, keep, offset)
 
 
 def _propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None, contrastive: bool,
-               keep: tuple[str, ...]) -> Propagation:
+               keep: tuple[str, ...], offset: Tensor | None) -> Propagation:
     acc: dict[str, Tensor] = {unit: seed}
     n, s = seed.shape[:2]
     constant = seed.new_zeros(n, s)
+    if offset is not None:
+        if direction is None:
+            raise ValueError("offset is the constant of a directional readout: pass a direction too")
+        constant = constant + offset * seed.flatten(2).sum(2)
     kept: dict[str, Tensor] = {}
     contrast_pending = contrastive
     for block in reversed(graph.blocks):
@@ -180,13 +213,16 @@ def _propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None, 
         if r is None:
             continue
         target = graph.units[block.target]
-        if contrast_pending and target.positions > 1:
-            r, contrast_pending = _contrast(r), False
+        if direction is not None and block.target == unit:
+            g, r, lost = readout_signal(r, target, direction)
+        else:
+            if contrast_pending and target.positions > 1:
+                r, contrast_pending = _contrast(r, graph.batch_contrast), False
+            g, lost = upstream_signal(r, target.z)
         if block.target in keep:
             kept[block.target] = r
-        u = target.pull_direction(direction) if (direction is not None and block.target == unit) else None
-        shares, lost = share(graph, block, r, u)
-        constant = constant + lost
+        shares, fixed = share(graph, block, g)
+        constant = constant + lost + fixed
         for name, rel in shares.items():
             acc[name] = acc[name] + rel if name in acc else rel
     pixels = acc.pop(graph.input, None)

@@ -10,10 +10,24 @@ from torch import Tensor, nn
 
 @dataclass
 class Head:
-    """The seed of class `target` ([N] long) as relevance [N, *pos] on unit `unit`."""
+    """Where class `target` ([N] long) enters the decomposition, on unit `unit`.
+
+    `seed(target)` is relevance [N, *pos] on the unit's v, unless the head is a linear readout
+    of one position (`readout` set: a CLS-token head, docs/method.md §3.3); then `seed(target)`
+    holds its coefficients and `readout(target)` the class direction on v [N, C] and the
+    readout's constant [N]. `start` gives all three for `graph.propagate`.
+    """
 
     unit: str
     seed: Callable[[Tensor], Tensor]
+    readout: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+
+    def start(self, target: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(seed [N, *pos], direction [N, C] or None, offset [N] or None) of class `target`."""
+        if self.readout is None:
+            return self.seed(target), None, None
+        direction, offset = self.readout(target)
+        return self.seed(target), direction, offset
 
 
 def resolve_target(logits: Tensor, target: int | Tensor | None) -> Tensor:
@@ -41,11 +55,44 @@ def pooled_linear_seed(feats: Tensor, fc: nn.Linear, target: Tensor) -> Tensor:
     return r / n_pos
 
 
-def token_seed(logits: Tensor, target: Tensor, tokens: int, index: int = 0) -> Tensor:
-    """CLS-token head: R_CLS = logit_y on token `index`, zero elsewhere: [N, tokens]."""
-    r = logits.new_zeros(logits.shape[0], tokens)
-    r[:, index] = logits.gather(1, target[:, None])[:, 0]
-    return r
+def token_readout(tokens: Tensor, norms: list[nn.Module], fc: nn.Linear, index: int = 0):
+    """A head that reads one token (a ViT's CLS token), logit_y = w_y . N(x) + b_y with N the
+    norms in order (LayerNorms, identities), as a linear readout of x = tokens[:, :, index]
+    (docs/method.md §3.3, [choice]): with each LayerNorm's scale sigma frozen at the recorded
+    token, LN(x) = gamma * (x - mean x) / sigma + beta, so
+
+        logit_y = <u_y, x> + kappa_y,   u_y = centred((gamma / sigma) * w_y),   kappa_y = w_y . beta + b_y
+
+    (norms composed in reverse; identities skipped). tokens [N, D, T]. Returns (coefficients: target -> [N, T], one
+    1 at `index`; readout: target -> (u_y [N, D], kappa_y [N])).
+    """
+    x = tokens[:, :, index]
+    ins = []  # the input of each norm at the recorded token: its frozen scale
+    for norm in norms:
+        ins.append(x)
+        x = norm(x)
+
+    def readout(target: Tensor) -> tuple[Tensor, Tensor]:
+        w = fc.weight.detach()[target].to(tokens.dtype)  # [N, D]
+        kappa = (fc.bias.detach()[target] if fc.bias is not None else w.new_zeros(len(target))).to(w.dtype)
+        for norm, a in zip(reversed(norms), reversed(ins)):
+            if isinstance(norm, nn.Identity):
+                continue
+            if norm.bias is not None:
+                kappa = kappa + (w * norm.bias.detach().to(w.dtype)).sum(1)
+            sigma = torch.sqrt(a.var(1, unbiased=False, keepdim=True) + norm.eps)
+            if norm.weight is not None:
+                w = w * norm.weight.detach().to(w.dtype)
+            w = w / sigma
+            w = w - w.mean(1, keepdim=True)
+        return w, kappa
+
+    def coefficients(target: Tensor) -> Tensor:
+        alpha = tokens.new_zeros(tokens.shape[0], tokens.shape[2])
+        alpha[:, index] = 1.0
+        return alpha
+
+    return coefficients, readout
 
 
 def gradcam_seed(acts: Tensor, tail: Callable[[Tensor], Tensor], target: Tensor) -> Tensor:

@@ -4,6 +4,10 @@ Units are the activation modules: `act1` (stem), `layerK.i.act1`, ... and the bl
 (`layerK.i` = its last act, `layerK` = its last block). The stem max-pool joins the blocks of
 the first stage: main-branch conv1 and projection shortcut are composite pool -> conv blocks
 whose sources are the pre-pool PFVs; an identity shortcut after it is a channel-wise selection.
+
+`reference=True` lays the graph out as the authors' ResNet code computes it (docs/method.md §3.7):
+tied max-pool taps duplicated, BN shifts without eps, the contrastive mean over the whole batch,
+and their layer names (`relu`, `layerK.i.reluJ`, a block `layerK.i` meaning its input).
 """
 from __future__ import annotations
 
@@ -49,7 +53,8 @@ def _shortcut(c: Claims, path: str, block: nn.Module) -> tuple[nn.Module | None,
     return pool, conv, c.get(f"{path}.downsample.{off + 1}", nn.BatchNorm2d)
 
 
-def build(model: ResNet, images: Tensor, head: str, differentiable: bool = False) -> tuple[Graph, Head]:
+def build(model: ResNet, images: Tensor, head: str, differentiable: bool = False, *,
+          reference: bool = False) -> tuple[Graph, Head]:
     if head != "exact":
         raise ValueError("head='gradcam' is the VGG reference seed; ResNet seeds exactly at the pooled head")
     c = Claims(model)
@@ -68,33 +73,71 @@ def build(model: ResNet, images: Tensor, head: str, differentiable: bool = False
     parts = {p: _block_parts(c, p, b) for p, b in blocks}
     shortcuts = {p: _shortcut(c, p, b) for p, b in blocks}
     c.finish()
+    if reference:
+        _check_reference(maxpool, blocks, shortcuts)
+    eps = not reference
 
     acts = ["act1"] + [a for p in parts for _, _, a in parts[p]]
     rec = record(model, images, inputs=acts, outputs=acts, differentiable=differentiable)
     units = [input_unit(images)] + [Unit(a, rec.inputs[a], rec.outputs[a]) for a in acts]
     v = {u.name: u.v for u in units}
     z = {u.name: u.z for u in units}
-    out = [Block("act1", [ConvRule("input", conv1, bn1, images, z["act1"].shape[2:], path="conv1")])]
+    out = [Block("act1", [ConvRule("input", conv1, bn1, images, z["act1"].shape[2:], path="conv1",
+                                   shift_eps=eps)])]
     src = "act1"
-    pool = FrozenPool(maxpool, v["act1"], "maxpool") if maxpool is not None else None
+    ties = "reference" if reference else "split"
+    pool = FrozenPool(maxpool, v["act1"], "maxpool", ties) if maxpool is not None else None
     aliases: dict[str, str] = {}
     for path, _ in blocks:
         prev, prev_pool = src, pool
         for conv, bn, act in parts[path]:
             mods = c.modules
-            rules = [ConvRule(prev, mods[conv], mods[bn], v[prev], z[act].shape[2:], prev_pool, conv)]
+            rules = [ConvRule(prev, mods[conv], mods[bn], v[prev], z[act].shape[2:], prev_pool, conv, eps)]
             if act == parts[path][-1][2]:
-                rules.append(_shortcut_rule(shortcuts[path], src, v[src], pool, z[act].shape[2:], path))
+                rules.append(_shortcut_rule(shortcuts[path], src, v[src], pool, z[act].shape[2:], path, eps))
             out.append(Block(act, rules))
             prev, prev_pool = act, None
         aliases[path] = prev
         aliases[path.rsplit(".", 1)[0]] = prev  # the stage: its last block
         src, pool = prev, None
     head_seed = Head(src, lambda target: pooled_linear_seed(v[src], fc, target))
-    return graph_of(units, out, aliases, rec.logits, differentiable), head_seed
+    if reference:
+        aliases = _reference_names(parts)
+    graph = graph_of(units, out, aliases, rec.logits, differentiable)
+    graph.batch_contrast = reference
+    return graph, head_seed
 
 
-def _shortcut_rule(sc, src: str, x: Tensor, stem_pool: FrozenPool | None, out_size, path: str):
+def _check_reference(maxpool: nn.Module | None, blocks: list[tuple[str, nn.Module]],
+                     shortcuts: dict[str, tuple[nn.Module | None, ...]]) -> None:
+    """The authors' code runs Bottleneck ResNets with a max-pool stem and conv + BN projection
+    shortcuts (resnet50/101/152); its BasicBlock has no path through the stem max-pool."""
+    basic = [p for p, b in blocks if not isinstance(b, Bottleneck)]
+    avg = [f"{p}.downsample.0" for p, sc in shortcuts.items() if sc[0] is not None]
+    if maxpool is None or basic or avg:
+        what = ("no stem max-pool" if maxpool is None else f"BasicBlock {basic[0]}" if basic
+                else f"avg-pool shortcut {avg[0]}")
+        raise ValueError("reference=True reproduces the authors' ResNet code, which runs Bottleneck "
+                         f"ResNets with a max-pool stem and conv shortcuts (resnet50/101/152); got {what}")
+
+
+def _reference_names(parts: dict[str, list[tuple[str, str, str]]]) -> dict[str, str]:
+    """The reference code's layer names -> units: its stem ReLU `relu` -> act1, `layerK.i.reluJ`
+    -> layerK.i.actJ, and a block `layerK.i`, whose relevance it records at the block's input,
+    -> the unit before the block (layer1.0's input is the stem max-pool, part of a block here)."""
+    names = {"relu": "act1"}
+    prev = None
+    for path, acts in parts.items():
+        for j, (_, _, act) in enumerate(acts, 1):
+            names[f"{path}.relu{j}"] = act
+        if prev is not None:
+            names[path] = prev
+        prev = acts[-1][2]
+    return names
+
+
+def _shortcut_rule(sc, src: str, x: Tensor, stem_pool: FrozenPool | None, out_size, path: str,
+                   shift_eps: bool = True):
     """Identity shortcut: x itself, no bias share; projection: its own conv + BN with its own bias
     (docs/method.md §3, residual add), both measured against the full sum after the add."""
     avg, conv, bn = sc
@@ -103,4 +146,4 @@ def _shortcut_rule(sc, src: str, x: Tensor, stem_pool: FrozenPool | None, out_si
     if avg is not None and stem_pool is not None:
         raise UnsupportedModuleError(avg, f"{path}.downsample.0", "two poolings in one shortcut")
     pool = FrozenPool(avg, x, f"{path}.downsample.0") if avg is not None else stem_pool
-    return ConvRule(src, conv, bn, x, out_size, pool, f"{path}.downsample")
+    return ConvRule(src, conv, bn, x, out_size, pool, f"{path}.downsample", shift_eps)

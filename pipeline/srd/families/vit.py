@@ -20,7 +20,7 @@ from pipeline.srd.families.base import ACTIVATIONS, Claims, graph_of, input_unit
 from pipeline.srd.conv import ConvRule, IdentityRule
 from pipeline.srd.errors import UnsupportedModuleError
 from pipeline.srd.graph import Block, Graph, Unit
-from pipeline.srd.heads import Head, pooled_linear_seed, token_seed
+from pipeline.srd.heads import Head, pooled_linear_seed, token_readout
 from pipeline.srd.record import record
 from pipeline.srd.transformer import AttentionRule, PatchRule, mlp_pull
 
@@ -100,16 +100,18 @@ def build(model: VisionTransformer, images: Tensor, head: str, differentiable: b
         blocks.append(Block(p, [IdentityRule(src), attn]))
         src = p
     graph = graph_of(units, blocks, {"blocks": src}, rec.logits, differentiable)
-    return graph, Head(src, _seed(model, graph.units[src], rec.logits))
+    return graph, _head(model, graph.units[src])
 
 
-def _seed(model: VisionTransformer, last: Unit, logits: Tensor):
-    """CLS head: R_CLS = logit_y. Mean-pool head: split as ResNet, R_p = (w_y . h_p + b_y) / n with
-    h_p the token's share of the normed pooled vector (per-token norm, then fc_norm with its
-    scale frozen at the pooled vector: LN(mean a) = mean_p gamma (a_p - mean_c a_p) / sigma + beta)."""
-    t = last.v.shape[2]
+def _head(model: VisionTransformer, last: Unit) -> Head:
+    """CLS head ([choice], docs/method.md §3.3): the class direction through the norms (`norm`
+    per token, the pre-logits `fc_norm`) with their scales frozen, a linear readout of the CLS
+    token whose first step follows the class (`token_readout`); its constants are booked as
+    constant share. Mean-pool head: split as ResNet, R_p = (w_y . h_p + b_y) / n with h_p the
+    token's share of the normed pooled vector (per-token norm, then fc_norm with its scale
+    frozen at the pooled vector: LN(mean a) = mean_p gamma (a_p - mean_c a_p) / sigma + beta)."""
     if model.global_pool == "token":
-        return lambda y: token_seed(logits, y, t)
+        return Head(last.name, *token_readout(last.v, [model.norm, model.fc_norm], model.head))
     skip = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
     # runs under adapters.build's grad mode: no graph unless the recording is differentiable
     a = model.norm(last.v[:, :, skip:].transpose(1, 2)).transpose(1, 2)  # [N, D, n]
@@ -122,4 +124,4 @@ def _seed(model: VisionTransformer, last: Unit, logits: Tensor):
             a = a * fn.weight.detach().reshape(1, -1, 1)
         if fn.bias is not None:
             a = a + fn.bias.detach().reshape(1, -1, 1)
-    return lambda y: torch.nn.functional.pad(pooled_linear_seed(a, model.head, y), (skip, 0))
+    return Head(last.name, lambda y: torch.nn.functional.pad(pooled_linear_seed(a, model.head, y), (skip, 0)))
