@@ -3,7 +3,6 @@ the unreadable files recorded; a build reads them."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
