@@ -150,6 +150,7 @@ def plan_cafe(root: AtlasRoot | str, options: CafeOptions) -> CafePlan:
     extracted = atlas.manifest.records(EXTRACT_STAGE)
     used = sorted(set(picks["sae_id"].to_pylist()))
     identity = dict(options.identity(), atlas_id=atlas_id, extract=extract.config_hash,
+                    srd_rules=srd.RULES_VERSION,
                     saes={s: train[s].config_hash for s in used})
     digest = check_stage_config(root, STAGE, identity)
     loaded = atlas.model()

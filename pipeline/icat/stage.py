@@ -42,6 +42,7 @@ from pipeline.icat.attribution import (
 from pipeline.icat.segment import LOGITS, Segment, layer_order
 from pipeline.icat.srd_scores import srd_scores
 from pipeline.models import tap
+from pipeline import srd
 from pipeline.models import list_layers
 from pipeline.pfv.extract import candidate_positions, decode_shard
 from pipeline.sae import load_sae
@@ -146,6 +147,7 @@ def plan_icat(root: AtlasRoot | str, options: ICATOptions, record: bool = True) 
         raise ValueError(f"one layer with an SAE ({order}) and logits=False: no pair to connect")
     train = atlas.manifest.records(TRAIN_STAGE)
     identity = dict(options.identity(), extract=extract.config_hash, pairs=pairs,
+                    srd_rules=srd.RULES_VERSION if "srd" in options.methods else None,
                     saes={layer: [row["sae_id"], train[row["sae_id"]].config_hash]
                           for layer, row in saes.items()})
     digest = (check_stage_config(root, STAGE, identity, parts_of=(STAGE, MAP_STAGE)) if record

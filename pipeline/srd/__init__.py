@@ -22,8 +22,12 @@ bottlenecks (families/efficientnet), the ViT rules (transformer), the VGG heads 
 `reference=True` reproduces the authors' ResNet code where these choices differ from it
 (families/resnet).
 """
+# the version of the rules whose maps stages store (CAFE masks, ICAT's SRD scores): part of their
+# config hash, so an atlas built under other rules is refused rather than mixed. 2: ties split
+# equally, CLS-head class readout, sign-safe latent seeds (docs/method.md)
+RULES_VERSION = 2
 from pipeline.srd.adapters import build
 from pipeline.srd.api import SRDResult, explain, ierf, relevance, saliency
 from pipeline.srd.errors import UnsupportedModuleError
 
-__all__ = ["SRDResult", "UnsupportedModuleError", "build", "explain", "ierf", "relevance", "saliency"]
+__all__ = ["RULES_VERSION", "SRDResult", "UnsupportedModuleError", "build", "explain", "ierf", "relevance", "saliency"]
