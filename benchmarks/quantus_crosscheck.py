@@ -77,8 +77,9 @@ def _pixel_flipping(model: nn.Module, start: Tensor, fill: Tensor | str, maps: T
 
     n, c, h, w = start.shape
     if steps % c or (h * w) % (steps // c):
-        raise ValueError(f"steps must be a multiple of 3 that divides 3 H W (Quantus asserts H W % "
-                         f"features_in_step == 0); got steps={steps} for {h}x{w}")
+        raise ValueError(f"steps must be a multiple of {c} with H W divisible by steps / {c} (Quantus "
+                         f"asserts H W % features_in_step == 0, features_in_step = {c} H W / steps); got "
+                         f"steps={steps} for {h}x{w}")
     kwargs: dict = {"perturb_baseline": fill} if isinstance(fill, str) else {
         "perturb_func": _from_source, "perturb_func_kwargs": {"source": fill.reshape(n, -1).numpy()}}
     metric = quantus.PixelFlipping(features_in_step=c * h * w // steps, normalise=False, abs=False,
@@ -105,15 +106,14 @@ def compare(model: nn.Module, x: Tensor, target: Tensor, masks: Tensor, maps: Te
     blur, mean = metrics.blur_baseline(x), metrics.mean_baseline(x)
 
     def auc_of_quantus_curve(curve: np.ndarray, start_score: np.ndarray) -> np.ndarray:
-        # Quantus's calculate_auc (np.trapz, dx=1; np.trapezoid since NumPy 2.4 removed trapz, so
-        # Quantus 0.6's own return_auc_per_sample fails there) over the K points after each step,
-        # plus the first interval from
-        # the unperturbed score, over K: our AUC on [0, 1]
+        # Quantus's calculate_auc (np.trapz, dx=1) over the K points after each step, plus the
+        # first interval from the unperturbed score, over K: our AUC on [0, 1]. np.trapezoid:
+        # NumPy 2.4 removed trapz, so Quantus 0.6's own return_auc_per_sample fails there
         return (np.trapezoid(curve, dx=1, axis=1) + (start_score + curve[:, 0]) / 2) / steps
 
-    for mode, start, end in (("deletion", x, mean), ("insertion", blur, x)):
-        ours = metrics.insertion_deletion_curve(model, x, order, target, end if mode == "deletion" else start,
-                                                mode, steps).numpy()
+    # (mode, Quantus's start image, where its perturbation takes the entries from, our baseline)
+    for mode, start, end, baseline in (("deletion", x, mean, mean), ("insertion", blur, x, blur)):
+        ours = metrics.insertion_deletion_curve(model, x, order, target, baseline, mode, steps).numpy()
         theirs = _pixel_flipping(model, start, end, maps, target, steps)
         our_auc = metrics.auc(torch.from_numpy(ours)).numpy()
         auc_from_quantus = auc_of_quantus_curve(theirs, ours[:, 0])

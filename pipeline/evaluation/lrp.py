@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import types
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -160,8 +160,8 @@ def _lxt_zennit_hooks() -> Iterator[None]:
 def attn_lrp(model: nn.Module, conv_gamma: float = 0.25, linear_gamma: float = 0.05) -> Explainer:
     """AttnLRP of a timm ViT with lxt's rules (see the module docstring): (images [N, 3, H, W],
     target [N]) -> input x LRP-gradient summed over channels [N, H, W]. gamma 0 makes a layer's
-    rule LRP-0. Raises Unsupported at once for a model with a module it has no rule for."""
-    from lxt.efficient.patches import layer_norm_forward, non_linear_forward, patch_method
+    rule LRP-0. Raises Unsupported at once for a model with a module it has no rule for, or when
+    lxt (the `bench` extra) is not installed."""
     from timm.models.vision_transformer import Attention
     from zennit.composites import LayerMapComposite
     from zennit.rules import Gamma
@@ -169,6 +169,10 @@ def attn_lrp(model: nn.Module, conv_gamma: float = 0.25, linear_gamma: float = 0
     if conv_gamma < 0 or linear_gamma < 0:
         raise ValueError(f"gammas must be >= 0, got conv_gamma={conv_gamma}, linear_gamma={linear_gamma}")
     _check_attn_lrp(model)
+    try:
+        from lxt.efficient.patches import layer_norm_forward, non_linear_forward, patch_method
+    except ImportError as e:  # an optional library: the benchmark reports the row and goes on
+        raise Unsupported(f"AttnLRP needs lxt (pip install -e '.[bench]'): {e}") from e
     _, activations, _ = _attn_lrp_types()
     lrp_model = copy.deepcopy(model).eval()
     for module in list(lrp_model.modules()):
@@ -190,6 +194,3 @@ def attn_lrp(model: nn.Module, conv_gamma: float = 0.25, linear_gamma: float = 0
         return (x * grad).sum(1).detach()
 
     return run
-
-
-LRP_METHODS: dict[str, Callable[[nn.Module], Explainer]] = {"LRP": zennit_lrp, "AttnLRP": attn_lrp}
