@@ -1,8 +1,10 @@
-"""Saliency faithfulness / robustness benchmark: SRD against Captum baselines, Grad-CAM, LayerCAM.
+"""Saliency faithfulness / robustness benchmark: SRD against the field's baselines, each from its
+library (Captum; grad-cam's eight CAMs; zennit's LRP; lxt's AttnLRP: pipeline/evaluation/methods.py).
 
     python benchmarks/saliency_eval.py                       # the default sizes (~15 min, 2-core CPU)
     python benchmarks/saliency_eval.py --synthetic 256 --manip 16 --steps 32 --ig-steps 32
     python benchmarks/saliency_eval.py --skip-real --out saliency_eval_synthetic.json
+    python benchmarks/saliency_eval.py --models --real-photos 5 --manip-real 0   # 5 photos, no attack
     python benchmarks/saliency_eval.py --only manipulation --models demo_resnet   # re-measure the attack
                                    # only; its entries replace those of the --out file's runs
 
@@ -37,8 +39,8 @@ from benchmarks.results_io import write_results  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline.evaluation import (METHODS, Attack, Unsupported, batched, differentiable,  # noqa: E402
-                                 make_method, manipulate, metrics, smooth_copy)
+from pipeline.evaluation import (METHODS, SOURCES, Attack, Unsupported, batched,  # noqa: E402
+                                 differentiable, make_method, manipulate, metrics, smooth_copy)
 from pipeline.evaluation.data import real_photos, synthetic_set  # noqa: E402
 from pipeline.models import demo, load_model  # noqa: E402
 from pipeline.models import model_fingerprint  # noqa: E402
@@ -54,6 +56,19 @@ SRD_METHODS = ("SRD", "SRD-contrastive")
 ORIGINAL_MODEL_KEY = "white_box_original_model"  # SRD attacked on the model itself, not the smooth copy
 
 
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries the methods come from (None where not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for dist in ("torch", "timm", "captum", "grad-cam", "zennit", "lxt"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def _mean(t: torch.Tensor) -> float | None:
     t = t[~torch.isnan(t)]
     return float(t.mean()) if t.numel() else None
@@ -67,10 +82,10 @@ def evaluate(lm, x: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | No
     ins_base = metrics.BASELINES[args.insertion_baseline](x)
     del_base = metrics.BASELINES[args.deletion_baseline](x)
     out = {}
-    for name in tqdm(METHODS, desc=desc, unit="method"):
-        explain = batched(make_method(name, lm.model, ig_steps=args.ig_steps, sg_samples=args.sg_samples,
-                                      sg_stdev=0.15 * input_range), args.batch)
+    for name in tqdm(args.methods, desc=desc, unit="method"):
         try:
+            explain = batched(make_method(name, lm.model, ig_steps=args.ig_steps, sg_samples=args.sg_samples,
+                                          sg_stdev=0.15 * input_range), args.batch)
             t0 = time.perf_counter()
             maps = explain(x, target)
             seconds = (time.perf_counter() - t0) / len(x)
@@ -117,8 +132,13 @@ def manipulation(lm, x: torch.Tensor, target: torch.Tensor, args: argparse.Names
     partner = _partners(target)
     with torch.no_grad():
         p0 = lm.model(x).softmax(1)
-    explainers = {name: make_method(name, lm.model, ig_steps=args.ig_steps, sg_samples=args.sg_samples,
-                                    sg_stdev=0.15 * input_range) for name in methods}
+    explainers: dict = {}
+    for name in methods:
+        try:
+            explainers[name] = make_method(name, lm.model, ig_steps=args.ig_steps, sg_samples=args.sg_samples,
+                                           sg_stdev=0.15 * input_range)
+        except Unsupported as e:
+            explainers[name] = e
 
     def judge(explain, x_adv: torch.Tensor, goal: torch.Tensor, before: torch.Tensor) -> dict:
         after = explain(x_adv, target)
@@ -138,6 +158,8 @@ def manipulation(lm, x: torch.Tensor, target: torch.Tensor, args: argparse.Names
     for name in tqdm(methods, desc=desc, unit="method"):
         explain = explainers[name]
         try:
+            if isinstance(explain, Unsupported):
+                raise explain
             before = explain(x, target)
             goal = explain(x[partner], target[partner])
         except Unsupported as e:
@@ -187,7 +209,7 @@ def run_model(model_name: str, x_imgs, target, masks, args, tag: str) -> dict:
         steps = args.attack_steps if synthetic else args.real_attack_steps
         res["manipulation_images"], res["attack_steps"] = k, steps
         # --only manipulation: just the attacked methods (merged into the result file per method)
-        methods = METHODS if args.only == "all" else tuple(m for m in METHODS if m in attacked)
+        methods = tuple(args.methods) if args.only == "all" else tuple(m for m in args.methods if m in attacked)
         res["manipulation"] = manipulation(lm, x[:k], target[:k], args, attacked, steps, f"{tag} manipulation",
                                            methods)
     res["wall_seconds"], res["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
@@ -227,6 +249,10 @@ def main() -> None:
     p.add_argument("--manip", type=int, default=4, help="synthetic images attacked (first of the set)")
     p.add_argument("--manip-real", type=int, default=2, help="real photos attacked")
     p.add_argument("--skip-real", action="store_true", help="no EfficientNet-Lite0 / real photos")
+    p.add_argument("--real-photos", type=int, default=None, metavar="N",
+                   help="only the first N bundled photos (default: all)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="the methods evaluated (default: all, in this order)")
     p.add_argument("--models", nargs="*", default=list(demo.DEMO_MODELS), choices=demo.DEMO_MODELS,
                    help="demo models run on the synthetic set (each only if its weights exist; none: photos only)")
     p.add_argument("--only", default="all", choices=("all", "manipulation"),
@@ -284,6 +310,7 @@ def main() -> None:
         print_run(runs[-1])
     if not args.skip_real:
         photos, photo_notes = real_photos()
+        photos = photos[:args.real_photos]
         notes += photo_notes
         for n in photo_notes:
             print(n)
@@ -300,7 +327,8 @@ def main() -> None:
     else:
         result = {"command": command, "settings": vars(args) | {"out": str(args.out)}, "machine": machine,
                   "torch": torch.__version__, "score": "softmax probability of the target class",
-                  "synthetic_seed": SYNTHETIC_SEED, "wall_seconds": wall, "cpu_seconds": cpu,
+                  "synthetic_seed": SYNTHETIC_SEED, "libraries": library_versions(),
+                  "wall_seconds": wall, "cpu_seconds": cpu,
                   "notes": notes, "runs": runs}
     write_results(args.out, result)
     print(f"wrote {args.out} ({wall:.0f} s wall, {cpu:.0f} s CPU)")
@@ -359,11 +387,11 @@ def markdown(result: dict) -> str:
         cols = [(k, t) for k, t in METRIC_COLS if has_masks or k not in ("pointing", "mass_in_mask")]
         lines += [f"#### {run['model']} — {run['set']} ({run['images']} images, {run['wall_seconds']:.0f} s wall, "
                   f"{run['cpu_seconds']:.0f} s CPU)", "",
-                  "| method | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+                  "| method | library | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 2) + "|"]
         for name, row in run["methods"].items():
             ok = row["status"] == "ok"
             cells = [_fmt(row.get(k)) for k, _ in cols] if ok else [row["status"]] + [""] * (len(cols) - 1)
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {SOURCES.get(name, '')} | " + " | ".join(cells) + " |")
         if "manipulation" in run:
             when = "".join(f"; {', '.join(r['methods'])} re-measured by `{r['command']}` ({r['wall_seconds']:.0f} s "
                            f"wall, {r['cpu_seconds']:.0f} s CPU)" for r in run.get("manipulation_rerun", []))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.evaluation import Attack, Unsupported, cam, differentiable, make_method, manipulate, metrics, smooth_copy
+from pipeline.evaluation.cams import tokens_to_grid
 
 
 class TinyCNN(nn.Module):
@@ -142,54 +143,170 @@ def test_pixel_order_ranks_values_and_shuffles_plateaus() -> None:
     assert order[2:].tolist() != list(range(62))  # the zero plateau is not filled row-major
 
 
-def test_layercam_and_gradcam_equal_bruteforce_loops(tiny: TinyCNN) -> None:
+def _gradcam_scaling(low: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """grad-cam's post-processing of a CAM [N, 1, h, w] (ReLU applied by the caller): scale to
+    [0, 1], bilinear resize (OpenCV, half-pixel centres), scale to [0, 1] again -> [N, H, W]."""
+    def unit(m: torch.Tensor) -> torch.Tensor:
+        m = m - m.amin((2, 3), keepdim=True)
+        return m / (1e-7 + m.amax((2, 3), keepdim=True))
+
+    return unit(F.interpolate(unit(low), size=size, mode="bilinear", align_corners=False))[:, 0]
+
+
+def test_gradcam_family_equals_bruteforce_loops(tiny: TinyCNN) -> None:
     torch.manual_seed(2)
     x, target = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
     act, grad = _activation_and_grad(tiny, tiny.act2, x, target)
     n, c, h, w = act.shape
-    layer = torch.zeros(n, 1, h, w)
-    grad_cam = torch.zeros(n, 1, h, w)
+    brute = {k: torch.zeros(n, 1, h, w) for k in ("GradCAM", "LayerCAM", "HiResCAM", "XGradCAM")}
     for i in range(n):
-        for yy in range(h):
-            for xx in range(w):
-                for ch in range(c):
-                    layer[i, 0, yy, xx] += max(grad[i, ch, yy, xx].item(), 0.0) * act[i, ch, yy, xx].item()
-                    grad_cam[i, 0, yy, xx] += grad[i, ch].mean().item() * act[i, ch, yy, xx].item()
-    for kind, brute in (("layercam", layer), ("gradcam", grad_cam)):
-        want = F.interpolate(brute.clamp(min=0), size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
-        assert torch.allclose(cam(tiny, "act2", x, target, kind), want, atol=1e-5), kind
+        for ch in range(c):
+            xgrad_weight = (grad[i, ch] * act[i, ch]).sum() / (act[i, ch].sum() + 1e-7)
+            for yy in range(h):
+                for xx in range(w):
+                    a, g = act[i, ch, yy, xx].item(), grad[i, ch, yy, xx].item()
+                    brute["GradCAM"][i, 0, yy, xx] += grad[i, ch].mean().item() * a
+                    brute["LayerCAM"][i, 0, yy, xx] += max(g, 0.0) * a
+                    brute["HiResCAM"][i, 0, yy, xx] += g * a
+                    brute["XGradCAM"][i, 0, yy, xx] += xgrad_weight.item() * a
+    for name, low in brute.items():
+        want = _gradcam_scaling(low.clamp(min=0), (8, 8))
+        got = make_method(name, tiny, layer="act2")(x, target)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=name)
+    # Grad-CAM's map differs from LayerCAM's here: the test can tell the methods apart
+    assert (_gradcam_scaling(brute["GradCAM"].clamp(min=0), (8, 8))
+            - _gradcam_scaling(brute["LayerCAM"].clamp(min=0), (8, 8))).abs().max() > 0.05
 
 
-def test_gradcam_equals_captum_layergradcam(tiny: TinyCNN) -> None:
-    from captum.attr import LayerAttribution, LayerGradCam
+def test_scorecam_equals_bruteforce_masked_forward_passes(tiny: TinyCNN) -> None:
+    torch.manual_seed(7)
+    x, target = torch.randn(2, 3, 8, 8), torch.tensor([1, 0])
+    act, _ = _activation_and_grad(tiny, tiny.act2, x, target)
+    low = torch.zeros(2, 1, *act.shape[2:])
+    for i in range(2):
+        scores = []
+        for ch in range(act.shape[1]):  # Score-CAM: the class score of the image masked by each channel
+            up = F.interpolate(act[i:i + 1, ch:ch + 1], size=(8, 8), mode="bilinear", align_corners=True)
+            mask = (up - up.min()) / (up.max() - up.min() + 1e-8)
+            with torch.no_grad():
+                scores.append(tiny(x[i:i + 1] * mask)[0, target[i]])
+        weights = torch.stack(scores).softmax(0)
+        low[i, 0] = (weights[:, None, None] * act[i]).sum(0)
+    torch.testing.assert_close(make_method("ScoreCAM", tiny, layer="act2")(x, target),
+                               _gradcam_scaling(low.clamp(min=0), (8, 8)), atol=1e-5, rtol=0)
+
+
+def test_gradcam_equals_captum_layergradcam_after_scaling(tiny: TinyCNN) -> None:
+    from captum.attr import LayerGradCam
 
     x, target = torch.randn(2, 3, 8, 8), torch.tensor([1, 0])
-    ref = LayerGradCam(tiny, tiny.act2).attribute(x, target=target, relu_attributions=True)
-    ref = LayerAttribution.interpolate(ref, (8, 8), interpolate_mode="bilinear")[:, 0]
-    assert torch.allclose(make_method("GradCAM", tiny, layer="act2")(x, target), ref, atol=1e-6)
+    low = LayerGradCam(tiny, tiny.act2).attribute(x, target=target, relu_attributions=True)
+    torch.testing.assert_close(make_method("GradCAM", tiny, layer="act2")(x, target),
+                               _gradcam_scaling(low, (8, 8)), atol=1e-5, rtol=0)
 
 
-def test_differentiable_explainers_equal_captum_maps(tiny: TinyCNN) -> None:
+def test_differentiable_explainers_equal_library_maps(tiny: TinyCNN) -> None:
     torch.manual_seed(3)
     x, target = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
-    for name in ("Saliency", "InputXGradient", "IntegratedGradients", "LayerCAM"):
-        captum_map = make_method(name, tiny, layer="act2", ig_steps=6)(x, target)
+    for name in ("Saliency", "InputXGradient", "IntegratedGradients", "GradCAM", "LayerCAM"):
+        library_map = make_method(name, tiny, layer="act2", ig_steps=6)(x, target)
         own = differentiable(name, tiny, layer="act2", ig_steps=6)(x, target).detach()
-        assert torch.allclose(own, captum_map, atol=1e-5), name
+        torch.testing.assert_close(own, library_map, atol=1e-5, rtol=0, msg=name)
     # SmoothGrad without noise is Saliency
     no_noise = differentiable("SmoothGrad", tiny, sg_samples=2, sg_stdev=0.0)(x, target).detach()
     assert torch.allclose(no_noise, make_method("Saliency", tiny)(x, target), atol=1e-6)
-    with pytest.raises(Unsupported, match="GuidedBackprop"):
-        differentiable("GuidedBackprop", tiny)
+    for name in ("GuidedBackprop", "ScoreCAM", "LRP"):
+        with pytest.raises(Unsupported, match=name):
+            differentiable(name, tiny)
 
 
-def test_lrp_rejection_is_reported_as_unsupported_every_time() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Identity(), nn.Flatten(), nn.Linear(2 * 36, 2)).eval()
-    x, target = torch.randn(1, 3, 8, 8), torch.tensor([0])
-    for _ in range(2):  # a second rejection must not fail differently (Captum leaves state behind)
-        with pytest.raises(Unsupported, match="Identity"):
-            make_method("LRP", model)(x, target)
-    assert not any(hasattr(m, "rule") for m in model.modules())
+def _tiny_timm(name: str, **kwargs) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=3, **kwargs).eval()
+
+
+def test_fullgrad_runs_where_every_bias_is_collected_and_refuses_otherwise() -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    resnet = _tiny_timm("resnet10t")
+    x = torch.randn(2, 3, 32, 32)
+    maps = make_method("FullGrad", resnet)(x, torch.tensor([0, 2]))
+    assert maps.shape == (2, 32, 32) and maps.amin((1, 2)).tolist() == [0.0, 0.0]
+    torch.testing.assert_close(maps.amax((1, 2)), torch.ones(2), atol=1e-5, rtol=0)
+    with pytest.raises(Unsupported, match="BatchNormAct2d"):  # subclasses BatchNorm2d: FullGrad skips it
+        make_method("FullGrad", _tiny_timm("efficientnet_lite0"))
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3)
+    with pytest.raises(Unsupported, match="LayerNorm, Linear"):
+        make_method("FullGrad", vit)
+
+
+def test_zennit_lrp_refuses_timm_blocks_it_has_no_canonizer_for() -> None:
+    with pytest.raises(Unsupported, match="ResNetCanonizer matches only torchvision"):
+        make_method("LRP", _tiny_timm("resnet10t"))
+    with pytest.raises(Unsupported, match="no canonizer"):
+        make_method("LRP", _tiny_timm("efficientnet_lite0"))
+
+
+def test_zennit_lrp_of_a_bias_free_sequential_net_conserves_each_class_logit() -> None:
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, bias=False),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3, bias=False)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        logits = net(x)
+    explain = make_method("LRP", net)
+    for cls in (0, 2):
+        t = torch.full((2,), cls)
+        maps = explain(x, t)
+        # EpsilonPlusFlat conserves relevance where no bias absorbs any: the map sums to the logit
+        torch.testing.assert_close(maps.sum((1, 2)), logits[:, cls], rtol=1e-3, atol=1e-5)
+    # and the two classes' maps differ: the target is the one asked for
+    assert (explain(x, torch.zeros(2, dtype=torch.long)) - explain(x, torch.full((2,), 2))).abs().max() > 1e-3
+
+
+def test_attnlrp_conserves_the_logit_of_a_bias_free_vit_and_leaves_the_model_alone() -> None:
+    pytest.importorskip("lxt", reason="lxt (AttnLRP) is in the `bench` extra, not installed by `make test`")
+    from timm.models.vision_transformer import VisionTransformer
+    from zennit.core import BasicHook
+
+    from pipeline.evaluation.lrp import attn_lrp
+
+    torch.manual_seed(9)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3,
+                            class_token=False, global_pool="avg").eval()
+    with torch.no_grad():  # no bias, no position embedding: nothing absorbs relevance
+        for name, p in vit.named_parameters():
+            if name.endswith("bias") or "pos_embed" in name:
+                p.zero_()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with torch.no_grad():
+        before = vit(x)
+    logit = before.gather(1, t[:, None])[:, 0]
+    hooks = dict(BasicHook.__dict__)
+    for explain in (attn_lrp(vit, conv_gamma=0.0, linear_gamma=0.0), make_method("AttnLRP", vit)):
+        torch.testing.assert_close(explain(x, t).sum((1, 2)), logit, rtol=1e-3, atol=1e-5)
+    # plain input x gradient is not conserving through LayerNorm, GELU and softmax
+    ixg = make_method("InputXGradient", vit)(x, t).sum((1, 2))
+    assert ((ixg - logit).abs() > 0.05 * logit.abs()).any(), (ixg, logit)
+    # the patches lived on a copy and inside the call only
+    assert type(vit.blocks[0].attn.q_norm) is nn.Identity and "forward" not in vars(vit.blocks[0].norm1)
+    assert dict(BasicHook.__dict__) == hooks
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), before)
+
+
+def test_attnlrp_refuses_what_it_has_no_rule_for(tiny: TinyCNN) -> None:
+    # checked before lxt is imported: runs without the `bench` extra too
+    with pytest.raises(Unsupported, match="TinyCNN"):
+        make_method("AttnLRP", tiny)
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3,
+                            global_pool="map")
+    with pytest.raises(Unsupported, match="AttentionPoolLatent"):
+        make_method("AttnLRP", vit)
 
 
 def test_stability_is_one_without_noise_and_matches_signal_to_noise() -> None:
@@ -241,8 +358,10 @@ def test_cam_reads_vit_patch_tokens_row_major_without_prefix() -> None:
         for token in range(1, 17):  # token 0 is CLS; patches follow in row-major order
             yy, xx = divmod(token - 1, 4)
             brute[i, 0, yy, xx] = (grad[i, token].clamp(min=0) * act[i, token]).sum()
-    want = F.interpolate(brute.clamp(min=0), size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
-    assert torch.allclose(cam(vit, "norm", x, target, "layercam"), want.detach(), atol=1e-5)
+    want = _gradcam_scaling(brute.clamp(min=0), (32, 32))
+    torch.testing.assert_close(make_method("LayerCAM", vit)(x, target), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cam(vit, "norm", x, target, "layercam").detach(), want, atol=1e-5, rtol=0)
+    assert tokens_to_grid(vit, act).shape == (2, 16, 4, 4)
 
 
 def test_smooth_copy_of_a_vit_has_a_gradient_of_its_gradient() -> None:

@@ -7,9 +7,10 @@ has the measured table.
     hit = metrics.pointing_game(explain(x, y), masks)   # Tensor[N]
 """
 from pipeline.evaluation import metrics
+from pipeline.evaluation.cams import cam, cam_layer
+from pipeline.evaluation.explainer import Explainer, Unsupported
 from pipeline.evaluation.manipulation import Attack, manipulate, smooth_copy
-from pipeline.evaluation.methods import (METHODS, Unsupported, batched, cam, cam_layer, differentiable,
-                                         make_method)
+from pipeline.evaluation.methods import METHODS, SOURCES, batched, differentiable, make_method
 
-__all__ = ["Attack", "METHODS", "Unsupported", "batched", "cam", "cam_layer", "differentiable", "make_method",
-           "manipulate", "metrics", "smooth_copy"]
+__all__ = ["Attack", "Explainer", "METHODS", "SOURCES", "Unsupported", "batched", "cam", "cam_layer",
+           "differentiable", "make_method", "manipulate", "metrics", "smooth_copy"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipeline.evaluation.methods import Explainer
+from pipeline.evaluation.explainer import Explainer
 from pipeline.evaluation.metrics import unit_maps
 from pipeline.srd.families.base import SmoothReLU6  # one class: SRD must accept it as an element-wise nonlinearity
 
