@@ -18,6 +18,7 @@ of its options class (`jobs.stages`), checked by type and bounds:
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -171,7 +172,14 @@ def run_build(cfg: BuildConfig, address: str | None = None, stages: Sequence[str
     with output_lock(cfg.out, f"concept-atlas build {name}", wait):
         for stage in plan:
             t = time.time()
-            result = stage.run(stage.root(cfg), cfg.options[stage.name], context)
+            try:
+                result = stage.run(stage.root(cfg), cfg.options[stage.name], context)
+            except KeyboardInterrupt:
+                done = ", ".join(times) or "none"
+                print(f"\n[build] interrupted in {stage.name} after {time.time() - t:.0f}s "
+                      f"(stages finished: {done}); committed parts and checkpoints are kept: "
+                      "run the same command again to resume", file=sys.stderr, flush=True)
+                raise
             if isinstance(result, dict) and result.get("parts_failed"):
                 raise StageFailed(f"{stage.name}: {len(result['parts_failed'])} parts failed "
                                   "(see the errors table); re-run the build to retry them")

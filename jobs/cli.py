@@ -464,7 +464,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `concept-atlas` console script: 0 done, 1 a part or stage failed
-    (recorded in the errors table; a re-run retries it), 2 a bad value (one line naming it)."""
+    (recorded in the errors table; a re-run retries it), 2 a bad value (one line naming it),
+    130 interrupted (Ctrl-C; a re-run resumes)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not sys.stderr.isatty():
         # progress bars in a log file or CI: one line every 30 s, not ten a second
@@ -481,6 +482,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StageFailed as e:
         print(f"concept-atlas {args.command}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # committed work stays; a re-run resumes after it
+        detail = f" ({e})" if str(e) else ""
+        print(f"concept-atlas {args.command}: interrupted{detail}; run it again to resume",
+              file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"concept-atlas {args.command}: error: {e}", file=sys.stderr)
         return 2

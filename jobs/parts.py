@@ -122,16 +122,17 @@ def run_parts(stage: str, root: AtlasRoot, atlas_id: str, tasks: Sequence[T],
     """Compute `tasks` in this process (`runtime.in_process`) or on Ray; returns the failed
     parts, {part: reason}. Every finished part is committed before this returns."""
     committer = PartCommitter(stage, root, atlas_id, len(tasks), progress, show, on_part)
-    if tasks:
-        if runtime.in_process:
+    try:  # the bar is closed before an interruption's message is printed
+        if tasks and runtime.in_process:
             _run_here(tasks, execute, runtime, committer)
-        else:
+        elif tasks:
             init_ray(address)
             if isinstance(execute, Actors):
                 _run_actors(tasks, execute, runtime, committer)
             else:
                 _run_tasks(tasks, execute, runtime, committer)
-    committer.bar.close()
+    finally:
+        committer.bar.close()
     return committer.failed
 
 

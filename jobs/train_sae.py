@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -166,6 +167,31 @@ def _train_loop(config: dict[str, Any]) -> None:
                log=config["log"])
 
 
+@contextlib.contextmanager
+def _own_sigint(root: AtlasRoot, pending: Sequence[SAERun]) -> Iterator[None]:
+    """Ctrl-C during `TorchTrainer.fit` stops the training and then the caller, as it would
+    anywhere else.
+
+    Ray Train installs a SIGINT handler that aborts the run gracefully (the latest checkpoint
+    stays, and the next run resumes from it) but never puts the previous handler back: a Ctrl-C
+    in any later stage of a build was ignored. Its abort also ends in `fit` returning, or in a
+    SystemExit from inside the handler, not in KeyboardInterrupt. The handler is restored here,
+    and a fit that ended with runs left uncommitted is reported as the interruption it was.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit as e:  # Ray's handler exits from inside fit after a graceful abort
+        raise KeyboardInterrupt("Ray Train stopped the SAE runs; their checkpoints are kept") from e
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    committed = {r["sae_id"] for r in root.saes()}
+    left = [r.sae_id for r in pending if r.sae_id not in committed]
+    if left:
+        raise KeyboardInterrupt(f"Ray Train stopped before {', '.join(left)} "
+                                "finished; their checkpoints are kept")
+
+
 def run(root: AtlasRoot | str, options: TrainOptions, *, address: str | None = None,
         progress: bool = True, crash_at: tuple[str, int] | None = None) -> list[dict[str, Any]]:
     """Train every unfinished SAE of `options.sweep` on the PFVs under `root`; its `saes` rows.
@@ -215,7 +241,8 @@ def run(root: AtlasRoot | str, options: TrainOptions, *, address: str | None = N
                 logging_config=ray.train.LoggingConfig(
                     log_level="INFO" if verbose() else "WARNING")),
         )
-        trainer.fit()
+        with _own_sigint(root, pending):
+            trainer.fit()
     rows = [r for r in root.saes() if r["sae_id"] in {x.sae_id for x in runs}]
     print_summary(rows, time.time() - t0, root.extract().model)
     return rows

@@ -181,6 +181,9 @@ def train_run(run: SAERun, parts: list[PFVPart], options: TrainOptions, session:
 
     def show(progress: Fit) -> None:
         step = progress.state.step
+        if step == progress.start.step + 1 and progress.start.step:
+            print(f"[train-sae] {run.sae_id} resumed from its checkpoint at step "
+                  f"{progress.start.step}/{run.steps}", flush=True)
         if step % log_every == 0 or step == run.steps:
             metrics = progress.averages
             print(f"[train-sae] {run.sae_id} step {step}/{run.steps} loss {metrics['loss']:.4f} "
