@@ -84,7 +84,9 @@ def _cmd_layers(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from jobs.demo import run
 
-    run(Path(a.out), n_images=a.n, model_name=a.model, layers=a.layers)
+    out = a.out or ("demo_real_out" if a.real or a.photos else "demo_out")
+    run(Path(out), n_images=a.n, model_name=a.model, layers=a.layers, real=a.real,
+        photos=a.photos)
     return 0
 
 
@@ -225,7 +227,8 @@ def _cmd_search(a: argparse.Namespace) -> int:
 
     atlas = Atlas.open(a.atlas)
     box = parse_box(a.box) if a.box else None
-    results = atlas.search(a.image, box=box, layer=a.layer, k=a.k)
+    results = atlas.search(a.image, box=box, layer=a.layer, k=a.k,
+                           min_activation=a.min_activation)
     _print_table(results)
     if a.out:
         from pipeline.atlas.sheets import search_sheet
@@ -375,7 +378,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--skip", nargs="+", help="relative paths (prefixes) left out on both sides")
 
     sp = add("explain", _cmd_explain, "SRD saliency of one image: input, map and overlay side by side (PNG)",
-             "  concept-atlas explain --model demo_resnet --image img.png --out explain.png\n"
+             "  concept-atlas explain --model demo_resnet --image examples/img.png --out explain.png\n"
              "  concept-atlas explain --model efficientnet_lite0 --weights imagenet --image cat.jpg "
              "--target 'tabby cat' --out cat.png")
     sp.add_argument("--model", required=True)
@@ -391,11 +394,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     sp = add("demo", _cmd_demo, "build the demo atlas (configs/demo.yaml: data, PFVs, SAEs, "
              "scan, CAFE, indexes, ICAT), then saliency maps, example queries and a route",
-             "  concept-atlas demo\n  concept-atlas demo --out atlas_demo --n 4000")
-    sp.add_argument("--out", default="demo_out")
+             "  concept-atlas demo\n  concept-atlas demo --out atlas_demo --n 4000\n"
+             "  concept-atlas demo --real                # efficientnet_lite0 on real photos\n"
+             "  concept-atlas demo --photos my_photos/   # the same on any folder of images")
+    sp.add_argument("--out", default=None,
+                    help="atlas folder (default: demo_out, or demo_real_out with --real)")
     sp.add_argument("--n", type=int, default=None,
                     help="synthetic images to generate (default: configs/demo.yaml's)")
-    sp.add_argument("--model", default="demo_resnet")
+    sp.add_argument("--real", action="store_true",
+                    help="the real-photo demo (configs/demo_real.yaml): efficientnet_lite0 with "
+                         "ImageNet weights on crops of the photos Python packages bundle")
+    sp.add_argument("--photos", default=None,
+                    help="a folder of images (ImageFolder layout for labels) for the real demo")
+    sp.add_argument("--model", default=None,
+                    help="model (default: the config's, demo_resnet or efficientnet_lite0)")
     sp.add_argument("--layers", nargs="+", default=None, help="layers to tap (default: two per model)")
     sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
@@ -415,15 +427,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="write the result to this file")
 
     sp = add("search", _cmd_search, "latents whose exemplar regions match an image region",
-             "  concept-atlas search demo_out --image img.png\n"
-             "  concept-atlas search demo_out --image img.png --box 32,32,24,24 --layer layer4 "
-             "-k 5 --out sheet.png")
+             "  concept-atlas search demo_out --image examples/img.png\n"
+             "  concept-atlas search demo_out --image examples/img.png --box 32,32,24,24 --layer layer4 "
+             "-k 5 --out sheet.png\n"
+             "  concept-atlas search demo_out --image examples/img.png --min-activation 0.5 -k 3")
     sp.add_argument("atlas", help="atlas root with indexes (`concept-atlas index ATLAS`)")
     sp.add_argument("--image", required=True, help="an image file Pillow can read")
     sp.add_argument("--box", default=None,
                     help="x,y,w,h in pixels of the model input (default: the whole image)")
     sp.add_argument("--layer", default=None, help="layer or sae_id (default: every SAE)")
-    sp.add_argument("-k", type=int, default=10, help="latents to return")
+    sp.add_argument("-k", type=int, default=10,
+                    help="latents per SAE searched (similarities of different SAEs are not "
+                         "comparable: each reports its own best)")
+    sp.add_argument("--min-activation", type=float, default=None,
+                    help="only latents that fire on the region at least this much (SAE "
+                         "activation; 0: any that fire)")
     sp.add_argument("--out", default=None, help="contact sheet PNG of the results")
 
     sp = add("similar", _cmd_similar, "latents nearest to a latent by decoder direction",
@@ -444,8 +462,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = add("routes", _cmd_routes, "concept routes of one image: from a class logit, the top-k "
              "ICAT edges per node down the tapped layers (JSON and a graph PNG)",
              "  concept-atlas routes demo_out --image demo_out/saliency/00002500.png --out route.png\n"
-             "  concept-atlas routes demo_out --image img.png --target star -k 2 --json route.json\n"
-             "  concept-atlas routes atlas --image img.png --target 207 --method grad_x_act")
+             "  concept-atlas routes demo_out --image examples/img.png --target star -k 2 --json route.json\n"
+             "  concept-atlas routes demo_out --image examples/img.png --target circle --method grad_x_act")
     sp.add_argument("atlas", help="atlas root (extracted layers with trained SAEs)")
     sp.add_argument("--image", required=True, help="image file (preprocessed as the model expects)")
     sp.add_argument("--target", default=None,

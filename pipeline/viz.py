@@ -100,10 +100,14 @@ def highlight(image: np.ndarray, weight: np.ndarray, full: int = 128,
 
 
 def draw_box(image: np.ndarray, box: Sequence[int], colour: tuple[int, int, int] = (255, 220, 0),
-             width: int = 1) -> np.ndarray:
-    """A copy of image uint8[H, W, 3] with the outline of box (x0, y0, x1, y1), end exclusive."""
+             width: int | None = None) -> np.ndarray:
+    """A copy of image uint8[H, W, 3] with the outline of box (x0, y0, x1, y1), end exclusive.
+
+    `width` defaults to 1 pixel per 100 of the image's shorter side (at least 1), so that the
+    outline survives the downscaling of a contact-sheet tile."""
     out = np.array(image, copy=True)
     h, w = out.shape[:2]
+    width = max(1, min(h, w) // 100) if width is None else width
     x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
     x1, y1 = min(w, int(box[2])), min(h, int(box[3]))
     if x1 <= x0 or y1 <= y0:

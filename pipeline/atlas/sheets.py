@@ -8,7 +8,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.atlas.api import Atlas, LatentInfo
-from pipeline.atlas.regions import cell_box
+from pipeline.atlas.regions import cell_box, cells_extent
 from pipeline.viz import contact_sheet, draw_box, highlight
 
 COLUMNS = 8
@@ -48,12 +48,19 @@ def latent_sheet(atlas: Atlas, info: LatentInfo, columns: int = COLUMNS) -> Imag
 
 def search_sheet(atlas: Atlas, query: np.ndarray, box: Sequence[int] | None,
                  results: pa.Table, per_row: int = COLUMNS - 1) -> Image.Image:
-    """The query (box outlined), then one row per result: the best-matching exemplar region
-    (outlined), then the latent's top exemplars."""
+    """The query (box outlined) and, per layer searched, the whole grid cells the box covers
+    there; then one row per result: the best-matching exemplar region (outlined), then the
+    latent's top exemplars."""
     shown = query if box is None else draw_box(query, (box[0], box[1], box[0] + box[2],
                                                        box[1] + box[3]))
-    rows: list[list[np.ndarray]] = [[shown]]
-    labels = ["query" + ("" if box is None else f" box {tuple(box)}")]
+    first, labels_first = [shown], ["query" + ("" if box is None else f" box {tuple(box)}")]
+    for layer_name in dict.fromkeys(results["layer"].to_pylist()):
+        layer = atlas.layer_info(layer_name)
+        first.append(draw_box(query, cells_extent(box, query.shape[:2],
+                                                  (layer["grid_h"], layer["grid_w"]))))
+        labels_first.append(f"cells of {layer_name}")
+    rows: list[list[np.ndarray]] = [first]
+    labels = ["  |  ".join(labels_first)]
     hits = results.to_pylist()
     wanted = {i for r in hits for i in [r["match_image_id"], *r["exemplar_image_ids"][:per_row]]}
     images = atlas.images(sorted(wanted))

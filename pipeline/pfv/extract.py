@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.data.errors import ErrorLog, ErrorRecord
+from pipeline.data.images import dhash
 from pipeline.data.shards import expand_shards, iter_samples
 from pipeline.models import (
     LayerSpec,
@@ -102,6 +103,8 @@ class DecodedShard:
 
     pixels: float32 [n, 3, H, W], the model's eval preprocessing applied.
     keys, labels (-1 when absent), widths, heights: per image, in shard order.
+    sources: the `.json` "source" of each sample (None when absent); phashes: int64 dHash of
+    each decoded image (pipeline.data.images.dhash).
     errors: the samples (or the whole shard) that could not be used.
     """
 
@@ -111,6 +114,8 @@ class DecodedShard:
     labels: np.ndarray
     widths: np.ndarray
     heights: np.ndarray
+    sources: list[str | None] = field(default_factory=list)
+    phashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     errors: list[ErrorRecord] = field(default_factory=list)
 
 
@@ -125,16 +130,22 @@ def decode_shard(shard: str, data_config: dict[str, Any]) -> DecodedShard:
     labels: list[int] = []
     sizes: list[tuple[int, int]] = []
     pixels: list[np.ndarray] = []
+    sources: list[str | None] = []
+    phashes: list[int] = []
     for sample in iter_samples([shard], errors, stage=STAGE):
         keys.append(sample.key)
         labels.append(-1 if sample.cls is None else sample.cls)
         sizes.append(sample.image.size)
         pixels.append(transform(sample.image).numpy())
+        source = sample.meta.get("source") if isinstance(sample.meta, dict) else None
+        sources.append(str(source) if source is not None else None)
+        phashes.append(dhash(sample.image))
     _, h, w = data_config["input_size"]
     batch = np.stack(pixels) if pixels else np.zeros((0, 3, h, w), np.float32)
     size = np.asarray(sizes, np.int32).reshape(-1, 2)
     return DecodedShard(shard=shard, pixels=batch, keys=keys, labels=np.asarray(labels, np.int32),
-                        widths=size[:, 0], heights=size[:, 1], errors=list(errors))
+                        widths=size[:, 0], heights=size[:, 1], sources=sources,
+                        phashes=np.asarray(phashes, np.int64), errors=list(errors))
 
 
 def resolve_layers(model: nn.Module, cfg: ExtractOptions) -> dict[str, LayerSpec]:
@@ -232,7 +243,8 @@ class ShardExtractor:
         images = pa.table({
             "atlas_id": [self.atlas_id] * n, "image_id": image_ids, "shard": [task.shard] * n,
             "key": decoded.keys, "label": labels, "width": decoded.widths,
-            "height": decoded.heights,
+            "height": decoded.heights, "source": pa.array(decoded.sources, pa.string()),
+            "phash": decoded.phashes,
         })
         fs.write_parquet(images, fs.join(self.out, "images", f"{task.part}.parquet"), IMAGES)
         AtlasRoot(self.out).write_errors(STAGE, task.part, self.atlas_id, decoded.errors)
