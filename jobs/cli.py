@@ -133,7 +133,8 @@ def _cmd_explain(a: argparse.Namespace) -> int:
 
     loaded = load_model(a.model, _weights(a.weights))
     names = ClassNames.from_file(a.class_names) if a.class_names else None
-    [(panel, facts)] = explain_images(loaded, [load(a.image)], a.target, a.contrastive, names)
+    [(panel, facts)] = explain_images(loaded, [load(a.image)], a.target, a.contrastive, names,
+                                      smooth=a.smooth)
     panel.save(a.out)
     print(json.dumps({**facts, "out": a.out}))
     return 0
@@ -380,7 +381,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = add("explain", _cmd_explain, "SRD saliency of one image: input, map and overlay side by side (PNG)",
              "  concept-atlas explain --model demo_resnet --image examples/img.png --out explain.png\n"
              "  concept-atlas explain --model efficientnet_lite0 --weights imagenet --image cat.jpg "
-             "--target 'tabby cat' --out cat.png")
+             "--target 'tabby cat' --smooth 1 --out cat.png")
     sp.add_argument("--model", required=True)
     sp.add_argument("--weights", default="default", help="default | demo | imagenet | hub | PATH | none")
     sp.add_argument("--image", required=True, help="an image file Pillow can read")
@@ -390,6 +391,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     help="names of the model's classes: a JSON list or one per line (default: "
                          "the model's own, e.g. ImageNet's)")
     sp.add_argument("--contrastive", action="store_true", help="R <- R - mean(R) on the seed map")
+    sp.add_argument("--smooth", type=float, default=0.0,
+                    help="blur the shown map with this Gaussian sigma in pixels (display only; "
+                         "1 removes the stride-2 lattice, docs/method.md §3.8)")
     sp.add_argument("--out", default="explain.png")
 
     sp = add("demo", _cmd_demo, "build the demo atlas (configs/demo.yaml: data, PFVs, SAEs, "

@@ -23,6 +23,30 @@ def signed_heatmap(relevance: np.ndarray, clip_percentile: float = 99.5) -> np.n
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
+def smooth_for_display(relevance: np.ndarray, sigma: float) -> np.ndarray:
+    """A Gaussian blur of a map float[H, W] with `sigma` pixels (mirrored edges), for display.
+
+    Relevance redistributed through a stride-2 convolution whose kernel is not a multiple of 2
+    lands on alternate pixels from one or two windows, a period-2 lattice that repeats at
+    every stride-2 layer (docs/method.md §3.8). A blur of sigma >= 1 px removes it from the
+    picture; it keeps the map's sum (mirrored edges lose no mass) but not its pixel values,
+    so it is never applied to stored maps, masks or metrics.
+    """
+    import torch
+
+    if sigma <= 0:
+        return relevance
+    radius = max(1, int(np.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel /= kernel.sum()
+    # edges mirrored with the edge pixel repeated: every pixel's weights then sum to 1
+    x = torch.as_tensor(np.pad(np.asarray(relevance, np.float64), radius, mode="symmetric"))
+    x = torch.nn.functional.conv2d(x[None, None], kernel.view(1, 1, 1, -1))
+    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x[0, 0].numpy().astype(np.asarray(relevance).dtype)
+
+
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.6) -> np.ndarray:
     """Blend a heat map uint8[H, W, 3] over a grey version of image uint8[H, W, 3]."""
     grey = np.asarray(image, dtype=np.float64).mean(-1, keepdims=True).repeat(3, -1)

@@ -315,6 +315,9 @@ def test_latent_label_hint_without_ground_truth_comes_from_image_labels_then_ica
     names = AtlasRoot(str(root))
     label_names, class_names = names.label_names(), names.class_names()
     assert label_names and class_names  # the demo data and model name their classes
+    assert names.labels_are_classes()  # the synthetic labels are demo_resnet's classes
+    names.label_names = lambda: ["animal", "food"]  # a folder of photos: its own categories
+    assert not names.labels_are_classes()
     rows = {r["latent"]: r for r in Atlas.open(str(root)).sql(
         "SELECT * FROM latents WHERE sae_id = 'layer4-a'").to_pylist()}
     sources = set()
