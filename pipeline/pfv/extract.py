@@ -45,6 +45,7 @@ from pipeline.store import (
 from pipeline.pfv.parts import committed_parts, pfv_stats, read_values
 from pipeline.stage import (
     ActorRuntime,
+    PartProgress,
     ShardTask,
     all_or_int,
     option,
@@ -188,8 +189,9 @@ def sample_positions(image_ids: np.ndarray, candidates: np.ndarray, k: int | Non
     return np.sort(candidates[chosen], axis=1)
 
 
-class ShardExtractor:
-    """Holds the model (loaded once) and turns decoded shards into written parts."""
+class ShardExtractor(PartProgress):
+    """Holds the model (loaded once) and turns decoded shards into written parts (reporting
+    the images of each forward batch)."""
 
     def __init__(self, cfg: ExtractOptions, out: str, device: str | torch.device = "cpu") -> None:
         self.cfg, self.out, self.atlas_id = cfg, out, cfg.atlas_id
@@ -209,6 +211,7 @@ class ShardExtractor:
             x = torch.tensor(pixels[start:start + self.cfg.batch_size], device=self.loaded.device)
             for name, pfvs in tap(self.loaded.model, x, self.cfg.layers).items():
                 out[name][start:start + len(x)] = pfvs.values.float().cpu().numpy()
+            self.report(len(x))
         return out
 
     def run(self, task: ShardTask, decoded: DecodedShard) -> PartRecord:
