@@ -129,7 +129,7 @@ def connect(root: str, atlas_id: str, threads: int | None = None
                     "autoload_known_extensions", "allow_community_extensions",
                     "allow_persistent_secrets"):
         con.execute(f"SET {setting} = false")
-    sources = {name: _source(root, s) if files[name] else _missing(con, root, s)
+    sources = {name: _source(con, root, s) if files[name] else _missing(con, root, s)
                for name, s in SOURCES.items()}
     for name in SOURCES:
         if name in TABLES:
@@ -192,14 +192,23 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
     return statements[0].query
 
 
-def _source(root: str, s: TableSource) -> str:
+def _source(con: duckdb.DuckDBPyConnection, root: str, s: TableSource) -> str:
     pattern = literal(fs.join(root, s.pattern))
     if s.fmt == "json":
         return f"read_json({pattern}, format = 'auto', columns = {_MANIFEST_COLUMNS})"
     # hive values stay strings (a layer named `4` must not become an integer); union_by_name
     # lets parts written by an older schema version sit beside newer ones
-    return (f"read_parquet({pattern}, hive_partitioning = true, hive_types_autocast = false, "
-            f"union_by_name = true, filename = true, file_row_number = true)")
+    source = (f"read_parquet({pattern}, hive_partitioning = true, hive_types_autocast = false, "
+              f"union_by_name = true, filename = true, file_row_number = true)")
+    # a column that no part has (an atlas built before the column existed) reads as NULL, so
+    # an older atlas still opens; its rows just lack what the newer stage would add
+    have = set(con.sql(f"SELECT * FROM {source} LIMIT 0").columns)
+    absent = [f for f in s.schema if f.name not in have]
+    if not absent:
+        return source
+    types = con.from_arrow(pa.schema(absent).empty_table()).types
+    nulls = ", ".join(f'NULL::{t} AS "{f.name}"' for f, t in zip(absent, types))
+    return f"(SELECT *, {nulls} FROM {source})"
 
 
 def _missing(con: duckdb.DuckDBPyConnection, root: str, s: TableSource) -> str:
