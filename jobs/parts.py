@@ -193,17 +193,17 @@ class WorkerActor:
     """A Ray actor around a stage's worker: `factory(*args, device=...)` is built once per actor
     (the model loaded once), and each call runs `worker.run(*call_args)`."""
 
-    def __init__(self, threads: int, ticker: ray.actor.ActorHandle, factory: Callable[..., Any],
-                 *args: Any) -> None:
+    def __init__(self, threads: int, factory: Callable[..., Any], *args: Any) -> None:
         torch.set_num_threads(max(1, threads))
         # a GPU only when Ray gave this actor one (num_gpus > 0), not merely when one is visible
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.worker = factory(*args, device=device)
-        self.ticker = ticker
 
-    def run(self, task: Task, *call_args: Any) -> Any:
+    def run(self, ticker: ray.actor.ActorHandle, task: Task, *call_args: Any) -> Any:
+        """The part `task`, its progress reports sent to `ticker` (a call argument, not a
+        constructor one: a restarted actor must not need an object-store copy)."""
         if isinstance(self.worker, PartProgress):
-            self.worker.set_reporter(lambda n: self.ticker.add.remote(task.part, n))
+            self.worker.set_reporter(lambda n: ticker.add.remote(task.part, n))
         return self.worker.run(task, *call_args)
 
 
@@ -238,7 +238,7 @@ def _run_actors(tasks: Sequence[T], execute: Actors, runtime: ActorRuntime,
     def new_actor() -> ray.actor.ActorHandle:
         # the worker's arguments (options, a plan, a context: small) travel with each actor's
         # creation, so a restarted actor never depends on an object-store copy that is gone
-        return actor_cls.remote(threads, ticker, execute.factory, *execute.args)
+        return actor_cls.remote(threads, execute.factory, *execute.args)
 
     actors = [new_actor() for _ in range(max(1, min(runtime.actors, len(tasks))))]
     remotes: dict[Callable[..., Any], Any] = {}  # each prepare function as a one-CPU Ray task
@@ -250,7 +250,7 @@ def _run_actors(tasks: Sequence[T], execute: Actors, runtime: ActorRuntime,
             if fn not in remotes:
                 remotes[fn] = ray.remote(fn).options(num_cpus=1, max_retries=runtime.max_retries)
             prepared = [remotes[fn].remote(*fn_args)]
-        return actors[slot].run.remote(task, *prepared)
+        return actors[slot].run.remote(ticker, task, *prepared)
 
     def died(slot: int, task: T, exc: Exception) -> None:
         committer.fail(task, f"{execute.role} actor died: {exc}")
