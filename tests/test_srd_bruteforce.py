@@ -14,6 +14,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.layers import LayerScale
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv
 from timm.models._efficientnet_builder import decode_arch_def
+from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
 from timm.models.vgg import VGG
 from timm.models.vision_transformer import VisionTransformer
@@ -52,6 +53,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 mod.bias.copy_(0.1 * rand(*mod.bias.shape))
             elif isinstance(mod, LayerScale):
                 mod.gamma.copy_(mod.init_values + 0.1 * rand(*mod.gamma.shape))
+            elif isinstance(getattr(mod, "gamma", None), torch.nn.Parameter):  # ConvNeXt's layer scale
+                mod.gamma.copy_(0.5 + 0.1 * rand(*mod.gamma.shape))
         for name in ("cls_token", "reg_token", "pos_embed"):
             p = getattr(model, name, None)
             if isinstance(p, torch.nn.Parameter):
@@ -325,6 +328,49 @@ def effnet_reference(model: EfficientNet, x: torch.Tensor, y: int):
     return ch.blocks, "bn2", seed, float(seed.sum()), None
 
 
+def frozen_layer_norm(norm: torch.nn.Module, a: torch.Tensor):
+    """A LayerNorm over the channels of a channel-first map a [C, *pos] with each position's scale
+    frozen at a: an affine map of [B, C, *pos] that acts on each position alone."""
+    sigma = torch.sqrt(a.var(0, unbiased=False, keepdim=True) + norm.eps)
+    shape = (-1, *([1] * (a.dim() - 1)))
+    return lambda t: (t - t.mean(1, keepdim=True)) / sigma * norm.weight.view(shape) + norm.bias.view(shape)
+
+
+def channels_last(fn):
+    """A Linear over channels applied to a channel-first map [B, C, H, W]."""
+    return lambda t: fn(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def convnext_reference(model: ConvNeXt, x: torch.Tensor, y: int):
+    """Blocks of a timm ConvNeXt: stem conv, then every LayerNorm (scale frozen), conv and depthwise
+    conv as a unit without nonlinearity, LN -> fc1 -> GELU as a unit, gamma * fc2 + skip as the block
+    output; the head's LayerNorm frozen at the pooled vector."""
+    ch = Chain(x)
+    ch.conv("stem.0", "input", model.stem[0])
+    ch.conv("stem.1", "stem.0", frozen_layer_norm(model.stem[1], ch.v["stem.0"]))
+    src = "stem.1"
+    for i, stage in enumerate(model.stages):
+        if not isinstance(stage.downsample, torch.nn.Identity):
+            d = f"stages.{i}.downsample"
+            ch.conv(f"{d}.0", src, frozen_layer_norm(stage.downsample[0], ch.v[src]))
+            ch.conv(f"{d}.1", f"{d}.0", stage.downsample[1])
+            src = f"{d}.1"
+        for j, blk in enumerate(stage.blocks):
+            b = f"stages.{i}.blocks.{j}"
+            ch.conv(f"{b}.conv_dw", src, blk.conv_dw)
+            ln = frozen_layer_norm(blk.norm, ch.v[f"{b}.conv_dw"])
+            fc1, fc2 = (blk.mlp.fc1, blk.mlp.fc2) if blk.use_conv_mlp else (
+                channels_last(blk.mlp.fc1), channels_last(blk.mlp.fc2))
+            ch.conv(f"{b}.mlp.act", f"{b}.conv_dw", lambda t, ln=ln, fc1=fc1: fc1(ln(t)), blk.mlp.act)
+            gamma = blk.gamma.view(-1, 1, 1)
+            ch.conv(b, f"{b}.mlp.act", lambda t, fc2=fc2, g=gamma: fc2(t) * g, None, [(src, same, False)])
+            src = b
+    v = ch.v[src]
+    a = frozen_layer_norm(model.head.norm, v.mean((1, 2), keepdim=True))(v[None])[0]
+    seed = gap_seed(model.head.fc, a, y)
+    return ch.blocks, src, seed, float(seed.sum()), None
+
+
 @torch.no_grad()
 def check_against_engine(model, images, reference) -> None:
     maps, const = srd.saliency(model, images, return_constant=True)
@@ -402,6 +448,16 @@ def test_efficientnet_lite_matches_brute_force() -> None:
     model = randomize(tiny_lite(), seed=11)
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     check_against_engine(model, images, effnet_reference)
+
+
+@pytest.mark.parametrize("conv_mlp", [False, True])
+def test_convnext_matches_brute_force(conv_mlp: bool) -> None:
+    """Patch stem + LayerNorm2d, depthwise 7x7, LN -> fc1 -> GELU -> fc2 (Linear over channels-last,
+    or 1x1 convs as convnext_atto), layer scale, downsample LN + 2x2 conv, LN head."""
+    model = randomize(ConvNeXt(depths=(1, 1, 1, 1), dims=(4, 6, 6, 8), num_classes=3,
+                                conv_mlp=conv_mlp), seed=14)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    check_against_engine(model, images, convnext_reference)
 
 
 def ratio_pull(blocks, v: torch.Tensor, unit: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

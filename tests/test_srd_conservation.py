@@ -28,6 +28,7 @@ CASES = {
         "vit_tiny_patch16_224", img_size=48, global_pool="avg", num_classes=10), 48),
     "deit_tiny_patch16": (lambda: timm.create_model("deit_tiny_patch16_224", img_size=48, num_classes=10), 48),
     "efficientnet_lite0": (lambda: timm.create_model("efficientnet_lite0", num_classes=10), 32),
+    "convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=10), 64),
     "demo_resnet": (lambda: timm.create_model("demo_resnet"), 64),
     "demo_vit": (lambda: timm.create_model("demo_vit"), 128),
 }
@@ -48,6 +49,7 @@ def test_pixels_plus_constant_sum_to_logit(case: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "vit_base_patch16_224"])
+@pytest.mark.parametrize("name", ["vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "vit_base_patch16_224",
+                                  "convnext_tiny"])
 def test_full_size_models_conserve_logit(name: str) -> None:
     check_conservation(randomize(timm.create_model(name, num_classes=10)), 224)

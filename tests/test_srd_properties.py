@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.models.convnext import ConvNeXt
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.vgg import VGG
 from timm.models.vision_transformer import VisionTransformer
@@ -28,6 +29,7 @@ def tiny_models() -> dict[str, tuple[torch.nn.Module, int]]:
                                                            num_heads=2, num_classes=3, reg_tokens=1,
                                                            init_values=0.7)), 0.3, 4), 24),
         "effnet-lite": (randomize(tiny_lite(), 5), 16),
+        "convnext": (randomize(ConvNeXt(depths=(1, 1, 1, 1), dims=(4, 6, 6, 8), num_classes=3), 6), 32),
     }
 
 

@@ -22,7 +22,8 @@ def error_for(model: torch.nn.Module, size: int = 32) -> srd.UnsupportedModuleEr
     ("efficientnet_b0", {}, "SqueezeExcite", "blocks.0.0.se"),
     ("tf_efficientnet_lite0", {}, "Conv2dSame", "conv_stem"),
     ("mobilenetv3_small_050", {}, "MobileNetV3", ""),
-    ("convnext_atto", {}, "ConvNeXt", ""),
+    ("convnextv2_atto", {}, "GlobalResponseNormMlp", "stages.0.blocks.0.mlp"),
+    ("convnext_atto", {"head_hidden_size": 8}, "Sequential", "head.pre_logits"),
 ])
 def test_unsupported_module_is_named_with_its_path(name: str, kwargs: dict, module_type: str, path: str) -> None:
     err = error_for(timm.create_model(name, num_classes=3, **kwargs))

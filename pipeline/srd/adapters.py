@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import ResNet
 from timm.models.vgg import VGG
@@ -32,10 +33,10 @@ Builder = Callable[[nn.Module, Tensor, str, bool], tuple[Graph, Head]]
 
 
 def _families() -> dict[type[nn.Module], Builder]:
-    from pipeline.srd.families import efficientnet, resnet, vgg, vit
+    from pipeline.srd.families import convnext, efficientnet, resnet, vgg, vit
 
     return {ResNet: resnet.build, VGG: vgg.build, VisionTransformer: vit.build,
-            EfficientNet: efficientnet.build}
+            EfficientNet: efficientnet.build, ConvNeXt: convnext.build}
 
 
 def build(model: nn.Module, images: Tensor, head: str = "exact",
