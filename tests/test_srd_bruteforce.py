@@ -7,15 +7,19 @@ fn(0) by norm, and forms mu(p->q) = <c(p->q), z_q> / ||z_q||^2 by definition (do
 """
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.layers import LayerScale
-from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, SqueezeExcite
 from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.vgg import VGG
 from timm.models.vision_transformer import VisionTransformer
 
@@ -216,13 +220,18 @@ def vit_reference(model: VisionTransformer, x: torch.Tensor, y: int):
     (loops over i, j, h), b_O shared by norm, the skip x_j; the MLP passes relevance. A CLS head
     is a readout of the CLS token's z (`cls_readout`); a mean-pool head is split over tokens."""
     prefix = model.num_prefix_tokens
-    x0 = model.norm_pre(model._pos_embed(model.patch_embed(x[None])))[0].T  # [D, T]
+    e = model._pos_embed(model.patch_embed(x[None]))[0].T  # [D, T], before the pre-norm
+    x0 = model.norm_pre(e.T[None])[0].T
     patch = lambda t: model.patch_embed.proj(t).flatten(2)  # noqa: E731
     c0, b = contributions(patch, x)
-    bias = b + x0[:, prefix:] - patch(x[None])[0]  # conv bias + position embedding
-    const = x0.clone()
+    bias = b + e[:, prefix:] - patch(x[None])[0]  # conv bias + position embedding
+    const = e.clone()
     const[:, prefix:] = 0
-    blocks = [("norm_pre", x0, [("input", F.pad(c0, (prefix, 0)), F.pad(bias, (prefix, 0)))], const)]
+    pre_norm = not isinstance(model.norm_pre, torch.nn.Identity)
+    first = "pos_embed" if pre_norm else "norm_pre"
+    blocks = [(first, e, [("input", F.pad(c0, (prefix, 0)), F.pad(bias, (prefix, 0)))], const)]
+    if pre_norm:  # CLIP: LN token by token, scale frozen
+        blocks.append(("norm_pre", x0, [(first, *contributions(frozen_layer_norm(model.norm_pre, e), e))], None))
     v, src, t = x0, "norm_pre", x0.shape[1]
     for l, blk in enumerate(model.blocks):
         attn, h = blk.attn, blk.norm1(v.T)
@@ -304,25 +313,38 @@ def cls_readout(model: VisionTransformer, z: torch.Tensor, y: int) -> tuple[torc
     return u, float(logit(torch.zeros_like(z)))
 
 
-def effnet_reference(model: EfficientNet, x: torch.Tensor, y: int):
-    """Blocks of a timm EfficientNet-Lite: depthwise convs, linear bottlenecks as identity units."""
+def effnet_reference(model: EfficientNet | MobileNetV3, x: torch.Tensor, y: int):
+    """Blocks of a timm EfficientNet / MobileNetV3: depthwise convs, linear bottlenecks as identity
+    units, an SE module applied to the activation it scales (the unit's v), MobileNetV3's head as
+    global mean -> conv_head -> act2 over the pre-pool PFVs."""
     ch = Chain(x)
     ch.conv("bn1", "input", lambda t: bn_affine(model.bn1)(model.conv_stem(t)), model.bn1.act)
     src = "bn1"
     for i, stage in enumerate(model.blocks):
         for j, blk in enumerate(stage):
             p = f"blocks.{i}.{j}"
+            if isinstance(blk, ConvBnAct):
+                ch.conv(f"{p}.bn1", src, lambda t, c=blk.conv, b=blk.bn1: bn_affine(b)(c(t)), blk.bn1.act)
+                src = f"{p}.bn1"
+                continue
             if isinstance(blk, DepthwiseSeparableConv):
                 steps, last = [(blk.conv_dw, blk.bn1)], (blk.conv_pw, blk.bn2)
             else:
                 steps, last = [(blk.conv_pw, blk.bn1), (blk.conv_dw, blk.bn2)], (blk.conv_pwl, blk.bn3)
             prev = src
             for n, (conv, bn) in enumerate(steps, 1):
-                ch.conv(f"{p}.bn{n}", prev, lambda t, c=conv, b=bn: bn_affine(b)(c(t)), bn.act)
-                prev = f"{p}.bn{n}"
+                name, act = f"{p}.bn{n}", bn.act
+                if n == len(steps) and not isinstance(blk.se, torch.nn.Identity):
+                    name, act = f"{p}.se", (lambda t, a=bn.act, se=blk.se: se(a(t)[None])[0])
+                ch.conv(name, prev, lambda t, c=conv, b=bn: bn_affine(b)(c(t)), act)
+                prev = name
             skips = [(src, same, False)] if blk.has_skip else ()
             ch.conv(p, prev, lambda t, c=last[0], b=last[1]: bn_affine(b)(c(t)), None, skips)
             src = p
+    if isinstance(model, MobileNetV3):
+        ch.conv("act2", src, lambda t: model.conv_head(t.mean((2, 3), keepdim=True)), model.act2)
+        seed = gap_seed(model.classifier, ch.v["act2"], y)
+        return ch.blocks, "act2", seed, float(seed.sum()), None
     ch.conv("bn2", src, lambda t: bn_affine(model.bn2)(model.conv_head(t)), model.bn2.act)
     seed = gap_seed(model.classifier, ch.v["bn2"], y)
     return ch.blocks, "bn2", seed, float(seed.sum()), None
@@ -436,6 +458,26 @@ def test_vit_mean_pool_head_matches_brute_force() -> None:
     check_against_engine(model, images, vit_reference)
 
 
+def test_clip_vit_pre_norm_quick_gelu_matches_brute_force() -> None:
+    """CLIP's ViT (timm vit_base_patch16_clip_quickgelu_224, small): pre-norm LayerNorm over the
+    embedded tokens, QuickGELU MLPs, no patch-embedding bias, CLS head through the final norm."""
+    model = perturb(randomize(timm.create_model("vit_base_patch16_clip_quickgelu_224", img_size=24, patch_size=8,
+                                                embed_dim=8, depth=2, num_heads=2, num_classes=3)), 0.3, 18)
+    assert model.patch_embed.proj.bias is None and not isinstance(model.norm_pre, torch.nn.Identity)
+    images = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(19), dtype=torch.float64)
+    check_against_engine(model, images, vit_reference)
+
+
+def test_dinov2_registers_matches_brute_force() -> None:
+    """DINOv2 with registers (timm vit_small_patch14_reg4_dinov2, small): patch 14, 4 register tokens
+    without position embedding, layer scale in both sub-blocks."""
+    model = perturb(randomize(timm.create_model("vit_small_patch14_reg4_dinov2", img_size=28, embed_dim=8,
+                                                depth=2, num_heads=2, num_classes=3)), 0.3, 20)
+    assert model.num_prefix_tokens == 5
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    check_against_engine(model, images, vit_reference)
+
+
 def tiny_lite(**kwargs) -> EfficientNet:
     """An EfficientNet-Lite in miniature: ReLU6, depthwise convs, linear bottlenecks with and
     without residual adds, no SE."""
@@ -458,6 +500,29 @@ def test_convnext_matches_brute_force(conv_mlp: bool) -> None:
                                 conv_mlp=conv_mlp), seed=14)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
     check_against_engine(model, images, convnext_reference)
+
+
+def tiny_b0() -> EfficientNet:
+    """EfficientNet-B0 in miniature: SiLU, squeeze-excitation with sigmoid gates in every block."""
+    arch = decode_arch_def([["ds_r1_k3_s1_e1_c8_se0.25"], ["ir_r2_k3_s2_e2_c8_se0.25"], ["ir_r1_k5_s2_e2_c12_se0.25"]])
+    return EfficientNet(arch, num_features=16, stem_size=8, fix_stem=True, act_layer=torch.nn.SiLU, num_classes=3)
+
+
+def tiny_mobilenetv3() -> MobileNetV3:
+    """MobileNetV3 in miniature: hard-swish and ReLU blocks, SE with hard-sigmoid gates (ReLU inside,
+    as timm builds it), a ConvBnAct last stage, the pooled 1x1 conv_head with bias."""
+    arch = decode_arch_def([["ds_r1_k3_s2_e1_c8_se0.25_nre"], ["ir_r1_k3_s2_e3_c8_nre"],
+                            ["ir_r2_k5_s1_e2_c12_se0.25"], ["cn_r1_k1_s1_c16"]])
+    se = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=torch.nn.ReLU)
+    return MobileNetV3(arch, num_features=24, stem_size=8, fix_stem=True, act_layer=torch.nn.Hardswish,
+                       se_layer=se, num_classes=3)
+
+
+@pytest.mark.parametrize("make", [tiny_b0, tiny_mobilenetv3])
+def test_squeeze_excitation_families_match_brute_force(make) -> None:
+    model = randomize(make(), seed=16)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+    check_against_engine(model, images, effnet_reference)
 
 
 def ratio_pull(blocks, v: torch.Tensor, unit: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -514,6 +579,8 @@ def test_ierf_and_latent_ierf_match_brute_force_cnn() -> None:
     check_ierf(lite, images, effnet_reference, "blocks.1.1.bn2", "blocks.1.1.bn2", pull)
     identity = lambda m, blocks, v, unit, w: (w[:, None].expand(-1, v[0].numel()), v.new_zeros(v[0].numel()))  # noqa: E731
     check_ierf(lite, images, effnet_reference, "blocks.1", "blocks.1.1", identity)
+    b0 = randomize(tiny_b0(), seed=16)  # a unit whose v is scaled by its frozen SE gate
+    check_ierf(b0, images, effnet_reference, "blocks.1.1.se", "blocks.1.1.se", pull)
 
 
 def test_ierf_and_latent_ierf_match_brute_force_vit() -> None:

@@ -19,6 +19,7 @@ HEADS = {
     "cls-registers": {"reg_tokens": 2},
     "cls-fc_norm": {"fc_norm": True},  # pre-logits LayerNorm after the token pool, no final norm
     "cls-no-final-norm": {"final_norm": False},
+    "cls-pre-norm": {"pre_norm": True},  # CLIP: a LayerNorm over the embedded tokens
     "avg-fc_norm": {"global_pool": "avg", "class_token": False},
     "avg-norm": {"global_pool": "avg", "fc_norm": False},
 }

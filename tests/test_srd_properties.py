@@ -14,7 +14,7 @@ import pipeline.models.demo  # noqa: F401  (registers demo_resnet)
 from pipeline import srd
 from pipeline.srd.conv import FrozenPool, fold_bn
 from pipeline.srd.graph import share, upstream_signal
-from test_srd_bruteforce import perturb, randomize, tiny_lite
+from test_srd_bruteforce import perturb, randomize, tiny_b0, tiny_lite, tiny_mobilenetv3
 
 
 def tiny_models() -> dict[str, tuple[torch.nn.Module, int]]:
@@ -29,6 +29,14 @@ def tiny_models() -> dict[str, tuple[torch.nn.Module, int]]:
                                                            num_heads=2, num_classes=3, reg_tokens=1,
                                                            init_values=0.7)), 0.3, 4), 24),
         "effnet-lite": (randomize(tiny_lite(), 5), 16),
+        "vit-clip": (perturb(randomize(timm.create_model(
+            "vit_base_patch16_clip_quickgelu_224", img_size=24, patch_size=8, embed_dim=8, depth=2, num_heads=2,
+            num_classes=3)), 0.3, 9), 24),
+        "vit-dinov2-reg": (perturb(randomize(timm.create_model(
+            "vit_small_patch14_reg4_dinov2", img_size=28, embed_dim=8, depth=2, num_heads=2, num_classes=3)),
+            0.3, 10), 28),
+        "effnet-b0-se": (randomize(tiny_b0(), 7), 32),
+        "mobilenetv3": (randomize(tiny_mobilenetv3(), 8), 32),
         "convnext": (randomize(ConvNeXt(depths=(1, 1, 1, 1), dims=(4, 6, 6, 8), num_classes=3), 6), 32),
     }
 

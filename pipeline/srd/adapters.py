@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.resnet import ResNet
 from timm.models.vgg import VGG
 from timm.models.vision_transformer import VisionTransformer
@@ -36,7 +37,7 @@ def _families() -> dict[type[nn.Module], Builder]:
     from pipeline.srd.families import convnext, efficientnet, resnet, vgg, vit
 
     return {ResNet: resnet.build, VGG: vgg.build, VisionTransformer: vit.build,
-            EfficientNet: efficientnet.build, ConvNeXt: convnext.build}
+            EfficientNet: efficientnet.build, MobileNetV3: efficientnet.build, ConvNeXt: convnext.build}
 
 
 def build(model: nn.Module, images: Tensor, head: str = "exact",
