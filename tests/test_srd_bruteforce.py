@@ -277,9 +277,10 @@ def frozen_mlp(blk, z: torch.Tensor):
 
     def frozen(yy: torch.Tensor) -> torch.Tensor:
         h = (yy - yy.mean(-1, keepdim=True)) / sigma * ln.weight + ln.bias
-        return yy + blk.ls2(blk.mlp.fc2(gate * blk.mlp.fc1(h)))
+        return yy + ls2(blk.mlp.fc2(gate * blk.mlp.fc1(h)))
 
-    assert torch.allclose(frozen(z.T), z.T + blk.ls2(blk.mlp(ln(z.T))), atol=1e-12)
+    ls2 = getattr(blk, "ls2", torch.nn.Identity())  # Swin blocks have no layer scale
+    assert torch.allclose(frozen(z.T), z.T + ls2(blk.mlp(ln(z.T))), atol=1e-12)
     return frozen
 
 
@@ -393,6 +394,79 @@ def convnext_reference(model: ConvNeXt, x: torch.Tensor, y: int):
     return ch.blocks, src, seed, float(seed.sum()), None
 
 
+def swin_attention(blk, h: torch.Tensor) -> torch.Tensor:
+    """Window attention weights A [heads, T_j, T_i] of one Swin block from h [H, W, C] (norm1's output),
+    by definition: j attends to i iff both lie in the same window of the map cyclically shifted by
+    the block's shift; logits q_j . k_i * scale + relative position bias (of their slots in the window)
+    + the shifted windows' mask (-100 between tokens from different regions of the shifted map)."""
+    attn, (hh, ww, c) = blk.attn, h.shape
+    ws, sh = blk.window_size[0], blk.shift_size[0]
+    q, k, _ = attn.qkv(h.reshape(-1, c)).view(hh * ww, 3, attn.num_heads, -1).unbind(1)
+    coords = [((r - sh) % hh, (col - sh) % ww) for r in range(hh) for col in range(ww)]  # shifted position
+
+    def region(x: int, n: int) -> int:
+        return 0 if x < n - ws else (1 if x < n - sh else 2)
+
+    a = torch.zeros(attn.num_heads, hh * ww, hh * ww, dtype=h.dtype)
+    for j, (rj, cj) in enumerate(coords):
+        keys = [i for i, (ri, ci) in enumerate(coords) if (ri // ws, ci // ws) == (rj // ws, cj // ws)]
+        for hd in range(attn.num_heads):
+            logits = []
+            for i in keys:
+                ri, ci = coords[i]
+                slot_j, slot_i = (rj % ws) * ws + cj % ws, (ri % ws) * ws + ci % ws
+                bias = attn.relative_position_bias_table[attn.relative_position_index[slot_j, slot_i], hd]
+                same = sh == 0 or (region(rj, hh), region(cj, ww)) == (region(ri, hh), region(ci, ww))
+                logits.append(q[j, hd] @ k[i, hd] * attn.scale + bias + (0.0 if same else -100.0))
+            a[hd, j, keys] = torch.softmax(torch.stack(logits), 0)
+    return a
+
+
+def swin_reference(model, x: torch.Tensor, y: int):
+    """Blocks of a timm Swin: patch conv, its LayerNorm (frozen scale), per block the window attention
+    with explicit c(i->j) = sum_h A^h_ji W_O^h v^h_i (loops), b_O shared, the skip; patch merging as
+    reduction(frozen LN(2x2 concatenation)); head: per-token LN, mean pool, linear."""
+    ch = Chain(x)
+    ch.conv("patch_embed.proj", "input", model.patch_embed.proj)
+    ch.conv("patch_embed", "patch_embed.proj", frozen_layer_norm(model.patch_embed.norm, ch.v["patch_embed.proj"]))
+    src = "patch_embed"
+    for i, stage in enumerate(model.layers):
+        if not isinstance(stage.downsample, torch.nn.Identity):
+            d, down = f"layers.{i}.downsample", stage.downsample
+            cat = lambda t: torch.cat([t[..., dh::2, dw::2] for dw in (0, 1) for dh in (0, 1)], 1)  # noqa: E731
+            ln = frozen_layer_norm(down.norm, cat(ch.v[src][None])[0])
+            z = ch.conv(d, src, lambda t, ln=ln, down=down: channels_last(down.reduction)(ln(cat(t))))
+            assert torch.allclose(z, down(ch.v[src][None].permute(0, 2, 3, 1))[0].permute(2, 0, 1), atol=1e-12)
+            src = d
+        for j, blk in enumerate(stage.blocks):
+            b, v = f"layers.{i}.blocks.{j}", ch.v[src]
+            cdim, hh, ww = v.shape
+            t = hh * ww
+            h = blk.norm1(v.permute(1, 2, 0))
+            a = swin_attention(blk, h)
+            val = blk.attn.qkv(h.reshape(t, cdim)).view(t, 3, blk.attn.num_heads, -1)[:, 2]
+            d = val.shape[-1]
+            c_att = torch.zeros(t, cdim, t, dtype=v.dtype)
+            for hd in range(blk.attn.num_heads):
+                o = val[:, hd] @ blk.attn.proj.weight[:, hd * d:(hd + 1) * d].T  # W_O^h v^h_i
+                for ii in range(t):
+                    for jj in range(t):
+                        c_att[ii, :, jj] += a[hd, jj, ii] * o[ii]
+            c_skip = torch.zeros_like(c_att)
+            for ii in range(t):
+                c_skip[ii, :, ii] = v.flatten(1)[:, ii]
+            b_o = blk.attn.proj.bias[:, None].expand(-1, t)
+            z = c_att.sum(0) + c_skip.sum(0) + b_o
+            out = blk(v.permute(1, 2, 0)[None])[0]
+            assert torch.allclose(z.T, (v.permute(1, 2, 0) + blk._attn(h[None])[0]).reshape(t, cdim), atol=1e-12)
+            ch.blocks.append((b, z, [(src, c_skip, None), (src, c_att, b_o)], None))
+            ch.v[b] = out.permute(2, 0, 1)
+            src = b
+    a = model.norm(ch.v[src].permute(1, 2, 0)).permute(2, 0, 1)
+    seed = gap_seed(model.head.fc, a, y)
+    return ch.blocks, src, seed, float(seed.sum()), None
+
+
 @torch.no_grad()
 def check_against_engine(model, images, reference) -> None:
     maps, const = srd.saliency(model, images, return_constant=True)
@@ -476,6 +550,20 @@ def test_dinov2_registers_matches_brute_force() -> None:
     assert model.num_prefix_tokens == 5
     images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
     check_against_engine(model, images, vit_reference)
+
+
+def tiny_swin():
+    """Swin in miniature (timm swin_tiny_patch4_window7_224's layout): 8x8 patch grid, window 4, so the
+    second block of the first stage attends in shifted windows with the mask; patch merging to 4x4."""
+    return timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, embed_dim=8, depths=(2, 1),
+                             num_heads=(2, 2), img_size=32, window_size=4)
+
+
+def test_swin_shifted_windows_patch_merging_match_brute_force() -> None:
+    model = perturb(randomize(tiny_swin()), 0.3, 22)
+    assert model.layers[0].blocks[1].shift_size == (2, 2)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    check_against_engine(model, images, swin_reference)
 
 
 def tiny_lite(**kwargs) -> EfficientNet:
@@ -589,3 +677,12 @@ def test_ierf_and_latent_ierf_match_brute_force_vit() -> None:
     images = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     pull = lambda m, blocks, v, unit, w: vit_pull(m.blocks[1], dict((b[0], b[1]) for b in blocks)[unit], w)  # noqa: E731
     check_ierf(model, images, vit_reference, "blocks.1", "blocks.1", pull)
+
+
+def test_ierf_and_latent_ierf_match_brute_force_swin() -> None:
+    """iERFs on a Swin block in map layout; the latent direction pulled back through its MLP."""
+    model = perturb(randomize(tiny_swin()), 0.3, 22)
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    unit = "layers.0.blocks.1"
+    pull = lambda m, blocks, v, u, w: vit_pull(m.layers[0].blocks[1], dict((b[0], b[1]) for b in blocks)[u], w)  # noqa: E731
+    check_ierf(model, images, swin_reference, unit, unit, pull)

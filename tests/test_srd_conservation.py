@@ -39,6 +39,8 @@ CASES = {
     "efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", num_classes=10), 32),
     "mobilenetv3_small_100": (lambda: timm.create_model("mobilenetv3_small_100", num_classes=10), 32),
     "mobilenetv3_large_100": (lambda: timm.create_model("mobilenetv3_large_100", num_classes=10), 32),
+    "swin_tiny_patch4_window7_224": (lambda: timm.create_model(
+        "swin_tiny_patch4_window7_224", num_classes=10, img_size=64, window_size=4, depths=(2, 2, 2, 2)), 64),
     "convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=10), 64),
     "demo_resnet": (lambda: timm.create_model("demo_resnet"), 64),
     "demo_vit": (lambda: timm.create_model("demo_vit"), 128),

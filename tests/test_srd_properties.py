@@ -14,7 +14,7 @@ import pipeline.models.demo  # noqa: F401  (registers demo_resnet)
 from pipeline import srd
 from pipeline.srd.conv import FrozenPool, fold_bn
 from pipeline.srd.graph import share, upstream_signal
-from test_srd_bruteforce import perturb, randomize, tiny_b0, tiny_lite, tiny_mobilenetv3
+from test_srd_bruteforce import perturb, randomize, tiny_b0, tiny_lite, tiny_mobilenetv3, tiny_swin
 
 
 def tiny_models() -> dict[str, tuple[torch.nn.Module, int]]:
@@ -37,6 +37,7 @@ def tiny_models() -> dict[str, tuple[torch.nn.Module, int]]:
             0.3, 10), 28),
         "effnet-b0-se": (randomize(tiny_b0(), 7), 32),
         "mobilenetv3": (randomize(tiny_mobilenetv3(), 8), 32),
+        "swin": (perturb(randomize(tiny_swin()), 0.3, 11), 32),
         "convnext": (randomize(ConvNeXt(depths=(1, 1, 1, 1), dims=(4, 6, 6, 8), num_classes=3), 6), 32),
     }
 

@@ -23,6 +23,7 @@ def error_for(model: torch.nn.Module, size: int = 32) -> srd.UnsupportedModuleEr
     ("mobilenetv4_conv_small", {}, "UniversalInvertedResidual", "blocks.2.0"),
     ("mobilenetv3_large_100", {"global_pool": "max"}, "SelectAdaptivePool2d", "global_pool"),
     ("tf_efficientnet_lite0", {}, "Conv2dSame", "conv_stem"),
+    ("swinv2_cr_tiny_224", {}, "SwinTransformerV2Cr", ""),
     ("convnextv2_atto", {}, "GlobalResponseNormMlp", "stages.0.blocks.0.mlp"),
     ("convnext_atto", {"head_hidden_size": 8}, "Sequential", "head.pre_logits"),
 ])

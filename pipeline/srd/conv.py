@@ -380,3 +380,22 @@ def norm_shift(norm: nn.Module, linear: nn.Module | None = None) -> Tensor | Non
     if beta is not None:
         b = w @ beta if b is None else w @ beta + b
     return b
+
+
+class TargetScaledRule:
+    """A linear mixing followed by a LayerNorm of the target with its scale frozen (Swin's patch
+    merging: 2x2 space-to-depth, LN, reduction): c0(p->q) = s_q c0'(p->q) with c0' the inner
+    rule's bias-free contributions and s_q = 1/sigma_q > 0 per target position; the branch bias
+    (W beta) is its own, shared by these norms."""
+
+    def __init__(self, inner: ConvRule, scale: Tensor, bias: Tensor | None) -> None:
+        self.inner, self.source, self.scale, self.bias = inner, inner.source, scale, bias  # scale [N, *pos_t]
+
+    def contribution_relevance(self, g: Tensor, src: Tensor) -> Tensor:
+        return self.inner.contribution_relevance(g * self.scale[:, None, None], src)
+
+    def norm_total(self) -> Tensor:
+        return self.inner.norm_total() * self.scale
+
+    def scatter(self, beta: Tensor) -> Tensor:
+        return self.inner.scatter(beta * self.scale.unsqueeze(1))

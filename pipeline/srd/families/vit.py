@@ -102,8 +102,8 @@ def build(model: VisionTransformer, images: Tensor, head: str, differentiable: b
         y = tok(rec.inputs[f"{p}.norm2"])
         pull = mlp_pull(y, blk.norm2, blk.mlp, _scale(blk.ls2))
         units.append(Unit(p, y, tok(rec.outputs[p]), pull=pull, prefix=prefix, grid=grid))
-        attn = AttentionRule(src, rec.inputs[f"{p}.attn"], blk.attn, rec.outputs[f"{p}.attn"],
-                             _scale(blk.ls1), f"{p}.attn")
+        attn = AttentionRule.of_vit(src, rec.inputs[f"{p}.attn"], blk.attn, rec.outputs[f"{p}.attn"],
+                                    _scale(blk.ls1), f"{p}.attn")
         blocks.append(Block(p, [IdentityRule(src), attn]))
         src = p
     graph = graph_of(units, blocks, {"blocks": src}, rec.logits, differentiable)
