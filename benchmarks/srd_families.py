@@ -1,7 +1,7 @@
 """Cost of an SRD class map per supported timm family, as a ratio to a plain input gradient.
 
     python benchmarks/srd_families.py                      # every family, 96 px, batch 2, 1 thread
-    python benchmarks/srd_families.py --models resnet50 convnext_tiny --size 128
+    python benchmarks/srd_families.py --models resnet50 convnext_tiny --size 128   # re-measure these rows
 
 Each model is the full timm architecture (random weights, float32, eval) at a small input size,
 run on one CPU thread: `srd.saliency` (predicted class) against forward + backward of the input
@@ -13,9 +13,11 @@ is a 7x7 conv over the 7x7 pooled map; Swin's 7x7 windows must tile every stage'
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,8 +58,8 @@ def measure(name: str, size: int, batch: int, repeats: int) -> dict[str, float |
         target = model(images).argmax(1)
     fns = {m: method(m, model, images, target, 0, 0) for m in ("grad", "srd")}
     best = timed(fns, repeats, "cpu")
-    return {"model": name, "size": size, "batch": batch, "grad_s": best["grad"], "srd_s": best["srd"],
-            "ratio": best["srd"] / best["grad"]}
+    return {"model": name, "size": size, "batch": batch, "repeats": repeats, "grad_s": best["grad"],
+            "srd_s": best["srd"], "ratio": best["srd"] / best["grad"], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def main() -> None:
@@ -79,11 +81,14 @@ def main() -> None:
         rows.append(row)
         print(f"| {row['family']} | {name} | {row['size']} | {row['grad_s']:.3f} | {row['srd_s']:.3f} "
               f"| {row['ratio']:.1f} |", flush=True)
+    if args.models and args.out.exists():  # re-measured models replace their rows, the rest are kept
+        kept = [r for r in json.loads(args.out.read_text())["rows"] if r["model"] not in args.models]
+        rows = sorted(kept + rows, key=lambda r: list(family_of).index(r["model"]) if r["model"] in family_of else 99)
     write_results(args.out, {
-        "what": "SRD saliency vs plain input gradient, random weights, float32, best of repeats",
+        "what": "SRD saliency vs plain input gradient, random weights, float32, best of repeats; "
+                "each row's two timings come from the same interleaved rounds",
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "timm": timm.__version__, "batch": args.batch, "repeats": args.repeats,
-        "rows": rows})
+        "torch": torch.__version__, "timm": timm.__version__, "rows": rows})
 
 
 if __name__ == "__main__":
