@@ -1,10 +1,12 @@
 """SRD rules for ViT branches (docs/method.md §3, ViT rules [choice]).
 
-Token layouts are channel-first, [N, D, T], like CNN maps with one position axis.
+Token layouts are channel-first, [N, D, T], like CNN maps with one position axis (Swin's are
+maps [N, D, H, W]: AttentionRule flattens them).
 - Self-attention with frozen weights A^h: c(i->j) = sum_h A^h_ji W_O^h (W_V^h LN1(x_i) + b_V^h);
   what travels in a token's value vector (value bias, LayerNorm shift) is that token's; only
   the output-projection bias b_O is shared by norm among the attention contributions. The skip
-  x_j is an IdentityRule (no share). Layer-scale factors are folded into W_O and b_O.
+  x_j is an IdentityRule (no share). Layer-scale factors are folded into W_O and b_O. A ViT's
+  A^h is one softmax over all tokens; Swin's windows are placed in one such matrix (families/swin).
 - Patch embedding: a P x P stride-P conv (ConvRule) placed on the patch tokens; the position
   embedding is part of its bias, CLS / register tokens are block constants.
 - The MLP sub-block x + MLP(LN2(x)) acts per token: relevance passes through it; a latent
