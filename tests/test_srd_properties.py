@@ -194,7 +194,9 @@ def test_reference_bn_shift_omits_eps() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, layer", [("resnet-bottleneck-d", "layer2"), ("vit-reg-ls", "blocks.1"),
-                                         ("effnet-lite", "blocks.1")])
+                                         ("effnet-lite", "blocks.1"), ("effnet-b0-se", "blocks.1.1.se"),
+                                         ("mobilenetv3", "blocks.2"), ("convnext", "stages.1"),
+                                         ("vit-clip", "blocks.0"), ("swin", "layers.0")])
 def test_cuda_matches_cpu(name: str, layer: str) -> None:
     """Device-agnostic: the same maps and constant shares on CUDA as on CPU (float64)."""
     model, size = MODELS[name]
