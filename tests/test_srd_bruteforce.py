@@ -7,14 +7,19 @@ fn(0) by norm, and forms mu(p->q) = <c(p->q), z_q> / ||z_q||^2 by definition (do
 """
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.layers import LayerScale
-from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, SqueezeExcite
 from timm.models._efficientnet_builder import decode_arch_def
+from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.vgg import VGG
 from timm.models.vision_transformer import VisionTransformer
 
@@ -52,6 +57,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 mod.bias.copy_(0.1 * rand(*mod.bias.shape))
             elif isinstance(mod, LayerScale):
                 mod.gamma.copy_(mod.init_values + 0.1 * rand(*mod.gamma.shape))
+            elif isinstance(getattr(mod, "gamma", None), torch.nn.Parameter):  # ConvNeXt's layer scale
+                mod.gamma.copy_(0.5 + 0.1 * rand(*mod.gamma.shape))
         for name in ("cls_token", "reg_token", "pos_embed"):
             p = getattr(model, name, None)
             if isinstance(p, torch.nn.Parameter):
@@ -213,13 +220,18 @@ def vit_reference(model: VisionTransformer, x: torch.Tensor, y: int):
     (loops over i, j, h), b_O shared by norm, the skip x_j; the MLP passes relevance. A CLS head
     is a readout of the CLS token's z (`cls_readout`); a mean-pool head is split over tokens."""
     prefix = model.num_prefix_tokens
-    x0 = model.norm_pre(model._pos_embed(model.patch_embed(x[None])))[0].T  # [D, T]
+    e = model._pos_embed(model.patch_embed(x[None]))[0].T  # [D, T], before the pre-norm
+    x0 = model.norm_pre(e.T[None])[0].T
     patch = lambda t: model.patch_embed.proj(t).flatten(2)  # noqa: E731
     c0, b = contributions(patch, x)
-    bias = b + x0[:, prefix:] - patch(x[None])[0]  # conv bias + position embedding
-    const = x0.clone()
+    bias = b + e[:, prefix:] - patch(x[None])[0]  # conv bias + position embedding
+    const = e.clone()
     const[:, prefix:] = 0
-    blocks = [("norm_pre", x0, [("input", F.pad(c0, (prefix, 0)), F.pad(bias, (prefix, 0)))], const)]
+    pre_norm = not isinstance(model.norm_pre, torch.nn.Identity)
+    first = "pos_embed" if pre_norm else "norm_pre"
+    blocks = [(first, e, [("input", F.pad(c0, (prefix, 0)), F.pad(bias, (prefix, 0)))], const)]
+    if pre_norm:  # CLIP: LN token by token, scale frozen
+        blocks.append(("norm_pre", x0, [(first, *contributions(frozen_layer_norm(model.norm_pre, e), e))], None))
     v, src, t = x0, "norm_pre", x0.shape[1]
     for l, blk in enumerate(model.blocks):
         attn, h = blk.attn, blk.norm1(v.T)
@@ -265,9 +277,10 @@ def frozen_mlp(blk, z: torch.Tensor):
 
     def frozen(yy: torch.Tensor) -> torch.Tensor:
         h = (yy - yy.mean(-1, keepdim=True)) / sigma * ln.weight + ln.bias
-        return yy + blk.ls2(blk.mlp.fc2(gate * blk.mlp.fc1(h)))
+        return yy + ls2(blk.mlp.fc2(gate * blk.mlp.fc1(h)))
 
-    assert torch.allclose(frozen(z.T), z.T + blk.ls2(blk.mlp(ln(z.T))), atol=1e-12)
+    ls2 = getattr(blk, "ls2", torch.nn.Identity())  # Swin blocks have no layer scale
+    assert torch.allclose(frozen(z.T), z.T + ls2(blk.mlp(ln(z.T))), atol=1e-12)
     return frozen
 
 
@@ -301,28 +314,157 @@ def cls_readout(model: VisionTransformer, z: torch.Tensor, y: int) -> tuple[torc
     return u, float(logit(torch.zeros_like(z)))
 
 
-def effnet_reference(model: EfficientNet, x: torch.Tensor, y: int):
-    """Blocks of a timm EfficientNet-Lite: depthwise convs, linear bottlenecks as identity units."""
+def effnet_reference(model: EfficientNet | MobileNetV3, x: torch.Tensor, y: int):
+    """Blocks of a timm EfficientNet / MobileNetV3: depthwise convs, linear bottlenecks as identity
+    units, an SE module applied to the activation it scales (the unit's v), MobileNetV3's head as
+    global mean -> conv_head -> act2 over the pre-pool PFVs."""
     ch = Chain(x)
     ch.conv("bn1", "input", lambda t: bn_affine(model.bn1)(model.conv_stem(t)), model.bn1.act)
     src = "bn1"
     for i, stage in enumerate(model.blocks):
         for j, blk in enumerate(stage):
             p = f"blocks.{i}.{j}"
+            if isinstance(blk, ConvBnAct):
+                ch.conv(f"{p}.bn1", src, lambda t, c=blk.conv, b=blk.bn1: bn_affine(b)(c(t)), blk.bn1.act)
+                src = f"{p}.bn1"
+                continue
             if isinstance(blk, DepthwiseSeparableConv):
                 steps, last = [(blk.conv_dw, blk.bn1)], (blk.conv_pw, blk.bn2)
             else:
                 steps, last = [(blk.conv_pw, blk.bn1), (blk.conv_dw, blk.bn2)], (blk.conv_pwl, blk.bn3)
             prev = src
             for n, (conv, bn) in enumerate(steps, 1):
-                ch.conv(f"{p}.bn{n}", prev, lambda t, c=conv, b=bn: bn_affine(b)(c(t)), bn.act)
-                prev = f"{p}.bn{n}"
+                name, act = f"{p}.bn{n}", bn.act
+                if n == len(steps) and not isinstance(blk.se, torch.nn.Identity):
+                    name, act = f"{p}.se", (lambda t, a=bn.act, se=blk.se: se(a(t)[None])[0])
+                ch.conv(name, prev, lambda t, c=conv, b=bn: bn_affine(b)(c(t)), act)
+                prev = name
             skips = [(src, same, False)] if blk.has_skip else ()
             ch.conv(p, prev, lambda t, c=last[0], b=last[1]: bn_affine(b)(c(t)), None, skips)
             src = p
+    if isinstance(model, MobileNetV3):
+        ch.conv("act2", src, lambda t: model.conv_head(t.mean((2, 3), keepdim=True)), model.act2)
+        seed = gap_seed(model.classifier, ch.v["act2"], y)
+        return ch.blocks, "act2", seed, float(seed.sum()), None
     ch.conv("bn2", src, lambda t: bn_affine(model.bn2)(model.conv_head(t)), model.bn2.act)
     seed = gap_seed(model.classifier, ch.v["bn2"], y)
     return ch.blocks, "bn2", seed, float(seed.sum()), None
+
+
+def frozen_layer_norm(norm: torch.nn.Module, a: torch.Tensor):
+    """A LayerNorm over the channels of a channel-first map a [C, *pos] with each position's scale
+    frozen at a: an affine map of [B, C, *pos] that acts on each position alone."""
+    sigma = torch.sqrt(a.var(0, unbiased=False, keepdim=True) + norm.eps)
+    shape = (-1, *([1] * (a.dim() - 1)))
+    return lambda t: (t - t.mean(1, keepdim=True)) / sigma * norm.weight.view(shape) + norm.bias.view(shape)
+
+
+def channels_last(fn):
+    """A Linear over channels applied to a channel-first map [B, C, H, W]."""
+    return lambda t: fn(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def convnext_reference(model: ConvNeXt, x: torch.Tensor, y: int):
+    """Blocks of a timm ConvNeXt: stem conv, then every LayerNorm (scale frozen), conv and depthwise
+    conv as a unit without nonlinearity, LN -> fc1 -> GELU as a unit, gamma * fc2 + skip as the block
+    output; the head's LayerNorm frozen at the pooled vector."""
+    ch = Chain(x)
+    ch.conv("stem.0", "input", model.stem[0])
+    ch.conv("stem.1", "stem.0", frozen_layer_norm(model.stem[1], ch.v["stem.0"]))
+    src = "stem.1"
+    for i, stage in enumerate(model.stages):
+        if not isinstance(stage.downsample, torch.nn.Identity):
+            d = f"stages.{i}.downsample"
+            ch.conv(f"{d}.0", src, frozen_layer_norm(stage.downsample[0], ch.v[src]))
+            ch.conv(f"{d}.1", f"{d}.0", stage.downsample[1])
+            src = f"{d}.1"
+        for j, blk in enumerate(stage.blocks):
+            b = f"stages.{i}.blocks.{j}"
+            ch.conv(f"{b}.conv_dw", src, blk.conv_dw)
+            ln = frozen_layer_norm(blk.norm, ch.v[f"{b}.conv_dw"])
+            fc1, fc2 = (blk.mlp.fc1, blk.mlp.fc2) if blk.use_conv_mlp else (
+                channels_last(blk.mlp.fc1), channels_last(blk.mlp.fc2))
+            ch.conv(f"{b}.mlp.act", f"{b}.conv_dw", lambda t, ln=ln, fc1=fc1: fc1(ln(t)), blk.mlp.act)
+            gamma = blk.gamma.view(-1, 1, 1)
+            ch.conv(b, f"{b}.mlp.act", lambda t, fc2=fc2, g=gamma: fc2(t) * g, None, [(src, same, False)])
+            src = b
+    v = ch.v[src]
+    a = frozen_layer_norm(model.head.norm, v.mean((1, 2), keepdim=True))(v[None])[0]
+    seed = gap_seed(model.head.fc, a, y)
+    return ch.blocks, src, seed, float(seed.sum()), None
+
+
+def swin_attention(blk, h: torch.Tensor) -> torch.Tensor:
+    """Window attention weights A [heads, T_j, T_i] of one Swin block from h [H, W, C] (norm1's output),
+    by definition: j attends to i iff both lie in the same window of the map cyclically shifted by
+    the block's shift; logits q_j . k_i * scale + relative position bias (of their slots in the window)
+    + the shifted windows' mask (-100 between tokens from different regions of the shifted map)."""
+    attn, (hh, ww, c) = blk.attn, h.shape
+    ws, sh = blk.window_size[0], blk.shift_size[0]
+    q, k, _ = attn.qkv(h.reshape(-1, c)).view(hh * ww, 3, attn.num_heads, -1).unbind(1)
+    coords = [((r - sh) % hh, (col - sh) % ww) for r in range(hh) for col in range(ww)]  # shifted position
+
+    def region(x: int, n: int) -> int:
+        return 0 if x < n - ws else (1 if x < n - sh else 2)
+
+    a = torch.zeros(attn.num_heads, hh * ww, hh * ww, dtype=h.dtype)
+    for j, (rj, cj) in enumerate(coords):
+        keys = [i for i, (ri, ci) in enumerate(coords) if (ri // ws, ci // ws) == (rj // ws, cj // ws)]
+        for hd in range(attn.num_heads):
+            logits = []
+            for i in keys:
+                ri, ci = coords[i]
+                slot_j, slot_i = (rj % ws) * ws + cj % ws, (ri % ws) * ws + ci % ws
+                bias = attn.relative_position_bias_table[attn.relative_position_index[slot_j, slot_i], hd]
+                same = sh == 0 or (region(rj, hh), region(cj, ww)) == (region(ri, hh), region(ci, ww))
+                logits.append(q[j, hd] @ k[i, hd] * attn.scale + bias + (0.0 if same else -100.0))
+            a[hd, j, keys] = torch.softmax(torch.stack(logits), 0)
+    return a
+
+
+def swin_reference(model, x: torch.Tensor, y: int):
+    """Blocks of a timm Swin: patch conv, its LayerNorm (frozen scale), per block the window attention
+    with explicit c(i->j) = sum_h A^h_ji W_O^h v^h_i (loops), b_O shared, the skip; patch merging as
+    reduction(frozen LN(2x2 concatenation)); head: per-token LN, mean pool, linear."""
+    ch = Chain(x)
+    ch.conv("patch_embed.proj", "input", model.patch_embed.proj)
+    ch.conv("patch_embed", "patch_embed.proj", frozen_layer_norm(model.patch_embed.norm, ch.v["patch_embed.proj"]))
+    src = "patch_embed"
+    for i, stage in enumerate(model.layers):
+        if not isinstance(stage.downsample, torch.nn.Identity):
+            d, down = f"layers.{i}.downsample", stage.downsample
+            cat = lambda t: torch.cat([t[..., dh::2, dw::2] for dw in (0, 1) for dh in (0, 1)], 1)  # noqa: E731
+            ln = frozen_layer_norm(down.norm, cat(ch.v[src][None])[0])
+            z = ch.conv(d, src, lambda t, ln=ln, down=down: channels_last(down.reduction)(ln(cat(t))))
+            assert torch.allclose(z, down(ch.v[src][None].permute(0, 2, 3, 1))[0].permute(2, 0, 1), atol=1e-12)
+            src = d
+        for j, blk in enumerate(stage.blocks):
+            b, v = f"layers.{i}.blocks.{j}", ch.v[src]
+            cdim, hh, ww = v.shape
+            t = hh * ww
+            h = blk.norm1(v.permute(1, 2, 0))
+            a = swin_attention(blk, h)
+            val = blk.attn.qkv(h.reshape(t, cdim)).view(t, 3, blk.attn.num_heads, -1)[:, 2]
+            d = val.shape[-1]
+            c_att = torch.zeros(t, cdim, t, dtype=v.dtype)
+            for hd in range(blk.attn.num_heads):
+                o = val[:, hd] @ blk.attn.proj.weight[:, hd * d:(hd + 1) * d].T  # W_O^h v^h_i
+                for ii in range(t):
+                    for jj in range(t):
+                        c_att[ii, :, jj] += a[hd, jj, ii] * o[ii]
+            c_skip = torch.zeros_like(c_att)
+            for ii in range(t):
+                c_skip[ii, :, ii] = v.flatten(1)[:, ii]
+            b_o = blk.attn.proj.bias[:, None].expand(-1, t)
+            z = c_att.sum(0) + c_skip.sum(0) + b_o
+            out = blk(v.permute(1, 2, 0)[None])[0]
+            assert torch.allclose(z.T, (v.permute(1, 2, 0) + blk._attn(h[None])[0]).reshape(t, cdim), atol=1e-12)
+            ch.blocks.append((b, z, [(src, c_skip, None), (src, c_att, b_o)], None))
+            ch.v[b] = out.permute(2, 0, 1)
+            src = b
+    a = model.norm(ch.v[src].permute(1, 2, 0)).permute(2, 0, 1)
+    seed = gap_seed(model.head.fc, a, y)
+    return ch.blocks, src, seed, float(seed.sum()), None
 
 
 @torch.no_grad()
@@ -390,6 +532,40 @@ def test_vit_mean_pool_head_matches_brute_force() -> None:
     check_against_engine(model, images, vit_reference)
 
 
+def test_clip_vit_pre_norm_quick_gelu_matches_brute_force() -> None:
+    """CLIP's ViT (timm vit_base_patch16_clip_quickgelu_224, small): pre-norm LayerNorm over the
+    embedded tokens, QuickGELU MLPs, no patch-embedding bias, CLS head through the final norm."""
+    model = perturb(randomize(timm.create_model("vit_base_patch16_clip_quickgelu_224", img_size=24, patch_size=8,
+                                                embed_dim=8, depth=2, num_heads=2, num_classes=3)), 0.3, 18)
+    assert model.patch_embed.proj.bias is None and not isinstance(model.norm_pre, torch.nn.Identity)
+    images = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(19), dtype=torch.float64)
+    check_against_engine(model, images, vit_reference)
+
+
+def test_dinov2_registers_matches_brute_force() -> None:
+    """DINOv2 with registers (timm vit_small_patch14_reg4_dinov2, small): patch 14, 4 register tokens
+    without position embedding, layer scale in both sub-blocks."""
+    model = perturb(randomize(timm.create_model("vit_small_patch14_reg4_dinov2", img_size=28, embed_dim=8,
+                                                depth=2, num_heads=2, num_classes=3)), 0.3, 20)
+    assert model.num_prefix_tokens == 5
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    check_against_engine(model, images, vit_reference)
+
+
+def tiny_swin():
+    """Swin in miniature (timm swin_tiny_patch4_window7_224's layout): 8x8 patch grid, window 4, so the
+    second block of the first stage attends in shifted windows with the mask; patch merging to 4x4."""
+    return timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, embed_dim=8, depths=(2, 1),
+                             num_heads=(2, 2), img_size=32, window_size=4)
+
+
+def test_swin_shifted_windows_patch_merging_match_brute_force() -> None:
+    model = perturb(randomize(tiny_swin()), 0.3, 22)
+    assert model.layers[0].blocks[1].shift_size == (2, 2)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    check_against_engine(model, images, swin_reference)
+
+
 def tiny_lite(**kwargs) -> EfficientNet:
     """An EfficientNet-Lite in miniature: ReLU6, depthwise convs, linear bottlenecks with and
     without residual adds, no SE."""
@@ -401,6 +577,39 @@ def tiny_lite(**kwargs) -> EfficientNet:
 def test_efficientnet_lite_matches_brute_force() -> None:
     model = randomize(tiny_lite(), seed=11)
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    check_against_engine(model, images, effnet_reference)
+
+
+@pytest.mark.parametrize("conv_mlp", [False, True])
+def test_convnext_matches_brute_force(conv_mlp: bool) -> None:
+    """Patch stem + LayerNorm2d, depthwise 7x7, LN -> fc1 -> GELU -> fc2 (Linear over channels-last,
+    or 1x1 convs as convnext_atto), layer scale, downsample LN + 2x2 conv, LN head."""
+    model = randomize(ConvNeXt(depths=(1, 1, 1, 1), dims=(4, 6, 6, 8), num_classes=3,
+                                conv_mlp=conv_mlp), seed=14)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    check_against_engine(model, images, convnext_reference)
+
+
+def tiny_b0() -> EfficientNet:
+    """EfficientNet-B0 in miniature: SiLU, squeeze-excitation with sigmoid gates in every block."""
+    arch = decode_arch_def([["ds_r1_k3_s1_e1_c8_se0.25"], ["ir_r2_k3_s2_e2_c8_se0.25"], ["ir_r1_k5_s2_e2_c12_se0.25"]])
+    return EfficientNet(arch, num_features=16, stem_size=8, fix_stem=True, act_layer=torch.nn.SiLU, num_classes=3)
+
+
+def tiny_mobilenetv3() -> MobileNetV3:
+    """MobileNetV3 in miniature: hard-swish and ReLU blocks, SE with hard-sigmoid gates (ReLU inside,
+    as timm builds it), a ConvBnAct last stage, the pooled 1x1 conv_head with bias."""
+    arch = decode_arch_def([["ds_r1_k3_s2_e1_c8_se0.25_nre"], ["ir_r1_k3_s2_e3_c8_nre"],
+                            ["ir_r2_k5_s1_e2_c12_se0.25"], ["cn_r1_k1_s1_c16"]])
+    se = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=torch.nn.ReLU)
+    return MobileNetV3(arch, num_features=24, stem_size=8, fix_stem=True, act_layer=torch.nn.Hardswish,
+                       se_layer=se, num_classes=3)
+
+
+@pytest.mark.parametrize("make", [tiny_b0, tiny_mobilenetv3])
+def test_squeeze_excitation_families_match_brute_force(make) -> None:
+    model = randomize(make(), seed=16)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
     check_against_engine(model, images, effnet_reference)
 
 
@@ -458,6 +667,8 @@ def test_ierf_and_latent_ierf_match_brute_force_cnn() -> None:
     check_ierf(lite, images, effnet_reference, "blocks.1.1.bn2", "blocks.1.1.bn2", pull)
     identity = lambda m, blocks, v, unit, w: (w[:, None].expand(-1, v[0].numel()), v.new_zeros(v[0].numel()))  # noqa: E731
     check_ierf(lite, images, effnet_reference, "blocks.1", "blocks.1.1", identity)
+    b0 = randomize(tiny_b0(), seed=16)  # a unit whose v is scaled by its frozen SE gate
+    check_ierf(b0, images, effnet_reference, "blocks.1.1.se", "blocks.1.1.se", pull)
 
 
 def test_ierf_and_latent_ierf_match_brute_force_vit() -> None:
@@ -466,3 +677,12 @@ def test_ierf_and_latent_ierf_match_brute_force_vit() -> None:
     images = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     pull = lambda m, blocks, v, unit, w: vit_pull(m.blocks[1], dict((b[0], b[1]) for b in blocks)[unit], w)  # noqa: E731
     check_ierf(model, images, vit_reference, "blocks.1", "blocks.1", pull)
+
+
+def test_ierf_and_latent_ierf_match_brute_force_swin() -> None:
+    """iERFs on a Swin block in map layout; the latent direction pulled back through its MLP."""
+    model = perturb(randomize(tiny_swin()), 0.3, 22)
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    unit = "layers.0.blocks.1"
+    pull = lambda m, blocks, v, u, w: vit_pull(m.layers[0].blocks[1], dict((b[0], b[1]) for b in blocks)[u], w)  # noqa: E731
+    check_ierf(model, images, swin_reference, unit, unit, pull)

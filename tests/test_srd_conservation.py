@@ -18,6 +18,7 @@ def narrow_vgg(name: str, bn: bool) -> VGG:
     return VGG(cfg, num_classes=10, mlp_ratio=1 / 128, norm_layer=torch.nn.BatchNorm2d if bn else None)
 
 
+SMALL_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2, "num_classes": 10}
 CASES = {
     "resnet18": (lambda: timm.create_model("resnet18", num_classes=10), 64),
     "resnet50": (lambda: timm.create_model("resnet50", num_classes=10), 48),
@@ -27,7 +28,20 @@ CASES = {
     "vit_tiny_patch16-meanpool": (lambda: timm.create_model(
         "vit_tiny_patch16_224", img_size=48, global_pool="avg", num_classes=10), 48),
     "deit_tiny_patch16": (lambda: timm.create_model("deit_tiny_patch16_224", img_size=48, num_classes=10), 48),
+    # CLIP and DINOv2 ViTs with their own layer layouts, small: depth 2, width 64
+    "vit_base_patch16_clip_224": (lambda: timm.create_model("vit_base_patch16_clip_224", img_size=32, **SMALL_VIT), 32),
+    "vit_base_patch16_clip_quickgelu_224": (lambda: timm.create_model(
+        "vit_base_patch16_clip_quickgelu_224", img_size=32, **SMALL_VIT), 32),
+    "vit_small_patch14_dinov2": (lambda: timm.create_model("vit_small_patch14_dinov2", img_size=42, **SMALL_VIT), 42),
+    "vit_small_patch14_reg4_dinov2": (lambda: timm.create_model(
+        "vit_small_patch14_reg4_dinov2", img_size=42, **SMALL_VIT), 42),
     "efficientnet_lite0": (lambda: timm.create_model("efficientnet_lite0", num_classes=10), 32),
+    "efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", num_classes=10), 32),
+    "mobilenetv3_small_100": (lambda: timm.create_model("mobilenetv3_small_100", num_classes=10), 32),
+    "mobilenetv3_large_100": (lambda: timm.create_model("mobilenetv3_large_100", num_classes=10), 32),
+    "swin_tiny_patch4_window7_224": (lambda: timm.create_model(
+        "swin_tiny_patch4_window7_224", num_classes=10, img_size=64, window_size=4, depths=(2, 2, 2, 2)), 64),
+    "convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=10), 64),
     "demo_resnet": (lambda: timm.create_model("demo_resnet"), 64),
     "demo_vit": (lambda: timm.create_model("demo_vit"), 128),
 }
@@ -48,6 +62,7 @@ def test_pixels_plus_constant_sum_to_logit(case: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "vit_base_patch16_224"])
+@pytest.mark.parametrize("name", ["vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "vit_base_patch16_224",
+                                  "convnext_tiny"])
 def test_full_size_models_conserve_logit(name: str) -> None:
     check_conservation(randomize(timm.create_model(name, num_classes=10)), 224)

@@ -1,18 +1,20 @@
 """SRD's opt-in differentiable mode (`differentiable=True`): the map is a differentiable function
 of the input images, equal to the default map, and the default path builds no autograd graph.
 Gradients are checked against central finite differences in float64 on tiny models made smooth
-as the manipulation attack makes them (ReLU -> Softplus, ReLU6 -> SmoothReLU6; ViT: GELU)."""
+as the manipulation attack makes them (ReLU -> Softplus, ReLU6 -> SmoothReLU6; ViT: GELU) or
+smooth as built (ConvNeXt, EfficientNet-B0 with its sigmoid SE gates, Swin)."""
 from __future__ import annotations
 
 import pytest
 import torch
+from timm.models.convnext import ConvNeXt
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline import srd
 from pipeline.evaluation import Attack, differentiable, manipulate, metrics, smooth_copy
 from pipeline.srd.families.base import SmoothReLU6
-from test_srd_bruteforce import perturb, randomize, tiny_lite
+from test_srd_bruteforce import perturb, randomize, tiny_b0, tiny_lite, tiny_swin
 
 
 def smooth_models() -> dict[str, tuple[torch.nn.Module, int]]:
@@ -22,7 +24,11 @@ def smooth_models() -> dict[str, tuple[torch.nn.Module, int]]:
                             reg_tokens=1, init_values=0.7)
     return {"resnet-softplus": (smooth_copy(randomize(resnet, 1), beta=3.0), 16),
             "vit-gelu": (perturb(smooth_copy(randomize(vit)), 0.3, 4), 16),
-            "lite-smoothrelu6": (smooth_copy(randomize(tiny_lite(), 5), beta=3.0), 16)}
+            "lite-smoothrelu6": (smooth_copy(randomize(tiny_lite(), 5), beta=3.0), 16),
+            # smooth as built: GELU / SiLU, sigmoid SE gates, LayerNorms, softmax
+            "convnext-gelu": (randomize(ConvNeXt(depths=(1, 1, 1, 1), dims=(4, 6, 6, 8), num_classes=3), 6), 32),
+            "b0-silu-se": (randomize(tiny_b0(), 7), 16),
+            "swin-gelu": (perturb(randomize(tiny_swin()), 0.3, 11), 32)}
 
 
 MODELS = smooth_models()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.models.convnext import ConvNeXt
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.vgg import VGG
 from timm.models.vision_transformer import VisionTransformer
@@ -13,7 +14,7 @@ import pipeline.models.demo  # noqa: F401  (registers demo_resnet)
 from pipeline import srd
 from pipeline.srd.conv import FrozenPool, fold_bn
 from pipeline.srd.graph import share, upstream_signal
-from test_srd_bruteforce import perturb, randomize, tiny_lite
+from test_srd_bruteforce import perturb, randomize, tiny_b0, tiny_lite, tiny_mobilenetv3, tiny_swin
 
 
 def tiny_models() -> dict[str, tuple[torch.nn.Module, int]]:
@@ -28,6 +29,16 @@ def tiny_models() -> dict[str, tuple[torch.nn.Module, int]]:
                                                            num_heads=2, num_classes=3, reg_tokens=1,
                                                            init_values=0.7)), 0.3, 4), 24),
         "effnet-lite": (randomize(tiny_lite(), 5), 16),
+        "vit-clip": (perturb(randomize(timm.create_model(
+            "vit_base_patch16_clip_quickgelu_224", img_size=24, patch_size=8, embed_dim=8, depth=2, num_heads=2,
+            num_classes=3)), 0.3, 9), 24),
+        "vit-dinov2-reg": (perturb(randomize(timm.create_model(
+            "vit_small_patch14_reg4_dinov2", img_size=28, embed_dim=8, depth=2, num_heads=2, num_classes=3)),
+            0.3, 10), 28),
+        "effnet-b0-se": (randomize(tiny_b0(), 7), 32),
+        "mobilenetv3": (randomize(tiny_mobilenetv3(), 8), 32),
+        "swin": (perturb(randomize(tiny_swin()), 0.3, 11), 32),
+        "convnext": (randomize(ConvNeXt(depths=(1, 1, 1, 1), dims=(4, 6, 6, 8), num_classes=3), 6), 32),
     }
 
 
@@ -183,7 +194,9 @@ def test_reference_bn_shift_omits_eps() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name, layer", [("resnet-bottleneck-d", "layer2"), ("vit-reg-ls", "blocks.1"),
-                                         ("effnet-lite", "blocks.1")])
+                                         ("effnet-lite", "blocks.1"), ("effnet-b0-se", "blocks.1.1.se"),
+                                         ("mobilenetv3", "blocks.2"), ("convnext", "stages.1"),
+                                         ("vit-clip", "blocks.0"), ("swin", "layers.0")])
 def test_cuda_matches_cpu(name: str, layer: str) -> None:
     """Device-agnostic: the same maps and constant shares on CUDA as on CPU (float64)."""
     model, size = MODELS[name]

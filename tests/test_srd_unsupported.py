@@ -19,10 +19,13 @@ def error_for(model: torch.nn.Module, size: int = 32) -> srd.UnsupportedModuleEr
 @pytest.mark.parametrize("name, kwargs, module_type, path", [
     ("seresnet18", {}, "SEModule", "layer1.0.se"),
     ("resnet18", {"global_pool": "max"}, "SelectAdaptivePool2d", "global_pool"),
-    ("efficientnet_b0", {}, "SqueezeExcite", "blocks.0.0.se"),
+    ("efficientnetv2_rw_t", {}, "EdgeResidual", "blocks.1.0"),
+    ("mobilenetv4_conv_small", {}, "UniversalInvertedResidual", "blocks.2.0"),
+    ("mobilenetv3_large_100", {"global_pool": "max"}, "SelectAdaptivePool2d", "global_pool"),
     ("tf_efficientnet_lite0", {}, "Conv2dSame", "conv_stem"),
-    ("mobilenetv3_small_050", {}, "MobileNetV3", ""),
-    ("convnext_atto", {}, "ConvNeXt", ""),
+    ("swinv2_cr_tiny_224", {}, "SwinTransformerV2Cr", ""),
+    ("convnextv2_atto", {}, "GlobalResponseNormMlp", "stages.0.blocks.0.mlp"),
+    ("convnext_atto", {"head_hidden_size": 8}, "Sequential", "head.pre_logits"),
 ])
 def test_unsupported_module_is_named_with_its_path(name: str, kwargs: dict, module_type: str, path: str) -> None:
     err = error_for(timm.create_model(name, num_classes=3, **kwargs))

@@ -11,14 +11,17 @@
 Supported families (one table: `adapters._families`): timm ResNet (BasicBlock / Bottleneck,
 projection and ResNet-D avg-pool shortcuts; resnet18, resnet50, demo_resnet), VGG (with and
 without BN; exact FC head or the reference's Grad-CAM seed), VisionTransformer (ViT / DeiT,
-CLS or mean-pool head, register tokens, layer scale; demo_vit) and EfficientNet without SE
-(EfficientNet-Lite0). Anything else raises UnsupportedModuleError naming the module type and
-path. Where the method leaves a choice (docs/method.md), the code says so at the place it is made:
+CLS or mean-pool head, register tokens, layer scale; CLIP's pre-norm and QuickGELU, DINOv2 with
+registers; demo_vit), EfficientNet and MobileNetV3 (Lite0, B0, small / large: squeeze-excitation,
+SiLU, hard-swish) and ConvNeXt (LayerNorm2d, depthwise 7x7, layer scale). Anything else raises
+UnsupportedModuleError naming the module type and path. Where the method leaves a choice (docs/method.md), the code says so at the place it is made:
 BN shift with eps (conv.fold_bn), tied max-pool taps (conv.FrozenPool), zero pre-activations
 (graph.upstream_signal), directional first steps of linear readouts (graph.readout_signal), the
 gate of a latent direction (graph.Unit.pull_direction, transformer.mlp_pull), the seed map of the
 contrastive rule (graph.propagate), the CLS head's class readout (heads.token_readout), linear
-bottlenecks (families/efficientnet), the ViT rules (transformer), the VGG heads (families/vgg).
+bottlenecks and squeeze-excitation (families/efficientnet), per-position LayerNorms and linears
+(conv.PositionwiseRule, families/convnext), the ViT rules (transformer, families/vit), the VGG
+heads (families/vgg).
 `reference=True` reproduces the authors' ResNet code where these choices differ from it
 (families/resnet).
 """

@@ -15,8 +15,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.resnet import ResNet
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vgg import VGG
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -32,10 +35,11 @@ Builder = Callable[[nn.Module, Tensor, str, bool], tuple[Graph, Head]]
 
 
 def _families() -> dict[type[nn.Module], Builder]:
-    from pipeline.srd.families import efficientnet, resnet, vgg, vit
+    from pipeline.srd.families import convnext, efficientnet, resnet, swin, vgg, vit
 
     return {ResNet: resnet.build, VGG: vgg.build, VisionTransformer: vit.build,
-            EfficientNet: efficientnet.build}
+            EfficientNet: efficientnet.build, MobileNetV3: efficientnet.build, ConvNeXt: convnext.build,
+            SwinTransformer: swin.build}
 
 
 def build(model: nn.Module, images: Tensor, head: str = "exact",

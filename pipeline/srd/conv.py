@@ -342,3 +342,60 @@ class ConvRule:
         cols = self.norms().unsqueeze(1) * beta.reshape(n, s, 1, -1)
         out = self.pair_geo.fold(cols.reshape(n * s, 1, self.pair_geo.taps, -1))
         return out.view(n, s, *self.pair_geo.in_size)
+
+
+class PositionwiseRule:
+    """An affine map that acts on each position alone (docs/method.md §3.5): a LayerNorm with its
+    scale frozen at the recorded PFV, a 1x1 conv or a Linear over channels, or a chain of them
+    (ConvNeXt's LN -> fc1, a block's layer-scaled fc2, CLIP's pre-norm). Target q has the one
+    source p = q, so its contribution is the branch output itself: c0(q->q) = out_q - bias_q,
+    read off the recorded pass (no weights needed), and the bias share goes wholly to it."""
+
+    def __init__(self, source: str, out: Tensor, bias: Tensor | None) -> None:
+        self.source = source
+        self.bias = None if bias is None else bias.to(out.dtype).reshape(1, -1, *([1] * (out.dim() - 2)))
+        self.c0 = out if self.bias is None else out - self.bias  # [N, C, *pos]
+        self._norms = sqrt0(self.c0.square().sum(1))  # ||c0(q->q)|| [N, *pos]
+
+    def contribution_relevance(self, g: Tensor, src: Tensor) -> Tensor:
+        return (g * self.c0.unsqueeze(1)).sum(2)
+
+    def norm_total(self) -> Tensor:
+        return self._norms
+
+    def scatter(self, beta: Tensor) -> Tensor:
+        return self._norms.unsqueeze(1) * beta
+
+
+def norm_shift(norm: nn.Module, linear: nn.Module | None = None) -> Tensor | None:
+    """The bias of a LayerNorm with its scale frozen (its shift beta), or of that LayerNorm followed
+    by a Linear / 1x1 conv (W beta + b): the part of the positionwise map that no PFV carries.
+    An identity `norm` has none; [C_out] or None."""
+    beta = getattr(norm, "bias", None)
+    beta = None if beta is None else beta.detach()
+    if linear is None:
+        return beta
+    w = linear.weight.detach().flatten(1)
+    b = None if linear.bias is None else linear.bias.detach()
+    if beta is not None:
+        b = w @ beta if b is None else w @ beta + b
+    return b
+
+
+class TargetScaledRule:
+    """A linear mixing followed by a LayerNorm of the target with its scale frozen (Swin's patch
+    merging: 2x2 space-to-depth, LN, reduction): c0(p->q) = s_q c0'(p->q) with c0' the inner
+    rule's bias-free contributions and s_q = 1/sigma_q > 0 per target position; the branch bias
+    (W beta) is its own, shared by these norms."""
+
+    def __init__(self, inner: ConvRule, scale: Tensor, bias: Tensor | None) -> None:
+        self.inner, self.source, self.scale, self.bias = inner, inner.source, scale, bias  # scale [N, *pos_t]
+
+    def contribution_relevance(self, g: Tensor, src: Tensor) -> Tensor:
+        return self.inner.contribution_relevance(g * self.scale[:, None, None], src)
+
+    def norm_total(self) -> Tensor:
+        return self.inner.norm_total() * self.scale
+
+    def scatter(self, beta: Tensor) -> Tensor:
+        return self.inner.scatter(beta * self.scale.unsqueeze(1))

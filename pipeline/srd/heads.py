@@ -55,6 +55,26 @@ def pooled_linear_seed(feats: Tensor, fc: nn.Linear, target: Tensor) -> Tensor:
     return r / n_pos
 
 
+def pooled_norm_seed(feats: Tensor, norm: nn.Module, fc: nn.Linear, target: Tensor) -> Tensor:
+    """Global average pool, a LayerNorm of the pooled vector (or an identity), then linear: the
+    ResNet split with h_p the position's share of the normed pooled vector, the norm's scale sigma
+    frozen at the pooled vector m: LN(m) = mean_p [gamma (a_p - mean_c a_p) / sigma + beta], so
+    R_p = (w_y . h_p + b_y) / n sums to the logit (a ViT's mean-pool `fc_norm`, ConvNeXt's head
+    norm; docs/method.md §3.3). feats [N, C, *pos] -> [N, *pos]."""
+    if isinstance(norm, nn.LayerNorm):
+        a = feats.flatten(2)
+        sigma = torch.sqrt(a.mean(2).var(1, unbiased=False) + norm.eps).reshape(-1, 1, 1)
+        a = (a - a.mean(1, keepdim=True)) / sigma
+        if norm.weight is not None:
+            a = a * norm.weight.detach().reshape(1, -1, 1)
+        if norm.bias is not None:
+            a = a + norm.bias.detach().reshape(1, -1, 1)
+        feats = a.view_as(feats)
+    elif not isinstance(norm, nn.Identity):
+        raise TypeError(f"pooled head norm must be a LayerNorm or an identity, got {type(norm).__name__}")
+    return pooled_linear_seed(feats, fc, target)
+
+
 def token_readout(tokens: Tensor, norms: list[nn.Module], fc: nn.Linear, index: int = 0):
     """A head that reads one token (a ViT's CLS token), logit_y = w_y . N(x) + b_y with N the
     norms in order (LayerNorms, identities), as a linear readout of x = tokens[:, :, index]

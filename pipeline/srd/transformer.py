@@ -1,10 +1,12 @@
 """SRD rules for ViT branches (docs/method.md §3, ViT rules [choice]).
 
-Token layouts are channel-first, [N, D, T], like CNN maps with one position axis.
+Token layouts are channel-first, [N, D, T], like CNN maps with one position axis (Swin's are
+maps [N, D, H, W]: AttentionRule flattens them).
 - Self-attention with frozen weights A^h: c(i->j) = sum_h A^h_ji W_O^h (W_V^h LN1(x_i) + b_V^h);
   what travels in a token's value vector (value bias, LayerNorm shift) is that token's; only
   the output-projection bias b_O is shared by norm among the attention contributions. The skip
-  x_j is an IdentityRule (no share). Layer-scale factors are folded into W_O and b_O.
+  x_j is an IdentityRule (no share). Layer-scale factors are folded into W_O and b_O. A ViT's
+  A^h is one softmax over all tokens; Swin's windows are placed in one such matrix (families/swin).
 - Patch embedding: a P x P stride-P conv (ConvRule) placed on the patch tokens; the position
   embedding is part of its bias, CLS / register tokens are block constants.
 - The MLP sub-block x + MLP(LN2(x)) acts per token: relevance passes through it; a latent
@@ -20,31 +22,48 @@ from pipeline.srd.errors import UnsupportedModuleError
 
 
 class AttentionRule:
-    """Token mixing of one timm `Attention`: sources x_i of the block input, target z_j."""
+    """Token mixing with frozen weights: sources x_i of the block input, target z_j.
 
-    def __init__(self, source: str, h: Tensor, attn: nn.Module, out: Tensor, scale: Tensor | None,
-                 path: str) -> None:
-        n, t, _ = h.shape
-        heads, dh = attn.num_heads, attn.head_dim
-        q, k, v = attn.qkv(h).view(n, t, 3, heads, dh).permute(2, 0, 3, 1, 4)  # [N, H, T, d]
-        self.a = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1)  # [N, H, T_j, T_i]
-        self.u = v.contiguous()  # value vectors W_V^h LN1(x_i) + b_V^h
-        w = attn.proj.weight.detach().view(-1, heads, dh)  # W_O^h: [D, H, d]
-        b = attn.proj.bias.detach() if attn.proj.bias is not None else None
+    a [N, H, T_j, T_i] attention weights, u [N, H, T_i, d] value vectors, proj the output
+    projection (Linear, W_O = [W_O^1 .. W_O^H]), scale a layer scale folded into it. Tokens may sit
+    on a grid: g and the results are then [N, S, *grid] (a Swin map), else [N, S, T]."""
+
+    def __init__(self, source: str, a: Tensor, u: Tensor, proj: nn.Linear, scale: Tensor | None,
+                 grid: tuple[int, ...] | None = None) -> None:
+        heads, dh = u.shape[1], u.shape[3]
+        w = proj.weight.detach().view(-1, heads, dh)  # W_O^h: [D, H, d]
+        b = proj.bias.detach() if proj.bias is not None else None
         if scale is not None:
             w, b = w * scale.reshape(-1, 1, 1), None if b is None else b * scale
-        self.source, self.w = source, w
-        self.bias = None if b is None else b.reshape(1, -1, 1)
-        mine = attn.proj((self.a @ self.u).transpose(1, 2).reshape(n, t, -1))
+        self.source, self.w, self.a, self.u, self.grid = source, w, a, u.contiguous(), grid
+        pos = (1,) * (len(grid) if grid else 1)
+        self.bias = None if b is None else b.reshape(1, -1, *pos)
+        self._norms: Tensor | None = None
+
+    @classmethod
+    def of_vit(cls, source: str, h: Tensor, attn: nn.Module, out: Tensor, scale: Tensor | None,
+               path: str) -> AttentionRule:
+        """One timm ViT `Attention` on its recorded input h [N, T, D] (LN1(x)), checked against its
+        recorded output."""
+        n, t, _ = h.shape
+        q, k, v = attn.qkv(h).view(n, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # [N, H, T, d]
+        a = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1)  # [N, H, T_j, T_i]
+        mine = attn.proj((a @ v).transpose(1, 2).reshape(n, t, -1))
         if not torch.allclose(mine, out, rtol=1e-3, atol=1e-4 * float(out.detach().abs().max())):
             raise UnsupportedModuleError(attn, path, "attention output not reproduced from frozen weights")
-        self._norms: Tensor | None = None
+        return cls(source, a, v, attn.proj, scale)
+
+    def _tokens(self, r: Tensor) -> Tensor:
+        return r.flatten(-len(self.grid)) if self.grid else r
+
+    def _layout(self, r: Tensor) -> Tensor:
+        return r.unflatten(-1, self.grid) if self.grid else r
 
     def contribution_relevance(self, g: Tensor, src: Tensor) -> Tensor:
         """sum_j <c(i->j), g_j> = sum_h <u^h_i, sum_j A^h_ji W_O^h^T g_j>: [N,S,D,T] -> [N,S,T]."""
-        gh = torch.einsum("nsdj,dhe->nshje", g, self.w)  # W_O^h^T g_j
+        gh = torch.einsum("nsdj,dhe->nshje", self._tokens(g), self.w)  # W_O^h^T g_j
         agg = torch.einsum("nhji,nshje->nshie", self.a, gh)  # sum_j A^h_ji W_O^h^T g_j
-        return (agg * self.u.unsqueeze(1)).sum((2, 4))
+        return self._layout((agg * self.u.unsqueeze(1)).sum((2, 4)))
 
     def norms(self) -> Tensor:
         """||c0(i->j)||^2 = sum_{h,h'} A^h_ji A^h'_ji <o^h_i, o^h'_i>, o^h_i = W_O^h u^h_i: [N, T_j, T_i]."""
@@ -57,10 +76,10 @@ class AttentionRule:
         return self._norms
 
     def norm_total(self) -> Tensor:
-        return self.norms().sum(2)
+        return self._layout(self.norms().sum(2))
 
     def scatter(self, beta: Tensor) -> Tensor:
-        return torch.einsum("nji,nsj->nsi", self.norms(), beta)
+        return self._layout(torch.einsum("nji,nsj->nsi", self.norms(), self._tokens(beta)))
 
 
 class PatchRule:

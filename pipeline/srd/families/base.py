@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from timm.layers import DropPath
+from timm.layers import activations as timm_act
 from torch import Tensor, nn
 
 from pipeline.srd.errors import UnsupportedModuleError
@@ -26,10 +27,12 @@ class SmoothReLU6(nn.Module):
 
 
 # Element-wise nonlinearities: any sigma works with the frozen ratio gate v/z and R(z) = R(v)
-# (docs/method.md §3); Softplus and SmoothReLU6 are the attack's smooth ReLU / ReLU6.
+# (docs/method.md §3); Softplus and SmoothReLU6 are the attack's smooth ReLU / ReLU6; timm's own
+# modules (its GELU, CLIP's QuickGELU x * sigmoid(1.702 x), hard-swish, ...) are element-wise too.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Tanh, nn.Sigmoid,
-    nn.Softplus, SmoothReLU6)
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Softplus, SmoothReLU6, timm_act.GELU, timm_act.GELUTanh, timm_act.QuickGELU, timm_act.Swish,
+    timm_act.HardSwish, timm_act.HardSigmoid, timm_act.HardMish, timm_act.Mish, timm_act.Sigmoid, timm_act.Tanh)
 NO_OPS: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout, DropPath)  # identities in eval mode
 
 

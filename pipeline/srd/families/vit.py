@@ -1,9 +1,11 @@
 """timm VisionTransformer (ViT / DeiT, patch embedding conv, CLS or mean-pool head, registers,
-layer scale; demo_vit).
+layer scale; demo_vit; DINOv2 with and without registers; CLIP with its pre-norm and QuickGELU).
 
 Units are residual-stream token maps [N, D, T] (prefix tokens first): `norm_pre` (x^0: patch
 embedding + position embedding, CLS and register tokens as constants of that first block) and
-`blocks.l` (x^{l+1}). The unit `blocks.l` has pre-activation z = x^l + attention output (the
+`blocks.l` (x^{l+1}). With a pre-norm (CLIP's `norm_pre` LayerNorm) the embedding sum before it
+is a unit of its own, `pos_embed`, and `norm_pre` = LN(pos_embed) token by token, a positionwise
+block (docs/method.md §3.6). The unit `blocks.l` has pre-activation z = x^l + attention output (the
 sum the attention decomposition targets) and its per-token "nonlinearity" is the MLP sub-block,
 through which relevance passes (docs/method.md §3, [choice]).
 """
@@ -17,10 +19,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from pipeline.srd.families.base import ACTIVATIONS, Claims, graph_of, input_unit, linear_unit
-from pipeline.srd.conv import ConvRule, IdentityRule
+from pipeline.srd.conv import ConvRule, IdentityRule, PositionwiseRule, norm_shift
 from pipeline.srd.errors import UnsupportedModuleError
 from pipeline.srd.graph import Block, Graph, Unit
-from pipeline.srd.heads import Head, pooled_linear_seed, token_readout
+from pipeline.srd.heads import Head, pooled_norm_seed, token_readout
 from pipeline.srd.record import record
 from pipeline.srd.transformer import AttentionRule, PatchRule, mlp_pull
 
@@ -34,8 +36,7 @@ def _validate(c: Claims, model: VisionTransformer) -> None:
     if not pe.flatten or getattr(pe, "dynamic_img_pad", False):
         raise UnsupportedModuleError(pe, "patch_embed", "expects flattened tokens without dynamic padding")
     c.get("patch_drop", PatchDropout, nn.Identity)  # an identity in eval mode
-    if not isinstance(model.norm_pre, nn.Identity):
-        raise UnsupportedModuleError(model.norm_pre, "norm_pre", "a pre-norm mixes the first block")
+    c.get("norm_pre", *NORMS, nn.Identity)
     for l, blk in enumerate(model.blocks):
         p = f"blocks.{l}"
         c.get(p, VitBlock)
@@ -70,33 +71,39 @@ def build(model: VisionTransformer, images: Tensor, head: str, differentiable: b
     _validate(c, model)
     c.finish()
     depth = len(model.blocks)
-    ins = ["blocks.0"] + [f"blocks.{l}{s}" for l in range(depth) for s in (".attn", ".norm2")]
+    pre_norm = not isinstance(model.norm_pre, nn.Identity)
+    ins = ["blocks.0"] + ["norm_pre"] * pre_norm + [f"blocks.{l}{s}" for l in range(depth) for s in (".attn", ".norm2")]
     outs = ["patch_embed"] + [f"blocks.{l}{s}" for l in range(depth) for s in ("", ".attn")]
     rec = record(model, images, inputs=ins, outputs=outs, differentiable=differentiable)
     tok = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  [N, T, D] -> [N, D, T]
     prefix = model.num_prefix_tokens
     x0 = tok(rec.inputs["blocks.0"])
+    embed = tok(rec.inputs["norm_pre"]) if pre_norm else x0  # patch + position embedding, prefix tokens
     patches = tok(rec.outputs["patch_embed"])
     proj = model.patch_embed.proj
     grid = tuple((i + 2 * p - k) // s + 1 for i, p, k, s in
                  zip(images.shape[2:], proj.padding, proj.kernel_size, proj.stride))
     conv = ConvRule("input", proj, None, images, grid, path="patch_embed.proj")
-    bias = x0[:, :, prefix:] - patches  # the position embedding, read off the recorded pass
+    bias = embed[:, :, prefix:] - patches  # the position embedding, read off the recorded pass
     if proj.bias is not None:
         bias = bias + proj.bias.detach().reshape(1, -1, 1)
-    const = torch.nn.functional.pad(x0[:, :, :prefix], (0, x0.shape[2] - prefix))
-    units: list[Unit] = [input_unit(images), linear_unit("norm_pre", x0)]
+    const = torch.nn.functional.pad(embed[:, :, :prefix], (0, embed.shape[2] - prefix))
+    first = "pos_embed" if pre_norm else "norm_pre"
+    units: list[Unit] = [input_unit(images), linear_unit(first, embed)]
+    blocks = [Block(first, [PatchRule(conv, prefix, bias)], const)]
+    if pre_norm:  # [choice] LN token by token: its shift is the token's own (as LN1's, §3.6)
+        units.append(linear_unit("norm_pre", x0))
+        blocks.append(Block("norm_pre", [PositionwiseRule(first, x0, norm_shift(model.norm_pre))]))
     for u in units[1:]:
         u.prefix, u.grid = prefix, grid
-    blocks = [Block("norm_pre", [PatchRule(conv, prefix, bias)], const)]
     src = "norm_pre"
     for l, blk in enumerate(model.blocks):
         p = f"blocks.{l}"
         y = tok(rec.inputs[f"{p}.norm2"])
         pull = mlp_pull(y, blk.norm2, blk.mlp, _scale(blk.ls2))
         units.append(Unit(p, y, tok(rec.outputs[p]), pull=pull, prefix=prefix, grid=grid))
-        attn = AttentionRule(src, rec.inputs[f"{p}.attn"], blk.attn, rec.outputs[f"{p}.attn"],
-                             _scale(blk.ls1), f"{p}.attn")
+        attn = AttentionRule.of_vit(src, rec.inputs[f"{p}.attn"], blk.attn, rec.outputs[f"{p}.attn"],
+                                    _scale(blk.ls1), f"{p}.attn")
         blocks.append(Block(p, [IdentityRule(src), attn]))
         src = p
     graph = graph_of(units, blocks, {"blocks": src}, rec.logits, differentiable)
@@ -115,13 +122,5 @@ def _head(model: VisionTransformer, last: Unit) -> Head:
     skip = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
     # runs under adapters.build's grad mode: no graph unless the recording is differentiable
     a = model.norm(last.v[:, :, skip:].transpose(1, 2)).transpose(1, 2)  # [N, D, n]
-    fn = model.fc_norm
-    if isinstance(fn, nn.LayerNorm):
-        m = a.mean(2)
-        sigma = torch.sqrt(m.var(1, unbiased=False) + fn.eps).reshape(-1, 1, 1)
-        a = (a - a.mean(1, keepdim=True)) / sigma
-        if fn.weight is not None:
-            a = a * fn.weight.detach().reshape(1, -1, 1)
-        if fn.bias is not None:
-            a = a + fn.bias.detach().reshape(1, -1, 1)
-    return Head(last.name, lambda y: torch.nn.functional.pad(pooled_linear_seed(a, model.head, y), (skip, 0)))
+    return Head(last.name, lambda y: torch.nn.functional.pad(pooled_norm_seed(a, model.fc_norm, model.head, y),
+                                                             (skip, 0)))
