@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -199,3 +201,53 @@ def test_routes_of_the_same_image_share_nothing_new(finder, attacked) -> None:
     assert f.new_edge_share() == {"layer4": 0.0, "layer2": 0.0}
     assert f.newly_active() == {"layer4": [], "layer2": []} and f.flip_edges() == []
     assert f.after.layers[0] == LOGITS and f.after == f.clean_new
+
+
+def test_cli_routes_under_attack_equals_the_library(atlas, finder, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from jobs.cli import main
+    from pipeline.atlas.routes import Route
+    from pipeline.evaluation.adversarial import pgd_inputs
+
+    png, js, out = tmp_path / "img.png", tmp_path / "flip.json", tmp_path / "flip.png"
+    Image.fromarray(render_sample(77, 0, 128)[0]).save(png)
+    assert main(["routes", atlas, "--image", str(png), "-k", "2", "--steps", str(STEPS),
+                 "--attack", "pgd", "--eps", "32/255", "--attack-steps", "10",
+                 "--json", str(js), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(js.read_text())
+    loaded = finder.scorer.loaded
+    x = finder.pixels(str(png))
+    with torch.no_grad():
+        clean = loaded.model(x).argmax(1)
+    res = pgd_inputs(loaded.model, x, clean, loaded.data_config, eps=32 / 255, steps=10)
+    want = flip_routes(finder, x[0], res.inputs[0], k=2)
+    assert got["summary"] == json.loads(json.dumps(want.summary()))
+    assert Route.from_json(json.dumps(got["after"])) == want.after
+    assert f"class {want.before.target} -> {want.after.target}" in printed
+    with Image.open(out) as im:  # the images' row above the two routes
+        assert im.height > 2 * 200 and im.width > 3 * 160
+    assert main(["routes", atlas, "--image", str(png), "--attack", "pgd", "--target", "hexagon"]) == 2
+    assert "hexagon" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["routes", atlas, "--image", str(png), "--attack", "pgd", "--eps", "4/0"])
+
+
+def test_the_after_route_draws_the_newly_active_latents_in_orange(flips) -> None:
+    from pipeline.atlas.route_render import HIGHLIGHT, render_flip, render_route
+    from pipeline.atlas.routes import node_id
+
+    f = next(f for f in flips if f.flip_edges())
+    new = {node_id(layer, j) for layer, lat in f.newly_active().items() for j in lat}
+    on_route = {n.id for n in f.after.nodes} & new
+    assert on_route
+    orange = lambda im: int((np.asarray(im) == HIGHLIGHT).all(-1).sum())  # noqa: E731
+    assert orange(render_route(f.after, None, thumbs=0)) == 0
+    assert orange(render_route(f.after, None, thumbs=0, highlight=new)) > 100 * len(on_route)
+    h, w = 32, 32
+    clean, adv = np.zeros((h, w, 3), np.uint8), np.full((h, w, 3), 4, np.uint8)
+    both = render_flip(f, clean, adv, None, thumbs=0)
+    assert orange(both) == orange(render_route(f.after, None, thumbs=0, highlight=new))
+    with pytest.raises(ValueError, match="two \\[H, W, 3\\] images of one size"):
+        render_flip(f, clean, adv[:-1], None, thumbs=0)

@@ -30,6 +30,7 @@ above (docs/method.md §7).
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +129,13 @@ class FlipRoutes:
                 "clean_logit": self.before.nodes[0].activation,
                 "adv_logit": self.after.nodes[0].activation, "layers": layers,
                 "flip_edges": [[e.src, e.dst, e.weight] for e in self.flip_edges()]}
+
+
+    def to_json(self) -> str:
+        """`summary()` and the three routes (as `Route.to_json` writes them) in one JSON object."""
+        return json.dumps({"summary": self.summary(),
+                           **{name: json.loads(getattr(self, name).to_json())
+                              for name in ("before", "after", "clean_new")}}, indent=1)
 
 
 def flip_routes(finder: RouteFinder, clean: ImageInput, adversarial: ImageInput, k: int = 3,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +39,14 @@ from torch import Tensor, nn
 
 @dataclass
 class PGDResult:
-    """One PGD run. pixels: the adversarial images Tensor[N, 3, H, W] in [0, 1]; clean / adv:
+    """One PGD run. pixels: the adversarial images Tensor[N, 3, H, W] in [0, 1]; inputs: the
+    same normalised, as the model sees them (for routes and maps); clean / adv:
     the model's predicted classes Tensor[N] before and after; flipped: Tensor[N] bool, the attack
     succeeded (untargeted: the prediction left `labels`; targeted: it is the target class);
     eps, alpha, steps, targeted: the settings used."""
 
     pixels: Tensor
+    inputs: Tensor
     clean: Tensor
     adv: Tensor
     flipped: Tensor
@@ -125,8 +128,19 @@ def pgd(model: nn.Module, pixels: Tensor, labels: Tensor, *, mean: Sequence[floa
         with torch.no_grad():
             x = torch.minimum(torch.maximum(x + sign * alpha * grad.sign(), lower), upper)
     x = x.detach()
+    inputs = normalise(x, mean, std)
     with torch.no_grad():
-        adv = logits(x).argmax(1)
+        adv = model(inputs).argmax(1)
     flipped = adv == labels if targeted else adv != labels
-    return PGDResult(x, clean_logits.argmax(1), adv, flipped, float(eps), float(alpha),
+    return PGDResult(x, inputs, clean_logits.argmax(1), adv, flipped, float(eps), float(alpha),
                      int(steps), bool(targeted))
+
+
+def pgd_inputs(model: nn.Module, x: Tensor, labels: Tensor, data_config: dict[str, Any],
+               **settings: Any) -> PGDResult:
+    """`pgd` on a preprocessed batch `x` (the model's input, normalised with `data_config`'s
+    mean and std, as `LoadedModel.preprocess` returns it): the attack still runs on the pixels
+    (`to_pixels`), and `result.inputs` is the adversarial batch in `x`'s form. settings: eps,
+    alpha, steps, targeted, random_start, seed (see `pgd`)."""
+    mean, std = data_config["mean"], data_config["std"]
+    return pgd(model, to_pixels(x, mean, std), labels, mean=mean, std=std, **settings)
