@@ -76,7 +76,9 @@ def run_atlas(root: str, n: int, seed: int, eps: float, steps: int, k: int, ig_s
     with torch.no_grad():
         noise_flips = float((model(noisy).argmax(1) != labels).float().mean())
     t1 = time.time()
-    flips, noise_new = [], {layer: [] for layer in finder.layers}
+    flips = []
+    noise_new: dict[str, list[int]] = {layer: [] for layer in finder.layers}
+    layer_gain: dict[str, list[float]] = {layer: [] for layer in finder.layers}
     for i in range(len(keep)):
         clean_acts, noisy_acts = finder.activations(x[i]), finder.activations(noisy[i])
         for layer in finder.layers:
@@ -84,6 +86,9 @@ def run_atlas(root: str, n: int, seed: int, eps: float, steps: int, k: int, ig_s
         if not bool(res.flipped[i]):
             continue
         flip = flip_routes(finder, x[i], res.inputs[i], k=k, label=int(labels[i]))
+        for layer in finder.layers:
+            layer_gain[layer].append(float(np.clip(flip.acts_adv[layer], 0, None).sum()) /
+                                     max(float(np.clip(flip.acts_clean[layer], 0, None).sum()), 1e-12))
         summary = flip.summary()
         summary["image"] = int(keep[i])
         flips.append(summary)
@@ -115,6 +120,11 @@ def run_atlas(root: str, n: int, seed: int, eps: float, steps: int, k: int, ig_s
             "newly_active": mean("newly_active"), "deactivated": mean("deactivated"),
             "active_clean": mean("active_clean"), "active_adv": mean("active_adv"),
             "newly_active_noise": float(np.mean(noise_new[layer])),
+            # how much the attack raised the after route's latents, against the whole layer
+            "route_act_gain": float(np.mean([sum(r["route_after_act_adv"]) /
+                                             max(sum(r["route_after_act_clean"]), 1e-12)
+                                             for r in rows])) if rows else None,
+            "layer_act_gain": float(np.mean(layer_gain[layer])) if rows else None,
             "jaccard_after_vs_clean_new": jaccard("route_after", "route_clean_new"),
             "jaccard_after_vs_before": jaccard("route_after", "route_before"),
         }

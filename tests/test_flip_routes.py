@@ -183,6 +183,10 @@ def test_flip_numbers_equal_a_brute_force_from_the_routes_raw_edges(finder, stro
             assert got["active_new_frac"] == pytest.approx(
                 len(want_new) / max((codes["adv"][layer] > 0).sum(), 1))
             some_new += new > 0
+            assert got["route_after_act_clean"] == pytest.approx(
+                [float(codes["clean"][layer][j]) for j in got["route_after"]], rel=1e-6)
+            assert got["route_after_act_adv"] == pytest.approx(
+                [float(codes["adv"][layer][j]) for j in got["route_after"]], rel=1e-6)
         assert summary["flip_edges"] == sorted(
             ([e["src"], e["dst"], e["weight"]] for e in after if not e["src"].endswith(":err")
              and codes["clean"][e["src"].split(":")[0]][int(e["src"].split(":")[1])] == 0),

@@ -106,8 +106,9 @@ class FlipRoutes:
         return out
 
     def summary(self) -> dict[str, Any]:
-        """The numbers of this flip, JSON-ready: classes, and per layer the route latents, the
-        shares above, the newly active and deactivated latent counts and the flip edges."""
+        """The numbers of this flip, JSON-ready: classes, and per layer the route latents (with
+        the `after` route's activations on both images), the shares above, the newly active and
+        deactivated latent counts, and the flip edges."""
         new, gone = self.newly_active(), self.deactivated()
         share, edge_share = self.new_share(), self.new_edge_share()
         chance, act_chance = self.active_new_frac(), self.act_new_frac()
@@ -118,6 +119,8 @@ class FlipRoutes:
                 "route_before": self.before.latents(layer), "route_after": after,
                 "route_clean_new": self.clean_new.latents(layer),
                 "route_after_newly_active": [f for f in after if f in fresh],
+                "route_after_act_clean": [float(self.acts_clean[layer][f]) for f in after],
+                "route_after_act_adv": [float(self.acts_adv[layer][f]) for f in after],
                 "new_share": share[layer], "new_edge_share": edge_share[layer],
                 "active_new_frac": chance[layer], "act_new_frac": act_chance[layer],
                 "active_clean": int((self.acts_clean[layer] > 0).sum()),
