@@ -9,15 +9,19 @@ adversarial image's active latents that are new, by count and by activation), th
 attack switched on and off, and the same counts for random +-eps noise (the control: how many
 latents any change of that size switches on).
 
+    python benchmarks/adversarial_routes.py build /tmp/adv_demo      # the two atlases
     python benchmarks/adversarial_routes.py --atlas /tmp/adv_demo/resnet --atlas /tmp/adv_demo/vit \\
-        --n 40 --eps 4/255 --out benchmarks/results/adversarial_routes.json --pictures docs/img
+        --n 40 --eps 4/255 --pictures docs/img      # -> benchmarks/results/adversarial_routes.json
 
-The atlases are `concept-atlas demo --out /tmp/adv_demo/resnet` and
-`concept-atlas demo --model demo_vit --out /tmp/adv_demo/vit`.
+`build DIR` writes DIR/resnet.yaml and DIR/vit.yaml, configs/demo.yaml for demo_resnet and
+demo_vit (the demo's layers, `jobs.demo.DEFAULT_LAYERS`) up to the scan stage (routes need the
+SAEs; cafe, index and icat are left out: cafe ran at ~2 s per exemplar on the shared 2-core VM),
+and builds them into DIR/resnet and DIR/vit.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from collections import Counter
@@ -31,6 +35,7 @@ from benchmarks.results_io import write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from pipeline.atlas.flip_routes import flip_routes  # noqa: E402
 from pipeline.atlas.route_render import render_flip  # noqa: E402
@@ -45,6 +50,27 @@ def fraction(value: str) -> float:
     """"4/255" or "0.0157" -> float."""
     num, sep, den = value.partition("/")
     return float(num) / float(den) if sep else float(num)
+
+
+def build(out: Path) -> list[str]:
+    """The two demo atlases up to the scan stage (see the module docstring); their roots."""
+    from jobs.build import run
+    from jobs.demo import DEFAULT_LAYERS
+
+    base = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
+    roots = []
+    for short, model in (("resnet", "demo_resnet"), ("vit", "demo_vit")):
+        cfg = {k: v for k, v in copy.deepcopy(base).items() if k not in ("cafe", "index", "icat")}
+        cfg["out"], cfg["model"]["name"] = str(out / short), model
+        cfg["extract"]["layers"] = DEFAULT_LAYERS[model]
+        for entry, layer in zip(cfg["train_sae"]["sweep"], DEFAULT_LAYERS[model]):
+            entry["layer"] = layer
+        path = out / f"{short}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        run(str(path))
+        roots.append(cfg["out"])
+    return roots
 
 
 def run_atlas(root: str, n: int, seed: int, eps: float, steps: int, k: int, ig_steps: int,
@@ -78,7 +104,6 @@ def run_atlas(root: str, n: int, seed: int, eps: float, steps: int, k: int, ig_s
     t1 = time.time()
     flips = []
     noise_new: dict[str, list[int]] = {layer: [] for layer in finder.layers}
-    layer_gain: dict[str, list[float]] = {layer: [] for layer in finder.layers}
     for i in range(len(keep)):
         clean_acts, noisy_acts = finder.activations(x[i]), finder.activations(noisy[i])
         for layer in finder.layers:
@@ -86,11 +111,11 @@ def run_atlas(root: str, n: int, seed: int, eps: float, steps: int, k: int, ig_s
         if not bool(res.flipped[i]):
             continue
         flip = flip_routes(finder, x[i], res.inputs[i], k=k, label=int(labels[i]))
-        for layer in finder.layers:
-            layer_gain[layer].append(float(np.clip(flip.acts_adv[layer], 0, None).sum()) /
-                                     max(float(np.clip(flip.acts_clean[layer], 0, None).sum()), 1e-12))
         summary = flip.summary()
         summary["image"] = int(keep[i])
+        for layer in finder.layers:  # the whole layer's summed activations, for the gains below
+            summary["layers"][layer]["layer_act_clean"] = float(flip.acts_clean[layer].sum())
+            summary["layers"][layer]["layer_act_adv"] = float(flip.acts_adv[layer].sum())
         flips.append(summary)
         if pictures is not None and len(flips) == 1:  # the first flipped image, not a chosen one
             shown = [p.permute(1, 2, 0).numpy() for p in (pixels[i], res.pixels[i])]
@@ -120,11 +145,7 @@ def run_atlas(root: str, n: int, seed: int, eps: float, steps: int, k: int, ig_s
             "newly_active": mean("newly_active"), "deactivated": mean("deactivated"),
             "active_clean": mean("active_clean"), "active_adv": mean("active_adv"),
             "newly_active_noise": float(np.mean(noise_new[layer])),
-            # how much the attack raised the after route's latents, against the whole layer
-            "route_act_gain": float(np.mean([sum(r["route_after_act_adv"]) /
-                                             max(sum(r["route_after_act_clean"]), 1e-12)
-                                             for r in rows])) if rows else None,
-            "layer_act_gain": float(np.mean(layer_gain[layer])) if rows else None,
+            **gains(rows),
             "jaccard_after_vs_clean_new": jaccard("route_after", "route_clean_new"),
             "jaccard_after_vs_before": jaccard("route_after", "route_before"),
         }
@@ -143,23 +164,43 @@ def run_atlas(root: str, n: int, seed: int, eps: float, steps: int, k: int, ig_s
     }
 
 
+def gains(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """How much the attack raised the activations of the new class's route latents, pooled
+    over flips (sum on the adversarial images / sum on the clean ones): all of them, those
+    already active on the clean image, and the whole layer for comparison."""
+    if not rows:
+        return {"route_act_gain": None, "route_act_gain_active_before": None, "layer_act_gain": None}
+    pairs = [(c, a) for r in rows for c, a in zip(r["route_after_act_clean"], r["route_after_act_adv"])]
+    old = [(c, a) for c, a in pairs if c > 0]
+    return {"route_act_gain": sum(a for _, a in pairs) / sum(c for c, _ in pairs),
+            "route_act_gain_active_before": sum(a for _, a in old) / sum(c for c, _ in old),
+            "layer_act_gain": sum(r["layer_act_adv"] for r in rows) / sum(r["layer_act_clean"] for r in rows)}
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """The markdown table of docs/routes.md."""
     lines = ["| model | layer | flipped | new-class route mass through newly active latents: "
              "mean | flips with any | chance: count | chance: activation | newly active "
-             "latents: PGD | noise | route Jaccard after vs clean into the new class |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "latents: PGD | noise | route Jaccard after vs clean into the new class | activation "
+             "gain of the new route's latents active before | of the layer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for layer, p in r["per_layer"].items():
             lines.append(
                 f"| {r['model']} | {layer} | {r['flipped']}/{r['correct']} | "
                 f"**{p['new_share']:.3f}** | {p['flips_with_new_share']:.2f} | "
                 f"{p['active_new_frac']:.3f} | {p['act_new_frac']:.3f} | {p['newly_active']:.1f} | "
-                f"{p['newly_active_noise']:.1f} | {p['jaccard_after_vs_clean_new']:.2f} |")
+                f"{p['newly_active_noise']:.1f} | {p['jaccard_after_vs_clean_new']:.2f} | "
+                f"{p['route_act_gain_active_before']:.2f}x | {p['layer_act_gain']:.2f}x |")
     return "\n".join(lines)
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["build"]:
+        if len(sys.argv) != 3:
+            sys.exit("usage: adversarial_routes.py build DIR")
+        print(build(Path(sys.argv[2])))
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--atlas", action="append", required=True, help="a built atlas (repeat)")
     p.add_argument("--n", type=int, default=40, help="fresh images per atlas")
