@@ -12,7 +12,7 @@ node is named from the atlas's class names (`Route.class_names`), "class N" when
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -88,12 +88,14 @@ def node_title(node: RouteNode, class_names: Sequence[str] | None) -> str:
 
 def render_route(route: Route, root: str | None = None, out: str | os.PathLike | None = None,
                  thumbs: int = 3, highlight: Collection[str] = (),
-                 highlight_note: str = "highlighted") -> Image.Image:
+                 highlight_note: str = "highlighted",
+                 notes: Mapping[str, str] | None = None) -> Image.Image:
     """Draw `route` (see the module docstring); exemplars come from the atlas at `root`
     (None: ids only). Saves a PNG to `out` when given. Returns the RGB image of
     `canvas_size(route, thumbs)`. highlight: node ids drawn in orange, with their outgoing
     edges (the caption says what they are: `highlight_note`), e.g. the latents an attack
-    switched on (`pipeline.atlas.flip_routes`)."""
+    switched on (`pipeline.atlas.flip_routes`). notes: {node id: text} shown on the node's
+    label-hint line (after the hint), e.g. its activation on another image."""
     if thumbs < 0:
         raise ValueError(f"thumbs={thumbs}: expected an int >= 0 (exemplars per node)")
     tiles = exemplar_thumbnails(root, route, thumbs) if root is not None and thumbs else None
@@ -116,7 +118,7 @@ def render_route(route: Route, root: str | None = None, out: str | os.PathLike |
         draw.line([((sx0 + sx1) // 2, sy0), ((dx0 + dx1) // 2, dy1)], fill=colour, width=width)
     for node in route.nodes:
         _draw_node(image, draw, node, boxes[node.id], (tiles or {}).get(node.id, []),
-                   route.class_names, node.id in highlight)
+                   route.class_names, node.id in highlight, (notes or {}).get(node.id, ""))
     shown = [n for n in route.nodes if n.id in highlight]
     _draw_caption(draw, route, size, tiles is not None, root is not None,
                   f"; orange: {highlight_note}" if shown else "")
@@ -142,14 +144,16 @@ def _layout(route: Route, width: int, thumbs: int) -> dict[str, tuple[int, int, 
 
 def _draw_node(image: Image.Image, draw: ImageDraw.ImageDraw, node: RouteNode,
                box: tuple[int, int, int, int], tiles: list[np.ndarray],
-               class_names: Sequence[str] | None, highlighted: bool = False) -> None:
+               class_names: Sequence[str] | None, highlighted: bool = False,
+               note: str = "") -> None:
     x0, y0, x1, y1 = box
     fill = (225, 225, 225) if node.latent == ERROR else (255, 228, 196) if highlighted else (255, 255, 255)
     draw.rectangle(box, fill=fill, outline=HIGHLIGHT if highlighted else (0, 0, 0),
                    width=3 if highlighted else 1)
     name = node_title(node, class_names)
     act = "" if node.activation is None else f"act {node.activation:.3f}"
-    for i, text in enumerate((name, act, node.label_hint or "")):
+    hint = "; ".join(t for t in (node.label_hint, note) if t)
+    for i, text in enumerate((name, act, hint)):
         draw.text((x0 + PAD, y0 + PAD + i * LINE), text[:28], fill=(0, 0, 0))
     ty = y0 + PAD + TEXT_LINES * LINE + PAD // 2
     for j, t in enumerate(tiles):
@@ -181,7 +185,7 @@ def render_flip(flip: FlipRoutes, clean: np.ndarray, adversarial: np.ndarray,
     white = -eps and +eps; eps defaults to the largest change), then the clean image's route
     into its class (`flip.before`), then the adversarial image's route into its class
     (`flip.after`) with the latents the attack switched on (inactive on the clean image) in
-    orange. clean / adversarial: the model's input pixels uint8 or float in [0, 1], [H, W, 3].
+    orange; each latent shows its activation on the other image too ("clean 0.096"). clean / adversarial: the model's input pixels uint8 or float in [0, 1], [H, W, 3].
     Saves a PNG to `out` when given; returns the RGB image."""
     a, b = (np.asarray(im, np.float64) / (255.0 if np.asarray(im).dtype == np.uint8 else 1.0)
             for im in (clean, adversarial))
@@ -205,9 +209,15 @@ def render_flip(flip: FlipRoutes, clean: np.ndarray, adversarial: np.ndarray,
                   (x, MARGIN))
         draw.text((x, MARGIN + side + PAD), c[:32], fill=(0, 0, 0))
     new = {node_id(layer, f) for layer, lat in flip.newly_active().items() for f in lat}
-    rows = [top, render_route(flip.before, root, thumbs=thumbs),
+    def other(route: Route, acts: dict[str, np.ndarray], name: str) -> dict[str, str]:
+        return {n.id: f"{name} {acts[n.layer][n.latent]:.3f}" for n in route.nodes
+                if n.layer in acts and n.latent != ERROR}
+
+    clean_acts = other(flip.after, flip.acts_clean, "clean")
+    rows = [top, render_route(flip.before, root, thumbs=thumbs,
+                              notes=other(flip.before, flip.acts_adv, "adversarial")),
             render_route(flip.after, root, thumbs=thumbs, highlight=new,
-                         highlight_note="latents inactive on the clean image")]
+                         highlight_note="latents inactive on the clean image", notes=clean_acts)]
     image = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)),
                       (255, 255, 255))
     y = 0
