@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-ray test-all demo clean
+.PHONY: install test test-ray test-all demo demo-real clean
 
 install: $(STAMP)
 
@@ -33,5 +33,9 @@ test-all: install
 demo: install
 	$(VENV)/bin/concept-atlas demo
 
+# the real-photo demo: efficientnet_lite0 (ImageNet weights) on crops of bundled photos
+demo-real: install
+	$(VENV)/bin/concept-atlas demo --real
+
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out demo_real_out .pytest_cache

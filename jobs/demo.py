@@ -16,23 +16,46 @@ from typing import Any, Sequence
 
 from jobs.build import load_build_config, run_build
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEMO_CONFIG, REAL_CONFIG = CONFIGS / "demo.yaml", CONFIGS / "demo_real.yaml"
 DEFAULT_LAYERS = {"demo_resnet": ["layer2", "layer4"], "demo_vit": ["blocks.1", "blocks.3"]}
 
 
-def run(out: Path, n_images: int | None = None, model_name: str = "demo_resnet",
-        layers: Sequence[str] | None = None) -> dict[str, Any]:
+def run(out: Path, n_images: int | None = None, model_name: str | None = None,
+        layers: Sequence[str] | None = None, real: bool = False,
+        photos: str | None = None) -> dict[str, Any]:
     """Build the demo atlas into `out`; returns the summary also written to `out/summary.json`.
 
-    `n_images`, `model_name` and `layers` override the demo config; the config's SAE sweep is
+    The synthetic demo (configs/demo.yaml) by default; `real` (or `photos`, a folder of
+    images) the real-photo demo (configs/demo_real.yaml: efficientnet_lite0 with ImageNet
+    weights on crops of the photos Python packages bundle, or of `photos`). `n_images` (the
+    synthetic demo only), `model_name` and `layers` override the config; its SAE sweep is
     applied to the chosen layers in order.
     """
     t0 = time.time()
-    if not DEMO_CONFIG.is_file():
-        raise FileNotFoundError(f"demo config not found at {DEMO_CONFIG}; run from a clone")
-    cfg = load_build_config(DEMO_CONFIG, out=str(out))
-    if n_images is not None:
+    real = real or photos is not None
+    config = REAL_CONFIG if real else DEMO_CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"demo config not found at {config}; run from a clone")
+    cfg = load_build_config(config, out=str(out))
+    if real:
+        if n_images is not None:
+            raise ValueError(f"--n {n_images} sets the synthetic demo's image count; the real "
+                             "demo takes its images from --photos DIR (default: bundled photos)")
+        if photos is None:
+            from pipeline.data.photos import write_bundled_photos
+
+            photos = str(Path(out) / "photos")
+            found = write_bundled_photos(photos)
+            print(f"[photos] {len(found)} photos bundled with scikit-image, scikit-learn and "
+                  f"matplotlib in {photos}/")
+        elif not Path(photos).is_dir():
+            raise FileNotFoundError(f"--photos {photos}: not a folder of images")
+        cfg.options["make-shards"] = dataclasses.replace(cfg.options["make-shards"],
+                                                         src=str(Path(photos).resolve()))
+    elif n_images is not None:
         cfg.options["make-data"] = dataclasses.replace(cfg.options["make-data"], n=n_images)
+    model_name = model_name or cfg.extract.model
     if model_name != cfg.extract.model or layers:
         layers = list(layers or DEFAULT_LAYERS.get(model_name, []))
         if not layers:
@@ -56,8 +79,8 @@ def run(out: Path, n_images: int | None = None, model_name: str = "demo_resnet",
     }
     samples = heldout_samples(cfg, 4)
     summary["saliency"] = write_saliency(Path(out), cfg, samples)
-    summary["queries"] = example_queries(str(out))
-    summary["route"] = write_route(Path(out), samples[0])
+    summary["queries"] = example_queries(str(out), REAL_QUERIES if real else EXAMPLE_QUERIES)
+    summary["route"] = write_route(Path(out), samples[0], label=None if real else samples[0].cls)
     (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     # the accuracy line was printed by train-sae's summary
     print(f"\n[done] in {time.time() - t0:.0f}s. The atlas is in {out}/ (summary.json, Parquet "
@@ -91,12 +114,34 @@ EXAMPLE_QUERIES = {
 }
 
 
-def example_queries(out: str) -> list[dict[str, Any]]:
-    """Run EXAMPLE_QUERIES on the atlas at `out`, print each with its answer, return them."""
+# the real-photo demo's questions: its labels are the photos' categories, its classes ImageNet's
+REAL_QUERIES = {
+    "latents per layer: how many, how many dead, how many source photos their top exemplars span":
+        "SELECT layer, count(*) AS latents, count(*) FILTER (dead) AS dead, "
+        "round(avg(n_sources), 2) AS mean_sources, "
+        "count(*) FILTER (n_sources >= 3) AS spanning_3_photos FROM latents "
+        "GROUP BY layer ORDER BY layer",
+    "latents whose top exemplars agree on a photo category, with the class each drives":
+        "SELECT layer, latent, label_hint, round(label_hint_frac, 2) AS frac, n_sources, "
+        "drives_class FROM latents WHERE label_source = 'image labels' AND n_sources >= 3 "
+        "ORDER BY label_hint_frac DESC, max_act DESC LIMIT 5",
+    "the strongest ICAT-IG edge into each of the most driven ImageNet classes, by name":
+        "SELECT c.name AS class, e.src_layer || ':' || e.src_latent AS source, "
+        "round(e.weight, 2) AS weight, e.n_images FROM edges e JOIN classes c "
+        "ON c.class = e.dst_latent WHERE e.dst_layer = 'logits' AND e.method = 'ig' "
+        "AND e.scope = 'all' AND e.src_latent >= 0 "
+        "QUALIFY row_number() OVER (PARTITION BY e.dst_latent ORDER BY e.weight DESC) = 1 "
+        "ORDER BY e.weight DESC LIMIT 8",
+}
+
+
+def example_queries(out: str, queries: dict[str, str] = EXAMPLE_QUERIES) -> list[dict[str, Any]]:
+    """Run `queries` ({question: SQL}) on the atlas at `out`, print each with its answer,
+    return them."""
     from pipeline.atlas import Atlas
 
     atlas, answers = Atlas.open(out), []
-    for question, query in EXAMPLE_QUERIES.items():
+    for question, query in queries.items():
         table = atlas.sql(query)
         print(f"\n[query] {question}\n  {query}")
         print(table.to_pandas().to_string(index=False))
@@ -104,16 +149,17 @@ def example_queries(out: str) -> list[dict[str, Any]]:
     return answers
 
 
-def write_route(out: Path, sample: Any) -> dict[str, Any]:
-    """The concept route of one held-out image into its predicted class: printed, written as
-    `out/route.json` and drawn to `out/route.png`."""
+def write_route(out: Path, sample: Any, label: int | None) -> dict[str, Any]:
+    """The concept route of one held-out image into its predicted class (and `label`, a class
+    of the model, when given): printed, written as `out/route.json` and drawn to
+    `out/route.png`."""
     from pipeline.atlas import Atlas
     from pipeline.atlas.route_render import render_route
 
-    route = Atlas.open(str(out)).routes(sample.image, label=sample.cls)
+    route = Atlas.open(str(out)).routes(sample.image, label=label)
     (out / "route.json").write_text(route.to_json() + "\n")
     render_route(route, str(out), out / "route.png")
-    print(f"\n[route] image {sample.key} (label {sample.cls}):\n{route.text()}")
+    print(f"\n[route] image {sample.key}:\n{route.text()}")
     return {"key": sample.key, "json": str(out / "route.json"), "png": str(out / "route.png")}
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from jobs.cluster import cluster_gpus, init_ray, local_device
 from pipeline.data.errors import ErrorRecord
-from pipeline.stage import ActorRuntime, TaskRuntime
+from pipeline.stage import ActorRuntime, PartProgress, TaskRuntime
 from pipeline.store import AtlasRoot, PartRecord
 
 
@@ -39,6 +39,8 @@ T = TypeVar("T", bound=Task)
 OnPart = Callable[[PartRecord], None]
 # calls queued per actor (or task slot), so a worker never waits for the driver between parts
 QUEUE_PER_SLOT = 2
+# how often the driver collects the progress reports of running parts
+POLL_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,22 @@ class PartCommitter:
         self.progress, self.on_part = progress, on_part
         self.failed: dict[str, str] = {}
         self.done = self.counted = self.extra = 0
+        # units of parts still running, already shown on the bar (PartProgress reports)
+        self.reported: dict[str, int] = {}
+        self.finished: set[str] = set()
         self.bar = tqdm(total=progress.total, unit=progress.unit, desc=stage,
                         disable=not show or not parts, smoothing=0.1)
+
+    def tick(self, counts: dict[str, int]) -> None:
+        """Move the bar by the units running parts reported ({part: units}); a report that
+        arrives after its part finished is already counted and is dropped."""
+        moved = 0
+        for part, n in counts.items():
+            if part not in self.finished:
+                self.reported[part] = self.reported.get(part, 0) + n
+                moved += n
+        if moved:
+            self.bar.update(moved)
 
     def ok(self, record: PartRecord) -> None:
         if record.errors == 0:
@@ -101,7 +117,8 @@ class PartCommitter:
             name, of = self.progress.extra
             self.extra += of(record)
             self.bar.set_postfix({name: self.extra}, refresh=False)
-        self.bar.update(amount)
+        self.finished.add(record.part)
+        self.bar.update(amount - self.reported.pop(record.part, 0))
         if self.on_part is not None:
             self.on_part(record)
 
@@ -113,6 +130,7 @@ class PartCommitter:
         print(f"[{self.stage}] {task.part} ({task.input}) failed: {reason}", file=sys.stderr,
               flush=True)
         self.failed[task.part] = reason
+        self.bar.update(-self.reported.pop(task.part, 0))  # a retry reports its units again
 
 
 def run_parts(stage: str, root: AtlasRoot, atlas_id: str, tasks: Sequence[T],
@@ -146,6 +164,8 @@ def _run_here(tasks: Sequence[T], execute: Actors | Tasks, runtime: ActorRuntime
         worker = execute.factory(*execute.args, device=local_device())
 
         def run_one(task: T) -> PartRecord:
+            if isinstance(worker, PartProgress):
+                worker.set_reporter(lambda n: committer.tick({task.part: n}))
             prepared = []
             if execute.prepare is not None:
                 fn, args = execute.prepare(task)
@@ -179,8 +199,27 @@ class WorkerActor:
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.worker = factory(*args, device=device)
 
-    def run(self, *call_args: Any) -> Any:
-        return self.worker.run(*call_args)
+    def run(self, ticker: ray.actor.ActorHandle, task: Task, *call_args: Any) -> Any:
+        """The part `task`, its progress reports sent to `ticker` (a call argument, not a
+        constructor one: a restarted actor must not need an object-store copy)."""
+        if isinstance(self.worker, PartProgress):
+            self.worker.set_reporter(lambda n: ticker.add.remote(task.part, n))
+        return self.worker.run(task, *call_args)
+
+
+class Ticker:
+    """A Ray actor (no CPU) that collects the progress reports of running parts until the
+    driver drains them."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def add(self, part: str, n: int) -> None:
+        self.counts[part] = self.counts.get(part, 0) + n
+
+    def drain(self) -> dict[str, int]:
+        counts, self.counts = self.counts, {}
+        return counts
 
 
 def _run_actors(tasks: Sequence[T], execute: Actors, runtime: ActorRuntime,
@@ -194,6 +233,7 @@ def _run_actors(tasks: Sequence[T], execute: Actors, runtime: ActorRuntime,
         num_cpus=runtime.cpus_per_actor, num_gpus=gpus, max_restarts=runtime.max_retries,
         max_task_retries=runtime.max_retries)
     threads = max(1, int(runtime.cpus_per_actor))
+    ticker = ray.remote(Ticker).options(num_cpus=0).remote()
 
     def new_actor() -> ray.actor.ActorHandle:
         # the worker's arguments (options, a plan, a context: small) travel with each actor's
@@ -210,13 +250,14 @@ def _run_actors(tasks: Sequence[T], execute: Actors, runtime: ActorRuntime,
             if fn not in remotes:
                 remotes[fn] = ray.remote(fn).options(num_cpus=1, max_retries=runtime.max_retries)
             prepared = [remotes[fn].remote(*fn_args)]
-        return actors[slot].run.remote(task, *prepared)
+        return actors[slot].run.remote(ticker, task, *prepared)
 
     def died(slot: int, task: T, exc: Exception) -> None:
         committer.fail(task, f"{execute.role} actor died: {exc}")
         actors[slot] = new_actor()
 
-    _in_flight(tasks, submit, committer, slots=len(actors), on_actor_died=died)
+    _in_flight(tasks, submit, committer, slots=len(actors), on_actor_died=died,
+               poll=lambda: committer.tick(ray.get(ticker.drain.remote())))
 
 
 def _run_tasks(tasks: Sequence[T], execute: Tasks, runtime: TaskRuntime,
@@ -237,13 +278,15 @@ def _run_tasks(tasks: Sequence[T], execute: Tasks, runtime: TaskRuntime,
 
 def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
                committer: PartCommitter, *, slots: int, per_slot: int = QUEUE_PER_SLOT,
-               on_actor_died: Callable[[int, T, Exception], None] | None = None) -> None:
+               on_actor_died: Callable[[int, T, Exception], None] | None = None,
+               poll: Callable[[], None] | None = None) -> None:
     """Run `tasks` in order through `submit(slot, task)`, `per_slot` calls in flight per slot.
 
     Each finished call's slot gets the next task, so a slot's worker never waits for the driver
     between two tasks and no more than `slots * per_slot` are queued. Results are committed in
     the order they finish; a Ray error fails its part, or, when the call's actor is gone for
-    good (`RayActorError`), goes to `on_actor_died(slot, task, error)`.
+    good (`RayActorError`), goes to `on_actor_died(slot, task, error)`. `poll()`, when given,
+    runs every POLL_SECONDS while no call finishes, and before each commit (progress reports).
     """
     queue = list(reversed(tasks))  # pop() takes them in order
     in_flight: dict[ray.ObjectRef, tuple[int, T]] = {}
@@ -257,8 +300,14 @@ def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
             if queue:
                 fill(slot)
     while in_flight:
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        slot, task = in_flight.pop(ref)
+        ready, _ = ray.wait(list(in_flight), num_returns=1,
+                            timeout=None if poll is None else POLL_SECONDS)
+        if poll is not None:
+            poll()
+        if not ready:
+            continue
+        slot, task = in_flight.pop(ready[0])
+        ref = ready[0]
         try:
             record = ray.get(ref)
         except ray.exceptions.RayError as exc:

@@ -237,9 +237,11 @@ def run(root: AtlasRoot | str, options: TrainOptions, *, address: str | None = N
                 storage_path=root.join("_ray_train"),
                 failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                # its checkpoint and report lines would interleave with the progress lines
+                # its checkpoint and report lines, and its transient warnings under load
+                # ("Failed to send resource request"), would bury the progress lines;
+                # --verbose shows them, failures still raise
                 logging_config=ray.train.LoggingConfig(
-                    log_level="INFO" if verbose() else "WARNING")),
+                    log_level="INFO" if verbose() else "ERROR")),
         )
         with _own_sigint(root, pending):
             trainer.fit()

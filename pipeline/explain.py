@@ -17,12 +17,13 @@ from pipeline.viz import (
     overlay,
     side_by_side,
     signed_heatmap,
+    smooth_for_display,
 )
 
 
 def explain_images(loaded: LoadedModel, images: list[Image.Image],
                    target: int | str | None = None, contrastive: bool = False,
-                   class_names: ClassNames | None = None
+                   class_names: ClassNames | None = None, smooth: float = 0.0
                    ) -> list[tuple[Image.Image, dict[str, Any]]]:
     """SRD saliency of each image: (panel, facts) per image.
 
@@ -31,7 +32,8 @@ def explain_images(loaded: LoadedModel, images: list[Image.Image],
     or name (`class_names`, default the model's own: `pipeline.models.classes`); None explains
     the predicted class. The facts are the target class and its name, its logit, the pixel sum
     of the map and the constant share (with the identity rule the last two add up to the
-    logit).
+    logit). `smooth` > 0 blurs the shown map with that Gaussian sigma in pixels (display only:
+    `viz.smooth_for_display`; the facts come from the raw map).
     """
     names = class_names or model_class_names(loaded.name)
     x = loaded.preprocess(images)  # decoded to RGB by the preprocessing (data.images.to_rgb)
@@ -47,8 +49,9 @@ def explain_images(loaded: LoadedModel, images: list[Image.Image],
         # the model's own input (after resize and crop), so the map lines up pixel for pixel
         shown = denormalise(x[i].numpy(), loaded.data_config["mean"], loaded.data_config["std"])
         relevance = res.pixels[i, 0].detach().numpy()
-        scale = float(np.percentile(np.abs(relevance), 99.5))
-        heat = signed_heatmap(relevance)
+        shown_map = smooth_for_display(relevance, smooth)
+        scale = float(np.percentile(np.abs(shown_map), 99.5))
+        heat = signed_heatmap(shown_map)
         big = [enlarged(a) for a in (shown, heat, overlay(shown, heat))]
         cls = int(res.target[i])
         name = names.name(cls) if names else None
@@ -58,7 +61,8 @@ def explain_images(loaded: LoadedModel, images: list[Image.Image],
         caption = [f"SRD{' (contrastive)' if contrastive else ''} of class {cls}"
                    + (f" ({name})" if name else "") + f", logit {facts['logit']:.3g}",
                    f"map sum {facts['pixel_sum']:.3g} + constant {facts['constant_share']:.3g}; "
-                   "red: for the class, blue: against"]
+                   "red: for the class, blue: against"
+                   + (f"; shown blurred (sigma {smooth:g} px)" if smooth > 0 else "")]
         panel = side_by_side([*big, colour_bar(big[0].shape[0], scale)])
         out.append((captioned(panel, caption), facts))
     return out

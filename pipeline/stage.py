@@ -345,6 +345,27 @@ def _parser(tp: Any, optional: bool = False) -> Any:
     return convert
 
 
+# ---- progress within a part ---------------------------------------------------------------
+
+
+class PartProgress:
+    """A part worker that reports progress while it computes a part: it calls
+    `self.report(n)` after each batch (n of the stage's progress units: images, exemplars), and
+    the driver moves the stage's bar from the first batch instead of the first finished part
+    (docs/architecture.md, "Parts"). Without a driver listening, `report` does nothing."""
+
+    _reporter: Callable[[int], None] | None = None
+
+    def set_reporter(self, reporter: Callable[[int], None] | None) -> None:
+        """Send this worker's next reports to `reporter` (None: nowhere)."""
+        self._reporter = reporter
+
+    def report(self, n: int) -> None:
+        """`n` more units of the current part are done."""
+        if self._reporter is not None:
+            self._reporter(n)
+
+
 # ---- a part made from one input shard ----------------------------------------------------
 
 

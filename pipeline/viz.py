@@ -23,6 +23,30 @@ def signed_heatmap(relevance: np.ndarray, clip_percentile: float = 99.5) -> np.n
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
+def smooth_for_display(relevance: np.ndarray, sigma: float) -> np.ndarray:
+    """A Gaussian blur of a map float[H, W] with `sigma` pixels (mirrored edges), for display.
+
+    Relevance redistributed through a stride-2 convolution whose kernel is not a multiple of 2
+    lands on alternate pixels from one or two windows, a period-2 lattice that repeats at
+    every stride-2 layer (docs/method.md §3.8). A blur of sigma >= 1 px removes it from the
+    picture; it keeps the map's sum (mirrored edges lose no mass) but not its pixel values,
+    so it is never applied to stored maps, masks or metrics.
+    """
+    import torch
+
+    if sigma <= 0:
+        return relevance
+    radius = max(1, int(np.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel /= kernel.sum()
+    # edges mirrored with the edge pixel repeated: every pixel's weights then sum to 1
+    x = torch.as_tensor(np.pad(np.asarray(relevance, np.float64), radius, mode="symmetric"))
+    x = torch.nn.functional.conv2d(x[None, None], kernel.view(1, 1, 1, -1))
+    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x[0, 0].numpy().astype(np.asarray(relevance).dtype)
+
+
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.6) -> np.ndarray:
     """Blend a heat map uint8[H, W, 3] over a grey version of image uint8[H, W, 3]."""
     grey = np.asarray(image, dtype=np.float64).mean(-1, keepdims=True).repeat(3, -1)
@@ -69,6 +93,44 @@ def captioned(image: Image.Image, lines: Sequence[str], line_height: int = 14) -
     return out
 
 
+def outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 255)
+            ) -> np.ndarray:
+    """A copy of image uint8[H, W, 3] with the boundary of mask bool[H, W] drawn two-toned: a
+    bright `colour` line just outside the mask and a black one just inside, so the outline
+    stays visible on dark and on light images alike. Line width: 1 pixel per 128 of the
+    shorter side (at least 1)."""
+    import torch
+
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"mask {mask.shape} does not match image {image.shape[:2]}")
+    width = max(1, min(mask.shape) // 128)
+    m = torch.as_tensor(np.asarray(mask, np.float32))[None, None]
+    grown = torch.nn.functional.max_pool2d(m, 2 * width + 1, 1, width)[0, 0].numpy() > 0
+    shrunk = -torch.nn.functional.max_pool2d(-m, 2 * width + 1, 1, width)[0, 0].numpy() > 0
+    out = np.array(image, copy=True)
+    out[grown & ~np.asarray(mask, bool)] = colour
+    out[np.asarray(mask, bool) & ~shrunk] = 0
+    return out
+
+
+def reference_crop(image: np.ndarray, box: Sequence[int] | None, pad: float = 0.15
+                   ) -> np.ndarray:
+    """The region `box` (x0, y0, x1, y1) of image uint8[H, W, 3], grown by `pad` of its size on
+    each side and made square where the image allows: the close-up shown beside a whole
+    exemplar (as CRP's reference crops); the whole image when `box` is None."""
+    if box is None:
+        return image
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in box)
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * pad)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half = max(1.0, min(side, w, h) / 2)
+    left = int(round(min(max(cx - half, 0), w - 2 * half)))
+    top = int(round(min(max(cy - half, 0), h - 2 * half)))
+    size = max(1, int(round(2 * half)))
+    return image[top:top + size, left:left + size]
+
+
 def enlarged(image: np.ndarray, at_least: int = 256) -> np.ndarray:
     """image uint8[H, W, 3] scaled up by a whole factor (nearest) until its shorter side is at
     least `at_least` pixels: a 128-pixel input is read at 256."""
@@ -100,10 +162,14 @@ def highlight(image: np.ndarray, weight: np.ndarray, full: int = 128,
 
 
 def draw_box(image: np.ndarray, box: Sequence[int], colour: tuple[int, int, int] = (255, 220, 0),
-             width: int = 1) -> np.ndarray:
-    """A copy of image uint8[H, W, 3] with the outline of box (x0, y0, x1, y1), end exclusive."""
+             width: int | None = None) -> np.ndarray:
+    """A copy of image uint8[H, W, 3] with the outline of box (x0, y0, x1, y1), end exclusive.
+
+    `width` defaults to 1 pixel per 100 of the image's shorter side (at least 1), so that the
+    outline survives the downscaling of a contact-sheet tile."""
     out = np.array(image, copy=True)
     h, w = out.shape[:2]
+    width = max(1, min(h, w) // 100) if width is None else width
     x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
     x1, y1 = min(w, int(box[2])), min(h, int(box[3]))
     if x1 <= x0 or y1 <= y0:
@@ -121,27 +187,32 @@ def contact_sheet(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | 
                   title: str | None = None) -> Image.Image:
     """A grid of uint8 [H, W, 3] tiles, one list per row, each row under its text label.
 
-    Tiles are resized to `tile` x `tile` pixels (nearest: masks stay crisp).
+    Tiles are resized to `tile` x `tile` pixels: enlarged with nearest neighbours (masks stay
+    crisp), reduced with Lanczos (thin outlines and boxes blend in rather than drop out). A
+    title may have several lines.
     """
     from PIL import ImageDraw
 
     columns = max((len(r) for r in rows), default=1) or 1
     band = label_height if labels else 0
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text = max((measure.textlength(t) for t in [*(labels or []), title or ""]), default=0)
+    title_lines = title.splitlines() if title else []
+    text = max((measure.textlength(t) for t in [*(labels or []), *title_lines]), default=0)
     width = max(columns * tile + (columns + 1) * gap, int(text) + 2 * gap)
-    top = label_height + gap if title else 0
+    top = label_height * len(title_lines) + gap if title else 0
     height = top + len(rows) * (tile + band + gap) + gap
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     if title:
-        draw.text((gap, gap), title, fill=(0, 0, 0))
+        for i, line in enumerate(title_lines):
+            draw.text((gap, gap + i * label_height), line, fill=(0, 0, 0))
     y = gap + top
     for i, row in enumerate(rows):
         if labels:
             draw.text((gap, y), labels[i], fill=(0, 0, 0))
         for j, t in enumerate(row):
-            im = Image.fromarray(np.asarray(t, np.uint8)).resize((tile, tile), Image.NEAREST)
+            im = Image.fromarray(np.asarray(t, np.uint8))
+            im = im.resize((tile, tile), Image.NEAREST if min(im.size) <= tile else Image.LANCZOS)
             sheet.paste(im, (gap + j * (tile + gap), y + band))
         y += tile + band + gap
     return sheet

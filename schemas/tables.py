@@ -48,6 +48,12 @@ IMAGES = _schema("images", [
     pa.field("label", pa.int32()),  # null when the sample has no .cls
     pa.field("width", pa.int32(), nullable=False),  # of the decoded image, before preprocessing
     pa.field("height", pa.int32(), nullable=False),
+    # the file the sample was cut from (its `.json` "source", as make-shards writes it), else
+    # null; crops of one photo share it
+    pa.field("source", pa.string()),
+    # 64-bit difference hash of the decoded image (pipeline.data.images.dhash): near-duplicates
+    # (re-encodings, resizes) share it
+    pa.field("phash", pa.int64()),
 ])
 
 LAYERS = _schema("layers", [
@@ -155,6 +161,9 @@ EXEMPLAR_PICKS = _schema("exemplar_picks", [
     pa.field("position", pa.int32(), nullable=False),
     pa.field("y", pa.int32(), nullable=False),
     pa.field("x", pa.int32(), nullable=False),
+    # the image's source group: crops and near-duplicates of one photo share it (the smallest
+    # image_id among them; docs/method.md §5); the scan keeps at most `per_source` top picks each
+    pa.field("source_group", pa.int64(), nullable=False),
 ])
 
 # --- cafe stage: an exemplar pick with its latent iERF and faithfulness scores ---

@@ -26,7 +26,7 @@ from pipeline.atlas import Atlas, ReadOnlyError
 from pipeline.atlas import index as idx
 from pipeline.atlas.index import IndexOptions
 from pipeline.atlas.indexing import build_indexes
-from pipeline.atlas.regions import box_positions, cell_box
+from pipeline.atlas.regions import box_positions, cell_box, cells_extent
 from pipeline.atlas.views import SOURCES, table_files
 from pipeline.cafe.masks import encode_png
 from jobs.cli import main
@@ -36,8 +36,8 @@ from pipeline.data.synthetic import write_shards
 from pipeline.pfv.extract import ExtractOptions
 from pipeline.pfv.parts import committed_parts, read_values
 from pipeline.sae import SAE, SAEConfig, save_sae
-from pipeline.store import fs
-from schemas import ACTIVATIONS, EXEMPLAR_PICKS, EXEMPLARS, LATENT_STATS, SAES
+from pipeline.store import AtlasRoot, fs
+from schemas import ACTIVATIONS, EXEMPLAR_PICKS, EXEMPLARS, LATENT_STATS, SAES, TABLES
 
 torch.set_num_threads(1)
 faiss.omp_set_num_threads(1)
@@ -109,7 +109,8 @@ def _scan_tables(root: str, sae_id: str, layer: str, sae: SAE, grid: tuple[int, 
         pos = int(positions[i])
         base = dict(atlas_id=ATLAS_ID, layer=layer, sae_id=sae_id, latent=j, kind=p["kind"],
                     rank=p["rank"], image_id=int(image_ids[i]), activation=float(acts[i, j]),
-                    position=pos, y=pos // grid[1], x=pos % grid[1])
+                    position=pos, y=pos // grid[1], x=pos % grid[1],
+                    source_group=int(image_ids[i]) - int(image_ids[i]) % 2)  # pairs: one photo
         pick_rows.append(base)
         # an iERF with relevance 2 on the peak cell, 1 on the row above it, mask = the cell
         relevance = np.zeros((SIZE, SIZE))
@@ -250,25 +251,93 @@ def test_latents_view_without_cafe_has_stats_and_no_exemplar_columns(atlas_root,
         small.sql("SELECT * FROM exemplars")
 
 
+def _gt_hint(top: list[dict]) -> tuple[str, float]:
+    """Brute force of the view's ground-truth hint: each attribute's most common value; those
+    held by at least half of the top exemplars (else the best one), by share."""
+    best = []
+    for attr in ("colour", "texture", "shape"):
+        values = [e[f"gt_{attr}"] for e in top]
+        value = min(set(values), key=lambda v: (-values.count(v), v))
+        best.append((values.count(value), attr, value))
+    best.sort(key=lambda b: (-b[0], b[1]))
+    held = [b for i, b in enumerate(best) if 2 * b[0] >= len(top) or i == 0]
+    return " ".join(f"{a}={v}" for _, a, v in held), min(n for n, _, _ in held) / len(top)
+
+
 def test_latents_view_aggregates_the_top_exemplars(atlas, atlas_root) -> None:
     ex = atlas_root["tables"]["layer2-a"]["exemplars"].to_pylist()
     latents = {r["latent"]: r for r in atlas.sql(
         "SELECT * FROM latents WHERE sae_id = 'layer2-a'").to_pylist()}
     assert len(latents) == 48
-    for lat in (0, 7, 31):
+    hints = set()
+    for lat in range(48):
         top = [e for e in ex if e["latent"] == lat and e["kind"] == "top"]
-        concepts = sorted(f"{e['gt_colour']} {e['gt_texture']} {e['gt_shape']}" for e in top)
-        counts = {c: concepts.count(c) for c in concepts}
-        hint = min(counts, key=lambda c: (-counts[c], c))
+        if not top:
+            continue
+        hint, frac = _gt_hint(top)
+        hints.add(hint)
         row = latents[lat]
         assert row["n_exemplars"] == TOP
-        assert row["label_hint"] == hint
-        assert row["label_hint_frac"] == pytest.approx(counts[hint] / TOP)
+        assert (row["label_hint"], row["label_source"]) == (hint, "ground truth")
+        assert row["label_hint_frac"] == pytest.approx(frac)
+        assert row["n_top_images"] == len({e["image_id"] for e in top})
+        assert row["n_sources"] == len({e["source_group"] for e in top})
         assert row["cafe_ins_auc"] == pytest.approx(np.mean([e["ins_auc_ierf"] for e in top]),
                                                     rel=1e-6)
         assert row["gt_iou_act"] == pytest.approx(np.mean([e["gt_iou_act"] for e in top]), rel=1e-6)
         assert row["cafe_faithful"] == (row["cafe_ins_auc"] > row["ins_auc_act"]
                                         and row["cafe_del_auc"] < row["del_auc_act"])
+    # every texture is "solid": in every hint at 100%, never diluted into a triple
+    assert all("texture=solid" in h.split() for h in hints) and len(hints) > 1
+    assert {r["n_sources"] < r["n_top_images"] for r in latents.values()} == {True, False}
+
+
+def test_latent_label_hint_without_ground_truth_comes_from_image_labels_then_icat_edges(
+        atlas_root, tmp_path) -> None:
+    """Real data: no ground-truth attributes. The hint is the majority label of a latent's
+    labelled top images, else the class it drives most through ICAT edges into the logits."""
+    src, root = Path(atlas_root["root"]), tmp_path / "real"
+    for f in src.rglob("*"):
+        rel = f.relative_to(src)
+        if f.is_file() and rel.parts[0] != "exemplars":
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(f.read_bytes())
+    picks = pq.read_table(root / "exemplar_picks" / "sae=layer4-a").to_pylist()
+    labels = {r["image_id"]: r["label"] for r in pq.read_table(root / "images").to_pylist()}
+    rng = np.random.default_rng(5)
+    edges = [dict(atlas_id=ATLAS_ID, src_layer="layer4", src_latent=j, dst_layer="logits",
+                  dst_latent=int(c), method=m, scope="all", weight=float(w), n_images=3)
+             for j in range(64) for m in ("grad", "ig") for c, w in enumerate(rng.normal(size=4))]
+    fs.write_parquet(pa.Table.from_pylist(edges, schema=TABLES["edges"]),
+                     str(root / "edges" / "part-000000.parquet"), TABLES["edges"])
+    fs.write_json({"config_hash": "x", "config": {"saes": {"layer4": ["layer4-a", "h"]}}},
+                  str(root / "stages" / "icat.json"))
+    names = AtlasRoot(str(root))
+    label_names, class_names = names.label_names(), names.class_names()
+    assert label_names and class_names  # the demo data and model name their classes
+    assert names.labels_are_classes()  # the synthetic labels are demo_resnet's classes
+    names.label_names = lambda: ["animal", "food"]  # a folder of photos: its own categories
+    assert not names.labels_are_classes()
+    rows = {r["latent"]: r for r in Atlas.open(str(root)).sql(
+        "SELECT * FROM latents WHERE sae_id = 'layer4-a'").to_pylist()}
+    sources = set()
+    for lat, row in rows.items():
+        got = [labels[p["image_id"]] for p in picks if p["latent"] == lat and p["kind"] == "top"]
+        ig = [e for e in edges if e["src_latent"] == lat and e["method"] == "ig"
+              and e["weight"] > 0]
+        drives = max(ig, key=lambda e: e["weight"], default=None)
+        top = min(set(got), key=lambda v: (-got.count(v), v)) if got else None
+        if got and 2 * got.count(top) >= len(got):
+            want = (label_names[top], got.count(top) / len(got), "image labels")
+        elif drives:
+            want = (class_names.name(drives["dst_latent"]), None, "icat logits")
+        else:
+            want = (None, None, None)
+        assert (row["label_hint"], row["label_hint_frac"], row["label_source"]) == \
+            pytest.approx(want), lat
+        assert row["drives_class"] == (class_names.name(drives["dst_latent"]) if drives else None)
+        sources.add(row["label_source"])
+    assert sources >= {"image labels", "icat logits"}
 
 
 # ---- read-only -----------------------------------------------------------------------------
@@ -492,6 +561,32 @@ def test_search_on_a_region_returns_the_latent_its_planted_exemplar_came_from(
     # (b): the SAE's activation at the region (fresh float32 forward vs stored float16 PFVs)
     assert top["activation"] == pytest.approx(planted["activation"], abs=2e-2)
     assert top["exemplar_image_ids"][0] == planted["image_id"]
+
+
+def test_search_reports_each_sae_apart_in_model_order_and_filters_by_activation(
+        atlas, atlas_root) -> None:
+    png = atlas_root["planted_png"]
+    every = atlas.search(png, k=3).to_pylist()
+    saes = [r["sae_id"] for r in every]
+    assert saes == sorted(saes, key=lambda s: (SAE_RUNS[s][0] != "layer2", s))  # grouped
+    assert {s: saes.count(s) for s in saes} == {s: 3 for s in SAE_RUNS}
+    # min_activation against a brute force: all latents by similarity, then the filter
+    full = atlas.search(png, layer=PLANTED_SAE, k=64).to_pylist()
+    assert len(full) == 64
+    bar = float(np.median([r["activation"] for r in full if r["activation"] > 0]))
+    got = atlas.search(png, layer=PLANTED_SAE, k=5, min_activation=bar).to_pylist()
+    want = [r for r in full if r["activation"] >= bar][:5]
+    assert [r["latent"] for r in got] == [r["latent"] for r in want] and len(got) == 5
+    assert [r["latent"] for r in atlas.search(png, layer=PLANTED_SAE, k=64, min_activation=0)
+            .to_pylist()] == [r["latent"] for r in full if r["activation"] > 0]
+    with pytest.raises(ValueError, match="min_activation=-1.*>= 0"):
+        atlas.search(png, layer=PLANTED_SAE, min_activation=-1)
+
+
+def test_cells_extent_is_the_union_of_the_cells_a_box_covers() -> None:
+    assert cells_extent((40, 40, 50, 20), (128, 128), (4, 4)) == (32, 32, 96, 64)
+    assert cells_extent((40, 40, 4, 4), (128, 128), (4, 4)) == (32, 32, 64, 64)
+    assert cells_extent(None, (128, 96), (4, 3)) == (0, 0, 96, 128)
 
 
 # ---- CLI -----------------------------------------------------------------------------------

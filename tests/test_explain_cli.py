@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from jobs.cli import main
 from pipeline.data.concepts import CLASS_NAMES
 from pipeline.data.synthetic import render_sample
-from pipeline.viz import signed_heatmap
+from pipeline.viz import signed_heatmap, smooth_for_display
 
 
 def test_explain_writes_three_panels_and_its_map_sums_to_the_logit(tmp_path, capsys):
@@ -52,3 +53,24 @@ def test_signed_heatmap_is_red_for_positive_blue_for_negative_white_at_zero():
     assert rgb[0, 0].tolist() == [255, 0, 0]
     assert rgb[0, 1].tolist() == [0, 0, 255]
     assert rgb[0, 2].tolist() == [255, 255, 255]
+
+
+def test_display_smoothing_removes_a_stride_two_lattice_and_keeps_the_sum() -> None:
+    smooth = np.outer(np.linspace(1, 2, 64), np.linspace(1, 3, 64))  # a slowly varying map
+    lattice = smooth * np.where((np.add.outer(np.arange(64), np.arange(64)) % 2) == 1, 2.0, 1.0)
+
+    def phase_ratio(m: np.ndarray) -> float:
+        means = [np.abs(m[8:-8, 8:-8])[i::2, j::2].mean() for i in (0, 1) for j in (0, 1)]
+        return max(means) / min(means)
+
+    shown = smooth_for_display(lattice, 1.0)
+    assert phase_ratio(lattice) > 1.9 and phase_ratio(shown) < 1.05
+    assert shown.sum() == pytest.approx(lattice.sum(), rel=1e-9)  # mirrored edges lose nothing
+    assert smooth_for_display(lattice, 0.0) is lattice  # off: the map itself
+
+
+def test_explain_smooth_flag_says_so_in_the_caption(tmp_path, capsys) -> None:
+    Image.fromarray(render_sample(0, 1, 128)[0]).save(tmp_path / "img.png")
+    assert main(["explain", "--model", "demo_resnet", "--image", str(tmp_path / "img.png"),
+                 "--smooth", "1", "--out", str(tmp_path / "e.png")]) == 0
+    assert Image.open(tmp_path / "e.png").size[0] > 3 * 256

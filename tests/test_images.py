@@ -7,12 +7,14 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from pipeline.data.errors import ErrorLog
-from pipeline.data.images import ImageDecodeError, decode
+from pipeline.data.images import ImageDecodeError, decode, dhash
 from pipeline.data.shards import iter_samples
+from pipeline.latents.groups import source_groups
 
 
 def encoded(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -79,3 +81,17 @@ def test_the_shard_reader_decodes_a_16_bit_png_right(tmp_path: Path) -> None:
     assert not list(errors) and sample.cls == 3
     np.testing.assert_array_equal(np.asarray(sample.image)[..., 1],
                                   np.round(values / 65535 * 255).astype(np.uint8))
+
+
+def test_re_encoded_and_resized_copies_of_a_photo_are_one_source_group() -> None:
+    from skimage import data
+
+    cat, coffee = Image.fromarray(data.chelsea()), Image.fromarray(data.coffee())
+    again = decode(encoded(cat, "JPEG", quality=40))
+    smaller = cat.resize((cat.width // 3, cat.height // 3), Image.Resampling.LANCZOS)
+    groups = source_groups(pa.table({"image_id": [1, 2, 3, 4], "source": [None] * 4,
+                                     "phash": [dhash(cat), dhash(again), dhash(smaller),
+                                               dhash(coffee)]}))
+    assert groups == {1: 1, 2: 1, 3: 1, 4: 4}  # the copies are one source, the coffee another
+    differ = bin((dhash(cat) ^ dhash(coffee)) & (2**64 - 1)).count("1")
+    assert differ > 16  # of 64 bits

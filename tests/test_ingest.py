@@ -116,12 +116,16 @@ def test_a_glob_is_unlabelled_and_a_bad_source_is_named(folder, tmp_path) -> Non
 
 def test_a_build_reads_your_images(folder, tmp_path) -> None:
     config = {"atlas_id": "mine", "data": {"images": {"src": str(folder), "crop": 32,
-                                                      "shard_size": 3}},
+                                                      "crops": 2, "shard_size": 3}},
               "model": {"name": "demo_resnet", "weights": "none"},
               "extract": {"layers": ["layer4"], "positions": 2, "in_process": True}}
     path = tmp_path / "build.yaml"
     path.write_text(yaml.safe_dump(config))
     results = build(str(path), out=str(tmp_path / "atlas"), progress=False)
-    assert results["make-shards"]["images"] == 5 and results["extract"]["images"] == 5
-    labels = pq.read_table(tmp_path / "atlas" / "images").column("label").to_pylist()
-    assert sorted(labels) == [0, 0, 0, 1, 1]
+    assert results["make-shards"]["images"] == 10 and results["extract"]["images"] == 10
+    images = pq.read_table(tmp_path / "atlas" / "images").to_pydict()
+    assert sorted(images["label"]) == [0] * 6 + [1] * 4
+    # both crops of a photo name it as their source (the scan's dedup groups them)
+    assert sorted(images["source"]) == sorted(2 * ["cats/a.jpg", "cats/b.png", "cats/sub/c.jpg",
+                                                   "dogs/d.jpg", "dogs/e.png"])
+    assert None not in images["phash"]

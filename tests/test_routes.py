@@ -171,7 +171,7 @@ def test_render_shows_exemplar_thumbnails_with_their_ierf_masks(atlas, route, tm
     png = encode_png(mask.astype(np.float64), mask, 1.0)
     rows = [dict(atlas_id="t", layer=n.layer, sae_id=route.saes[n.layer], latent=n.latent,
                  kind="top", rank=0, image_id=0, activation=1.0, position=0, y=0, x=0,
-                 ierf_png=png, bbox=[0, 0, w // 2, h], mask_frac=0.5, act_overlap=0.0,
+                 source_group=0, ierf_png=png, bbox=[0, 0, w // 2, h], mask_frac=0.5, act_overlap=0.0,
                  ierf_constant=0.0)
             for n in route.nodes if n.layer != LOGITS and n.latent != ERROR]
     fs.write_parquet(pa.Table.from_pylist(rows, schema=EXEMPLARS),

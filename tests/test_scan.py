@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from tiny import copy_of
 
 from jobs.scan import run
 from pipeline.latents import LatentSketch, Picks, ScanOptions, priority
+from pipeline.latents.groups import source_groups
 from pipeline.latents.scan import Layout, ScanUnit, activations_table
 from pipeline.pfv.parts import committed_parts, read_values
 from pipeline.sae.stage import TrainOptions, make_runs, train_runs
@@ -83,8 +85,10 @@ def read_tables(root: str) -> dict[str, pa.Table]:
 # ---- brute force over all PFVs at once ---------------------------------------------------
 
 
-def brute_force(root: str, sae_row: dict, options: ScanOptions) -> dict[str, list[dict]]:
-    """The three tables of one SAE from one encode of every PFV and Python sorts."""
+def brute_force(root: str, sae_row: dict, options: ScanOptions,
+                groups: dict[int, int] | None = None) -> dict[str, list[dict]]:
+    """The three tables of one SAE from one encode of every PFV and Python sorts; with
+    `groups` ({image_id: source group}) at most `options.per_source` top picks per group."""
     layer = AtlasRoot(root).layers()[sae_row["layer"]]
     parts = committed_parts(root, sae_row["layer"])
     ids = pa.concat_tables([pq.read_table(p.ids) for p in parts])
@@ -114,7 +118,11 @@ def brute_force(root: str, sae_row: dict, options: ScanOptions) -> dict[str, lis
     picks, stats = [], []
     for f in range(n_latents):
         firing = [i for i in range(len(images)) if peak[i, f] > 0]
-        top = sorted(firing, key=lambda i: (-peak[i, f], images[i]))[:options.n_top]
+        top: list[int] = []
+        for i in sorted(firing, key=lambda i: (-peak[i, f], images[i])):
+            same = sum(groups[images[j]] == groups[images[i]] for j in top) if groups else 0
+            if len(top) < options.n_top and (not groups or same < options.per_source):
+                top.append(i)
         picks += [dict(pick(i, f), kind="top", rank=r) for r, i in enumerate(top)]
         prio = priority(images, np.full(len(images), f), options.seed)
         sample = sorted(firing, key=lambda i: (prio[i], images[i]))[:options.sample_size]
@@ -170,6 +178,36 @@ def test_tables_equal_a_brute_force_computation_over_all_pfvs(scanned) -> None:
         assert set(stats["n_pfvs"]) == {bf["n_pfvs"]} and set(stats["n_images"]) == {36}
 
 
+def test_top_picks_keep_one_image_per_source_photo(atlas, scanned, tmp_path) -> None:
+    # images 0-2, 3-5, ... of every part become crops of one photo: 4 photos of 9 crops, each
+    # spread over the 3 parts (the merge of part sketches is exercised)
+    root = copy_of(atlas, tmp_path / "atlas")
+    for f in sorted(Path(root, "images").glob("*.parquet")):
+        table = pq.read_table(f)
+        source = [f"photo-{(i % 1_000_000) // 3}" for i in table["image_id"].to_pylist()]
+        pq.write_table(table.set_column(table.schema.get_field_index("source"), "source",
+                                        pa.array(source, pa.string())), f)
+    run(root, IN_PROCESS, progress=False)
+    groups = source_groups(pa.concat_tables(
+        [pq.read_table(f) for f in sorted(Path(root, "images").glob("*.parquet"))]))
+    assert len(set(groups.values())) == 4
+    got_tables, unlimited = read_tables(root), read_tables(scanned[0])
+    exercised = 0
+    for sae in AtlasRoot(root).saes():
+        want = brute_force(root, sae, OPTIONS, groups)["picks"]
+        got = rows_of(got_tables["exemplar_picks"], sae["sae_id"], "latent", "kind", "rank",
+                      "image_id", "activation")
+        assert got == sorted((p["latent"], p["kind"], p["rank"], p["image_id"],
+                              np.float32(p["act"])) for p in want), sae["sae_id"]
+        top = [(lat, groups[i]) for lat, kind, _, i, _ in got if kind == "top"]
+        assert len(top) == len(set(top))  # one pick per (latent, photo)
+        before = [(lat, groups[i]) for lat, kind, _, i, _ in rows_of(
+            unlimited["exemplar_picks"], sae["sae_id"], "latent", "kind", "rank", "image_id",
+            "activation") if kind == "top"]
+        exercised += len(before) - len(set(before))
+    assert exercised > 0  # without the cap some latents had several crops of one photo
+
+
 def test_each_image_keeps_min_of_top_per_image_and_its_firing_latents(scanned) -> None:
     root, summary = scanned
     table = read_tables(root)["activations"]
@@ -192,7 +230,7 @@ def test_activations_order_ties_by_latent_and_map_positions_to_grid_cells() -> N
                                                       positions_per_image=10), "", "t")
     picks = Picks(np.array([5, 2, 9, 7, 1], np.int32), np.array([8, 8, 8, 8, 3], np.int64),
                   np.array([0.5, 0.5, 0.9, 0.5, 0.1], np.float32),
-                  np.array([0, 4, 9, 1, 2], np.int32))
+                  np.array([0, 4, 9, 1, 2], np.int32), np.array([8, 8, 8, 8, 3], np.int64))
     table = activations_table(picks, 3, unit).to_pydict()
     assert list(zip(table["image_id"], table["rank"], table["latent"])) == [
         (3, 0, 1), (8, 0, 9), (8, 1, 2), (8, 2, 5)]  # latent 7 ties with 2 and 5 and loses
@@ -211,20 +249,27 @@ def random_picks(rng: np.random.Generator, images: np.ndarray, n_latents: int) -
         img.append(np.full(len(fired), i))
     lat, img = np.concatenate(lat).astype(np.int32), np.concatenate(img).astype(np.int64)
     act = (rng.integers(1, 5, len(lat)) / 4).astype(np.float32)
-    return Picks(lat, img, act, rng.integers(0, 9, len(lat)).astype(np.int32))
+    # source groups of 5 consecutive image ids (crops of one photo), scattered over the parts
+    return Picks(lat, img, act, rng.integers(0, 9, len(lat)).astype(np.int32), img // 5000)
 
 
-def test_merged_part_sketches_equal_the_sketch_of_all_images_ties_included() -> None:
+@pytest.mark.parametrize("per_group", [None, 1, 2])
+def test_merged_part_sketches_equal_the_sketch_of_all_images_ties_included(per_group) -> None:
     rng = np.random.default_rng(0)
     n_latents, n_top, k, seed = 7, 5, 9, 3
     images = rng.permutation(400).astype(np.int64) * 1000  # parts hold unsorted image ids
     all_picks = random_picks(rng, images, n_latents)
-    # brute force: plain sorts per latent over every (image, latent) pair
+    # brute force: per latent, a walk down every (image, latent) pair in order, keeping a pair
+    # while fewer than n_top are kept and its group holds fewer than per_group
     want_top, want_sample = [], []
     for f in range(n_latents):
         mine = [j for j in range(len(all_picks)) if all_picks.latent[j] == f]
-        want_top += sorted(mine, key=lambda j: (-all_picks.activation[j],
-                                                all_picks.image_id[j]))[:n_top]
+        kept: list[int] = []
+        for j in sorted(mine, key=lambda j: (-all_picks.activation[j], all_picks.image_id[j])):
+            same = sum(all_picks.group[i] == all_picks.group[j] for i in kept)
+            if len(kept) < n_top and (per_group is None or same < per_group):
+                kept.append(j)
+        want_top += kept
         prio = priority(all_picks.image_id[mine], all_picks.latent[mine], seed)
         order = sorted(range(len(mine)), key=lambda j: (prio[j], all_picks.image_id[mine[j]]))
         want_sample += [mine[j] for j in order[:k]]
@@ -233,11 +278,11 @@ def test_merged_part_sketches_equal_the_sketch_of_all_images_ties_included() -> 
         part = all_picks.take(np.flatnonzero(np.isin(all_picks.image_id, chunk)))
         zeros = np.zeros(n_latents)
         sketches.append(LatentSketch(0, len(chunk), zeros, zeros, zeros, zeros.astype(np.float32),
-                                     part.top(n_top), part.sample(k, seed)))
+                                     part.top(n_top, per_group), part.sample(k, seed)))
     random.Random(1).shuffle(sketches)  # any merge order
     merged = sketches[0]
     for s in sketches[1:]:
-        merged = merged.merge(s, n_top, k, seed)
+        merged = merged.merge(s, n_top, k, seed, per_group)
     assert merged.n_images == 400
     for got, want in ((merged.top, want_top), (merged.sample, want_sample)):
         expect = all_picks.take(np.array(want))
@@ -245,13 +290,19 @@ def test_merged_part_sketches_equal_the_sketch_of_all_images_ties_included() -> 
             sorted(zip(expect.latent, expect.image_id, expect.activation, expect.position))
     ties = np.unique(merged.top.activation[merged.top.latent == 0], return_counts=True)[1]
     assert ties.max() > 1  # ties at equal activation were broken by image_id
+    per_latent_group = np.unique(np.c_[merged.top.latent, merged.top.group], axis=0,
+                                 return_counts=True)[1]
+    if per_group is None:
+        assert per_latent_group.max() > 2  # the data has groups the cap would cut
+    else:
+        assert per_latent_group.max() == per_group
 
 
 def test_sample_is_uniform_over_firing_images_whatever_the_activation() -> None:
     # the priority hash ignores activations: strong and weak halves are sampled alike
     images = np.arange(20000, dtype=np.int64)
     act = np.where(images < 10000, 1.0, 0.01).astype(np.float32)
-    picks = Picks(np.zeros(20000, np.int32), images, act, np.zeros(20000, np.int32))
+    picks = Picks(np.zeros(20000, np.int32), images, act, np.zeros(20000, np.int32), images)
     sample = picks.sample(2000, seed=0)
     strong = int((sample.activation == 1).sum())
     assert len(sample) == 2000 and abs(strong - 1000) < 100  # ~3 standard deviations
@@ -443,3 +494,51 @@ def test_on_ray_with_a_killed_worker_the_tables_equal_the_in_process_run(
     assert_same_tables(read_tables(scanned[0]), read_tables(root))
     assert fs.listdir(fs.join(root, "scan_parts", "sae=layer2-topk-64-k4")) and len(
         Manifest(root).records("scan")) == 9
+
+
+def test_source_groups_equal_a_brute_force_over_every_pair() -> None:
+    # random hashes with planted near-copies (1-3 bits flipped) and far ones (4+ bits), chains
+    # (a ~ b ~ c with a, c apart), shared sources, near-flat hashes and missing values
+    rng = np.random.default_rng(0)
+    base = rng.integers(-2**63, 2**63 - 1, 300, dtype=np.int64)
+    hashes = list(base)
+    for h in base[:120]:
+        flips = rng.choice(64, size=rng.integers(1, 7), replace=False)
+        flipped = (int(h) & (2**64 - 1)) ^ sum(1 << int(b) for b in flips)
+        hashes.append(flipped - 2**64 if flipped >= 2**63 else flipped)
+    hashes = [int(h) for h in hashes] + [0, 0, -1, 3]  # near-flat: never grouped
+    n = len(hashes)
+    sources = [None] * n
+    sources[5] = sources[250] = "photo.jpg"  # otherwise unrelated
+    table = pa.table({"image_id": np.arange(n, dtype=np.int64)[::-1] * 7,  # read in reverse
+                      "source": pa.array(sources[::-1], pa.string()),
+                      "phash": pa.array(hashes[::-1], pa.int64())})
+    got = source_groups(table)
+
+    def bits(h: int) -> int:
+        return bin(h & (2**64 - 1)).count("1")
+
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            near = (8 <= bits(hashes[i]) <= 56 and 8 <= bits(hashes[j]) <= 56
+                    and bits(hashes[i] ^ hashes[j]) <= 3)
+            if near or (sources[i] is not None and sources[i] == sources[j]):
+                parent[max(find(i), find(j))] = min(find(i), find(j))
+    ids = np.arange(n) * 7
+    # a group is named by its smallest image_id
+    members: dict[int, list[int]] = {}
+    for i in range(n):
+        members.setdefault(find(i), []).append(int(ids[i]))
+    want = {image: min(members[find(i)]) for i in range(n) for image in [int(ids[i])]}
+    assert got == want
+    sizes = Counter(want.values())
+    assert 40 < sum(v > 1 for v in sizes.values()) < 120  # near-copies grouped, far ones not
+    assert got[5 * 7] == got[250 * 7]
+    assert len({got[i * 7] for i in range(n - 4, n)}) == 4

@@ -4,7 +4,7 @@
     atlas.sql("SELECT layer, count(*) FROM latents WHERE NOT dead GROUP BY layer")
     atlas.latent("layer4", 17)                      # stats + exemplars with decoded iERF masks
     atlas.similar("layer4", 17, k=10)               # nearest latents by decoder direction
-    atlas.search("img.png", box=(32, 32, 24, 24))   # latents whose exemplar regions look alike
+    atlas.search("examples/img.png", box=(32, 32, 24, 24))   # latents whose exemplar regions look alike
 
 A layer name stands for its SAE when the layer has one; with a sweep of several SAEs per
 layer, name the SAE (`sae_id`) instead. The model and the SAEs are loaded on first use.
@@ -337,45 +337,58 @@ class Atlas:
         return finder(image, target, k, depth, label)
 
     def search(self, image: ImageInput, box: Sequence[int] | None = None,
-               layer: str | None = None, k: int = 10) -> pa.Table:
-        """Latents whose exemplar regions are nearest to a region of `image`.
+               layer: str | None = None, k: int = 10,
+               min_activation: float | None = None) -> pa.Table:
+        """Latents whose exemplar regions are nearest to a region of `image`, per SAE.
 
         The region is `box` = (x, y, w, h) in pixels of the model input (after resize and crop;
-        the whole image when None). For each SAE searched (`layer`'s, or every SAE with a
-        region index):
+        the whole image when None); on each layer's grid it covers the cells whose centres lie
+        inside the box (`regions.box_positions`; `regions.cells_extent` draws them). For each
+        SAE searched (`layer`'s, or every SAE with a region index):
         (a) the region's mean PFV, embedded like the index (`index.region_vectors`), is matched
             against every exemplar region of the SAE's latents; a latent scores the best
             cosine similarity among its exemplars (`similarity`; its best exemplar is
             `match_image_id`/`match_position`);
         (b) `activation` is the latent's SAE activation on the region: the max over the
             region's positions of the SAE encoding of each PFV (0 when it does not fire there).
-        Rows are ranked by (a), the `k` best over all SAEs searched; `exemplar_image_ids`
-        lists the latent's top exemplars (by rank), `label_hint` comes from `latents`.
+        [choice] Similarities of different SAEs live in different spaces (other widths, other
+        dictionaries) and are not comparable, so each SAE reports its own `k` best by (a):
+        rows come grouped by SAE, layers in model order (docs/atlas.md "Search").
+        `min_activation` keeps only latents whose (b) reaches it (0: only latents that fire on
+        the region). `exemplar_image_ids` lists each latent's top exemplars (by rank),
+        `label_hint` comes from `latents`.
         """
         import torch
 
         from pipeline.atlas.index import paths
+        from pipeline.icat.segment import layer_order
         from pipeline.models import tap
 
         _check_k(k)
+        if min_activation is not None and not min_activation >= 0:
+            raise ValueError(f"min_activation={min_activation}: expected a number >= 0 "
+                             "(SAE activations are non-negative)")
         targets = [self.resolve_sae(layer)["sae_id"]] if layer else [
             s for s in self.saes if fs.exists(paths(self.root, "regions", s)["meta"])]
         if not targets:
             raise FileNotFoundError(f"no region index in {self.root}; build the indexes with "
                                     f"`concept-atlas index {self.root}`")
         x, _ = self.input_image(image)
-        layer_names = sorted({self.saes[t]["layer"] for t in targets})
-        pfvs = tap(self.model().model, x, layer_names)
+        model = self.model().model
+        layer_names = layer_order(model, sorted({self.saes[t]["layer"] for t in targets}))
+        targets.sort(key=lambda t: (layer_names.index(self.saes[t]["layer"]), t))
+        pfvs = tap(model, x, layer_names)
         rows = []
         with torch.no_grad():
             for sae_id in targets:
-                rows += self._search_sae(sae_id, pfvs[self.saes[sae_id]["layer"]].values[0],
-                                         tuple(x.shape[-2:]), box, k)
-        rows.sort(key=lambda r: -r["similarity"])
-        return self._with_hints(rows[:k], SEARCH)
+                found = self._search_sae(sae_id, pfvs[self.saes[sae_id]["layer"]].values[0],
+                                         tuple(x.shape[-2:]), box, k, min_activation)
+                rows += sorted(found, key=lambda r: -r["similarity"])[:k]
+        return self._with_hints(rows, SEARCH)
 
     def _search_sae(self, sae_id: str, values: torch.Tensor, input_hw: tuple[int, int],
-                    box: Sequence[int] | None, k: int) -> list[dict[str, Any]]:
+                    box: Sequence[int] | None, k: int, min_activation: float | None
+                    ) -> list[dict[str, Any]]:
         from pipeline.atlas.index import region_vectors
 
         row = self.saes[sae_id]
@@ -386,19 +399,27 @@ class Atlas:
         sae = self.sae(sae_id)
         query = region_vectors(sae, region.mean(0, keepdim=True).numpy())
         index = self.index("regions", sae_id)
-        sims, ids = index.search(query, max(k * _REGIONS_PER_RESULT, 500))
-        keep = ids[0] >= 0
-        hits = index.ids.take(pa.array(ids[0][keep])).to_pylist()
-        best: dict[int, dict[str, Any]] = {}
-        for s, hit in zip(sims[0][keep], hits):  # sorted by similarity: the first hit is the max
-            best.setdefault(hit["latent"], {"similarity": float(s), **hit})
         acts = sae.encode(region).amax(0)
+        total, n = index.index.ntotal, max(k * _REGIONS_PER_RESULT, 500)
+        while True:  # widen the search until k latents pass (or every region was seen)
+            sims, ids = index.search(query, n)
+            keep = ids[0] >= 0
+            hits = index.ids.take(pa.array(ids[0][keep])).to_pylist()
+            best: dict[int, dict[str, Any]] = {}
+            for s, hit in zip(sims[0][keep], hits):  # by similarity: the first hit is the max
+                lat = hit["latent"]
+                if lat not in best and (min_activation is None or
+                                        (acts[lat] > 0 and acts[lat] >= min_activation)):
+                    best[lat] = {"similarity": float(s), **hit}
+            if len(best) >= k or n >= total:
+                break
+            n *= 4
         tops = _top_exemplars(index.ids)
         return [{"layer": row["layer"], "sae_id": sae_id, "latent": lat,
                  "similarity": h["similarity"], "activation": float(acts[lat]),
                  "match_image_id": h["image_id"], "match_position": h["position"],
                  "exemplar_image_ids": tops.get(lat, [])}
-                for lat, h in list(best.items())[:k]]
+                for lat, h in best.items()]
 
     def _with_hints(self, rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
         """`rows` as a table with each latent's `label_hint` (null before the cafe stage)."""

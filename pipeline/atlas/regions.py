@@ -53,3 +53,13 @@ def cell_box(position: int, input_hw: tuple[int, int], grid: tuple[int, int],
     h_in, w_in = input_hw
     return (round(j * w_in / grid[1]), round(i * h_in / grid[0]),
             round((j + 1) * w_in / grid[1]), round((i + 1) * h_in / grid[0]))
+
+
+def cells_extent(box: Sequence[int] | None, input_hw: tuple[int, int], grid: tuple[int, int]
+                 ) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) input pixels of the whole grid cells a box covers (`box_positions`):
+    the region a search actually reads on that grid, drawn beside the box the user gave."""
+    positions = box_positions(box, input_hw, grid)
+    boxes = np.array([cell_box(int(p), input_hw, grid) for p in positions])
+    return (int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()),
+            int(boxes[:, 3].max()))

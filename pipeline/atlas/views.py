@@ -16,14 +16,16 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from string import Template
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 
-from pipeline.store import fs
+from pipeline.store import AtlasRoot, fs
 from schemas import TABLES
 
 STATEMENTS_ALLOWED = (duckdb.StatementType.SELECT,)
@@ -75,7 +77,7 @@ SOURCES: dict[str, TableSource] = {s.name: s for s in (
     TableSource("exemplars", "exemplars/**/*.parquet", "cafe", TABLES["exemplars"]),
     TableSource("edges", "edges/**/*.parquet", "icat", TABLES["edges"]),
 )}
-VIEWS: tuple[str, ...] = (*SOURCES, "latents")
+VIEWS: tuple[str, ...] = (*SOURCES, "classes", "labels", "latents")
 # the JSON record of a PartRecord (pipeline.store.manifest): times are epoch seconds
 _MANIFEST_COLUMNS = (
     "{stage: 'VARCHAR', part: 'VARCHAR', input: 'VARCHAR', input_fingerprint: 'VARCHAR', "
@@ -127,17 +129,50 @@ def connect(root: str, atlas_id: str, threads: int | None = None
                     "autoload_known_extensions", "allow_community_extensions",
                     "allow_persistent_secrets"):
         con.execute(f"SET {setting} = false")
-    sources = {name: _source(root, s) if files[name] else _missing(con, root, s)
+    sources = {name: _source(con, root, s) if files[name] else _missing(con, root, s)
                for name, s in SOURCES.items()}
-    sources["exemplars_or_empty"] = ("exemplars" if files["exemplars"]
-                                     else _typed_nulls(con, TABLES["exemplars"], "false"))
-    sources["atlas_id"] = literal(atlas_id)
+    for name in SOURCES:
+        if name in TABLES:
+            sources[f"{name}_or_empty"] = (name if files[name]
+                                           else _typed_nulls(con, TABLES[name], "false"))
+    sources.update(_names(root), atlas_id=literal(atlas_id))
     # safe_substitute leaves the placeholders named in the file's comments alone; a misspelt
     # one in a view stays `${...}` and fails DuckDB's parser loudly
     for statement in con.extract_statements(Template(views_sql()).safe_substitute(sources)):
         con.execute(statement.query)
     con.execute("SET lock_configuration = true")
     return con, files
+
+
+def _names(root: str) -> dict[str, str]:
+    """The VALUES relations of views.sql: the data's label names, the model's class names and
+    the SAEs the icat stage connected (empty relations when the atlas does not know them)."""
+    atlas = AtlasRoot(root)
+    try:
+        classes = atlas.class_names()
+        labels = atlas.label_names()
+    except (OSError, ValueError, KeyError):  # no extraction record or no model config to read
+        classes = labels = None
+    icat = fs.join(root, "stages", "icat.json")
+    saes = fs.read_json(icat)["config"].get("saes", {}) if fs.exists(icat) else {}
+    return {"label_names": _values([("label", "INTEGER"), ("name", "VARCHAR")],
+                                   enumerate(labels or [])),
+            "class_names": _values([("class", "INTEGER"), ("name", "VARCHAR")],
+                                   enumerate(classes.names if classes else [])),
+            "icat_saes": _values([("layer", "VARCHAR"), ("sae_id", "VARCHAR")],
+                                 ((layer, v[0]) for layer, v in saes.items()))}
+
+
+def _values(columns: list[tuple[str, str]], rows: Iterable[tuple[Any, ...]]) -> str:
+    """A SQL relation of literal `rows` with `columns` [(name, DuckDB type)] (may be empty)."""
+    typed = ", ".join(f"NULL::{t} AS \"{c}\"" for c, t in columns)
+    body = [f"SELECT {typed} WHERE false"]
+    rows = [", ".join(str(int(v)) if isinstance(v, int) else literal(str(v)) for v in row)
+            for row in rows]
+    if rows:
+        names = ", ".join(f'"{c}"' for c, _ in columns)
+        body.append(f"SELECT * FROM (VALUES {', '.join(f'({r})' for r in rows)}) AS t({names})")
+    return "(" + " UNION ALL ".join(body) + ")"
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
@@ -157,14 +192,23 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> str:
     return statements[0].query
 
 
-def _source(root: str, s: TableSource) -> str:
+def _source(con: duckdb.DuckDBPyConnection, root: str, s: TableSource) -> str:
     pattern = literal(fs.join(root, s.pattern))
     if s.fmt == "json":
         return f"read_json({pattern}, format = 'auto', columns = {_MANIFEST_COLUMNS})"
     # hive values stay strings (a layer named `4` must not become an integer); union_by_name
     # lets parts written by an older schema version sit beside newer ones
-    return (f"read_parquet({pattern}, hive_partitioning = true, hive_types_autocast = false, "
-            f"union_by_name = true, filename = true, file_row_number = true)")
+    source = (f"read_parquet({pattern}, hive_partitioning = true, hive_types_autocast = false, "
+              f"union_by_name = true, filename = true, file_row_number = true)")
+    # a column that no part has (an atlas built before the column existed) reads as NULL, so
+    # an older atlas still opens; its rows just lack what the newer stage would add
+    have = set(con.sql(f"SELECT * FROM {source} LIMIT 0").columns)
+    absent = [f for f in s.schema if f.name not in have]
+    if not absent:
+        return source
+    types = con.from_arrow(pa.schema(absent).empty_table()).types
+    nulls = ", ".join(f'NULL::{t} AS "{f.name}"' for f, t in zip(absent, types))
+    return f"(SELECT *, {nulls} FROM {source})"
 
 
 def _missing(con: duckdb.DuckDBPyConnection, root: str, s: TableSource) -> str:

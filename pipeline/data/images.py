@@ -79,3 +79,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
         page = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(page, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def dhash(im: Image.Image) -> int:
+    """64-bit difference hash of `im` as a signed int64: the sign of the brightness step between
+    horizontal neighbours of a 9x8 greyscale thumbnail, row by row.
+
+    Equal for an image and its re-encodings, resizes and small colour changes (a JPEG at another
+    quality, a thumbnail), different for different pictures; the scan treats equal hashes as one
+    source (docs/method.md §5, near-duplicate exemplars).
+    """
+    grey = np.asarray(im.convert("L").resize((9, 8), Image.Resampling.BILINEAR), np.int16)
+    bits = (grey[:, 1:] > grey[:, :-1]).ravel()
+    value = int(np.packbits(bits).view(">u8")[0])
+    return value - (1 << 64) if value >= 1 << 63 else value

@@ -5,12 +5,18 @@ Driver side only (it reads the extraction's config and the saes table): workers 
 """
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+
+from pipeline.latents.groups import source_groups
 from pipeline.latents.reduce import REDUCE_STAGE, SAEScan
 from pipeline.latents.scan import STAGE, Layout, ScanOptions, ScanUnit, path
+from pipeline.pfv.extract import IMAGES_PER_PART
 from pipeline.pfv.parts import committed_parts
+from pipeline.stage import part_name
 from pipeline.store import (
     AtlasRoot,
     PartRecord,
@@ -57,6 +63,7 @@ def plan_scan(root: AtlasRoot | str, options: ScanOptions) -> ScanPlan:
     check_stage_config(root, STAGE, {"options": options.identity(), "extract": extract_hash},
                        parts_of=(STAGE, REDUCE_STAGE))
     done = atlas.manifest.records(STAGE)
+    groups = part_groups(root)
     plans, pending, skipped = [], [], 0
     for row in saes:
         weights = fs.join(root, "sae_weights", row["sae_id"])
@@ -64,8 +71,10 @@ def plan_scan(root: AtlasRoot | str, options: ScanOptions) -> ScanPlan:
                               "sae": fingerprint(weights + ".safetensors")})
         lay = layers[row["layer"]]
         layout = Layout(lay["grid_w"], lay["num_special"], lay["positions_per_image"])
-        units = [ScanUnit(row["sae_id"], row["layer"], weights, p, layout, digest,
-                          atlas_id) for p in committed_parts(root, row["layer"])]
+        # a part's picks depend on its images' groups, which new images elsewhere can change
+        units = [ScanUnit(row["sae_id"], row["layer"], weights, p, layout,
+                          config_hash({"unit": digest, "groups": groups[p.part][1]}), atlas_id,
+                          groups[p.part][0]) for p in committed_parts(root, row["layer"])]
         for unit in units:
             if is_current(unit, done.get(unit.name)):
                 skipped += 1
@@ -74,6 +83,23 @@ def plan_scan(root: AtlasRoot | str, options: ScanOptions) -> ScanPlan:
         plans.append(SAEScan(row["sae_id"], row["layer"], row["n_latents"], layout, units,
                              atlas_id))
     return ScanPlan(root, atlas_id, options, plans, pending, skipped)
+
+
+def part_groups(root: str) -> defaultdict[str, tuple[dict[int, int], str]]:
+    """Per extract part: {image_id: source group} of its images that share a group with
+    another image, and a hash of that mapping (pipeline.latents.groups)."""
+    folder = fs.join(root, "images")
+    tables = [fs.read_parquet(url) for url in fs.listdir(folder, ".parquet")]
+    every = source_groups(pa.concat_tables(tables, promote_options="default")) if tables else {}
+    shared = Counter(every.values())
+    by_part: dict[str, dict[int, int]] = defaultdict(dict)
+    for image_id, group in every.items():
+        if shared[group] > 1:
+            by_part[part_name(image_id // IMAGES_PER_PART)][image_id] = group
+    out: defaultdict[str, tuple[dict[int, int], str]] = defaultdict(lambda: ({}, ""))
+    for part, mapping in by_part.items():
+        out[part] = (mapping, config_hash({"groups": sorted(mapping.items())}))
+    return out
 
 
 def is_current(unit: ScanUnit, record: PartRecord | None) -> bool:

@@ -46,7 +46,7 @@ def merge_sketches(urls: list[str], options: ScanOptions) -> LatentSketch:
     merged = LatentSketch.load(urls[0])
     for url in urls[1:]:
         merged = merged.merge(LatentSketch.load(url), options.n_top, options.sample_size,
-                              options.seed)
+                              options.seed, options.per_source)
     return merged
 
 
@@ -147,5 +147,5 @@ def picks_table(picks: Picks, rank: np.ndarray, kind: str, sae: SAEScan) -> pa.T
         "atlas_id": [sae.atlas_id] * n, "layer": [sae.layer] * n, "sae_id": [sae.sae_id] * n,
         "latent": picks.latent, "kind": [kind] * n, "rank": rank.astype(np.int32),
         "image_id": picks.image_id, "activation": picks.activation,
-        "position": picks.position, "y": y, "x": x,
+        "position": picks.position, "y": y, "x": x, "source_group": picks.group,
     }, schema=EXEMPLAR_PICKS)

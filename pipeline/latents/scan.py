@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -58,6 +58,11 @@ class ScanOptions(TaskRuntime):
     sample_size: int = option(256, "per-latent uniform sample of firing images the quantile "
                               "picks come from (bottom-k sketch)", min=1)
     seed: int = option(0, "seed of that sample's hash", min=0)
+    per_source: int | None = option(
+        1, "'top' picks per source group at most: crops of one photo (`images.source`) or "
+        "near-duplicates (`images.phash` within 3 bits) count as one source (docs/method.md "
+        "§5); none: no limit",
+        min=1)
     batch_pfvs: int = option(16384, "PFVs encoded at once (memory ~ batch_pfvs x n_latents x 4 "
                              "bytes; whole images per batch)", runtime=True, min=1)
     saes: tuple[str, ...] | None = option(None, "scan only these sae_ids (default: every "
@@ -97,6 +102,9 @@ class ScanUnit:
     layout: Layout
     config_hash: str
     atlas_id: str
+    # {image_id: source group} of the part's images (pipeline.latents.groups); an image not
+    # listed is a group of its own
+    groups: dict[int, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -142,18 +150,21 @@ def _sae(weights: str, digest: str, device: str) -> SAE:
 
 @torch.inference_mode()
 def image_maxima(sae: SAE, values: np.ndarray, image_ids: np.ndarray, positions: np.ndarray,
-                 batch_pfvs: int) -> tuple[Picks, np.ndarray, np.ndarray]:
+                 batch_pfvs: int, groups: np.ndarray | None = None
+                 ) -> tuple[Picks, np.ndarray, np.ndarray]:
     """Encode PFVs image by image and reduce each image to its latents' maxima.
 
     Args:
         values: [n·P, C] PFVs of n images, P consecutive rows per image.
         image_ids: int64 [n]; positions: int32 [n, P], the position of each row.
+        groups: int64 [n], each image's source group (default: its image_id).
     Returns:
         (picks, count, total): one pick per (image, firing latent) with the latent's max over
         the image and the first position reaching it; per latent int64 [L] PFVs > 0 and
         float64 [L] sum of activations.
     """
     n, p = positions.shape
+    groups = image_ids.astype(np.int64) if groups is None else groups
     device = sae.W_enc.device
     count = torch.zeros(sae.cfg.n_latents, dtype=torch.int64, device=device)
     total = torch.zeros(sae.cfg.n_latents, dtype=torch.float64, device=device)
@@ -172,7 +183,7 @@ def image_maxima(sae: SAE, values: np.ndarray, image_ids: np.ndarray, positions:
         value, where = peak[img, lat].cpu().numpy(), arg[img, lat].cpu().numpy()
         img, lat = img.cpu().numpy(), lat.cpu().numpy()
         picks.append(Picks(lat.astype(np.int32), image_ids[start + img], value,
-                           positions[start + img, where]))
+                           positions[start + img, where], groups[start + img]))
     merged = functools.reduce(Picks.concat, picks)
     return merged, count.cpu().numpy(), total.cpu().numpy()
 
@@ -193,13 +204,15 @@ def scan_unit(unit: ScanUnit, options: ScanOptions, root: str,
     image_ids = image_col[::p].astype(np.int64)
     positions = ids.column("position").to_numpy().astype(np.int32).reshape(-1, p)
     values = fs.read_npy(unit.pfv.values)
-    picks, count, total = image_maxima(sae, values, image_ids, positions, options.batch_pfvs)
+    groups = np.asarray([unit.groups.get(i, i) for i in image_ids.tolist()], np.int64)
+    picks, count, total = image_maxima(sae, values, image_ids, positions, options.batch_pfvs,
+                                       groups)
     peak = np.zeros(sae.cfg.n_latents, np.float32)
     np.maximum.at(peak, picks.latent, picks.activation)
     sketch = LatentSketch(
         n_pfvs=len(image_col), n_images=len(image_ids), count=count,
         images=np.bincount(picks.latent, minlength=sae.cfg.n_latents).astype(np.int64),
-        total=total, peak=peak, top=picks.top(options.n_top),
+        total=total, peak=peak, top=picks.top(options.n_top, options.per_source),
         sample=picks.sample(options.sample_size, options.seed))
     activations = activations_table(picks, options.top_per_image, unit)
     fs.write_parquet(activations, path(root, "activations", unit.sae_id, unit.pfv.part),

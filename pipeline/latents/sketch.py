@@ -10,6 +10,12 @@ re-run of one part never changes the result of the others.
   over the image's positions, so an image appears at most once per latent. The order is a
   *total* order, activation descending then image_id ascending, so the top N of a union equals
   the top N of the union of each side's top N, ties included.
+* With at most m picks per source group (crops of one photo, near-duplicates: `group`), the
+  top N is taken greedily in that order, skipping a candidate whose group already holds m
+  picks. This too merges exactly: a candidate the greedy keeps on the union has fewer than m
+  kept candidates of its group and fewer than N kept candidates above it on the union, and at
+  least as many as on its own side (a candidate kept on its side but not on the union has a
+  full group above it there), so its side keeps it as well.
 * The uniform sample is a bottom-k sketch: each (image, latent) pair gets a pseudo-random
   priority, a hash of (image_id, latent, seed), and the sample of a latent is its k firing
   images of smallest (priority, image_id). The k smallest of a union are among the k smallest
@@ -56,11 +62,12 @@ class Picks:
     image_id: np.ndarray  # int64 [n]
     activation: np.ndarray  # float32 [n]
     position: np.ndarray  # int32 [n], in the layer's [P] layout
+    group: np.ndarray  # int64 [n], the image's source group (pipeline.latents.scan.source_groups)
 
     @classmethod
     def empty(cls) -> Picks:
         return cls(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.float32),
-                   np.zeros(0, np.int32))
+                   np.zeros(0, np.int32), np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return len(self.latent)
@@ -72,10 +79,21 @@ class Picks:
         return Picks(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)])
                        for f in fields(self)))
 
-    def top(self, n: int) -> Picks:
-        """The `n` strongest per latent (activation desc, image_id asc), sorted that way."""
-        order, rank = rank_within(self.latent, -self.activation, self.image_id)
-        return self.take(order[rank < n])
+    def top(self, n: int, per_group: int | None = None) -> Picks:
+        """The `n` strongest per latent (activation desc, image_id asc), sorted that way; with
+        `per_group`, at most that many of one source group (the greedy of the module doc)."""
+        candidates = self
+        if per_group is not None:
+            # a candidate survives the greedy's group cap exactly when fewer than per_group
+            # stronger candidates of its (latent, group) exist: the cap only ever looks back
+            # at its own group
+            pairs = np.stack([self.latent.astype(np.int64), self.group], axis=1)
+            pair = np.unique(pairs, axis=0, return_inverse=True)[1].reshape(-1)
+            order, rank = rank_within(pair, -self.activation, self.image_id)
+            candidates = self.take(np.sort(order[rank < per_group]))
+        order, rank = rank_within(candidates.latent, -candidates.activation,
+                                  candidates.image_id)
+        return candidates.take(order[rank < n])
 
     def sample(self, k: int, seed: int) -> Picks:
         """The bottom-k sketch per latent: the `k` smallest (priority, image_id) of each."""
@@ -102,7 +120,8 @@ class LatentSketch:
     top: Picks
     sample: Picks
 
-    def merge(self, other: LatentSketch, n_top: int, sample_size: int, seed: int) -> LatentSketch:
+    def merge(self, other: LatentSketch, n_top: int, sample_size: int, seed: int,
+              per_group: int | None = None) -> LatentSketch:
         """The sketch of the union of two disjoint image sets (exact; see the module doc)."""
         if len(self.count) != len(other.count):
             raise ValueError(f"cannot merge sketches of {len(self.count)} and "
@@ -110,7 +129,8 @@ class LatentSketch:
         return LatentSketch(
             self.n_pfvs + other.n_pfvs, self.n_images + other.n_images,
             self.count + other.count, self.images + other.images, self.total + other.total,
-            np.maximum(self.peak, other.peak), self.top.concat(other.top).top(n_top),
+            np.maximum(self.peak, other.peak),
+            self.top.concat(other.top).top(n_top, per_group),
             self.sample.concat(other.sample).sample(sample_size, seed))
 
     def save(self, url: str) -> None:

