@@ -144,6 +144,8 @@ def _cmd_routes(a: argparse.Namespace) -> int:
     from pipeline.atlas import Atlas
     from pipeline.atlas.route_render import render_route
 
+    if a.attack:
+        return _routes_under_attack(a)
     atlas = Atlas.open(a.atlas)
     target = a.target if a.target in (None, "true") or not a.target.isdigit() else int(a.target)
     route = atlas.routes(a.image, target=target, k=a.k, method=a.method, steps=a.steps,
@@ -158,6 +160,69 @@ def _cmd_routes(a: argparse.Namespace) -> int:
         if path:
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _routes_under_attack(a: argparse.Namespace) -> int:
+    """`routes --attack pgd`: PGD on the image, then the routes before and after
+    (pipeline.atlas.flip_routes; docs/routes.md, "Routes under attack")."""
+    import torch
+
+    from pipeline.atlas.flip_routes import flip_routes
+    from pipeline.atlas.route_render import render_flip
+    from pipeline.atlas.routes import RouteFinder
+    from pipeline.evaluation.adversarial import pgd_inputs, to_pixels
+
+    if a.depth is not None:
+        raise ValueError(f"--depth {a.depth}: routes under --attack descend every tapped layer")
+    finder = RouteFinder(a.atlas, a.method, a.steps)
+    loaded, cfg = finder.scorer.loaded, finder.scorer.loaded.data_config
+    x = finder.pixels(a.image)
+    with torch.no_grad():
+        logits = loaded.model(x)[0]
+    n_classes, targeted = len(logits), a.target is not None
+    if not targeted:  # untargeted: away from the label, else from the predicted class
+        goal = int(logits.argmax()) if a.label is None else a.label
+    elif finder.class_names:
+        goal = finder.class_names.index(a.target, n_classes)
+    elif a.target.isdigit():
+        goal = int(a.target)
+    else:
+        raise ValueError(f"--target {a.target!r}: this atlas knows no class names; with --attack "
+                         f"give the class the attack must reach as an index 0..{n_classes - 1}")
+    if not 0 <= goal < n_classes:
+        raise ValueError(f"class {goal}: the model has {n_classes} classes (0..{n_classes - 1})")
+    res = pgd_inputs(loaded.model, x, torch.tensor([goal]), cfg, eps=a.eps, steps=a.attack_steps,
+                     targeted=targeted)
+    flip = flip_routes(finder, x[0], res.inputs[0], k=a.k, label=a.label)
+    summary = flip.summary()
+    print(f"PGD L-inf eps {a.eps * 255:.2f}/255, {a.attack_steps} steps, "
+          f"{'targeted at class ' + str(goal) if targeted else 'untargeted'}: class "
+          f"{summary['clean_class']} -> {summary['adv_class']}"
+          f"{'' if bool(res.flipped[0]) else ' (the attack did not succeed)'}")
+    for layer, row in summary["layers"].items():
+        print(f"  {layer}: new-class route mass through latents inactive before "
+              f"{row['new_share']:.3f}; newly active latents {row['newly_active']} "
+              f"(on the route {row['route_after_newly_active']})")
+    print("before:\n" + flip.before.text() + "\nafter:\n" + flip.after.text())
+    if a.json:
+        Path(a.json).write_text(flip.to_json() + "\n")
+    if a.out:
+        shown = [to_pixels(t[None], cfg["mean"], cfg["std"])[0].permute(1, 2, 0).cpu().numpy()
+                 for t in (x[0], res.inputs[0])]
+        render_flip(flip, *shown, root=a.atlas, out=a.out, eps=a.eps)
+    for path in (a.json, a.out):
+        if path:
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _fraction(value: str) -> float:
+    """"4/255" or "0.0157" -> float."""
+    num, sep, den = value.partition("/")
+    try:
+        return float(num) / float(den) if sep else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a number or a fraction, e.g. 4/255")
 
 
 def _latent_ref(value: str) -> tuple[str, int]:
@@ -490,7 +555,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
              "ICAT edges per node down the tapped layers (JSON and a graph PNG)",
              "  concept-atlas routes demo_out --image demo_out/saliency/00002500.png --out route.png\n"
              "  concept-atlas routes demo_out --image examples/img.png --target star -k 2 --json route.json\n"
-             "  concept-atlas routes demo_out --image examples/img.png --target circle --method grad_x_act")
+             "  concept-atlas routes demo_out --image examples/img.png --target circle --method grad_x_act\n"
+             "  concept-atlas routes demo_out --image examples/img.png --attack pgd --eps 4/255 --out flip.png")
     sp.add_argument("atlas", help="atlas root (extracted layers with trained SAEs)")
     sp.add_argument("--image", required=True, help="image file (preprocessed as the model expects)")
     sp.add_argument("--target", default=None,
@@ -503,6 +569,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--depth", type=int, default=None, help="tapped layers to descend (default all)")
     sp.add_argument("--json", default=None, help="write the route as JSON here")
     sp.add_argument("--out", default=None, help="write the rendered route (PNG) here")
+    sp.add_argument("--attack", default=None, choices=["pgd"],
+                    help="attack the image first (L-inf PGD in pixel space) and show the routes "
+                         "before and after; --target is then the class the attack must reach "
+                         "(default: untargeted, away from --label or the predicted class)")
+    sp.add_argument("--eps", type=_fraction, default=4 / 255,
+                    help="attack radius in pixel units, e.g. 4/255 (default)")
+    sp.add_argument("--attack-steps", type=int, default=20, help="PGD iterations")
 
     sp = add("export-sae", _cmd_export_sae, "write an atlas's SAEs in SAELens's format "
              "(OUT/SAE_ID/cfg.json + sae_weights.safetensors), loadable by sae_lens",

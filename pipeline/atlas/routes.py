@@ -201,6 +201,17 @@ class RouteFinder:
             image = load_image(image)
         return loaded.preprocess(image)
 
+    def activations(self, image: ImageInput) -> dict[str, torch.Tensor]:
+        """{layer: Tensor[F]}: each SAE latent's max over positions on one image (the
+        `activations.max_act` of the atlas; 0 where the latent does not fire), as route nodes
+        carry it."""
+        x = self.pixels(image)
+        return self._max_acts(tap(self.scorer.loaded.model, x, self.layers))
+
+    def _max_acts(self, taps: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {layer: self.scorer.saes[layer].encode(taps[layer].values)[0].amax(0)
+                for layer in self.layers}
+
     def __call__(self, image: ImageInput, target: int | str | None = None, k: int = 3,
                  depth: int | None = None, label: int | None = None, hints: bool = True) -> Route:
         """The route of one image (see `routes`); `hints=False` skips the atlas's label hints."""
@@ -217,7 +228,7 @@ class RouteFinder:
         cls = _target(target, predicted, label, len(logits), names)
 
         chain = [LOGITS] + layers[::-1]
-        acts = {layer: scorer.saes[layer].encode(taps[layer].values)[0].amax(0) for layer in layers}
+        acts = self._max_acts(taps)
         nodes, edges = _descend(
             chain[:depth + 1], RouteNode(LOGITS, cls, float(logits[cls])), k,
             lambda src, dst, frontier: _image_scores(scorer, (src, dst), taps, x, frontier,
