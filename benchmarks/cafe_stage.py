@@ -1,11 +1,12 @@
 """Benchmark the cafe *stage* against its batched iERF kernel, per exemplar, in one run.
 
-    python benchmarks/cafe_stage.py --root ATLAS --latents 48 --label after \
+    python benchmarks/cafe_stage.py --root ATLAS --images 64 --label after \
         --out benchmarks/results/cafe_stage_cpu.json
 
 ATLAS holds an extraction, SAEs and the scan's `exemplar_picks/` (e.g. `concept-atlas build
-configs/demo.yaml` with fewer images). The picks of the first `--latents` latents of each SAE
-(all their kinds and ranks) are explained twice, on one device and thread count:
+configs/demo.yaml` with fewer images). Every pick on `--images` picked images (drawn at random,
+so each image keeps the picks it has in the whole atlas) is explained twice, on one device and
+thread count:
 
   kernel  what `pipeline/cafe/ierf.py` computes for them and nothing else: the stage's image
           batches (same images, same `image_batch`), one recorded SRD pattern (`srd.build`) per
@@ -40,6 +41,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -81,17 +83,22 @@ CATEGORIES: dict[tuple[str, str], str] = {
 }
 
 
-def subset(root: str, dest: Path, latents: int) -> int:
-    """Copy `root` to `dest` without PFVs or earlier cafe rows, keeping the picks of the first
-    `latents` latents of each SAE; returns the number of picks kept."""
+def subset(root: str, dest: Path, images: int, seed: int) -> int:
+    """Copy `root` to `dest` without PFVs or earlier cafe rows, keeping every pick (of every
+    SAE) on `images` picked images drawn at random (`seed`), so the picks per image are those
+    of the whole atlas; returns the number of picks kept."""
     skip = shutil.ignore_patterns("pfv", "exemplars", "stage=cafe", "cafe.json", "scan_parts",
                                   "activations", "_ray_train", "_ckpt")
     shutil.copytree(root, dest, ignore=skip)
+    paths = sorted((dest / "exemplar_picks").rglob("*.parquet"))
+    ids = sorted({i for path in paths for i in pq.read_table(path)["image_id"].to_pylist()})
+    rng = np.random.default_rng(seed)
+    chosen = pa.array(rng.choice(ids, size=min(images, len(ids)), replace=False), pa.int64())
     kept = 0
-    for path in sorted((dest / "exemplar_picks").rglob("*.parquet")):
+    for path in paths:
         picks = pq.read_table(path)
-        live = sorted(set(picks["latent"].to_pylist()))[:latents]
-        picks = picks.filter(pc.is_in(picks["latent"], value_set=pa.array(live, pa.int32())))
+        picks = picks.filter(pc.is_in(picks["image_id"], value_set=chosen.cast(
+            picks.schema.field("image_id").type)))
         fs.write_parquet(picks, str(path), EXEMPLAR_PICKS)
         kept += picks.num_rows
     return kept
@@ -223,7 +230,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="atlas with extraction, SAEs, exemplar_picks")
-    p.add_argument("--latents", type=int, default=48, help="latents per SAE whose picks run")
+    p.add_argument("--images", type=int, default=64, help="picked images whose picks run")
+    p.add_argument("--seed", type=int, default=0, help="draws the --images")
     p.add_argument("--faithfulness-per-latent", type=int, default=1,
                    help="CafeOptions.faithfulness_per_latent (the demo config's 1)")
     p.add_argument("--image-batch", type=int, default=8)
@@ -241,7 +249,7 @@ def main() -> None:
                        image_batch=args.image_batch, in_process=True)
     with tempfile.TemporaryDirectory(prefix="cafe-stage-") as tmp:
         copy = Path(tmp) / "atlas"
-        picks = subset(args.root, copy, args.latents)
+        picks = subset(args.root, copy, args.images, args.seed)
         plan = plan_cafe(str(copy), opts)
         worker = CafeWorker(plan.context, device)
         kernel_t, n = kernel(worker, plan, device)
@@ -257,7 +265,7 @@ def main() -> None:
     kernel_s, stage_s = getattr(kernel_t, use), getattr(stage_t, use)
     result = {
         "device": platform.processor() or platform.machine(), "torch_threads": args.threads,
-        "root": args.root, "latents_per_sae": args.latents, "exemplars": n,
+        "root": args.root, "exemplars": n,
         "images": len(set(table["image_id"].to_pylist())), "faithfulness_rows": faithful,
         "options": {"faithfulness_per_latent": opts.faithfulness_per_latent,
                     "steps": opts.steps, "patch": opts.patch, "image_batch": opts.image_batch,
