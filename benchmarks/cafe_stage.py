@@ -267,6 +267,7 @@ def main() -> None:
         "device": platform.processor() or platform.machine(), "torch_threads": args.threads,
         "root": args.root, "exemplars": n,
         "images": len(set(table["image_id"].to_pylist())), "faithfulness_rows": faithful,
+        "png_bytes_mean": round(pc.mean(pc.binary_length(table["ierf_png"])).as_py(), 1),
         "options": {"faithfulness_per_latent": opts.faithfulness_per_latent,
                     "steps": opts.steps, "patch": opts.patch, "image_batch": opts.image_batch,
                     "seed_chunk": opts.seed_chunk, "forward_batch": opts.forward_batch},
