@@ -9,8 +9,7 @@ every stage in process (no Ray: one process per stage, so its max RSS is that st
 made smaller where a stage's cost does not depend on the image count (it is the same at every
 size, so only its level, not its growth, is affected): SAEs of `--latents` latents per layer
 trained for `--sae-steps` steps, one top and one quantile pick per latent without
-faithfulness curves, ICAT with
-one method on one image per shard. Stages run as `concept-atlas build CONFIG --stages STAGE`
+faithfulness curves, ICAT with one method on one image per shard. Stages run as `concept-atlas build CONFIG --stages STAGE`
 (the command a user runs), so the numbers include the start of Python and torch, measured on
 its own as `startup`. CPU seconds (user + system of the stage's process) are the work done
 whatever else shares the machine; wall seconds are also recorded.
