@@ -235,6 +235,8 @@ def main() -> None:
     p.add_argument("--faithfulness-per-latent", type=int, default=1,
                    help="CafeOptions.faithfulness_per_latent (the demo config's 1)")
     p.add_argument("--image-batch", type=int, default=8)
+    p.add_argument("--forward-batch", type=int, default=128,
+                   help="CafeOptions.forward_batch (perturbed images per forward)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default="run", help="key of this run in --out")
@@ -246,7 +248,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     opts = CafeOptions(faithfulness_per_latent=args.faithfulness_per_latent,
-                       image_batch=args.image_batch, in_process=True)
+                       image_batch=args.image_batch, forward_batch=args.forward_batch,
+                       in_process=True)
     with tempfile.TemporaryDirectory(prefix="cafe-stage-") as tmp:
         copy = Path(tmp) / "atlas"
         picks = subset(args.root, copy, args.images, args.seed)
