@@ -37,7 +37,8 @@ CHECKED = 4                   # per latent with insertion / deletion curves (Caf
 STEPS = 16                    # faithfulness steps: 2 + 6 (steps - 1) = 92 forwards per check
 ICAT_IMAGES = 10_000
 GPUS = 8
-TOP_PER_IMAGE = 32            # scan: activation rows per image, SAE and layer
+TOP_PER_IMAGE = 32            # scan: activation rows (latents) per image and SAE
+POSITIONS = 16                # extract: PFVs sampled per image and layer (README's cluster example)
 # [assumption] H100 forward rates, float32 with TF32 convolutions / matmuls (what SRD runs in),
 # eager PyTorch, large batches: ~40-50 TFLOP/s effective; uncertain by about 2x either way
 H100_FORWARD_IMG_S = {"resnet50": 5000.0, "vit_base_patch16_224": 1500.0}
@@ -100,7 +101,8 @@ def estimate(name: str, facts: dict, demo: dict, rates: dict, h100_kernel: list[
     gpu_s = {
         "extract": N_IMAGES * fwd * 1.08,          # 8% over a bare forward (pipeline-*.json)
         "train-sae": sum(SAE_TOKENS * 6 * c * LATENTS for _, _, c in layers) / H100_MATMUL_FLOP_S,
-        "scan": sum(N_IMAGES * p * 2 * c * LATENTS for _, p, c in layers) / H100_MATMUL_FLOP_S,
+        "scan": sum(N_IMAGES * min(p, POSITIONS) * 2 * c * LATENTS
+                    for _, p, c in layers) / H100_MATMUL_FLOP_S,
         "cafe_ierf_low": exemplars * ierf_low, "cafe_ierf_high": exemplars * ierf_high,
         "cafe_faithfulness": checks * per_check * fwd,
         "icat": ICAT_IMAGES * icat_forwards * fwd * len(layers) / 2,  # demo: 2 layers
@@ -112,8 +114,8 @@ def estimate(name: str, facts: dict, demo: dict, rates: dict, h100_kernel: list[
     storage = {
         "shards (ImageNet JPEG)": 140e9,
         "pfv (float16, every position)": pfv_all,
-        "pfv (float16, 64 positions per image and layer)": sum(
-            64 * c for _, _, c in layers) * 2 * N_IMAGES,
+        f"pfv (float16, {POSITIONS} positions per image and layer)": sum(
+            min(p, POSITIONS) * c for _, p, c in layers) * 2 * N_IMAGES,
         "activations (scan)": N_IMAGES * len(layers) * TOP_PER_IMAGE * 8,
         "sae_weights": sum(2 * c * LATENTS * 4 for _, _, c in layers),
         "exemplars (iERF PNGs)": exemplars * (png_bytes_128 * (facts["size"] / 128) ** 2 + 100),
@@ -164,7 +166,8 @@ def main() -> None:
                         "h100_matmul_flop_s": H100_MATMUL_FLOP_S, "sae_tokens": SAE_TOKENS},
         "atlas": {"images": N_IMAGES, "layers": 4, "latents_per_layer": LATENTS,
                   "exemplars_per_latent": EXEMPLARS, "checked_per_latent": CHECKED,
-                  "faithfulness_steps": STEPS, "icat_images": ICAT_IMAGES, "gpus": GPUS},
+                  "faithfulness_steps": STEPS, "icat_images": ICAT_IMAGES, "gpus": GPUS,
+                  "positions_per_image": POSITIONS},
         "measured_cpu": {**rates, "icat_forwards_per_image": icat_forwards,
                          "png_bytes_128px": kept, "h100_demo_kernel_masks_per_s": h100_kernel},
         "models": {n: {k: facts[n][k] for k in ("flops", "activations", "max_activation",
