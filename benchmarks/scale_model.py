@@ -6,7 +6,7 @@ table, memory per stage, for ResNet-50 and ViT-B/16, from measured rates and sta
 Measured inputs: the CAFE stage/kernel benchmark (benchmarks/results/cafe_stage_cpu.json: CPU
 seconds per iERF, per perturbed-image forward and of host work per exemplar, demo_resnet at
 128 px), the H100 iERF kernel (benchmarks/results/ierf_masks_h100.json, demo_resnet), the CPU
-scaling run (benchmarks/results/scale_cpu.json: ICAT and bytes per row), the forward FLOPs and
+ICAT benchmark (benchmarks/results/icat_cpu.json, all four methods), the forward FLOPs and
 activation sizes of the three models (counted here with torch.utils.flop_counter, random
 weights, one image). ASSUMED (no GPU was available to this task) and listed in the JSON: the
 H100 forward rates of ResNet-50 and ViT-B/16 and the matmul throughput of SAE training and
@@ -105,7 +105,7 @@ def estimate(name: str, facts: dict, demo: dict, rates: dict, h100_kernel: list[
                     for _, p, c in layers) / H100_MATMUL_FLOP_S,
         "cafe_ierf_low": exemplars * ierf_low, "cafe_ierf_high": exemplars * ierf_high,
         "cafe_faithfulness": checks * per_check * fwd,
-        "icat": ICAT_IMAGES * icat_forwards * fwd * len(layers) / 2,  # demo: 2 layers
+        "icat": ICAT_IMAGES * icat_forwards * fwd * len(layers) / 2,  # demo: 2 pairs
     }
     host_s = {"cafe_png_masks_host": exemplars * host}
     low = sum(v for k, v in gpu_s.items() if k != "cafe_ierf_high")
@@ -150,15 +150,14 @@ def main() -> None:
     torch.set_num_threads(1)
     cafe = json.loads((RESULTS / "cafe_stage_cpu.json").read_text())
     h100 = json.loads((RESULTS / "ierf_masks_h100.json").read_text())
-    scale = json.loads((RESULTS / "scale_cpu.json").read_text())
     rates = cpu_rates(cafe)
     h100_kernel = [v["batched_masks_per_s"] for v in h100["layers"].values()]
-    # ICAT per image in forward-equivalents: the scaling run's ICAT CPU seconds (less the
-    # process start) per image, over the CPU forward time (both demo_resnet)
-    largest = scale["sizes"][max(scale["sizes"], key=int)]
-    icat_images = int(max(scale["sizes"], key=int)) // scale["options"]["shard_size"]
-    icat_cpu = largest["stages"]["icat"]["cpu_s"] - scale["startup"]["cpu_s"]
-    icat_forwards = icat_cpu / icat_images / rates["forward_s"]
+    # ICAT per image in forward-equivalents: CPU seconds per image of all four methods (ig at
+    # 32 steps, grad x act + grad, srd) over both pairs of the demo atlas (layer2 -> layer4,
+    # layer4 -> logits; benchmarks/results/icat_cpu.json), over the CPU forward time
+    icat = json.loads((RESULTS / "icat_cpu.json").read_text())
+    icat_cpu = sum(m["cpu_s"] for pair in icat["per_pair"].values() for m in pair.values())
+    icat_forwards = icat_cpu / icat["images"] / rates["forward_s"]
     kept = pq_png_bytes(cafe)
     facts = {n: model_facts(n) for n in ("demo_resnet", "resnet50", "vit_base_patch16_224")}
     result = {
