@@ -4,6 +4,8 @@ every table it leaves.
 
     python benchmarks/scale_cpu.py --sizes 1000 2000 4000 --out benchmarks/results/scale_cpu.json
 
+Sizes already in `--out` are kept, so a later run with other `--sizes` extends the table.
+
 Each size is a fresh build of `configs/demo.yaml` with `data.synthetic.n` set to the size and
 every stage in process (no Ray: one process per stage, so its max RSS is that stage's peak),
 made smaller where a stage's cost does not depend on the image count (it is the same at every
@@ -93,6 +95,11 @@ def main() -> None:
     result = {"device": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average_at_start": os.getloadavg(), "startup": startup,
               "options": vars(args), "sizes": {}}
+    if args.out and Path(args.out).exists():  # a later run adds sizes to an earlier one's
+        earlier = json.loads(Path(args.out).read_text())
+        result["sizes"] = earlier["sizes"]
+        result["earlier_runs"] = earlier.get("earlier_runs", []) + [
+            {k: v for k, v in earlier.items() if k not in ("sizes", "earlier_runs")}]
     for size in args.sizes:
         root = work / f"n{size}"
         cfg_path = work / f"n{size}.yaml"
