@@ -7,6 +7,7 @@ handful of latents.
 from __future__ import annotations
 
 import itertools
+import zlib
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -336,6 +337,55 @@ def test_stage_writes_one_consistent_row_per_pick(atlas, tmp_path) -> None:
             assert all(r[f"del_auc_{o}"] >= 0 for o in ORDERS)
         # synthetic images: the mask lands on an object, or every gt column is null
         assert (r["gt_shape"] is None) == (r["gt_iou_ierf"] is None)
+
+
+def test_batched_faithfulness_equals_each_pick_checked_alone(atlas, tmp_path) -> None:
+    """The stage streams the perturbed images of all checked picks of an image batch through
+    shared forward passes (forward_batch 7 < the 20 images of a pick, so batches straddle
+    picks); every AUC equals the pick's check run alone, as the stage did it before: its own
+    iERF (one seed, one image), its own seeded orders, its 20 images in one forward."""
+    from jobs.cafe import run
+    from pipeline.cafe import CafeWorker
+    from pipeline.cafe.faithfulness import rows_per_exemplar
+    from pipeline.cafe.masks import upsample
+    from pipeline.models import make_transform
+
+    opts = replace(IN_PROCESS, faithfulness_per_latent=2, image_batch=12, forward_batch=7)
+    assert rows_per_exemplar(opts.steps) == 20
+    root = copy_of(atlas, tmp_path / "a")
+    run(root, opts, progress=False)
+    checked = [r for r in read_rows(root) if r["ins_auc_ierf"] is not None]
+    assert len({r["layer"] for r in checked}) == 2 and len(checked) >= 6
+    worker = CafeWorker(plan_cafe(root, opts).context)
+    transform = make_transform(worker.ctx.data_config)
+    pixels = {}  # image_id -> preprocessed image, over every extracted part
+    for part, record in Manifest(root).records("extract").items():
+        images = fs.read_parquet(fs.join(root, "images", f"{part}.parquet"))
+        ids = dict(zip(images["key"].to_pylist(), images["image_id"].to_pylist()))
+        pixels.update({ids[s.key]: transform(s.image)
+                       for s in iter_samples([record.input], ErrorLog())})
+    with torch.no_grad():  # as in the stage (the SAE weights are leaves that need grad)
+        for r in checked:
+            x = pixels[r["image_id"]][None]
+            sae = worker.sae(r["sae_id"])
+            direction, offset = sae.readout(torch.tensor([r["latent"]]))
+            graph = srd.build(worker.model, x)[0]
+            maps, consts = batched_latent_ierfs(worker.model, graph, x, r["layer"],
+                                                [torch.tensor([r["position"]])], [direction],
+                                                [offset])
+            ierf, _ = as_shares(maps[0], consts[0])
+            grid = worker._act_maps(r["layer"], [r], _pfvs(worker.model, x, r["layer"])[0])
+            gen = torch.Generator().manual_seed(zlib.crc32(
+                f"{opts.seed}:{r['sae_id']}:{r['latent']}:{r['image_id']}".encode()))
+            orders = patch_orders(ierf[0], upsample(grid, (128, 128))[0], opts.patch, gen)
+            read = worker.readout(r["sae_id"], r["latent"], r["position"])
+            layer = r["layer"]
+            alone = aucs(curves(x[0], orders, lambda b: read(_pfvs(worker.model, b, layer)),
+                                opts.patch, opts.steps, batch=20))
+            for column, value in alone.items():
+                assert r[column] == pytest.approx(value, rel=1e-5, abs=1e-6), (column, r["latent"])
+    # the check can fail: the AUCs differ between picks
+    assert len({round(r["ins_auc_ierf"], 6) for r in checked}) > 1
 
 
 def test_crashed_driver_resumes_with_exact_row_counts(atlas, tmp_path) -> None:

@@ -14,7 +14,7 @@ patch carries no signal of its own, as in the common insertion / deletion protoc
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,20 +95,55 @@ def perturbations(image: Tensor, orders: dict[str, Tensor], patch: int, steps: i
     return torch.cat(rows)
 
 
+def rows_per_exemplar(steps: int) -> int:
+    """Images one exemplar's check reads (`perturbations`): 2 + 6 (steps - 1)."""
+    if steps < 2:
+        raise ValueError(f"faithfulness steps={steps!r}: expected an int >= 2")
+    return 2 + 2 * len(ORDERS) * (steps - 1)
+
+
+def rebatch(blocks: Iterable[Tensor], batch: int) -> Iterator[Tensor]:
+    """The rows of a stream of tensors [n_i, ...] in batches of `batch` rows (the last one
+    smaller), so that many exemplars' perturbations share each forward pass while only one
+    exemplar's images and one batch are held at a time."""
+    pending: list[Tensor] = []
+    held = 0
+    for block in blocks:
+        while len(block):
+            take = min(batch - held, len(block))
+            pending.append(block[:take])
+            held += take
+            block = block[take:]
+            if held == batch:
+                yield torch.cat(pending)
+                pending, held = [], 0
+    if pending:
+        yield torch.cat(pending)
+
+
+def from_readouts(values: Tensor, steps: int) -> list[Curves]:
+    """The curves of exemplars from their readouts Tensor[J, 2 + 6 (steps - 1)], each row in
+    the order of `perturbations`."""
+    values = values.float().cpu()
+    full, empty = values[:, 0], values[:, 1]
+    inner = values[:, 2:].view(len(values), len(ORDERS), 2, steps - 1)
+    out = []
+    for j in range(len(values)):
+        ins, dele = {}, {}
+        for k, name in enumerate(ORDERS):
+            dele[name] = torch.cat([full[j, None], inner[j, k, 0], empty[j, None]])
+            ins[name] = torch.cat([empty[j, None], inner[j, k, 1], full[j, None]])
+        out.append(Curves(insertion=ins, deletion=dele, unmodified=float(full[j])))
+    return out
+
+
 def curves(image: Tensor, orders: dict[str, Tensor], readout: Readout, patch: int, steps: int,
            batch: int, baseline: float = 0.0) -> Curves:
     """Run the insertion / deletion images of one exemplar through `readout`, `batch` at a time."""
-    if steps < 2:
-        raise ValueError(f"faithfulness steps={steps!r}: expected an int >= 2")
+    rows_per_exemplar(steps)
     images = perturbations(image, orders, patch, steps, baseline)
-    values = torch.cat([readout(images[i:i + batch]).float().cpu()
-                        for i in range(0, len(images), batch)])
-    full, empty, inner = values[0], values[1], values[2:].view(len(ORDERS), 2, steps - 1)
-    ins, dele = {}, {}
-    for k, name in enumerate(ORDERS):
-        dele[name] = torch.cat([full[None], inner[k, 0], empty[None]])
-        ins[name] = torch.cat([empty[None], inner[k, 1], full[None]])
-    return Curves(insertion=ins, deletion=dele, unmodified=float(full))
+    values = torch.cat([readout(b).float().cpu() for b in rebatch([images], batch)])
+    return from_readouts(values[None], steps)[0]
 
 
 def auc(curve: Tensor, unmodified: float) -> float | None:

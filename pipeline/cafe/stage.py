@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -266,10 +267,15 @@ class CafeWorker:
             maps, consts = batched_latent_ierfs(self.model, graph, x, layer, positions,
                                                 [d for d, _ in readouts], [o for _, o in readouts],
                                                 self.opt.seed_chunk)
+            checks: list[tuple[dict[str, Any], int, dict[str, Any], Tensor, Tensor]] = []
             for i, ps in enumerate(layer_picks):
                 if ps:
                     acts = self._act_maps(layer, ps, pfvs[layer].values[i])
-                    rows += self._rows(x[i], layer, ps, *as_shares(maps[i], consts[i]), acts, gts[i])
+                    rows += self._rows(x[i], ps, *as_shares(maps[i], consts[i]), acts, gts[i],
+                                       checks, i)
+            # the faithfulness images of every checked pick of the batch share forward passes
+            for (row, *_), scores in zip(checks, self._faithfulness(x, layer, checks)):
+                row.update(scores)
         return rows
 
     def _readouts(self, picks: list[dict[str, Any]], x: Tensor) -> tuple[Tensor, Tensor]:
@@ -287,8 +293,12 @@ class CafeWorker:
         return torch.stack([acts[p["sae_id"]][:, p["latent"]] for p in picks]).reshape(
             len(picks), spec["grid_h"], spec["grid_w"])
 
-    def _rows(self, image: Tensor, layer: str, picks: list[dict[str, Any]], maps: Tensor,
-              consts: Tensor, acts: Tensor, gt: list[groundtruth.GTObject]) -> list[dict[str, Any]]:
+    def _rows(self, image: Tensor, picks: list[dict[str, Any]], maps: Tensor, consts: Tensor,
+              acts: Tensor, gt: list[groundtruth.GTObject],
+              checks: list[tuple[dict[str, Any], int, dict[str, Any], Tensor, Tensor]],
+              index: int) -> list[dict[str, Any]]:
+        """The rows of one image's picks, AUCs null; the picks that get a faithfulness check are
+        appended to `checks` as (row, index, pick, iERF, upsampled activation map)."""
         masks, thresholds = mass_masks(maps, self.opt.mask_mass)
         act_up = upsample(acts, tuple(image.shape[1:]))
         act_on = act_masks(act_up, self.opt.act_threshold)
@@ -302,23 +312,49 @@ class CafeWorker:
             row.update(dict.fromkeys(f"{m}_auc_{o}" for o in faithfulness.ORDERS
                                      for m in ("ins", "del")))
             if p["kind"] == "top" and p["rank"] < self.opt.faithfulness_per_latent:
-                row.update(self._faithfulness(image, layer, p, maps[j], act_up[j]))
+                checks.append((row, index, p, maps[j], act_up[j]))
             row.update(groundtruth.match(masks_np[j], act_np[j], gt))
             rows.append(row)
         return rows
 
-    def _faithfulness(self, image: Tensor, layer: str, pick: dict[str, Any], ierf: Tensor,
-                      act_up: Tensor) -> dict[str, float | None]:
-        gen = torch.Generator().manual_seed(zlib.crc32(
-            f"{self.opt.seed}:{pick['sae_id']}:{pick['latent']}:{pick['image_id']}".encode()))
-        orders = faithfulness.patch_orders(ierf.cpu(), act_up.cpu(), self.opt.patch, gen)
-        read = self.readout(layer, pick["sae_id"], pick["latent"], pick["position"])
-        c = faithfulness.curves(image, orders, read, self.opt.patch, self.opt.steps,
-                                self.opt.forward_batch)
-        return faithfulness.aucs(c)
+    def _faithfulness(self, x: Tensor, layer: str,
+                      checks: list[tuple[dict[str, Any], int, dict[str, Any], Tensor, Tensor]],
+                      ) -> list[dict[str, float | None]]:
+        """The AUC columns of each checked pick of `layer` on the image batch `x`.
 
-    def readout(self, layer: str, sae_id: str, latent: int, position: int) -> faithfulness.Readout:
-        """The latent's value at `position` for a batch of images: Tensor[B, 3, H, W] -> [B].
+        Every pick's 2 + 6 (steps - 1) perturbed images (`faithfulness.perturbations`) stream
+        through the model `forward_batch` at a time, across picks; each image's readout is its
+        own pick's latent at the pick's position (`readout`), so a pick's curves are the ones it
+        gets alone, up to float rounding of the batched forward.
+        """
+        if not checks:
+            return []
+        per = faithfulness.rows_per_exemplar(self.opt.steps)
+
+        def images() -> Iterator[Tensor]:
+            for _, i, pick, ierf, act_up in checks:
+                gen = torch.Generator().manual_seed(zlib.crc32(
+                    f"{self.opt.seed}:{pick['sae_id']}:{pick['latent']}:{pick['image_id']}"
+                    .encode()))
+                orders = faithfulness.patch_orders(ierf.cpu(), act_up.cpu(), self.opt.patch, gen)
+                yield faithfulness.perturbations(x[i], orders, self.opt.patch, self.opt.steps)
+
+        reads = [self.readout(p["sae_id"], p["latent"], p["position"])
+                 for _, _, p, _, _ in checks]
+        owner = torch.arange(len(checks)).repeat_interleave(per)
+        values, lo = [], 0
+        for batch in faithfulness.rebatch(images(), self.opt.forward_batch):
+            pfvs = tap(self.model, batch.to(self.device), [layer])[layer].values
+            rows = owner[lo:lo + len(batch)]
+            for j in rows.unique().tolist():
+                values.append(reads[j](pfvs[(rows == j).to(pfvs.device)]).float().cpu())
+            lo += len(batch)
+        curves = faithfulness.from_readouts(torch.cat(values).view(len(checks), per),
+                                            self.opt.steps)
+        return [faithfulness.aucs(c) for c in curves]
+
+    def readout(self, sae_id: str, latent: int, position: int) -> Callable[[Tensor], Tensor]:
+        """The latent's value at `position` from PFVs of its layer Tensor[B, P, C] -> [B].
 
         [choice] ReLU of the latent's pre-activation, not its TopK activation: the TopK
         selection is a competition with the other latents that the iERF does not decompose, and
@@ -329,9 +365,8 @@ class CafeWorker:
         w, b = sae.W_enc[latent].float(), sae.b_enc[latent].float()
         shift = float(sae.b_dec.float() @ w)
 
-        def read(images: Tensor) -> Tensor:
-            v = tap(self.model, images.to(self.device), [layer])[layer].values[:, position]
-            return torch.relu(float(sae.scale) * (v.float() @ w) - shift + b)
+        def read(values: Tensor) -> Tensor:
+            return torch.relu(float(sae.scale) * (values[:, position].float() @ w) - shift + b)
 
         return read
 
