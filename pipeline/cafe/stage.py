@@ -33,7 +33,15 @@ from pipeline.data.shards import iter_samples
 from pipeline.models import make_transform, tap
 from pipeline.pfv.extract import IMAGES_PER_PART
 from pipeline.sae import SAE, load_sae
-from pipeline.stage import ActorRuntime, ShardTask, option, part_name, parts_line, summarize_parts
+from pipeline.stage import (
+    ActorRuntime,
+    PartProgress,
+    ShardTask,
+    option,
+    part_name,
+    parts_line,
+    summarize_parts,
+)
 from pipeline.store import (
     EXTRACT_STAGE,
     TRAIN_STAGE,
@@ -194,8 +202,9 @@ def _part_fingerprint(shard: str, picks: pa.Table) -> str:
     return config_hash({"shard": fingerprint(shard), "picks": cols.to_pydict()})
 
 
-class CafeWorker:
-    """Holds the model and the SAEs (loaded once) and turns tasks into written parts."""
+class CafeWorker(PartProgress):
+    """Holds the model and the SAEs (loaded once) and turns tasks into written parts
+    (reporting the picks of each image batch, so the bar moves before a part is done)."""
 
     def __init__(self, context: CafeContext, device: str | torch.device = "cpu") -> None:
         self.ctx, self.opt = context, context.options
@@ -238,6 +247,7 @@ class CafeWorker:
             x = torch.stack([pixels[keys[i]] for i in batch]).to(self.device)
             gts = [groundtruth.objects(metas[keys[i]], self.ctx.data_config) for i in batch]
             rows += self.explain(x, [by_image[i] for i in batch], gts)
+            self.report(sum(len(by_image[i]) for i in batch))
         rows.sort(key=lambda r: (r["sae_id"], r["latent"], r["kind"], r["rank"]))
         table = pa.Table.from_pylist([dict(r, atlas_id=self.ctx.atlas_id) for r in rows],
                                      schema=EXEMPLARS)
