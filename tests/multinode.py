@@ -68,7 +68,10 @@ class LocalCluster:
     def add_worker(self) -> object:
         """Start one more worker node; its `ray._private.node.Node`."""
         self.added += 1
-        node = self.cluster.add_node(num_cpus=self.cpus, temp_dir=str(self.temp / f"w{self.added}"))
+        # its own log monitor: it streams the prints of the workers under its temp folder to
+        # their drivers (Ray's Cluster starts one per machine, watching the head's folder only)
+        node = self.cluster.add_node(num_cpus=self.cpus, temp_dir=str(self.temp / f"w{self.added}"),
+                                     include_log_monitor=True)
         self.cluster.wait_for_nodes(timeout=self.start_timeout)
         return node
 
