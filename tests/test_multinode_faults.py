@@ -3,8 +3,10 @@ tests/multinode.py): a worker node's raylet killed during extract, during train-
 worker per node) and during cafe, and the driver killed mid-stage and run again. Each ends in
 tables equal to a clean build on the same cluster, row for row (`compare_atlases`: every
 Parquet table's rows sorted, every JSON record and array compared; only the columns that
-legitimately vary between two builds are left out: `VARYING`, i.e. wall-clock times, the
-worker that did a part, and input fingerprints, which hold paths and modification times).
+legitimately vary between two builds are left out, `VARYING`: the wall-clock times and rates
+`started`, `finished`, `seconds`, `train_seconds`, `tokens_per_s`; `worker`, the host:pid that
+did a part; and `input_fingerprint`, `config_hash`, `inputs`, which hold or fold in paths and
+modification times; each root's own path in a string is written as `<root>`).
 
 The faulted build runs one stage at a time into one output folder, in the order of the tests
 (`--stages`), and is compared after each with the outputs of the stages run so far; each test
