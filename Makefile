@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-ray test-all demo demo-real clean
+.PHONY: install test test-ray test-multinode test-all demo demo-real clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ test: install
 # the tests that start Ray (a local instance, Ray Train, actor pools): CI runs them after `test`
 test-ray: install
 	$(PY) -m pytest -q --runray -m ray
+
+# the multi-node fault tests (Ray and slow: a head and two worker nodes on this machine, nodes
+# and the driver killed mid-stage, tables compared with a clean build): CI runs them after test-ray
+test-multinode: install
+	$(PY) -m pytest -q --runray --runslow tests/test_multinode_faults.py
 
 # slow, Ray and GPU tests too (GPU tests still skip without CUDA)
 test-all: install

@@ -130,7 +130,12 @@ class PartCommitter:
         print(f"[{self.stage}] {task.part} ({task.input}) failed: {reason}", file=sys.stderr,
               flush=True)
         self.failed[task.part] = reason
-        self.bar.update(-self.reported.pop(task.part, 0))  # a retry reports its units again
+        self.retry(task)
+
+    def retry(self, task: Task) -> None:
+        """Take the units that `task`'s failed attempt reported off the bar: a retry reports them
+        again."""
+        self.bar.update(-self.reported.pop(task.part, 0))
 
 
 def run_parts(stage: str, root: AtlasRoot, atlas_id: str, tasks: Sequence[T],
@@ -224,8 +229,9 @@ class Ticker:
 
 def _run_actors(tasks: Sequence[T], execute: Actors, runtime: ActorRuntime,
                 committer: PartCommitter) -> None:
-    """The parts on a pool of `WorkerActor`s, committing as calls finish; an actor out of
-    restarts fails its part ("{role} actor died: ...") and its slot gets a fresh actor."""
+    """The parts on a pool of `WorkerActor`s, committing as calls finish; a slot whose actor is
+    lost for good (out of restarts, or on a lost node) gets a fresh actor, and the parts it held
+    are sent again (see `_in_flight`)."""
     gpus = runtime.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if cluster_gpus() > 0 else 0.0
@@ -252,11 +258,11 @@ def _run_actors(tasks: Sequence[T], execute: Actors, runtime: ActorRuntime,
             prepared = [remotes[fn].remote(*fn_args)]
         return actors[slot].run.remote(ticker, task, *prepared)
 
-    def died(slot: int, task: T, exc: Exception) -> None:
-        committer.fail(task, f"{execute.role} actor died: {exc}")
+    def replace(slot: int) -> None:
         actors[slot] = new_actor()
 
-    _in_flight(tasks, submit, committer, slots=len(actors), on_actor_died=died,
+    _in_flight(tasks, submit, committer, slots=len(actors),
+               lost_actor=(replace, runtime.max_retries, execute.role),
                poll=lambda: committer.tick(ray.get(ticker.drain.remote())))
 
 
@@ -278,22 +284,32 @@ def _run_tasks(tasks: Sequence[T], execute: Tasks, runtime: TaskRuntime,
 
 def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
                committer: PartCommitter, *, slots: int, per_slot: int = QUEUE_PER_SLOT,
-               on_actor_died: Callable[[int, T, Exception], None] | None = None,
+               lost_actor: tuple[Callable[[int], None], int, str] | None = None,
                poll: Callable[[], None] | None = None) -> None:
     """Run `tasks` in order through `submit(slot, task)`, `per_slot` calls in flight per slot.
 
     Each finished call's slot gets the next task, so a slot's worker never waits for the driver
     between two tasks and no more than `slots * per_slot` are queued. Results are committed in
-    the order they finish; a Ray error fails its part, or, when the call's actor is gone for
-    good (`RayActorError`), goes to `on_actor_died(slot, task, error)`. `poll()`, when given,
-    runs every POLL_SECONDS while no call finishes, and before each commit (progress reports).
+    the order they finish; a Ray error fails its part. `poll()`, when given, runs every
+    POLL_SECONDS while no call finishes, and before each commit (progress reports).
+
+    `lost_actor` = (replace(slot), retries, role), for slots that are actors: a call whose actor
+    is gone (`RayActorError`) has `replace` give its slot a fresh actor (once per lost actor,
+    however many of its calls fail) and its part is sent again, up to `retries` times, before
+    it fails as "{role} actor died". Ray retries a call on its restarted actor by itself
+    (`max_task_retries`), but when a node is lost its actors stay listed as alive until the
+    GCS's health checks find the node dead, and the calls sent to them meanwhile spend those
+    retries on refused connections: every in-flight part of a lost node failed
+    (tests/test_multinode_faults.py). An actor that fails in its constructor is not retried.
     """
     queue = list(reversed(tasks))  # pop() takes them in order
-    in_flight: dict[ray.ObjectRef, tuple[int, T]] = {}
+    in_flight: dict[ray.ObjectRef, tuple[int, T, int]] = {}
+    generation = [0] * slots  # how many times each slot's actor was replaced
+    resent: dict[str, int] = {}
 
     def fill(slot: int) -> None:
         task = queue.pop()
-        in_flight[submit(slot, task)] = (slot, task)
+        in_flight[submit(slot, task)] = (slot, task, generation[slot])
 
     for slot in range(slots):
         for _ in range(per_slot):
@@ -306,15 +322,26 @@ def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
             poll()
         if not ready:
             continue
-        slot, task = in_flight.pop(ready[0])
         ref = ready[0]
+        slot, task, sent_to = in_flight.pop(ref)
         try:
             record = ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            if on_actor_died is not None and isinstance(exc, ray.exceptions.RayActorError):
-                on_actor_died(slot, task, exc)
-            else:
+        except ray.exceptions.RayActorError as exc:
+            if lost_actor is None:
                 committer.fail(task, f"{type(exc).__name__}: {exc}")
+            else:
+                replace, retries, role = lost_actor
+                if sent_to == generation[slot]:  # its other calls fail with the same actor
+                    replace(slot)
+                    generation[slot] += 1
+                if resent.get(task.part, 0) < retries and not exc.actor_init_failed:
+                    resent[task.part] = resent.get(task.part, 0) + 1
+                    committer.retry(task)
+                    queue.append(task)  # the next call, on the first free slot
+                else:
+                    committer.fail(task, f"{role} actor died: {exc}")
+        except ray.exceptions.RayError as exc:
+            committer.fail(task, f"{type(exc).__name__}: {exc}")
         else:
             committer.ok(record)
         if queue:

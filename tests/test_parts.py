@@ -1,12 +1,25 @@
-"""The parts driver's progress: a worker's reports move the stage's bar while its part runs, and
-the finished part's count replaces them (never counted twice, a failed part's reports undone)."""
+"""The parts driver. Progress: a worker's reports move the stage's bar while its part runs, and
+the finished part's count replaces them (never counted twice, a failed part's reports undone).
+Lost actors (Ray-marked): a part whose actor is lost after Ray's own restarts and retries are
+spent is sent again to a fresh actor (as when a node is lost: tests/test_multinode_faults.py),
+a bounded number of times, and is committed once."""
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from jobs.parts import Actors, PartCommitter, Progress, _run_here
+import pyarrow.parquet as pq
+import pytest
+from ray import cloudpickle
+
+from jobs.parts import Actors, PartCommitter, Progress, _run_here, run_parts
 from pipeline.stage import ActorRuntime, PartProgress
 from pipeline.store import AtlasRoot, PartRecord
+
+# Ray's workers cannot import this test module: its classes travel by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @dataclass(frozen=True)
@@ -51,3 +64,58 @@ def test_late_reports_are_dropped_and_a_failed_part_is_taken_back(tmp_path) -> N
     assert committer.bar.n == 13
     committer.fail(Part("part-000001"), "boom")  # its 3 reported units are taken back
     assert committer.bar.n == 10 and committer.failed == {"part-000001": "boom"}
+
+
+def dying_worker(deaths: int):
+    """A worker class whose process exits on the first `deaths` attempts at part-000001
+    (counted in a file next to the input, so a restarted or fresh actor keeps counting)."""
+
+    class Dies:
+        def __init__(self, device: str) -> None:
+            self.device = device
+
+        def run(self, task: Part) -> PartRecord:
+            counter = Path(task.input)
+            attempt = int(counter.read_text() or 0) if counter.exists() else 0
+            counter.write_text(str(attempt + 1))
+            if task.part == "part-000001" and attempt < deaths:
+                os._exit(1)  # the actor's process dies mid-call, as on a lost node
+            return PartRecord(stage="t", part=task.part, input=task.input, input_fingerprint="",
+                              config_hash="c", rows=1)
+
+    return Dies
+
+
+def run(tmp_path: Path, deaths: int, parts: list[str]) -> tuple[dict[str, str], AtlasRoot]:
+    root = AtlasRoot(str(tmp_path / "out"))
+    tasks = [Part(p, str(tmp_path / p)) for p in parts]
+    # Ray restarts an actor once and retries its call once: two deaths spend both
+    runtime = ActorRuntime(actors=1, cpus_per_actor=1, max_retries=1)
+    failed = run_parts("t", root, "t", tasks, Actors(dying_worker(deaths)), runtime,
+                       progress=Progress("part", len(tasks)), show=False)
+    return failed, root
+
+
+def attempts(tmp_path: Path, part: str) -> int:
+    return int((tmp_path / part).read_text())
+
+
+@pytest.mark.ray
+def test_a_part_whose_actor_dies_past_rays_retries_is_sent_again_to_a_fresh_actor(
+        ray_cluster, tmp_path) -> None:
+    parts = ["part-000000", "part-000001", "part-000002"]
+    failed, root = run(tmp_path, 2, parts)
+    assert failed == {}
+    assert sorted(root.manifest.records("t")) == parts
+    assert attempts(tmp_path, "part-000001") == 3  # two deaths under Ray's retries, then done
+    errors = pq.read_table(root.join("errors", "stage=t")).num_rows
+    assert errors == 0
+
+
+@pytest.mark.ray
+def test_a_part_that_kills_every_actor_fails_after_its_retries(ray_cluster, tmp_path) -> None:
+    failed, root = run(tmp_path, 10, ["part-000001"])
+    assert list(failed) == ["part-000001"]
+    # each actor: its call and Ray's one retry; then one fresh actor, the same again
+    assert attempts(tmp_path, "part-000001") == 4
+    assert root.manifest.records("t") == {}
