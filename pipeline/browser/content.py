@@ -145,6 +145,20 @@ class AtlasContent:
         layer = self.saes[sae_id]["layer"]
         return layer if layer in self.layer_names() else sae_id
 
+    @functools.cached_property
+    def _with_exemplars(self) -> set[tuple[str, int]]:
+        table = next((t for t in ("exemplars", "exemplar_picks") if self.atlas.has(t)), None)
+        if table is None:
+            return set()
+        with self.lock:
+            rows = self.atlas.sql(f"SELECT DISTINCT sae_id, latent FROM {table} "
+                                  f"WHERE kind = 'top' AND rank = 0").to_pylist()
+        return {(r["sae_id"], r["latent"]) for r in rows}
+
+    def has_exemplar(self, sae_id: str | None, latent: int) -> bool:
+        """Whether a latent has a top exemplar to show as its thumbnail."""
+        return (sae_id, latent) in self._with_exemplars
+
     def check_latent(self, name: str, latent: str | int) -> tuple[dict[str, Any], int]:
         """(SAE row, latent id) of a path's `layer` and `latent`; NotFound naming the range."""
         sae = self.sae_of(name)
@@ -293,8 +307,9 @@ class AtlasContent:
         layer without a single SAE)."""
         of_layer = [s for s, r in self.saes.items() if r["layer"] == edge["layer"]]
         linked = edge["latent"] >= 0 and len(of_layer) == 1
-        return dict(edge, sae_id=of_layer[0] if linked else None,
-                    slug=self.slug(of_layer[0]) if linked else None)
+        sae_id = of_layer[0] if linked else None
+        return dict(edge, sae_id=sae_id, slug=self.slug(sae_id) if linked else None,
+                    thumb=self.has_exemplar(sae_id, edge["latent"]))
 
     def _similar(self, sae_id: str, latent: int) -> dict[str, Any]:
         """FAISS neighbours by decoder direction, or why there are none."""
@@ -303,8 +318,8 @@ class AtlasContent:
                 rows = self.atlas.similar(sae_id, latent, k=NEIGHBOURS + 1).to_pylist()
         except (FileNotFoundError, ValueError) as exc:
             return {"rows": [], "note": str(exc)}
-        rows = [dict(r, slug=self.slug(r["sae_id"])) for r in rows
-                if (r["sae_id"], r["latent"]) != (sae_id, latent)]
+        rows = [dict(r, slug=self.slug(r["sae_id"]), thumb=self.has_exemplar(r["sae_id"], r["latent"]))
+                for r in rows if (r["sae_id"], r["latent"]) != (sae_id, latent)]
         return {"rows": rows[:NEIGHBOURS], "note": None}
 
     def image(self, image_text: str | int, target: str | None = None,
@@ -371,6 +386,7 @@ class AtlasContent:
                           "activation": n.activation, "label_hint": n.label_hint,
                           "sae_id": sae_id if linked else None,
                           "slug": self.slug(sae_id) if linked else None,
+                          "thumb": self.has_exemplar(sae_id, n.latent),
                           "name": self.class_name(n.latent) if n.layer == "logits" else None})
         return {"note": None, "method": r.method, "target": r.target, "layers": r.layers,
                 "nodes": nodes, "edges": [e.__dict__ for e in r.edges]}
@@ -387,7 +403,8 @@ class AtlasContent:
             layer = self.sae_of(layer)["sae_id"]
         with self.lock:
             rows = self.atlas.search(pixels, box=box, layer=layer, k=k).to_pylist()
-        return [dict(r, slug=self.slug(r["sae_id"])) for r in rows]
+        return [dict(r, slug=self.slug(r["sae_id"]), thumb=self.has_exemplar(r["sae_id"], r["latent"]))
+                for r in rows]
 
 
 def histogram(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:

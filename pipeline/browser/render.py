@@ -176,17 +176,22 @@ class Renderer:
         return cell_box(position, hw, (info["grid_h"], info["grid_w"]), info["num_special"])
 
     def _act_overlay(self, pixels: np.ndarray, sae_id: str, latent: int) -> np.ndarray:
-        """`pixels` under the latent's activation map (red, scaled to its max on the image)."""
-        act = self.activation_map(pixels, sae_id, latent)
-        return overlay(pixels, signed_heatmap(act, 100.0), alpha=0.55)
-
-    def activation_map(self, pixels: np.ndarray, sae_id: str, latent: int) -> np.ndarray:
-        """A latent's activation on every grid cell of an image, upsampled to the input as the
-        CAFE stage does (`masks.upsample`: bilinear, a cell's value at its centre):
-        float[H, W]."""
+        """`pixels` under the latent's activation map (red, scaled to its max on the image),
+        upsampled to the input as the CAFE stage does (`masks.upsample`: bilinear, a cell's
+        value at its centre)."""
         import torch
 
         from pipeline.cafe.masks import upsample
+
+        grid = torch.from_numpy(self.activation_grid(pixels, sae_id, latent))[None]
+        act = upsample(grid, tuple(pixels.shape[:2]))[0].numpy()
+        return overlay(pixels, signed_heatmap(act, 100.0), alpha=0.55)
+
+    def activation_grid(self, pixels: np.ndarray, sae_id: str, latent: int) -> np.ndarray:
+        """A latent's SAE activation on every grid cell of an image (model input uint8[H, W, 3]):
+        float[grid_h, grid_w]."""
+        import torch
+
         from pipeline.models import tap
 
         sae = self.content.saes[sae_id]
@@ -196,8 +201,7 @@ class Renderer:
             values = tap(self.content.atlas.model().model, x, [sae["layer"]])[sae["layer"]].values
             grid = values[0, info["num_special"]:].float()
             acts = self.content.atlas.sae(sae_id).encode(grid)[:, latent]
-        grid_map = acts.reshape(1, info["grid_h"], info["grid_w"])
-        return upsample(grid_map, tuple(pixels.shape[:2]))[0].numpy()
+        return acts.reshape(info["grid_h"], info["grid_w"]).numpy()
 
 
 def decode_upload(data: bytes) -> Image.Image:
@@ -209,6 +213,10 @@ def decode_upload(data: bytes) -> Image.Image:
                          f"accepted")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, past 2x its default
+        raise ValueError(f"the upload claims too many pixels ({exc}); at most "
+                         f"{MAX_UPLOAD_PIXELS} are decoded (a decompression bomb is refused)"
+                         ) from None
     except Exception as exc:  # Pillow raises several kinds for bytes that are not an image
         raise ValueError(f"the upload is not an image Pillow can read ({exc})") from None
     w, h = image.size
