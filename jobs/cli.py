@@ -252,6 +252,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     warning = host_warning(a.host)
     if warning:
         print(f"concept-atlas serve: {warning}", file=sys.stderr)
+    # the model stack (torch, timm) is imported now, not by the first page that names a class
+    app.state.content.class_names()
     print(f"concept-atlas serve: {a.atlas} on http://{a.host}:{a.port}/ (Ctrl-C stops it)",
           file=sys.stderr)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")

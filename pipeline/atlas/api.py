@@ -106,6 +106,16 @@ class Atlas:
                                     f"`concept-atlas build CONFIG --out {root}`")
         return cls(root, con, files, atlas_id)
 
+    def cursor(self) -> Atlas:
+        """This atlas on a DuckDB cursor of its own, for another thread: the same database,
+        views and locked settings (the sandbox holds), and the same loaded model, SAEs and
+        indexes. DuckDB runs the queries of different cursors concurrently, those of one
+        connection one after another (the atlas browser gives each worker thread one)."""
+        twin = Atlas(self.root, self._con.cursor(), self._files, self.atlas_id)
+        twin._saes, twin._indexes = self._saes, self._indexes
+        twin._route_finders, twin._model = self._route_finders, self._model
+        return twin
+
     # ---- SQL ------------------------------------------------------------------------------
 
     def sql(self, query: str, *, timeout: float | None = None,

@@ -24,6 +24,7 @@ import ipaddress
 import json
 import math
 import posixpath
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -120,6 +121,29 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class ServerTiming:
+    """ASGI middleware: each response says how long the server spent on it, from the request's
+    arrival to the response's start (`Server-Timing: app;dur=MS`; benchmarks/browser_load.py
+    reads it), waiting for the atlas lock included."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+
+        async def timed(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                ms = 1000 * (time.perf_counter() - start)
+                message = dict(message, headers=[*message.get("headers", []),
+                                                 (b"server-timing", f"app;dur={ms:.2f}".encode())])
+            await send(message)
+
+        await self.app(scope, receive, timed)
+
+
 def _too_large_text(limit: int) -> str:
     return f"the request body is larger than {limit} bytes, the upload limit (--max-upload)"
 
@@ -168,6 +192,7 @@ def create_app(atlas: str | Atlas, cache: str | None = None, export: ExportPlan 
         NotFound: views.error, ValueError: views.error, HTTPException: views.error})
     app.state.content, app.state.renderer = content, renderer
     app.add_middleware(BodyLimit, limit=max_upload)
+    app.add_middleware(ServerTiming)
     return app
 
 

@@ -68,9 +68,22 @@ class AtlasContent:
 
     def __init__(self, atlas: Atlas) -> None:
         self.atlas = atlas
+        # the model and the SAE loading take turns; queries run on each thread's own cursor
         self.lock = threading.RLock()
+        self._local = threading.local()
         self._latent_info = functools.lru_cache(maxsize=256)(self._load_latent)
         self._class_names: list[str] | None | bool = False
+        # what every page asks, read once before any request (no two threads compute them)
+        for _ in (self.fingerprint, self.saes, self.layers, self._with_exemplars):
+            pass
+
+    @property
+    def db(self) -> Atlas:
+        """The atlas on this thread's own DuckDB cursor (`Atlas.cursor`)."""
+        twin = getattr(self._local, "atlas", None)
+        if twin is None:
+            twin = self._local.atlas = self.atlas.cursor()
+        return twin
 
     # ---- what exists ---------------------------------------------------------------------
 
@@ -79,13 +92,12 @@ class AtlasContent:
         """A content hash of the atlas: its committed parts (manifest records: stage, part,
         config hash, input fingerprint), else its table files and their sizes. Rendered
         pictures are cached under it, so a rebuilt atlas never shows stale ones."""
-        a = self.atlas
-        with self.lock:
-            if a.has("manifest"):
-                rows = a.sql("SELECT stage, part, config_hash, input_fingerprint, rows "
-                             "FROM manifest ORDER BY ALL").to_pylist()
-            else:
-                rows = a.tables().to_pylist()
+        a = self.db
+        if a.has("manifest"):
+            rows = a.sql("SELECT stage, part, config_hash, input_fingerprint, rows "
+                         "FROM manifest ORDER BY ALL").to_pylist()
+        else:
+            rows = a.tables().to_pylist()
         text = json.dumps([a.atlas_id, rows], default=str, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -93,16 +105,15 @@ class AtlasContent:
     def saes(self) -> dict[str, dict[str, Any]]:
         """The `saes` rows by sae_id, without the bulky config column."""
         return {s: {k: v for k, v in r.items() if k != "config"}
-                for s, r in self.atlas.saes.items()}
+                for s, r in self.db.saes.items()}
 
     @functools.cached_property
     def layers(self) -> dict[str, dict[str, Any]]:
         """The `layers` rows by layer name (extracted layers)."""
         if not self.atlas.has("layers"):
             return {}
-        with self.lock:
-            return {r["layer"]: r for r in self.atlas.sql("SELECT * FROM layers ORDER BY layer")
-                    .to_pylist()}
+        return {r["layer"]: r for r in self.db.sql("SELECT * FROM layers ORDER BY layer")
+                .to_pylist()}
 
     def class_names(self) -> list[str] | None:
         """The model's class names (the atlas's data or the model's own), None when unknown."""
@@ -150,9 +161,8 @@ class AtlasContent:
         table = next((t for t in ("exemplars", "exemplar_picks") if self.atlas.has(t)), None)
         if table is None:
             return set()
-        with self.lock:
-            rows = self.atlas.sql(f"SELECT DISTINCT sae_id, latent FROM {table} "
-                                  f"WHERE kind = 'top' AND rank = 0").to_pylist()
+        rows = self.db.sql(f"SELECT DISTINCT sae_id, latent FROM {table} "
+                              f"WHERE kind = 'top' AND rank = 0").to_pylist()
         return {(r["sae_id"], r["latent"]) for r in rows}
 
     def has_exemplar(self, sae_id: str | None, latent: int) -> bool:
@@ -174,14 +184,12 @@ class AtlasContent:
         text = str(image_id)
         rows = []
         if text.isdigit() and self.atlas.has("images"):
-            with self.lock:
-                rows = self.atlas.sql(f"SELECT * FROM images WHERE image_id = {int(text)}"
-                                      ).to_pylist()
+            rows = self.db.sql(f"SELECT * FROM images WHERE image_id = {int(text)}"
+                                  ).to_pylist()
         if rows:
             return rows[0]
-        with self.lock:
-            some = self.atlas.sql("SELECT count(*) AS n, min(image_id) AS lo, max(image_id) AS hi "
-                                  "FROM images").to_pylist()[0] if self.atlas.has("images") else {}
+        some = self.db.sql("SELECT count(*) AS n, min(image_id) AS lo, max(image_id) AS hi "
+                              "FROM images").to_pylist()[0] if self.atlas.has("images") else {}
         raise NotFound(f"no image {text!r} in atlas {self.atlas.atlas_id}: it has "
                        f"{some.get('n', 0)} images, ids {some.get('lo')}..{some.get('hi')} "
                        f"(not contiguous: part * 1000000 + index in the shard)")
@@ -190,26 +198,25 @@ class AtlasContent:
 
     def overview(self) -> dict[str, Any]:
         """The atlas: model, data, layers, SAEs with their quality numbers, the build's stages."""
-        a = self.atlas
-        with self.lock:
-            extract = _stage_config(a, "extract")
-            data = (a.sql("SELECT count(*) AS images, count(DISTINCT shard) AS shards, "
-                          "count(DISTINCT label) AS labels FROM images").to_pylist()[0]
-                    if a.has("images") else {})
-            stages = []
-            if a.has("manifest"):
-                stages = a.sql(
-                    "SELECT stage, count(*) AS parts, sum(rows) AS rows, sum(errors) AS errors, "
-                    "round(sum(epoch(finished) - epoch(started)), 2) AS part_seconds, "
-                    "round(epoch(max(finished)) - epoch(min(started)), 2) AS wall_seconds, "
-                    "min(started) AS started FROM manifest GROUP BY stage ORDER BY started"
-                ).to_pylist()
-            errors = {r["stage"]: r["n"] for r in a.sql(
-                "SELECT stage, count(*) AS n FROM errors GROUP BY stage").to_pylist()
-            } if a.has("errors") else {}
-            dead = {r["sae_id"]: r for r in a.sql(
-                "SELECT sae_id, count(*) AS latents, sum(dead::INT) AS dead_scanned "
-                "FROM latent_stats GROUP BY sae_id").to_pylist()} if a.has("latent_stats") else {}
+        a = self.db
+        extract = _stage_config(a, "extract")
+        data = (a.sql("SELECT count(*) AS images, count(DISTINCT shard) AS shards, "
+                      "count(DISTINCT label) AS labels FROM images").to_pylist()[0]
+                if a.has("images") else {})
+        stages = []
+        if a.has("manifest"):
+            stages = a.sql(
+                "SELECT stage, count(*) AS parts, sum(rows) AS rows, sum(errors) AS errors, "
+                "round(sum(epoch(finished) - epoch(started)), 2) AS part_seconds, "
+                "round(epoch(max(finished)) - epoch(min(started)), 2) AS wall_seconds, "
+                "min(started) AS started FROM manifest GROUP BY stage ORDER BY started"
+            ).to_pylist()
+        errors = {r["stage"]: r["n"] for r in a.sql(
+            "SELECT stage, count(*) AS n FROM errors GROUP BY stage").to_pylist()
+        } if a.has("errors") else {}
+        dead = {r["sae_id"]: r for r in a.sql(
+            "SELECT sae_id, count(*) AS latents, sum(dead::INT) AS dead_scanned "
+            "FROM latent_stats GROUP BY sae_id").to_pylist()} if a.has("latent_stats") else {}
         for s in stages:
             s["error_rows"] = errors.get(s["stage"], 0)
         saes = [dict(r, page=self.slug(s), scanned=dead.get(s)) for s, r in self.saes.items()]
@@ -233,14 +240,13 @@ class AtlasContent:
             where.append("NOT dead")
         clause = " AND ".join(where)
         order = f"{query.sort} {'DESC' if query.desc else 'ASC'} NULLS LAST, latent"
-        with self.lock:
-            # the label filter needs the `latents` view; the count alone does not
-            source = "latents" if query.q else "latent_stats"
-            total = self.atlas.sql(f"SELECT count(*) AS n FROM {source} WHERE {clause}"
-                                   ).to_pylist()[0]["n"]
-            rows = self.atlas.sql(
-                f"SELECT {', '.join(LAYER_COLUMNS)} FROM latents WHERE {clause} ORDER BY {order} "
-                f"LIMIT {query.per} OFFSET {(query.page - 1) * query.per}").to_pylist()
+        # the label filter needs the `latents` view; the count alone does not
+        source = "latents" if query.q else "latent_stats"
+        total = self.db.sql(f"SELECT count(*) AS n FROM {source} WHERE {clause}"
+                               ).to_pylist()[0]["n"]
+        rows = self.db.sql(
+            f"SELECT {', '.join(LAYER_COLUMNS)} FROM latents WHERE {clause} ORDER BY {order} "
+            f"LIMIT {query.per} OFFSET {(query.page - 1) * query.per}").to_pylist()
         # ground-truth columns only where the data has masks (synthetic data); CAFE ones
         # only after the cafe stage
         shown = [c for c in LAYER_COLUMNS
@@ -255,8 +261,7 @@ class AtlasContent:
         return self._latent_info(sae_id, latent)
 
     def _load_latent(self, sae_id: str, latent: int) -> LatentInfo:
-        with self.lock:
-            return self.atlas.latent(sae_id, latent)
+        return self.db.latent(sae_id, latent)
 
     def latent(self, name: str, latent_text: str | int, method: str | None = None
                ) -> dict[str, Any]:
@@ -265,13 +270,12 @@ class AtlasContent:
         sae, latent = self.check_latent(name, latent_text)
         sae_id, layer = sae["sae_id"], sae["layer"]
         info = self.latent_info(sae_id, latent)
-        a = self.atlas
-        with self.lock:
-            acts = (a.sql(f"SELECT max_act FROM activations WHERE sae_id = {literal(sae_id)} "
-                          f"AND latent = {latent}")["max_act"].to_numpy()
-                    if a.has("activations") else np.zeros(0))
-            methods = (a.sql("SELECT DISTINCT method FROM edges ORDER BY method")["method"]
-                       .to_pylist() if a.has("edges") else [])
+        a = self.db
+        acts = (a.sql(f"SELECT max_act FROM activations WHERE sae_id = {literal(sae_id)} "
+                      f"AND latent = {latent}")["max_act"].to_numpy()
+                if a.has("activations") else np.zeros(0))
+        methods = (a.sql("SELECT DISTINCT method FROM edges ORDER BY method")["method"]
+                   .to_pylist() if a.has("edges") else [])
         if method is not None and method not in methods:
             raise ValueError(f"method={method!r}: this atlas has ICAT edges of "
                              f"{', '.join(methods) or 'no method (run the icat stage)'}")
@@ -288,15 +292,14 @@ class AtlasContent:
         """The latent's strongest ICAT edges (scope 'all'): the classes and next-layer latents
         it drives, the previous layer's latents that feed it."""
         base = (f"method = {literal(method)} AND scope = 'all'")
-        with self.lock:
-            out = self.atlas.sql(
-                f"SELECT dst_layer AS layer, dst_latent AS latent, weight, n_images FROM edges "
-                f"WHERE {base} AND src_layer = {literal(layer)} AND src_latent = {latent} "
-                f"ORDER BY weight DESC LIMIT {3 * NEIGHBOURS}").to_pylist()
-            into = self.atlas.sql(
-                f"SELECT src_layer AS layer, src_latent AS latent, weight, n_images FROM edges "
-                f"WHERE {base} AND dst_layer = {literal(layer)} AND dst_latent = {latent} "
-                f"ORDER BY weight DESC LIMIT {NEIGHBOURS}").to_pylist()
+        out = self.db.sql(
+            f"SELECT dst_layer AS layer, dst_latent AS latent, weight, n_images FROM edges "
+            f"WHERE {base} AND src_layer = {literal(layer)} AND src_latent = {latent} "
+            f"ORDER BY weight DESC LIMIT {3 * NEIGHBOURS}").to_pylist()
+        into = self.db.sql(
+            f"SELECT src_layer AS layer, src_latent AS latent, weight, n_images FROM edges "
+            f"WHERE {base} AND dst_layer = {literal(layer)} AND dst_latent = {latent} "
+            f"ORDER BY weight DESC LIMIT {NEIGHBOURS}").to_pylist()
         classes = [dict(e, name=self.class_name(e["latent"])) for e in out
                    if e["layer"] == "logits"][:NEIGHBOURS]
         feeds = [self._node(e) for e in out if e["layer"] != "logits"][:NEIGHBOURS]
@@ -314,8 +317,7 @@ class AtlasContent:
     def _similar(self, sae_id: str, latent: int) -> dict[str, Any]:
         """FAISS neighbours by decoder direction, or why there are none."""
         try:
-            with self.lock:
-                rows = self.atlas.similar(sae_id, latent, k=NEIGHBOURS + 1).to_pylist()
+            rows = self.db.similar(sae_id, latent, k=NEIGHBOURS + 1).to_pylist()
         except (FileNotFoundError, ValueError) as exc:
             return {"rows": [], "note": str(exc)}
         rows = [dict(r, slug=self.slug(r["sae_id"]), thumb=self.has_exemplar(r["sae_id"], r["latent"]))
@@ -336,13 +338,12 @@ class AtlasContent:
             if not str(target).isdigit() or not 0 <= int(target) < len(logits):
                 raise ValueError(f"target={target!r}: expected a class index 0..{len(logits) - 1}")
             chosen = int(target)
-        with self.lock:
-            top = (self.atlas.sql(
-                f"SELECT a.sae_id, a.layer, a.latent, a.max_act, a.position, a.rank, "
-                f"l.label_hint FROM activations a LEFT JOIN latents l USING (sae_id, latent) "
-                f"WHERE a.image_id = {image_id} AND a.rank < {TOP_PER_LAYER} "
-                f"ORDER BY a.layer, a.sae_id, a.rank").to_pylist()
-                   if self.atlas.has("activations") else [])
+        top = (self.db.sql(
+            f"SELECT a.sae_id, a.layer, a.latent, a.max_act, a.position, a.rank, "
+            f"l.label_hint FROM activations a LEFT JOIN latents l USING (sae_id, latent) "
+            f"WHERE a.image_id = {image_id} AND a.rank < {TOP_PER_LAYER} "
+            f"ORDER BY a.layer, a.sae_id, a.rank").to_pylist()
+               if self.atlas.has("activations") else [])
         by_sae: dict[str, list[dict[str, Any]]] = {}
         for r in top:
             by_sae.setdefault(r["sae_id"], []).append(dict(r, slug=self.slug(r["sae_id"])))
@@ -393,8 +394,7 @@ class AtlasContent:
 
     def sql(self, query: str, max_rows: int, timeout: float) -> pa.Table:
         """`Atlas.sql` (the same read-only sandbox as `concept-atlas sql`), under the lock."""
-        with self.lock:
-            return self.atlas.sql(query, timeout=timeout, max_rows=max_rows)
+        return self.db.sql(query, timeout=timeout, max_rows=max_rows)
 
     def search(self, pixels: np.ndarray, box: Sequence[int] | None, layer: str | None,
                k: int) -> list[dict[str, Any]]:
