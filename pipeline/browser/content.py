@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.atlas.api import Atlas, LatentInfo
 from pipeline.atlas.views import literal
@@ -36,6 +38,9 @@ HISTOGRAM_BINS = 30
 NEIGHBOURS = 8  # ICAT edges and FAISS neighbours listed per latent
 TOP_PER_LAYER = 6  # latents listed per layer on an image page
 EXEMPLAR_KINDS = ("top", "quantile")
+PAGES_KEPT = 2048  # latent pages' contents kept in memory
+# an SAE's activations rows kept in memory for its latents' histograms (8 bytes a row)
+ACTIVATIONS_KEPT = 20_000_000
 
 
 class NotFound(LookupError):
@@ -72,10 +77,17 @@ class AtlasContent:
         self.lock = threading.RLock()
         self._local = threading.local()
         self._latent_info = functools.lru_cache(maxsize=256)(self._load_latent)
+        self._sae_latents = functools.lru_cache(maxsize=None)(self._read_sae_latents)
+        self._latent_pages = functools.lru_cache(maxsize=PAGES_KEPT)(self._latent_page)
+        self._sae_activations = functools.lru_cache(maxsize=4)(self._read_sae_activations)
         self._class_names: list[str] | None | bool = False
         # what every page asks, read once before any request (no two threads compute them)
-        for _ in (self.fingerprint, self.saes, self.layers, self._with_exemplars):
+        for _ in (self.fingerprint, self.saes, self.layers, self._with_exemplars, self._names,
+                  self.methods):
             pass
+        if self.atlas.has("latent_stats"):
+            for sae_id in self.saes:
+                self.sae_latents(sae_id)
 
     @property
     def db(self) -> Atlas:
@@ -143,13 +155,24 @@ class AtlasContent:
                        f"an SAE: {', '.join(self.layer_names()) or 'none'}; SAEs: "
                        f"{', '.join(self.saes) or 'none'}")
 
-    def layer_names(self) -> list[str]:
+    @functools.cached_property
+    def _names(self) -> list[str]:
         """Layer names with exactly one SAE (addressed by layer) and the sae_ids of the rest."""
         counts: dict[str, int] = {}
         for r in self.saes.values():
             counts[r["layer"]] = counts.get(r["layer"], 0) + 1
         return sorted({r["layer"] if counts[r["layer"]] == 1 else s
                        for s, r in self.saes.items()})
+
+    def layer_names(self) -> list[str]:
+        """Layer names with exactly one SAE (addressed by layer) and the sae_ids of the rest."""
+        return self._names
+
+    @functools.cached_property
+    def methods(self) -> list[str]:
+        """The ICAT methods of the atlas's edges."""
+        return (self.db.sql("SELECT DISTINCT method FROM edges ORDER BY method")["method"]
+                .to_pylist() if self.atlas.has("edges") else [])
 
     def slug(self, sae_id: str) -> str:
         """The name under which an SAE's pages live: its layer when the layer has one SAE."""
@@ -226,27 +249,50 @@ class AtlasContent:
                 "layers": list(self.layers.values()), "saes": saes, "stages": stages,
                 "tables": [t for t in a.tables().to_pylist()]}
 
+    def sae_latents(self, sae_id: str) -> pa.Table:
+        """The `latents` rows of one SAE, read once: the view aggregates every exemplar on each
+        query, and the layer table and latent pages read the same rows again and again."""
+        return self._sae_latents(sae_id)
+
+    def _read_sae_latents(self, sae_id: str) -> pa.Table:
+        return self.db.sql(f"SELECT * FROM latents WHERE sae_id = {literal(sae_id)} "
+                           f"ORDER BY latent")
+
+    def scratch(self) -> duckdb.DuckDBPyConnection:
+        """This thread's private in-memory DuckDB (no file access): it sorts and filters Arrow
+        tables the browser already holds."""
+        con = getattr(self._local, "scratch", None)
+        if con is None:
+            con = self._local.scratch = duckdb.connect(":memory:")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+        return con
+
     def layer(self, name: str, query: LayerQuery) -> dict[str, Any]:
-        """One page of the latents of layer (or SAE) `name`, sorted and filtered in DuckDB."""
+        """One page of the latents of layer (or SAE) `name`, sorted, filtered and cut by DuckDB
+        over the SAE's `latents` rows (`sae_latents`)."""
         sae = self.sae_of(name)
         if not self.atlas.has("latent_stats"):
             return {"sae": sae, "slug": self.slug(sae["sae_id"]), "query": query.__dict__,
                     "total": 0, "rows": [], "columns": [], "pages": 0,
                     "note": "no latent statistics yet: run the scan stage"}
-        where = [f"sae_id = {literal(sae['sae_id'])}"]
+        where = ["TRUE"]
         if query.q:
             where.append(f"contains(lower(coalesce(label_hint, '')), {literal(query.q.lower())})")
         if query.alive:
             where.append("NOT dead")
         clause = " AND ".join(where)
         order = f"{query.sort} {'DESC' if query.desc else 'ASC'} NULLS LAST, latent"
-        # the label filter needs the `latents` view; the count alone does not
-        source = "latents" if query.q else "latent_stats"
-        total = self.db.sql(f"SELECT count(*) AS n FROM {source} WHERE {clause}"
-                               ).to_pylist()[0]["n"]
-        rows = self.db.sql(
-            f"SELECT {', '.join(LAYER_COLUMNS)} FROM latents WHERE {clause} ORDER BY {order} "
-            f"LIMIT {query.per} OFFSET {(query.page - 1) * query.per}").to_pylist()
+        con = self.scratch()
+        con.register("sae_latents", self.sae_latents(sae["sae_id"]))
+        try:
+            total = con.sql(f"SELECT count(*) FROM sae_latents WHERE {clause}").fetchall()[0][0]
+            rows = con.sql(
+                f"SELECT {', '.join(LAYER_COLUMNS)} FROM sae_latents WHERE {clause} ORDER BY "
+                f"{order} LIMIT {query.per} OFFSET {(query.page - 1) * query.per}"
+            ).to_arrow_table().to_pylist()
+        finally:
+            con.unregister("sae_latents")
         # ground-truth columns only where the data has masks (synthetic data); CAFE ones
         # only after the cafe stage
         shown = [c for c in LAYER_COLUMNS
@@ -256,35 +302,72 @@ class AtlasContent:
                 "total": total, "pages": max(1, math.ceil(total / query.per)),
                 "columns": shown, "rows": [{c: r[c] for c in shown} for r in rows]}
 
+    def stats(self, sae_id: str, latent: int) -> dict[str, Any] | None:
+        """The `latents` row of one latent (None before the scan stage)."""
+        if not self.atlas.has("latent_stats"):
+            return None
+        table = self.sae_latents(sae_id)
+        # the rows are sorted by latent and every latent has one: row i is latent i
+        if latent < table.num_rows and table["latent"][latent].as_py() == latent:
+            return table.slice(latent, 1).to_pylist()[0]
+        rows = table.filter(pc.equal(table["latent"], latent)).to_pylist()
+        return rows[0] if rows else None
+
+    def activations(self, sae_id: str, latent: int) -> np.ndarray:
+        """The per-image max activations of a latent (its rows of `activations`). An SAE with
+        at most ACTIVATIONS_KEPT rows is read once, sorted by latent (a latent page then
+        slices it); a larger one is queried per latent."""
+        if not self.atlas.has("activations"):
+            return np.zeros(0, np.float32)
+        kept = self._sae_activations(sae_id)
+        if kept is None:
+            return self.db.sql(f"SELECT max_act FROM activations WHERE sae_id = "
+                               f"{literal(sae_id)} AND latent = {latent}")["max_act"].to_numpy()
+        offsets, values = kept
+        return values[offsets[latent]:offsets[latent + 1]]
+
+    def _read_sae_activations(self, sae_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        n = self.db.sql(f"SELECT count(*) AS n FROM activations WHERE sae_id = "
+                        f"{literal(sae_id)}")["n"][0].as_py()
+        if n > ACTIVATIONS_KEPT:
+            return None
+        t = self.db.sql(f"SELECT latent, max_act FROM activations WHERE sae_id = "
+                        f"{literal(sae_id)} ORDER BY latent")
+        latents = t["latent"].to_numpy()
+        offsets = np.searchsorted(latents, np.arange(int(self.saes[sae_id]["n_latents"]) + 1))
+        return offsets, t["max_act"].to_numpy()
+
     def latent_info(self, sae_id: str, latent: int) -> LatentInfo:
         """`Atlas.latent` of an SAE's latent (kept for the last 256 asked)."""
         return self._latent_info(sae_id, latent)
 
     def _load_latent(self, sae_id: str, latent: int) -> LatentInfo:
-        return self.db.latent(sae_id, latent)
+        return self.db.latent(sae_id, latent, with_stats=False)
 
     def latent(self, name: str, latent_text: str | int, method: str | None = None
                ) -> dict[str, Any]:
         """A latent: statistics, activation histogram, exemplars, CAFE scores, ICAT edges
-        (`method`: one of the atlas's, default the first), decoder-direction neighbours."""
+        (`method`: one of the atlas's, default the first), decoder-direction neighbours. The
+        atlas does not change while it is served, so the last PAGES_KEPT are kept (callers
+        must not change the dict)."""
+        return self._latent_pages(name, str(latent_text), method)
+
+    def _latent_page(self, name: str, latent_text: str, method: str | None) -> dict[str, Any]:
         sae, latent = self.check_latent(name, latent_text)
         sae_id, layer = sae["sae_id"], sae["layer"]
         info = self.latent_info(sae_id, latent)
-        a = self.db
-        acts = (a.sql(f"SELECT max_act FROM activations WHERE sae_id = {literal(sae_id)} "
-                      f"AND latent = {latent}")["max_act"].to_numpy()
-                if a.has("activations") else np.zeros(0))
-        methods = (a.sql("SELECT DISTINCT method FROM edges ORDER BY method")["method"]
-                   .to_pylist() if a.has("edges") else [])
+        stats = self.stats(sae_id, latent)
+        acts = self.activations(sae_id, latent)
+        methods = self.methods
         if method is not None and method not in methods:
             raise ValueError(f"method={method!r}: this atlas has ICAT edges of "
                              f"{', '.join(methods) or 'no method (run the icat stage)'}")
         method = method or (methods[0] if methods else None)
         exemplars = [{k: v for k, v in r.items() if k not in ("atlas_id", "layer", "sae_id", "latent")}
                      for r in info.exemplars.to_pylist()]
-        return {"sae": sae, "slug": self.slug(sae_id), "latent": latent, "stats": info.stats,
-                "histogram": histogram(acts), "exemplars": exemplars,
-                "cafe": _cafe_bars(info.stats), "methods": methods, "method": method,
+        return {"sae": sae, "slug": self.slug(sae_id), "latent": latent,
+                "stats": stats, "histogram": histogram(acts), "exemplars": exemplars,
+                "cafe": _cafe_bars(stats), "methods": methods, "method": method,
                 "edges": self._edges(layer, latent, method) if method else None,
                 "similar": self._similar(sae_id, latent)}
 
@@ -317,10 +400,11 @@ class AtlasContent:
     def _similar(self, sae_id: str, latent: int) -> dict[str, Any]:
         """FAISS neighbours by decoder direction, or why there are none."""
         try:
-            rows = self.db.similar(sae_id, latent, k=NEIGHBOURS + 1).to_pylist()
+            rows = self.db.similar(sae_id, latent, k=NEIGHBOURS + 1, hints=False).to_pylist()
         except (FileNotFoundError, ValueError) as exc:
             return {"rows": [], "note": str(exc)}
-        rows = [dict(r, slug=self.slug(r["sae_id"]), thumb=self.has_exemplar(r["sae_id"], r["latent"]))
+        rows = [dict(r, slug=self.slug(r["sae_id"]), thumb=self.has_exemplar(r["sae_id"], r["latent"]),
+                     label_hint=(self.stats(r["sae_id"], r["latent"]) or {}).get("label_hint"))
                 for r in rows if (r["sae_id"], r["latent"]) != (sae_id, latent)]
         return {"rows": rows[:NEIGHBOURS], "note": None}
 
@@ -339,14 +423,15 @@ class AtlasContent:
                 raise ValueError(f"target={target!r}: expected a class index 0..{len(logits) - 1}")
             chosen = int(target)
         top = (self.db.sql(
-            f"SELECT a.sae_id, a.layer, a.latent, a.max_act, a.position, a.rank, "
-            f"l.label_hint FROM activations a LEFT JOIN latents l USING (sae_id, latent) "
-            f"WHERE a.image_id = {image_id} AND a.rank < {TOP_PER_LAYER} "
-            f"ORDER BY a.layer, a.sae_id, a.rank").to_pylist()
+            f"SELECT sae_id, layer, latent, max_act, position, rank FROM activations "
+            f"WHERE image_id = {image_id} AND rank < {TOP_PER_LAYER} "
+            f"ORDER BY layer, sae_id, rank").to_pylist()
                if self.atlas.has("activations") else [])
         by_sae: dict[str, list[dict[str, Any]]] = {}
         for r in top:
-            by_sae.setdefault(r["sae_id"], []).append(dict(r, slug=self.slug(r["sae_id"])))
+            hint = (self.stats(r["sae_id"], r["latent"]) or {}).get("label_hint")
+            by_sae.setdefault(r["sae_id"], []).append(dict(r, slug=self.slug(r["sae_id"]),
+                                                           label_hint=hint))
         return {"image": row, "label_name": None if row["label"] is None
                 else self.class_name(row["label"]),
                 "predicted": predicted, "predicted_name": self.class_name(predicted),
