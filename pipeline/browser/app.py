@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlencode
 
 import jinja2
+from markupsafe import Markup, escape
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -272,7 +273,25 @@ class _Views:
                             if f"{prefix}{r['latent']}" in self.export.pages]
             data["total"], data["pages"] = len(data["rows"]), 1
         data["sortable"] = list(LAYER_COLUMNS)
+        if request.query_params.get("format") != "json":
+            data["body"] = self.table_body(request.url.path, data)
         return self.page(request, "layer.html", data)
+
+    def table_body(self, current: str, data: dict[str, Any]) -> Markup:
+        """The rows of a layer table as HTML, formatted here: a 100-row page is 1,400 cells,
+        and Jinja2 spends ten times longer on them cell by cell."""
+        out = []
+        prefix = f"/latents/{quote(data['slug'])}/"
+        for r in data["rows"]:
+            cells = []
+            for c in data["columns"]:
+                text = escape(_num(r[c]))
+                if c == "latent":
+                    href = self.link(current, f"{prefix}{r['latent']}")
+                    text = f'<a href="{escape(href)}">{text}</a>' if href else text
+                cells.append(f'<td class="c-{c}">{text}</td>')
+            out.append(f'<tr data-latent="{r["latent"]}">{"".join(cells)}</tr>')
+        return Markup("\n".join(out))
 
     def latent(self, request: Request) -> Response:
         method = request.query_params.get("method") or None
