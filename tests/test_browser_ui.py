@@ -115,11 +115,14 @@ def images_loaded(driver) -> list[str]:
 
 
 def full_page(driver, path: Path) -> None:
-    """A screenshot of the whole page (the window grown to the page's height, then back)."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1280, min(max(height, 800), 4000))
+    """A screenshot of the whole page, 1280 px wide (Chrome's device metrics set to the
+    page's height for the shot, then cleared)."""
+    height = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]["height"]
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 1280, "height": int(min(height, 6000)), "deviceScaleFactor": 1,
+        "mobile": False})
     driver.save_screenshot(str(path))
-    driver.set_window_size(1280, 1000)
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def sql(atlas: Atlas, query: str) -> list[dict]:

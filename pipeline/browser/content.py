@@ -1,10 +1,12 @@
 """What each page of the atlas browser shows, as plain JSON-ready dicts (no HTTP, no HTML).
 
-`AtlasContent` wraps one opened `Atlas` (one DuckDB connection, the model and SAEs loaded on
-first use) behind one lock: DuckDB connections and the lazily loaded model are not shared
-between threads, and the browser's pages are short, so requests take turns at the atlas
-(docs/architecture.md, "The atlas browser"). Rendered pictures live in `pipeline.browser.render`;
-the web app (`pipeline.browser.app`) turns these dicts into pages or their `?format=json` twins.
+`AtlasContent` wraps one opened `Atlas` (one DuckDB database, the model and SAEs loaded on
+first use). Each worker thread queries it on its own cursor (`Atlas.cursor`); the model takes
+turns behind one lock (docs/architecture.md, "The atlas browser"). What every page reads again
+and again is read once and kept: an SAE's `latents` rows (the view aggregates every exemplar
+on each query), its activations for the histograms, the last latent pages. The atlas does not
+change while it is served. Rendered pictures live in `pipeline.browser.render`; the web app
+(`pipeline.browser.app`) turns these dicts into pages or their `?format=json` twins.
 
 Every lookup of a layer, latent or image that the atlas lacks raises `NotFound`, whose message
 names what exists.

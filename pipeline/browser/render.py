@@ -123,7 +123,6 @@ class Renderer:
         from pipeline import srd
 
         row = self.content.check_image(image_id)
-        model = self.content.atlas.model()
         n_classes = len(self.content.logits(int(row["image_id"])))
         if not target.isdigit() or int(target) >= n_classes:
             raise NotFound(f"no class {target!r}: the model has classes 0..{n_classes - 1}")
@@ -132,7 +131,7 @@ class Renderer:
             with self.content.lock:
                 pixels = self.content.pixels(int(row["image_id"]))
                 x, shown = self.content.atlas.input_image(pixels)
-                res = srd.explain(model.model, x, int(target))
+                res = srd.explain(self.content.atlas.model().model, x, int(target))
                 relevance = res.pixels[0, 0].detach().numpy()
             return png(overlay(shown, signed_heatmap(relevance)))
 
