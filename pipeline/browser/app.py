@@ -266,7 +266,7 @@ class _Views:
             query = LayerQuery(sort=p.get("sort", "freq"), desc=p.get("desc", "1") != "0",
                                q=p.get("q", ""), alive=p.get("alive") == "1",
                                page=_int(p, "page", 1), per=_int(p, "per", 100))
-        data = self.content.layer(request.path_params["layer"], query)
+        data = dict(self.content.layer(request.path_params["layer"], query))  # a kept page
         if self.export is not None:
             prefix = f"/latents/{data['slug']}/"
             data["rows"] = [r for r in data["rows"]

@@ -40,7 +40,7 @@ HISTOGRAM_BINS = 30
 NEIGHBOURS = 8  # ICAT edges and FAISS neighbours listed per latent
 TOP_PER_LAYER = 6  # latents listed per layer on an image page
 EXEMPLAR_KINDS = ("top", "quantile")
-PAGES_KEPT = 2048  # latent pages' contents kept in memory
+PAGES_KEPT = 2048  # latent and layer pages' contents kept in memory (each kind)
 # an SAE's activations rows kept in memory for its latents' histograms (8 bytes a row)
 ACTIVATIONS_KEPT = 20_000_000
 
@@ -81,6 +81,7 @@ class AtlasContent:
         self._latent_info = functools.lru_cache(maxsize=256)(self._load_latent)
         self._sae_latents = functools.lru_cache(maxsize=None)(self._read_sae_latents)
         self._latent_pages = functools.lru_cache(maxsize=PAGES_KEPT)(self._latent_page)
+        self._layer_pages = functools.lru_cache(maxsize=PAGES_KEPT)(self._layer_page)
         self._sae_activations = functools.lru_cache(maxsize=4)(self._read_sae_activations)
         self._class_names: list[str] | None | bool = False
         # what every page asks, read once before any request (no two threads compute them)
@@ -272,7 +273,11 @@ class AtlasContent:
 
     def layer(self, name: str, query: LayerQuery) -> dict[str, Any]:
         """One page of the latents of layer (or SAE) `name`, sorted, filtered and cut by DuckDB
-        over the SAE's `latents` rows (`sae_latents`)."""
+        over the SAE's `latents` rows (`sae_latents`); the last PAGES_KEPT are kept (callers
+        must not change the dict)."""
+        return self._layer_pages(name, query)
+
+    def _layer_page(self, name: str, query: LayerQuery) -> dict[str, Any]:
         sae = self.sae_of(name)
         if not self.atlas.has("latent_stats"):
             return {"sae": sae, "slug": self.slug(sae["sae_id"]), "query": query.__dict__,
