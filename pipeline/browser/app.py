@@ -301,8 +301,8 @@ class _Views:
 
     def image(self, request: Request) -> Response:
         p = request.query_params
-        data = self.content.image(request.path_params["image_id"], p.get("target"),
-                                  p.get("route", "grad_x_act"))
+        data = dict(self.content.image(request.path_params["image_id"], p.get("target"),
+                                       p.get("route", "grad_x_act")))  # a kept page
         data["route_svg"] = route_layout(data["route"])
         return self.page(request, "image.html", data)
 

@@ -41,6 +41,7 @@ NEIGHBOURS = 8  # ICAT edges and FAISS neighbours listed per latent
 TOP_PER_LAYER = 6  # latents listed per layer on an image page
 EXEMPLAR_KINDS = ("top", "quantile")
 PAGES_KEPT = 2048  # latent and layer pages' contents kept in memory (each kind)
+IMAGES_KEPT = 256
 # an SAE's activations rows kept in memory for its latents' histograms (8 bytes a row)
 ACTIVATIONS_KEPT = 20_000_000
 
@@ -82,6 +83,7 @@ class AtlasContent:
         self._sae_latents = functools.lru_cache(maxsize=None)(self._read_sae_latents)
         self._latent_pages = functools.lru_cache(maxsize=PAGES_KEPT)(self._latent_page)
         self._layer_pages = functools.lru_cache(maxsize=PAGES_KEPT)(self._layer_page)
+        self._image_pages = functools.lru_cache(maxsize=IMAGES_KEPT)(self._image_page)
         self._sae_activations = functools.lru_cache(maxsize=4)(self._read_sae_activations)
         self._class_names: list[str] | None | bool = False
         # what every page asks, read once before any request (no two threads compute them)
@@ -418,7 +420,12 @@ class AtlasContent:
     def image(self, image_text: str | int, target: str | None = None,
               route_method: str = "grad_x_act") -> dict[str, Any]:
         """An image: its label, the model's top classes, the SRD saliency targets, its top
-        latents per SAE with their peak cells, and its concept route."""
+        latents per SAE with their peak cells, and its concept route (a model forward and a
+        route each: the last IMAGES_KEPT are kept; callers must not change the dict)."""
+        return self._image_pages(str(image_text), target or None, route_method)
+
+    def _image_page(self, image_text: str, target: str | None, route_method: str
+                    ) -> dict[str, Any]:
         row = self.check_image(image_text)
         image_id = int(row["image_id"])
         logits = self.logits(image_id)
