@@ -239,6 +239,8 @@ def _print_table(table, fmt: str = "table", out: str | None = None) -> None:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    from pipeline.atlas.tabular import csv_ready
+
     if fmt == "parquet":
         if not out:
             raise ValueError("--format parquet needs --out FILE")
@@ -257,24 +259,6 @@ def _print_table(table, fmt: str = "table", out: str | None = None) -> None:
             sys.stdout.write(text)
     if out:
         print(f"wrote {table.num_rows} rows to {out}", file=sys.stderr)
-
-
-def csv_ready(table):
-    """`table` with every column CSV can hold as it is: lists, maps and structs become their
-    JSON text, binary columns (PNG masks) their size ("<N bytes>")."""
-    import pyarrow as pa
-
-    def text(column):
-        kind = column.type
-        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-            return pa.array([None if v is None else f"<{len(v)} bytes>"
-                             for v in column.to_pylist()], pa.string())
-        if pa.types.is_nested(kind):
-            return pa.array([None if v is None else json.dumps(v, default=str)
-                             for v in column.to_pylist()], pa.string())
-        return column
-
-    return pa.table([text(c) for c in table.columns], names=table.column_names)
 
 
 def _cmd_sql(a: argparse.Namespace) -> int:
@@ -348,6 +332,32 @@ def _cmd_import_sae(a: argparse.Namespace) -> int:
     print(json.dumps({"weights": f"{out}.safetensors", "variant": sae.cfg.variant,
                       "d_in": sae.cfg.d_in, "n_latents": sae.cfg.n_latents,
                       "scale": float(sae.scale)}, indent=2))
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pipeline.browser import create_app, host_warning
+
+    app = create_app(a.atlas, cache=a.cache, max_upload=a.max_upload, sql_timeout=a.sql_timeout)
+    warning = host_warning(a.host)
+    if warning:
+        print(f"concept-atlas serve: {warning}", file=sys.stderr)
+    # the model stack (torch, timm) is imported now, not by the first page that names a class
+    app.state.content.class_names()
+    print(f"concept-atlas serve: {a.atlas} on http://{a.host}:{a.port}/ (Ctrl-C stops it)",
+          file=sys.stderr)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    return 0
+
+
+def _cmd_export_site(a: argparse.Namespace) -> int:
+    from pipeline.browser import export_site
+
+    written = export_site(a.atlas, a.out, layers=a.layers, top=a.top, cache=a.cache)
+    print(json.dumps({"out": a.out, **written}))
+    print(f"open {Path(a.out) / 'index.html'} in a browser", file=sys.stderr)
     return 0
 
 
@@ -591,6 +601,34 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
              "  concept-atlas import-sae saes_out/layer4-topk-512-k16 imported/layer4")
     sp.add_argument("src", help="a SAELens SAE folder (cfg.json + sae_weights.safetensors)")
     sp.add_argument("out", help="output path without suffix")
+
+    sp = add("serve", _cmd_serve, "browse an atlas in a web browser: a read-only web app "
+             "(overview, layer tables, latent and image pages, search, SQL console)",
+             "  concept-atlas serve demo_out            # then open http://127.0.0.1:8765/\n"
+             "  concept-atlas serve s3://b/atlas --port 9000\n"
+             "  concept-atlas serve demo_out --host 0.0.0.0   # other machines too (a warning)")
+    sp.add_argument("atlas", help="atlas root (a local folder or an fsspec URL)")
+    sp.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--cache", default=None, help="folder of rendered pictures (default "
+                    "~/.cache/concept-atlas/browser; never inside the atlas)")
+    sp.add_argument("--max-upload", type=int, default=8 * 1024 * 1024,
+                    help="bytes of a search upload (default 8 MiB)")
+    sp.add_argument("--sql-timeout", type=float, default=10.0,
+                    help="seconds a SQL console query may run (default 10, at most 30)")
+
+    sp = add("export-site", _cmd_export_site, "the browser's pages as static HTML + PNGs that "
+             "open from disk or any static host (the top latents of each layer and their images)",
+             "  concept-atlas export-site demo_out site --top 16\n"
+             "  concept-atlas export-site demo_out site --layers layer4 --top 64")
+    sp.add_argument("atlas", help="atlas root")
+    sp.add_argument("out", help="folder to write the site to (index.html first)")
+    sp.add_argument("--layers", nargs="+", default=None,
+                    help="layers or sae_ids to export (default: all)")
+    sp.add_argument("--top", type=int, default=16,
+                    help="latents exported per layer, most frequent first (default 16)")
+    sp.add_argument("--cache", default=None, help="folder of rendered pictures")
 
     return p
 

@@ -102,3 +102,19 @@ def straight(atlas, tmp_path_factory) -> tuple[str, dict]:
 
     root = copy_of(atlas, tmp_path_factory.mktemp("straight") / "root")
     return root, jobs.icat.run(root, ICAT, progress=False)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> str:
+    """The tiny build config (tests/tiny.py BUILD) run through every stage in this process:
+    an atlas with exemplars, iERF masks, indexes and ICAT edges (the browser tests)."""
+    import yaml
+
+    from jobs import build
+    from tiny import BUILD
+
+    base = tmp_path_factory.mktemp("built")
+    config = base / "build.yaml"
+    config.write_text(yaml.safe_dump(BUILD))
+    build.run(str(config), out=str(base / "atlas"), progress=False)
+    return str(base / "atlas")

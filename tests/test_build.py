@@ -12,25 +12,9 @@ from jobs import build
 from jobs.build import check_build, load_build_config
 from jobs.stages import STAGES
 from pipeline.store import Manifest, PartRecord, check_stage_config, fs
+from tiny import BUILD as TINY
 
 REPO = Path(__file__).resolve().parents[1]
-
-TINY = {
-    "atlas_id": "tiny",
-    "data": {"synthetic": {"n": 24, "seed": 3, "size": 64, "shard_size": 8}},
-    "model": {"name": "demo_resnet", "weights": "none"},
-    "extract": {"layers": ["layer2", "layer4"], "positions": 8, "batch_size": 24,
-                "in_process": True},
-    "train_sae": {"steps": 20, "checkpoint_every": 10, "fidelity_images": 8,
-                  "in_process": True, "sweep": [
-                      {"layer": "layer2", "sae": {"n_latents": 32, "k": 4, "batch_size": 32}},
-                      {"layer": "layer4", "sae": {"n_latents": 64, "k": 8, "batch_size": 32}}]},
-    "scan": {"top_per_image": 4, "n_top": 3, "n_quantile": 2, "in_process": True},
-    "cafe": {"faithfulness_per_latent": 1, "steps": 4, "patch": 16, "in_process": True},
-    "index": {},
-    "icat": {"methods": ["ig", "grad_x_act"], "steps": 4, "images_per_shard": 2, "top_edges": 4,
-             "in_process": True, "reduce_memory": "256MB"},
-}
 
 
 def write_config(tmp_path: Path, config: dict, name: str = "build.yaml") -> str:

@@ -106,6 +106,16 @@ class Atlas:
                                     f"`concept-atlas build CONFIG --out {root}`")
         return cls(root, con, files, atlas_id)
 
+    def cursor(self) -> Atlas:
+        """This atlas on a DuckDB cursor of its own, for another thread: the same database,
+        views and locked settings (the sandbox holds), and the same loaded model, SAEs and
+        indexes. DuckDB runs the queries of different cursors concurrently, those of one
+        connection one after another (the atlas browser gives each worker thread one)."""
+        twin = Atlas(self.root, self._con.cursor(), self._files, self.atlas_id)
+        twin._saes, twin._indexes = self._saes, self._indexes
+        twin._route_finders, twin._model = self._route_finders, self._model
+        return twin
+
     # ---- SQL ------------------------------------------------------------------------------
 
     def sql(self, query: str, *, timeout: float | None = None,
@@ -214,13 +224,16 @@ class Atlas:
                              f"(layer {sae['layer']}): valid latents are 0..{n - 1}")
         return int(latent)
 
-    def latent(self, layer: str, latent: int) -> LatentInfo:
-        """Stats row and exemplars (with decoded iERF masks) of latent `latent` of `layer`'s SAE."""
+    def latent(self, layer: str, latent: int, with_stats: bool = True) -> LatentInfo:
+        """Stats row and exemplars (with decoded iERF masks) of latent `latent` of `layer`'s SAE.
+
+        `with_stats=False` leaves the stats row out (None): a caller holding the `latents` rows
+        already saves the view's aggregation over every exemplar."""
         sae = self.resolve_sae(layer)
         latent = self.check_latent(sae, latent)
         where = f"WHERE sae_id = {_q(sae['sae_id'])} AND latent = {latent}"
         stats = None
-        if self.has("latent_stats"):
+        if with_stats and self.has("latent_stats"):
             rows = self.sql(f"SELECT * FROM latents {where}").to_pylist()
             stats = rows[0] if rows else None
         ex = pa.table({})
@@ -246,11 +259,12 @@ class Atlas:
         return [s for s, r in self.saes.items() if r["d_in"] == d]
 
     def similar(self, layer: str, latent: int, k: int = 10,
-                layers: Sequence[str] | None = None) -> pa.Table:
+                layers: Sequence[str] | None = None, hints: bool = True) -> pa.Table:
         """The `k` latents whose unit decoder directions are nearest (cosine) to this latent's.
 
         `layers`: layers or sae_ids to search (default: every SAE of the same width d_in,
-        this one included, so the latent itself comes first with similarity 1).
+        this one included, so the latent itself comes first with similarity 1). `hints=False`
+        leaves `label_hint` null (for a caller that holds the `latents` rows already).
 
         [choice] Decoder directions are compared only between SAEs of the same width: two
         layers of different widths have no common space (ViT blocks share the residual
@@ -272,9 +286,11 @@ class Atlas:
                 f"cannot compare decoder directions of {src['layer']} (d_in={src['d_in']}) with "
                 f"{names}: they live in spaces of different widths; comparable: {comparable}. "
                 f"Cross-width relations come from ICAT edges (the `edges` view)")
-        from pipeline.atlas.index import decoder_vectors
+        from pipeline.atlas.index import normalise_rows
 
-        query = decoder_vectors(self.sae(src["sae_id"]))[latent:latent + 1]
+        # the index's row of this latent (`index.decoder_vectors` normalises row by row)
+        direction = self.sae(src["sae_id"]).decoder_directions[latent:latent + 1]
+        query = normalise_rows(direction.detach().float().cpu().numpy())
         rows = []
         for target in dict.fromkeys(targets):
             index = self.index("decoder", target)
@@ -286,6 +302,8 @@ class Atlas:
         # self first on ties (another SAE may hold an identical direction)
         rows.sort(key=lambda r: (-r["similarity"],
                                  (r["sae_id"], r["latent"]) != (src["sae_id"], latent)))
+        if not hints:  # a caller that holds the `latents` rows adds them itself
+            return pa.Table.from_pylist([dict(r, label_hint=None) for r in rows[:k]], SIMILAR)
         return self._with_hints(rows[:k], SIMILAR)
 
     def index(self, kind: str, sae_id: str) -> LoadedIndex:
