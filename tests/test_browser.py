@@ -144,6 +144,8 @@ def test_latent_page_equals_the_tables_and_the_indexes(client, atlas) -> None:
         [(r["sae_id"], r["latent"]) for r in near if r["latent"] != edge][:8]
     assert d["cafe"][0]["insertion"] == pytest.approx(d["stats"]["cafe_ins_auc"])
     html = client.get(f"/latents/layer4/{edge}?method=grad_x_act").text
+    shown = f'{d["stats"]["n_top_images"]} / {d["stats"]["n_sources"]}'
+    assert f'<dd id="stat-n_sources">{shown}</dd>' in html
     for e in fed:  # every incoming edge links the latent it comes from
         if e["latent"] >= 0:
             assert f'href="/latents/layer2/{e["latent"]}"' in html

@@ -33,7 +33,7 @@ from pipeline.store import AtlasRoot
 
 # the columns of a layer table, in display order, and the ones it may be sorted by
 LAYER_COLUMNS = ("latent", "freq", "image_freq", "max_act", "mean_act", "label_hint",
-                 "label_hint_frac", "n_exemplars", "cafe_ins_auc", "cafe_del_auc",
+                 "label_hint_frac", "label_source", "n_sources", "n_exemplars", "cafe_ins_auc", "cafe_del_auc",
                  "cafe_faithful", "gt_iou_ierf", "gt_iou_act", "dead")
 PER_PAGE_MAX = 1000
 HISTOGRAM_BINS = 30
@@ -305,7 +305,7 @@ class AtlasContent:
         # ground-truth columns only where the data has masks (synthetic data); CAFE ones
         # only after the cafe stage
         shown = [c for c in LAYER_COLUMNS
-                 if not c.startswith(("gt_", "cafe_", "label_hint"))
+                 if not c.startswith(("gt_", "cafe_", "label_"))
                  or any(r[c] is not None for r in rows)]
         return {"sae": sae, "slug": self.slug(sae["sae_id"]), "query": query.__dict__,
                 "total": total, "pages": max(1, math.ceil(total / query.per)),
