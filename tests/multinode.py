@@ -15,18 +15,14 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
+from cli_run import CliRun
 
 from jobs.cluster import LOOPBACK_ONLY_ENV
 
-REPO = Path(__file__).resolve().parents[1]
-CLI = str(Path(sys.executable).with_name("concept-atlas"))
 # a raylet's socket path (TEMP/session_DATE_PID/sockets/plasma_store, ~70 characters past TEMP)
 # must fit in a Unix socket address (107 bytes)
 MAX_TEMP_DIR = 36
@@ -117,42 +113,6 @@ class LocalCluster:
         self.cluster.shutdown()
 
 
-class Run:
-    """A `concept-atlas` command on the cluster in a subprocess, its output collected."""
-
-    def __init__(self, *args: str) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([CLI, *args], cwd=REPO, env=cluster_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.started = time.time()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_until(self, done, what: str, timeout: float = 300) -> None:
-        """Poll `done()` until true; fail naming `what` if the run ends first or `timeout` s
-        pass."""
-        deadline = time.time() + timeout
-        while not done():
-            assert self.proc.poll() is None, f"the run ended before {what}:\n{self.output[-3000:]}"
-            assert time.time() < deadline, f"no {what} after {timeout}s:\n{self.output[-3000:]}"
-            time.sleep(0.1)
-
-    def finish(self, timeout: float) -> int:
-        """Its exit status, killing it (and failing) after `timeout` s."""
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-            raise AssertionError(f"still running {timeout}s later:\n{self.output[-3000:]}")
-        self.reader.join(timeout=10)
-        return code
+def cluster_run(*args: str) -> CliRun:
+    """`concept-atlas *args` on the cluster (`cluster_env()`), its output collected."""
+    return CliRun(*args, env=cluster_env())

@@ -3,22 +3,16 @@ run on Ray Train (whose own SIGINT handler once stayed installed and swallowed i
 run resumes: the SAE from its checkpoint, the stage from its committed parts."""
 from __future__ import annotations
 
-import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from cli_run import CliRun
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[1]
-CLI = str(Path(sys.executable).with_name("concept-atlas"))
 
 CONFIG = {
     "atlas_id": "ctrl-c",
@@ -34,44 +28,8 @@ CONFIG = {
 }
 
 
-class Build:
-    """`concept-atlas build` in a subprocess, its output collected line by line."""
-
-    def __init__(self, config: Path, out: Path) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [CLI, "build", str(config), "--out", str(out)], cwd=REPO,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match[str]:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            found = re.search(pattern, self.output, re.M)
-            if found:
-                return found
-            assert self.proc.poll() is None, f"build ended before {pattern!r}:\n{self.output[-3000:]}"
-            time.sleep(0.2)
-        raise AssertionError(f"no {pattern!r} after {timeout}s:\n{self.output[-3000:]}")
-
-    def finish(self, timeout: float) -> int:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"still running {timeout}s later:\n{self.output[-3000:]}")
-        self.reader.join(timeout=10)
-        return code
+def build(config: Path, out: Path) -> CliRun:
+    return CliRun("build", str(config), "--out", str(out))
 
 
 def test_one_ctrl_c_stops_a_build_in_train_sae_and_after_it_and_each_rerun_resumes(
@@ -80,7 +38,7 @@ def test_one_ctrl_c_stops_a_build_in_train_sae_and_after_it_and_each_rerun_resum
     config.write_text(yaml.safe_dump(CONFIG))
 
     # 1. Ctrl-C while Ray Train trains the SAE, past a few checkpoints
-    first = Build(config, out)
+    first = build(config, out)
     first.wait_for(r"layer2-topk-32-k4 step (1[5-9]\d|[2-9]\d\d)/1500")
     first.proc.send_signal(signal.SIGINT)
     assert first.finish(timeout=90) == 130, first.output[-3000:]
@@ -89,7 +47,7 @@ def test_one_ctrl_c_stops_a_build_in_train_sae_and_after_it_and_each_rerun_resum
 
     # 2. the re-run resumes the SAE from its checkpoint (not from step 0), finishes train-sae
     # and scan; a Ctrl-C in cafe, once Ray Train has run in this process, stops it too
-    second = Build(config, out)
+    second = build(config, out)
     resumed = int(second.wait_for(r"resumed from its checkpoint at step (\d+)/1500").group(1))
     assert resumed >= 100
     second.wait_for(r"^\[cafe\] \d+ picks in 12 image parts")
@@ -98,7 +56,7 @@ def test_one_ctrl_c_stops_a_build_in_train_sae_and_after_it_and_each_rerun_resum
     assert "[build] interrupted in cafe" in second.output
 
     # 3. the third run finishes: every pick has its exemplar, once
-    third = Build(config, out)
+    third = build(config, out)
     assert third.finish(timeout=600) == 0, third.output[-3000:]
     assert "[train-sae] 1 SAEs under" in third.output and "1 done, 0 to train" in third.output
     picks = pq.read_table(out / "exemplar_picks").to_pandas()

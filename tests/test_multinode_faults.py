@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from multinode import LocalCluster, Run, cluster_env, CLI
+from cli_run import CLI, CliRun
+from multinode import LocalCluster, cluster_env, cluster_run
 from pipeline.atlas.compare import compare_atlases
 
 # the first test also starts the cluster and makes the clean build
@@ -105,7 +106,7 @@ def build_yaml(tmp_path_factory) -> Path:
 def clean(cluster, build_yaml, tmp_path_factory) -> Path:
     """The whole build on the cluster with no fault."""
     out = tmp_path_factory.mktemp("clean") / "out"
-    run = Run("build", str(build_yaml), "--out", str(out), "--address", cluster.address)
+    run = cluster_run("build", str(build_yaml), "--out", str(out), "--address", cluster.address)
     assert run.finish(timeout=1500) == 0, run.output[-3000:]
     return out
 
@@ -116,9 +117,9 @@ def faulted(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("faulted") / "out"
 
 
-def build(cluster: LocalCluster, build_yaml: Path, out: Path, *stages: str) -> Run:
-    return Run("build", str(build_yaml), "--out", str(out), "--address", cluster.address,
-               "--stages", *stages)
+def build(cluster: LocalCluster, build_yaml: Path, out: Path, *stages: str) -> CliRun:
+    return cluster_run("build", str(build_yaml), "--out", str(out), "--address",
+                       cluster.address, "--stages", *stages)
 
 
 def needs(root: Path, stage: str, parts: int) -> None:
