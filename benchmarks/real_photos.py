@@ -90,9 +90,10 @@ def collect(out: Path, per_category: int) -> dict[str, int]:
 
 
 def build_config(photos: Path, atlas: Path, model: str, weights: str,
-                 layers: list[str], has_head: bool, crops: int) -> dict:
+                 layers: list[str], has_head: bool, crops: int, latents: int,
+                 checks: int) -> dict:
     """The build config of the validation run: configs/demo_real.yaml with these photos,
-    model and layers."""
+    model, layers, SAE width and faithfulness checks per latent."""
     repo = Path(__file__).resolve().parents[1]
     cfg = yaml.safe_load((repo / "configs" / "demo_real.yaml").read_text())
     cfg["atlas_id"], cfg["out"] = f"real-{model}", str(atlas)
@@ -100,7 +101,9 @@ def build_config(photos: Path, atlas: Path, model: str, weights: str,
     cfg["model"] = {"name": model, "weights": weights}
     cfg["extract"]["layers"] = layers
     sweep = cfg["train_sae"]["sweep"][0]
-    cfg["train_sae"]["sweep"] = [dict(sweep, layer=layer) for layer in layers]
+    cfg["train_sae"]["sweep"] = [dict(sweep, layer=layer, sae=dict(sweep["sae"], n_latents=latents))
+                                 for layer in layers]
+    cfg["cafe"]["faithfulness_per_latent"] = checks
     cfg["icat"]["logits"] = has_head
     return cfg
 
@@ -165,6 +168,10 @@ def main() -> None:
     ap.add_argument("--no-head", action="store_true", help="the model has no class head")
     ap.add_argument("--per-category", type=int, default=40, help="photos per category at most")
     ap.add_argument("--crops", type=int, default=2, help="random crops per photo")
+    ap.add_argument("--latents", type=int, default=256, help="SAE latents per layer")
+    ap.add_argument("--checks", type=int, default=1,
+                    help="insertion/deletion checks per latent (0: none; a ViT-S/14 forward "
+                         "costs ~10x efficientnet_lite0's, 44 of them per check)")
     a = ap.parse_args()
     if a.install:
         install()
@@ -180,7 +187,8 @@ def main() -> None:
     atlas_dir = out / a.model
     cfg_path = out / f"{a.model}.yaml"
     cfg_path.write_text(yaml.safe_dump(build_config(photos, atlas_dir, a.model, a.weights,
-                                                    a.layers, not a.no_head, a.crops)))
+                                                    a.layers, not a.no_head, a.crops,
+                                                    a.latents, a.checks)))
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "jobs.cli", "build", str(cfg_path)], check=True)
     seconds = time.time() - t0

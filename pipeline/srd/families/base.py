@@ -5,6 +5,9 @@ table of `pipeline.srd.adapters`, which imports the families; they import only t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.layers import activations as timm_act
@@ -70,6 +73,22 @@ class Claims:
             return True
         kids = [f"{path}.{n}" for n, _ in mod.named_children()]
         return bool(kids) and all(self._ok(k) for k in kids)
+
+
+# per stage of a hierarchical model: (stage path, has a downsample, its block paths)
+Stages = list[tuple[str, bool, list[str]]]
+
+
+def claim_stages(model: nn.Module, validate: Callable[[Claims, Any], Stages],
+                 ) -> tuple[Claims, Stages, list[str], list[str]]:
+    """Claims of a hierarchical model (ConvNeXt, Swin) after `validate` and `finish`: the
+    claims, the stages, every block path and every downsample path, in model order."""
+    c = Claims(model)
+    stages = validate(c, model)
+    c.finish()
+    blocks = [b for _, _, paths in stages for b in paths]
+    downs = [f"{p}.downsample" for p, down, _ in stages if down]
+    return c, stages, blocks, downs
 
 
 def linear_unit(name: str, z: Tensor) -> Unit:

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 
 from pipeline.srd.conv import ConvRule, IdentityRule, PositionwiseRule, norm_shift
 from pipeline.srd.errors import UnsupportedModuleError
-from pipeline.srd.families.base import ACTIVATIONS, Claims, graph_of, input_unit, linear_unit
+from pipeline.srd.families.base import (
+    ACTIVATIONS,
+    Claims,
+    Stages,
+    claim_stages,
+    graph_of,
+    input_unit,
+    linear_unit,
+)
 from pipeline.srd.graph import Block, Graph, Unit
 from pipeline.srd.heads import Head, pooled_norm_seed
 from pipeline.srd.record import record
@@ -31,7 +39,7 @@ from pipeline.srd.record import record
 NORMS = (nn.LayerNorm, LayerNorm, LayerNorm2d)
 
 
-def _validate(c: Claims, model: ConvNeXt) -> list[tuple[str, bool, list[str]]]:
+def _validate(c: Claims, model: ConvNeXt) -> Stages:
     """Claim every module SRD decomposes; per stage (path, has a downsample, block paths)."""
     c.get("stem", nn.Sequential)
     if len(model.stem) != 2:
@@ -79,11 +87,7 @@ def _validate(c: Claims, model: ConvNeXt) -> list[tuple[str, bool, list[str]]]:
 def build(model: ConvNeXt, images: Tensor, head: str, differentiable: bool = False) -> tuple[Graph, Head]:
     if head != "exact":
         raise ValueError("head='gradcam' is the VGG reference seed; ConvNeXt seeds exactly at its pooled head")
-    c = Claims(model)
-    stages = _validate(c, model)
-    c.finish()
-    blocks = [b for _, _, paths in stages for b in paths]
-    downs = [f"{p}.downsample" for p, down, _ in stages if down]
+    c, stages, blocks, downs = claim_stages(model, _validate)
     outs = ["stem.0", "stem.1"] + [f"{d}.{k}" for d in downs for k in (0, 1)]
     outs += [f"{b}.{m}" for b in blocks for m in ("conv_dw", "mlp.act")] + blocks
     rec = record(model, images, inputs=[f"{b}.mlp.act" for b in blocks], outputs=outs,

@@ -24,7 +24,15 @@ from torch import Tensor, nn
 
 from pipeline.srd.conv import ConvRule, IdentityRule, PositionwiseRule, TargetScaledRule, norm_shift
 from pipeline.srd.errors import UnsupportedModuleError
-from pipeline.srd.families.base import ACTIVATIONS, Claims, graph_of, input_unit, linear_unit
+from pipeline.srd.families.base import (
+    ACTIVATIONS,
+    Claims,
+    Stages,
+    claim_stages,
+    graph_of,
+    input_unit,
+    linear_unit,
+)
 from pipeline.srd.graph import Block, Graph, Unit
 from pipeline.srd.heads import Head, pooled_linear_seed
 from pipeline.srd.record import record
@@ -33,7 +41,7 @@ from pipeline.srd.transformer import AttentionRule, mlp_pull
 NORMS = (nn.LayerNorm, LayerNorm)
 
 
-def _validate(c: Claims, model: SwinTransformer) -> list[tuple[str, bool, list[str]]]:
+def _validate(c: Claims, model: SwinTransformer) -> Stages:
     c.get("patch_embed", PatchEmbed)
     c.get("patch_embed.proj", nn.Conv2d)
     c.get("patch_embed.norm", *NORMS)
@@ -138,11 +146,7 @@ def _merging(down: PatchMerging, src: str, x: Tensor, out: Tensor, path: str) ->
 def build(model: SwinTransformer, images: Tensor, head: str, differentiable: bool = False) -> tuple[Graph, Head]:
     if head != "exact":
         raise ValueError("head='gradcam' is the VGG reference seed; Swin seeds exactly at its pooled head")
-    c = Claims(model)
-    stages = _validate(c, model)
-    c.finish()
-    blocks = [b for _, _, paths in stages for b in paths]
-    downs = [f"{p}.downsample" for p, down, _ in stages if down]
+    c, stages, blocks, downs = claim_stages(model, _validate)
     rec = record(model, images, inputs=[f"{b}.norm2" for b in blocks],
                  outputs=["patch_embed.proj", "patch_embed"] + downs + blocks + [f"{b}.norm1" for b in blocks],
                  differentiable=differentiable)
