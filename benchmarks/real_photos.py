@@ -134,11 +134,27 @@ def report(atlas_dir: Path, model: str, seconds: float, counts: dict[str, int],
                        "FROM latents GROUP BY layer ORDER BY layer").to_pylist()
     for row in spread:
         row["span3_frac"] = round(row["span3"] / max(row["alive"], 1), 4)
-    five = atlas.sql("SELECT layer, latent, label_hint, label_source, label_evidence, "
-                     "round(label_hint_frac, 2) AS frac, n_sources, drives_class, "
-                     "round(cafe_ins_auc, 3) AS ins_auc, round(ins_auc_act, 3) AS ins_auc_act "
-                     "FROM latents WHERE label_hint IS NOT NULL AND n_sources >= 3 "
-                     "ORDER BY label_hint_frac DESC NULLS LAST, max_act DESC LIMIT 5").to_pylist()
+    # what the scan's one-exemplar-per-source rule changes: the same count over each latent's
+    # top 3 images by activation alone (the `activations` table), crops of one photo included
+    undeduped = atlas.sql(
+        "WITH ranked AS (SELECT a.layer, a.sae_id, a.latent, i.source, row_number() OVER "
+        "(PARTITION BY a.sae_id, a.latent ORDER BY a.max_act DESC) AS r FROM activations a "
+        "JOIN images i USING (image_id)) "
+        "SELECT layer, round(avg(n), 2) AS mean_sources, round(avg((n >= 3)::INT), 4) AS "
+        "span3_frac FROM (SELECT layer, latent, count(DISTINCT source) AS n FROM ranked "
+        "WHERE r <= 3 GROUP BY ALL) GROUP BY layer ORDER BY layer").to_pylist()
+    sources = atlas.sql("SELECT layer, coalesce(label_source, 'none') AS label_source, "
+                        "count(*) AS latents FROM latents WHERE NOT dead GROUP BY ALL "
+                        "ORDER BY layer, latents DESC").to_pylist()
+    # five latents with five different labels, the most certain of each label first
+    five = atlas.sql("SELECT * EXCLUDE (r, max_act) FROM (SELECT layer, latent, label_hint, "
+                     "label_source, label_evidence, round(label_hint_frac, 2) AS frac, "
+                     "n_sources, drives_class, round(cafe_ins_auc, 3) AS ins_auc, "
+                     "round(ins_auc_act, 3) AS ins_auc_act, max_act, row_number() OVER "
+                     "(PARTITION BY label_hint ORDER BY label_hint_frac DESC NULLS LAST, "
+                     "max_act DESC) AS r FROM latents WHERE label_hint IS NOT NULL AND "
+                     "n_sources >= 3) WHERE r = 1 "
+                     "ORDER BY frac DESC NULLS LAST, max_act DESC LIMIT 5").to_pylist()
     for row in five:
         png = pics / f"latent-{row['layer']}-{row['latent']}.png"
         cli("latent", str(atlas_dir), f"{row['layer']}:{row['latent']}", "--out", str(png))
@@ -155,6 +171,7 @@ def report(atlas_dir: Path, model: str, seconds: float, counts: dict[str, int],
             extras["route"] = {"error": str(exc).splitlines()[-1]}
     return {"model": model, "photos": counts, "n_photos": sum(counts.values()),
             "build_seconds": round(seconds, 1), "saes": saes, "spread": spread,
+            "spread_without_dedup": undeduped, "label_sources": sources,
             "five_latents": five, **extras}
 
 
@@ -172,6 +189,8 @@ def main() -> None:
     ap.add_argument("--checks", type=int, default=1,
                     help="insertion/deletion checks per latent (0: none; a ViT-S/14 forward "
                          "costs ~10x efficientnet_lite0's, 44 of them per check)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="redo the report of a finished build (its build time kept)")
     a = ap.parse_args()
     if a.install:
         install()
@@ -189,18 +208,22 @@ def main() -> None:
     cfg_path.write_text(yaml.safe_dump(build_config(photos, atlas_dir, a.model, a.weights,
                                                     a.layers, not a.no_head, a.crops,
                                                     a.latents, a.checks)))
-    t0 = time.time()
-    subprocess.run([sys.executable, "-m", "jobs.cli", "build", str(cfg_path)], check=True)
-    seconds = time.time() - t0
+    path = RESULTS / f"real_photos_{a.model}.json"
+    if a.report_only:  # the build's time is the one the last full run recorded
+        seconds = json.loads(path.read_text())["build_seconds"]
+    else:
+        t0 = time.time()
+        subprocess.run([sys.executable, "-m", "jobs.cli", "build", str(cfg_path)], check=True)
+        seconds = time.time() - t0
     probe = next(iter(sorted(photos.rglob("*.png"))), None)
     result = report(atlas_dir, a.model, seconds, counts, probe)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"real_photos_{a.model}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"\n{'layer':12} {'fvu':>7} {'l0':>6} {'dead':>6} {'alive':>6} {'span>=3':>8}")
-    for s, sp in zip(result["saes"], result["spread"]):
+    print(f"\n{'layer':12} {'fvu':>7} {'l0':>6} {'dead':>6} {'alive':>6} {'span>=3':>8} "
+          f"{'undeduped':>10}")
+    for s, sp, un in zip(result["saes"], result["spread"], result["spread_without_dedup"]):
         print(f"{s['layer']:12} {s['fvu']:7.4f} {s['l0']:6.1f} {s['dead_frac']:6.3f} "
-              f"{sp['alive']:6d} {sp['span3_frac']:8.3f}")
+              f"{sp['alive']:6d} {sp['span3_frac']:8.3f} {un['span3_frac']:10.3f}")
     for row in result["five_latents"]:
         print(f"  {row['layer']}:{row['latent']}  {row['label_hint']}  ({row['label_evidence']})")
     print(f"wrote {path}")
