@@ -143,6 +143,15 @@ def report(atlas_dir: Path, model: str, seconds: float, counts: dict[str, int],
         "SELECT layer, round(avg(n), 2) AS mean_sources, round(avg((n >= 3)::INT), 4) AS "
         "span3_frac FROM (SELECT layer, latent, count(DISTINCT source) AS n FROM ranked "
         "WHERE r <= 3 GROUP BY ALL) GROUP BY layer ORDER BY layer").to_pylist()
+    # CAFE on real photos: the iERF order against the activation map's and a random one
+    cafe = atlas.sql("SELECT layer, count(*) FILTER (cafe_ins_auc IS NOT NULL) AS checked, "
+                     "round(avg(cafe_ins_auc), 3) AS ins_ierf, round(avg(ins_auc_act), 3) AS "
+                     "ins_act, round(avg(ins_auc_random), 3) AS ins_random, "
+                     "round(avg(cafe_del_auc), 3) AS del_ierf, round(avg(del_auc_act), 3) AS "
+                     "del_act, round(avg(del_auc_random), 3) AS del_random, "
+                     "round(avg(cafe_faithful::INT), 3) AS faithful_frac, "
+                     "round(avg(mask_frac), 3) AS mask_frac FROM latents WHERE NOT dead "
+                     "GROUP BY layer ORDER BY layer").to_pylist()
     sources = atlas.sql("SELECT layer, coalesce(label_source, 'none') AS label_source, "
                         "count(*) AS latents FROM latents WHERE NOT dead GROUP BY ALL "
                         "ORDER BY layer, latents DESC").to_pylist()
@@ -171,7 +180,7 @@ def report(atlas_dir: Path, model: str, seconds: float, counts: dict[str, int],
             extras["route"] = {"error": str(exc).splitlines()[-1]}
     return {"model": model, "photos": counts, "n_photos": sum(counts.values()),
             "build_seconds": round(seconds, 1), "saes": saes, "spread": spread,
-            "spread_without_dedup": undeduped, "label_sources": sources,
+            "spread_without_dedup": undeduped, "label_sources": sources, "cafe": cafe,
             "five_latents": five, **extras}
 
 

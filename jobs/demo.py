@@ -85,10 +85,11 @@ def run(out: Path, n_images: int | None = None, model_name: str | None = None,
     # the accuracy line was printed by train-sae's summary
     print(f"\n[done] in {time.time() - t0:.0f}s. The atlas is in {out}/ (summary.json, Parquet "
           "tables, FAISS indexes in index/, SRD maps in saliency/, a concept route in route.png).")
+    last = f"{list(summary['layers'])[-1]}:0"  # latent 0 of the deepest layer
     print("Next, for example:\n"
           f"  concept-atlas sql {out} \"SELECT * FROM latents ORDER BY max_act DESC LIMIT 10\"\n"
-          f"  concept-atlas latent {out} layer4:0 --out latent.png       # exemplars with iERF masks\n"
-          f"  concept-atlas similar {out} --latent layer4:0\n"
+          f"  concept-atlas latent {out} {last} --out latent.png       # exemplars with iERF masks\n"
+          f"  concept-atlas similar {out} --latent {last}\n"
           f"  concept-atlas search {out} --image {summary['saliency'][0]['input']} -k 5\n"
           f"  concept-atlas routes {out} --image {summary['saliency'][0]['input']} --out route.png\n"
           "and `concept-atlas --help` lists every command (docs/atlas.md: the tables and views).")
