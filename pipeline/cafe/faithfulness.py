@@ -80,14 +80,15 @@ def step_masks(order: Tensor, shape: tuple[int, int], patch: int, steps: int) ->
 
 def perturbations(image: Tensor, orders: dict[str, Tensor], patch: int, steps: int,
                   baseline: float = 0.0) -> Tensor:
-    """Every image a faithfulness check of one exemplar reads: Tensor[2 + 6 (steps-1), 3, H, W].
+    """Every image a faithfulness check of one exemplar reads: Tensor[2 + 2 O (steps-1), 3, H, W]
+    for O orders (the stage's three, ORDERS; a benchmark may rank by more maps).
 
-    Row 0 is the unmodified image, row 1 the full baseline, then per order (ORDERS) the
-    deletion images of steps 1..steps-1 followed by the insertion images of the same steps.
+    Row 0 is the unmodified image, row 1 the full baseline, then per order (in `orders`' order)
+    the deletion images of steps 1..steps-1 followed by the insertion images of the same steps.
     """
     base = torch.full_like(image, baseline)
     rows = [image[None], base[None]]
-    for name in ORDERS:
+    for name in orders:
         switched = step_masks(orders[name], tuple(image.shape[1:]), patch, steps)[:, None]
         switched = switched.to(image.device)
         rows.append(torch.where(switched, base, image))  # deletion: switched patches -> baseline
@@ -103,9 +104,9 @@ def curves(image: Tensor, orders: dict[str, Tensor], readout: Readout, patch: in
     images = perturbations(image, orders, patch, steps, baseline)
     values = torch.cat([readout(images[i:i + batch]).float().cpu()
                         for i in range(0, len(images), batch)])
-    full, empty, inner = values[0], values[1], values[2:].view(len(ORDERS), 2, steps - 1)
+    full, empty, inner = values[0], values[1], values[2:].view(len(orders), 2, steps - 1)
     ins, dele = {}, {}
-    for k, name in enumerate(ORDERS):
+    for k, name in enumerate(orders):
         dele[name] = torch.cat([full[None], inner[k, 0], empty[None]])
         ins[name] = torch.cat([empty[None], inner[k, 1], full[None]])
     return Curves(insertion=ins, deletion=dele, unmodified=float(full))
@@ -121,9 +122,10 @@ def auc(curve: Tensor, unmodified: float) -> float | None:
 
 
 def aucs(c: Curves) -> dict[str, float | None]:
-    """The six AUC columns of the exemplars table: ins_auc_ierf, del_auc_ierf, ins_auc_act, ..."""
+    """ins_auc_<order> and del_auc_<order> per order of `c`: for the stage's ORDERS the six AUC
+    columns of the exemplars table (ins_auc_ierf, del_auc_ierf, ins_auc_act, ...)."""
     out: dict[str, float | None] = {}
-    for name in ORDERS:
+    for name in c.insertion:
         out[f"ins_auc_{name}"] = auc(c.insertion[name], c.unmodified)
         out[f"del_auc_{name}"] = auc(c.deletion[name], c.unmodified)
     return out

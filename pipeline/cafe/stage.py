@@ -211,6 +211,27 @@ class CafeWorker:
     def run(self, task: CafeTask) -> PartRecord:
         """Explain every pick of `task`, write its exemplars and errors parts, return its record."""
         started = now()
+        rows: list[dict[str, Any]] = []
+        batches, bad = self.read(task)
+        for x, picks, gts in batches:
+            rows += self.explain(x, picks, gts)
+        rows.sort(key=lambda r: (r["sae_id"], r["latent"], r["kind"], r["rank"]))
+        table = pa.Table.from_pylist([dict(r, atlas_id=self.ctx.atlas_id) for r in rows],
+                                     schema=EXEMPLARS)
+        fs.write_parquet(table, fs.join(self.ctx.root, "exemplars", f"{task.part}.parquet"),
+                         EXEMPLARS)
+        AtlasRoot(self.ctx.root).write_errors(STAGE, task.part, self.ctx.atlas_id, bad)
+        return PartRecord(stage=STAGE, part=task.part, input=task.shard,
+                          input_fingerprint=task.fingerprint, config_hash=task.config_hash,
+                          rows=len(rows), outputs={"exemplars": len(rows), "errors": len(bad)},
+                          errors=len(bad), worker=worker_id(), started=started, finished=now())
+
+    def read(self, task: CafeTask) -> tuple[list[tuple[Tensor, list[list[dict[str, Any]]],
+                                                       list[list[groundtruth.GTObject]]]],
+                                            list[ErrorRecord]]:
+        """The picked images of `task` in image batches of `image_batch`: ([(x Tensor[N, 3, H, W]
+        on the worker's device, picks per image, ground-truth objects per image)], the errors of
+        picks whose image could not be read). Shared by the stage and the CAFE benchmarks."""
         keys = _image_keys(self.ctx.root, task)
         picks = task.picks.to_pylist()
         wanted = {keys[p["image_id"]] for p in picks if p["image_id"] in keys}
@@ -231,34 +252,36 @@ class CafeWorker:
             if keys.get(p["image_id"]) in pixels:
                 by_image[p["image_id"]].append(p)
         ids = sorted(by_image)
-        rows: list[dict[str, Any]] = []
+        batches = []
         for lo in range(0, len(ids), self.opt.image_batch):
             batch = ids[lo:lo + self.opt.image_batch]
             x = torch.stack([pixels[keys[i]] for i in batch]).to(self.device)
             gts = [groundtruth.objects(metas[keys[i]], self.ctx.data_config) for i in batch]
-            rows += self.explain(x, [by_image[i] for i in batch], gts)
-        rows.sort(key=lambda r: (r["sae_id"], r["latent"], r["kind"], r["rank"]))
-        table = pa.Table.from_pylist([dict(r, atlas_id=self.ctx.atlas_id) for r in rows],
-                                     schema=EXEMPLARS)
-        fs.write_parquet(table, fs.join(self.ctx.root, "exemplars", f"{task.part}.parquet"),
-                         EXEMPLARS)
-        AtlasRoot(self.ctx.root).write_errors(STAGE, task.part, self.ctx.atlas_id, bad)
-        return PartRecord(stage=STAGE, part=task.part, input=task.shard,
-                          input_fingerprint=task.fingerprint, config_hash=task.config_hash,
-                          rows=len(rows), outputs={"exemplars": len(rows), "errors": len(bad)},
-                          errors=len(bad), worker=worker_id(), started=started, finished=now())
+            batches.append((x, [by_image[i] for i in batch], gts))
+        return batches, bad
 
     @torch.no_grad()
     def explain(self, x: Tensor, picks: list[list[dict[str, Any]]],
                 gts: list[list[groundtruth.GTObject]]) -> list[dict[str, Any]]:
         """Rows of every pick of an image batch x Tensor[N, 3, H, W]; picks[i] are image i's."""
+        rows = []
+        for layer, i, ps, maps, consts, acts in self.latent_maps(x, picks):
+            rows += self._rows(x[i], layer, ps, maps, consts, acts, gts[i])
+        return rows
+
+    @torch.no_grad()
+    def latent_maps(self, x: Tensor, picks: list[list[dict[str, Any]]]
+                    ) -> list[tuple[str, int, list[dict[str, Any]], Tensor, Tensor, Tensor]]:
+        """Per (layer, image) with picks: (layer, image index, its picks on that layer, latent
+        iERFs as shares Tensor[S, H, W], their constants Tensor[S], activation maps on the
+        layer grid Tensor[S, h, w]), for an image batch x Tensor[N, 3, H, W]."""
         graph = srd.build(self.model, x)[0]
         by_layer: dict[str, list[list[dict[str, Any]]]] = defaultdict(lambda: [[] for _ in x])
         for i, image_picks in enumerate(picks):
             for p in image_picks:
                 by_layer[p["layer"]][i].append(p)
         pfvs = tap(self.model, x, list(by_layer))
-        rows = []
+        out = []
         for layer, layer_picks in by_layer.items():
             positions = [torch.tensor([p["position"] for p in ps], dtype=torch.long)
                          for ps in layer_picks]
@@ -269,8 +292,8 @@ class CafeWorker:
             for i, ps in enumerate(layer_picks):
                 if ps:
                     acts = self._act_maps(layer, ps, pfvs[layer].values[i])
-                    rows += self._rows(x[i], layer, ps, *as_shares(maps[i], consts[i]), acts, gts[i])
-        return rows
+                    out.append((layer, i, ps, *as_shares(maps[i], consts[i]), acts))
+        return out
 
     def _readouts(self, picks: list[dict[str, Any]], x: Tensor) -> tuple[Tensor, Tensor]:
         """Each pick's latent readout on its layer's PFVs (`SAE.readout`): ([S, C], [S])."""
@@ -318,22 +341,30 @@ class CafeWorker:
         return faithfulness.aucs(c)
 
     def readout(self, layer: str, sae_id: str, latent: int, position: int) -> faithfulness.Readout:
-        """The latent's value at `position` for a batch of images: Tensor[B, 3, H, W] -> [B].
+        """The latent's value at `position` for a batch of images (`latent_readout`)."""
+        return latent_readout(self.model, self.sae(sae_id), layer, latent, position)
 
-        [choice] ReLU of the latent's pre-activation, not its TopK activation: the TopK
-        selection is a competition with the other latents that the iERF does not decompose, and
-        it would zero the curve whenever another latent overtakes this one. At the pick the two
-        are equal (a picked latent is selected).
-        """
-        sae = self.sae(sae_id)
-        w, b = sae.W_enc[latent].float(), sae.b_enc[latent].float()
-        shift = float(sae.b_dec.float() @ w)
 
-        def read(images: Tensor) -> Tensor:
-            v = tap(self.model, images.to(self.device), [layer])[layer].values[:, position]
-            return torch.relu(float(sae.scale) * (v.float() @ w) - shift + b)
+def latent_readout(model: torch.nn.Module, sae: SAE, layer: str, latent: int, position: int,
+                   grad: bool = False) -> faithfulness.Readout:
+    """An SAE latent's value at `position` (tap layout) of `layer` for a batch of images:
+    Tensor[B, 3, H, W] -> Tensor[B]; with `grad` it keeps the graph back to the images.
 
-        return read
+    [choice] ReLU of the latent's pre-activation, not its TopK activation: the TopK selection is
+    a competition with the other latents that the iERF does not decompose, and it would zero
+    the curve whenever another latent overtakes this one. At the pick the two are equal (a
+    picked latent is selected).
+    """
+    # the SAE's parameters are constants here: gradients go to the images only
+    w, b = sae.W_enc[latent].detach().float(), sae.b_enc[latent].detach().float()
+    shift = float(sae.b_dec.detach().float() @ w)
+    device = next(model.parameters()).device
+
+    def read(images: Tensor) -> Tensor:
+        v = tap(model, images.to(device), [layer], grad=grad)[layer].values[:, position]
+        return torch.relu(float(sae.scale) * (v.float() @ w) - shift + b)
+
+    return read
 
 
 def _image_keys(root: str, task: CafeTask) -> dict[int, str]:

@@ -1,7 +1,8 @@
 """The two demo models, registered in timm so they load by name like any other model.
 
-`demo_resnet` (a small ResNet-family CNN) and `demo_vit` (a small ViT, patch 16) are trained on
-the synthetic concept data (`concept-atlas train-demo-model`); their weights ship with the
+`demo_resnet` (a small ResNet-family CNN), `demo_vit` (a small ViT, patch 16, trained with
+per-token labels) and `demo_vit_cls` (the same ViT with a CLS-token head, trained on image-level
+labels only) are trained on the synthetic concept data (`concept-atlas train-demo-model`); their weights ship with the
 package as safetensors, so `timm.create_model("demo_resnet", pretrained=True)` works offline.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from pipeline.data.concepts import CLASS_NAMES, NUM_CLASSES
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEMO_MODELS: tuple[str, ...] = ("demo_resnet", "demo_vit")
+DEMO_MODELS: tuple[str, ...] = ("demo_resnet", "demo_vit", "demo_vit_cls")
 IMAGE_SIZE = 128
 
 
@@ -65,3 +66,16 @@ def demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     args = dict(img_size=IMAGE_SIZE, patch_size=16, embed_dim=96, depth=4, num_heads=3,
                 num_classes=NUM_CLASSES, class_token=False, global_pool="avg")
     return build_model_with_cfg(VisionTransformer, "demo_vit", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def demo_vit_cls(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """demo_vit's trunk (patch 16 at 128 px, width 96, depth 4, 3 heads) with a class token whose
+    final state alone feeds the linear head (`global_pool="token"`).
+
+    Trained on image-level labels only (no masks, no token labels): its patch tokens are not
+    local by construction, which is what CAFE's claim about non-local ViT latents needs.
+    """
+    args = dict(img_size=IMAGE_SIZE, patch_size=16, embed_dim=96, depth=4, num_heads=3,
+                num_classes=NUM_CLASSES, class_token=True, global_pool="token")
+    return build_model_with_cfg(VisionTransformer, "demo_vit_cls", pretrained, **dict(args, **kwargs))
