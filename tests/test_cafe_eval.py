@@ -160,3 +160,25 @@ def test_distill_loss_is_zero_at_the_teacher_and_the_scaled_kl_elsewhere() -> No
     p = torch.softmax(t / 2.0, -1)
     want = 4.0 * float((p * (p.log() - np.log(1 / 3))).sum(1).mean())
     assert float(distill_loss(s, t, 2.0)) == pytest.approx(want, rel=1e-6)
+
+
+def test_demo_vit_cls_head_reads_the_class_token_only() -> None:
+    import timm
+
+    import pipeline.models.demo  # noqa: F401  (registers demo_vit_cls)
+
+    torch.manual_seed(0)
+    vit = timm.create_model("demo_vit_cls").eval()
+    assert vit.global_pool == "token" and vit.num_prefix_tokens == 1
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        feats = vit.forward_features(x)  # [2, 1 + 64, 96]
+        logits = vit.forward_head(feats)
+        moved = feats.clone()
+        moved[:, 1:] += 5.0 * torch.randn_like(moved[:, 1:])  # every patch token changed
+        cls_moved = feats.clone()
+        cls_moved[:, 0] += 1.0
+        assert feats.shape == (2, 65, 96)
+        assert torch.equal(vit.forward_head(moved), logits)
+        assert (vit.forward_head(cls_moved) - logits).abs().max() > 1e-3
+        assert torch.allclose(vit(x), logits)

@@ -190,8 +190,8 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
 
     Returns the model card as a dict.
     """
-    if recipe.model not in demo.DEMO_MODELS:
-        raise ValueError(f"unknown demo model {recipe.model!r}; valid: {', '.join(demo.DEMO_MODELS)}")
+    if recipe.model not in demo.TRAINABLE_MODELS:
+        raise ValueError(f"unknown demo model {recipe.model!r}; valid: {', '.join(demo.TRAINABLE_MODELS)}")
     out_dir = Path(out_dir) if out_dir is not None else demo.WEIGHTS_DIR
     device = checked_device(recipe.device)  # before the data is read
     torch.manual_seed(recipe.seed)
