@@ -262,14 +262,15 @@ def methods(a: argparse.Namespace) -> None:
     result = {"command": " ".join(sys.argv), "root": a.root, "model": worker.loaded.name,
               "mass": a.mass, "ig_steps": a.ig_steps, "steps": a.steps, "patch": opt.patch,
               "max_rank": a.max_rank, "latents_per_layer": a.latents, "machine": platform.machine(),
-              "wall_s": round(time.perf_counter() - t0), "layers": summarise(rows)}
+              "wall_s": round(time.perf_counter() - t0), "layers": summarise(rows), "rows": rows}
     write_results(Path(a.out), result)
     print(f"wrote {a.out}")
 
 
 def summarise(rows: list[dict]) -> dict:
     """Per layer and method: means of IoU, off-object mass, insertion / deletion AUCs, and how
-    often the iERF order beats each other order (exemplars, ins higher / del lower)."""
+    often the iERF order beats / loses to each other order (exemplars: insertion higher / lower,
+    deletion lower / higher; the rest are ties within 1e-6, common where both curves hit 0)."""
     out = {}
     for layer in sorted({r["layer"] for r in rows}):
         rs = [r for r in rows if r["layer"] == layer]
@@ -279,23 +280,29 @@ def summarise(rows: list[dict]) -> dict:
         print(f"\n{layer}: {table['exemplars']} exemplars of {table['latents']} latents "
               f"({table['on_object']} fire on an object)")
         print(f"{'method':8s} {'GT IoU':>7s} {'off-object':>10s} {'ins AUC':>8s} {'del AUC':>8s} "
-              f"{'iERF ins wins':>13s} {'iERF del wins':>13s}")
+              f"{'iERF ins W/L':>13s} {'iERF del W/L':>13s}")
         for n in names:
             def mean(key: str) -> float | None:
                 v = [r[key] for r in rs if r.get(key) is not None and not np.isnan(r[key])]
                 return round(float(np.mean(v)), 4) if v else None
 
             both = [r for r in rs if r.get(f"ins_auc_{n}") is not None and r.get("ins_auc_ierf") is not None]
-            wins_ins = np.mean([r["ins_auc_ierf"] > r[f"ins_auc_{n}"] for r in both]) if both else None
-            wins_del = np.mean([r["del_auc_ierf"] < r[f"del_auc_{n}"] for r in both]) if both else None
             e = {"gt_iou": mean(f"iou_{n}"), "off_object": mean(f"off_{n}"),
-                 "ins_auc": mean(f"ins_auc_{n}"), "del_auc": mean(f"del_auc_{n}"),
-                 "ierf_ins_wins": None if n == "ierf" or wins_ins is None else round(float(wins_ins), 4),
-                 "ierf_del_wins": None if n == "ierf" or wins_del is None else round(float(wins_del), 4)}
+                 "ins_auc": mean(f"ins_auc_{n}"), "del_auc": mean(f"del_auc_{n}")}
+            if n != "ierf" and both:
+                for m, sign in (("ins", 1), ("del", -1)):
+                    d = np.array([sign * (r[f"{m}_auc_ierf"] - r[f"{m}_auc_{n}"]) for r in both])
+                    e[f"ierf_{m}_wins"] = round(float((d > 1e-6).mean()), 4)
+                    e[f"ierf_{m}_losses"] = round(float((d < -1e-6).mean()), 4)
             table["methods"][n] = e
-            print(f"{n:8s} " + " ".join(f"{'-' if e[k] is None else f'{e[k]:.3f}':>{w}s}" for k, w in (
-                ("gt_iou", 7), ("off_object", 10), ("ins_auc", 8), ("del_auc", 8),
-                ("ierf_ins_wins", 13), ("ierf_del_wins", 13))))
+
+            def cell(k: str, w: int) -> str:
+                return f"{'-' if e.get(k) is None else f'{e[k]:.3f}':>{w}s}"
+
+            wl = {m: ("-" if f"ierf_{m}_wins" not in e else
+                      f"{e[f'ierf_{m}_wins']:.2f}/{e[f'ierf_{m}_losses']:.2f}") for m in ("ins", "del")}
+            print(f"{n:8s} {cell('gt_iou', 7)} {cell('off_object', 10)} {cell('ins_auc', 8)} "
+                  f"{cell('del_auc', 8)} {wl['ins']:>13s} {wl['del']:>13s}")
         out[layer] = table
     return out
 
