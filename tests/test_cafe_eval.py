@@ -182,3 +182,22 @@ def test_demo_vit_cls_head_reads_the_class_token_only() -> None:
         assert torch.equal(vit.forward_head(moved), logits)
         assert (vit.forward_head(cls_moved) - logits).abs().max() > 1e-3
         assert torch.allclose(vit(x), logits)
+
+
+def test_srd_decomposes_latents_of_a_headless_vit_and_refuses_its_classes() -> None:
+    import timm
+
+    from pipeline import srd
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                            num_classes=0, class_token=True, global_pool="token").eval()
+    x = torch.randn(1, 3, 32, 32)
+    direction = torch.randn(1, 1, 192)
+    maps, const = srd.ierf(vit, x, "blocks.1", torch.tensor([[6]]), direction, return_constant=True)
+    with torch.no_grad():
+        v = vit.blocks[1](vit.blocks[0](vit._pos_embed(vit.patch_embed(x))))[0, 6]
+    # pixels + constant = the data term <w, v> of the seeded token
+    assert float(maps.sum() + const.sum()) == pytest.approx(float(v @ direction[0, 0]), rel=1e-4, abs=1e-4)
+    with pytest.raises(ValueError, match="no classifier head"):
+        srd.saliency(vit, x, torch.tensor([0]))
