@@ -201,3 +201,13 @@ def test_srd_decomposes_latents_of_a_headless_vit_and_refuses_its_classes() -> N
     assert float(maps.sum() + const.sum()) == pytest.approx(float(v @ direction[0, 0]), rel=1e-4, abs=1e-4)
     with pytest.raises(ValueError, match="no classifier head"):
         srd.saliency(vit, x, torch.tensor([0]))
+
+
+def test_integrated_gradients_of_a_linear_readout_is_input_times_weight() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 6, 5, generator=gen)
+    x = torch.randn(2, 3, 6, 5, generator=gen)
+    maps = evidence.gradient_maps(lambda im: (im * w).flatten(1).sum(1), x, steps=4)
+    # a linear readout has a constant gradient: IG from 0 is exactly x * w (summed over channels)
+    assert torch.allclose(maps, (x * w).sum(1), atol=1e-5)
+    assert torch.allclose(maps.flatten(1).sum(1), (x * w).flatten(1).sum(1), atol=1e-4)

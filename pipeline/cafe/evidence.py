@@ -10,7 +10,9 @@ signed pixel map of a latent, whichever method drew it (iERF, activation map, gr
     tracks_concept     whether a latent's top picks land on one shape, colour or texture
     off_object_mass    the share of a map's positive mass outside an object (non-locality)
     gradient_maps      Integrated Gradients of the latent (Captum)
-    lrp_maps           AttnLRP of the latent (lxt), ViTs only
+
+AttnLRP of a latent is `pipeline.evaluation.lrp.attn_lrp_of` with the latent's readout
+(`pipeline.cafe.stage.latent_readout`) as the value explained.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.cafe.groundtruth import GTObject
 from pipeline.cafe.masks import iou, mass_masks
@@ -94,10 +96,3 @@ def gradient_maps(readout: Callable[[Tensor], Tensor], x: Tensor, steps: int = 3
     attr = ig.attribute(x, baselines=torch.zeros_like(x), n_steps=steps, method="riemann_middle",
                         internal_batch_size=internal_batch)
     return attr.sum(1).detach()
-
-
-def lrp_maps(run: Callable[[Tensor, Callable[[nn.Module, Tensor], Tensor]], Tensor],
-             readout_of: Callable[[nn.Module], Callable[[Tensor], Tensor]], x: Tensor) -> Tensor:
-    """AttnLRP of a latent: `run` from `lrp.attn_lrp_of(model)`, `readout_of(lrp_model)` the
-    latent's readout on the rule-patched copy. x Tensor[N, 3, H, W] -> Tensor[N, H, W]."""
-    return run(x, lambda m, images: readout_of(m)(images))
