@@ -33,7 +33,8 @@ def _cmd_train_demo_model(a: argparse.Namespace) -> int:
     recipe = Recipe(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                     threads=a.threads, target_accuracy=a.target_accuracy,
                     warmup_steps=a.warmup_steps, token_loss=a.token_loss, device=a.device,
-                    init=a.init)
+                    init=a.init, teacher=a.teacher, distill=a.distill,
+                    distill_temperature=a.distill_temperature)
     card = train(recipe, a.data, out_dir=Path(a.out) if a.out else None)
     print(json.dumps({k: card[k] for k in ("model", "heldout_accuracy", "train_time_s")}, indent=2))
     return 0
@@ -412,7 +413,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp = add("train-demo-model", _cmd_train_demo_model, "train a demo model on synthetic shards",
              "  concept-atlas make-data data/train --n 12000 --seed 1\n"
              "  concept-atlas train-demo-model --model demo_resnet --data data/train")
-    sp.add_argument("--model", required=True, choices=["demo_resnet", "demo_vit"])
+    # the names are checked by `train` (a choices list would import timm for every command)
+    sp.add_argument("--model", required=True, help="demo_resnet, demo_vit or demo_vit_cls")
     sp.add_argument("--data", required=True, help="shard directory, pattern or list")
     sp.add_argument("--out", default=None, help="weights directory (default: the package's shipped weights)")
     sp.add_argument("--epochs", type=int, default=8)
@@ -427,6 +429,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     help="ViTs: weight of the per-patch shape loss from the ground-truth masks")
     sp.add_argument("--target-accuracy", type=float, default=1.0,
                     help="stop after the first epoch whose held-out accuracy reaches this")
+    sp.add_argument("--teacher", default=None,
+                    help="distil from this shipped demo model's logits (image-level soft labels)")
+    sp.add_argument("--distill", type=float, default=0.0, help="weight of the distillation loss")
+    sp.add_argument("--distill-temperature", type=float, default=2.0)
 
     sp = add("eval-model", _cmd_eval_model, "top-1 accuracy of a model on synthetic shards",
              "  concept-atlas eval-model --model demo_resnet --data data/test")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from jobs.build import load_build_config, run_build
+from jobs.build import BuildConfig, load_build_config, run_build
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIG, REAL_CONFIG = CONFIGS / "demo.yaml", CONFIGS / "demo_real.yaml"
@@ -55,17 +55,7 @@ def run(out: Path, n_images: int | None = None, model_name: str | None = None,
                                                          src=str(Path(photos).resolve()))
     elif n_images is not None:
         cfg.options["make-data"] = dataclasses.replace(cfg.options["make-data"], n=n_images)
-    model_name = model_name or cfg.extract.model
-    if model_name != cfg.extract.model or layers:
-        layers = list(layers or DEFAULT_LAYERS.get(model_name, []))
-        if not layers:
-            raise ValueError(f"no default layers for {model_name!r}; pass --layers "
-                             f"(`concept-atlas layers --model {model_name}` lists them)")
-        cfg.extract = dataclasses.replace(cfg.extract, model=model_name, layers=tuple(layers))
-        template = cfg.train.sweep
-        cfg.train = dataclasses.replace(cfg.train, sweep=tuple(
-            dict(template[min(i, len(template) - 1)], layer=layer)
-            for i, layer in enumerate(layers)))
+    with_model(cfg, model_name, layers)
     results = run_build(cfg, name="demo")
     extract, saes = results["extract"], results["train-sae"]
     accuracy = saes[0]["model_accuracy"] if saes else None
@@ -94,6 +84,27 @@ def run(out: Path, n_images: int | None = None, model_name: str | None = None,
           f"  concept-atlas routes {out} --image {summary['saliency'][0]['input']} --out route.png\n"
           "and `concept-atlas --help` lists every command (docs/atlas.md: the tables and views).")
     return summary
+
+
+def with_model(cfg: BuildConfig, model_name: str | None = None,
+               layers: Sequence[str] | None = None, weights: str | None = None) -> BuildConfig:
+    """Point `cfg` (edited in place, and returned) at another model, its layers and weights.
+
+    Layers default to DEFAULT_LAYERS of the model; the config's SAE sweep is applied to the
+    layers in order (its last entry to any further layer). Unchanged when nothing differs."""
+    model_name = model_name or cfg.extract.model
+    if model_name != cfg.extract.model or layers or weights:
+        layers = list(layers or DEFAULT_LAYERS.get(model_name, []))
+        if not layers:
+            raise ValueError(f"no default layers for {model_name!r}; pass --layers "
+                             f"(`concept-atlas layers --model {model_name}` lists them)")
+        cfg.extract = dataclasses.replace(cfg.extract, model=model_name, layers=tuple(layers),
+                                          weights=weights or cfg.extract.weights)
+        template = cfg.train.sweep
+        cfg.train = dataclasses.replace(cfg.train, sweep=tuple(
+            dict(template[min(i, len(template) - 1)], layer=layer)
+            for i, layer in enumerate(layers)))
+    return cfg
 
 
 # three questions the demo asks its atlas, printed with their answers

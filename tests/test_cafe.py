@@ -418,7 +418,7 @@ def test_other_options_in_the_same_atlas_are_refused_naming_the_key(atlas, tmp_p
     plan_cafe(root, OPTS)
     # a config binds once a part was committed under it (a refused run's does not)
     Manifest(root).commit(PartRecord("cafe", "part-000000", "x.tar", "f", "h", rows=1))
-    with pytest.raises(ValueError, match="mask_mass: 0.9 -> 0.3"):
+    with pytest.raises(ValueError, match="mask_mass: 0.99 -> 0.3"):
         plan_cafe(root, CafeOptions(**{**OPTS.__dict__, "mask_mass": 0.3}))
     plan_cafe(root, CafeOptions(**{**OPTS.__dict__, "image_batch": 1}))  # speed only: accepted
 

@@ -80,14 +80,15 @@ def step_masks(order: Tensor, shape: tuple[int, int], patch: int, steps: int) ->
 
 def perturbations(image: Tensor, orders: dict[str, Tensor], patch: int, steps: int,
                   baseline: float = 0.0) -> Tensor:
-    """Every image a faithfulness check of one exemplar reads: Tensor[2 + 6 (steps-1), 3, H, W].
+    """Every image a faithfulness check of one exemplar reads: Tensor[2 + 2 O (steps-1), 3, H, W]
+    for O orders (the stage's three, ORDERS; a benchmark may rank by more maps).
 
-    Row 0 is the unmodified image, row 1 the full baseline, then per order (ORDERS) the
-    deletion images of steps 1..steps-1 followed by the insertion images of the same steps.
+    Row 0 is the unmodified image, row 1 the full baseline, then per order (in `orders`' order)
+    the deletion images of steps 1..steps-1 followed by the insertion images of the same steps.
     """
     base = torch.full_like(image, baseline)
     rows = [image[None], base[None]]
-    for name in ORDERS:
+    for name in orders:
         switched = step_masks(orders[name], tuple(image.shape[1:]), patch, steps)[:, None]
         switched = switched.to(image.device)
         rows.append(torch.where(switched, base, image))  # deletion: switched patches -> baseline
@@ -121,16 +122,17 @@ def rebatch(blocks: Iterable[Tensor], batch: int) -> Iterator[Tensor]:
         yield torch.cat(pending)
 
 
-def from_readouts(values: Tensor, steps: int) -> list[Curves]:
-    """The curves of exemplars from their readouts Tensor[J, 2 + 6 (steps - 1)], each row in
-    the order of `perturbations`."""
+def from_readouts(values: Tensor, steps: int,
+                  orders: tuple[str, ...] = ORDERS) -> list[Curves]:
+    """The curves of exemplars from their readouts Tensor[J, 2 + 2 O (steps - 1)] for the O
+    `orders`, each row in the order of `perturbations`."""
     values = values.float().cpu()
     full, empty = values[:, 0], values[:, 1]
-    inner = values[:, 2:].view(len(values), len(ORDERS), 2, steps - 1)
+    inner = values[:, 2:].view(len(values), len(orders), 2, steps - 1)
     out = []
     for j in range(len(values)):
         ins, dele = {}, {}
-        for k, name in enumerate(ORDERS):
+        for k, name in enumerate(orders):
             dele[name] = torch.cat([full[j, None], inner[j, k, 0], empty[j, None]])
             ins[name] = torch.cat([empty[j, None], inner[j, k, 1], full[j, None]])
         out.append(Curves(insertion=ins, deletion=dele, unmodified=float(full[j])))
@@ -143,7 +145,7 @@ def curves(image: Tensor, orders: dict[str, Tensor], readout: Readout, patch: in
     rows_per_exemplar(steps)
     images = perturbations(image, orders, patch, steps, baseline)
     values = torch.cat([readout(b).float().cpu() for b in rebatch([images], batch)])
-    return from_readouts(values[None], steps)[0]
+    return from_readouts(values[None], steps, tuple(orders))[0]
 
 
 def auc(curve: Tensor, unmodified: float) -> float | None:
@@ -156,9 +158,10 @@ def auc(curve: Tensor, unmodified: float) -> float | None:
 
 
 def aucs(c: Curves) -> dict[str, float | None]:
-    """The six AUC columns of the exemplars table: ins_auc_ierf, del_auc_ierf, ins_auc_act, ..."""
+    """ins_auc_<order> and del_auc_<order> per order of `c`: for the stage's ORDERS the six AUC
+    columns of the exemplars table (ins_auc_ierf, del_auc_ierf, ins_auc_act, ...)."""
     out: dict[str, float | None] = {}
-    for name in ORDERS:
+    for name in c.insertion:
         out[f"ins_auc_{name}"] = auc(c.insertion[name], c.unmodified)
         out[f"del_auc_{name}"] = auc(c.deletion[name], c.unmodified)
     return out

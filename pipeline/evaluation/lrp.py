@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import types
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -157,11 +157,14 @@ def _lxt_zennit_hooks() -> Iterator[None]:
             setattr(BasicHook, name, fn)
 
 
-def attn_lrp(model: nn.Module, conv_gamma: float = 0.25, linear_gamma: float = 0.05) -> Explainer:
-    """AttnLRP of a timm ViT with lxt's rules (see the module docstring): (images [N, 3, H, W],
-    target [N]) -> input x LRP-gradient summed over channels [N, H, W]. gamma 0 makes a layer's
-    rule LRP-0. Raises Unsupported at once for a model with a module it has no rule for, or when
-    lxt (the `bench` extra) is not installed."""
+def attn_lrp_of(model: nn.Module, conv_gamma: float = 0.25, linear_gamma: float = 0.05
+                ) -> Callable[[Tensor, Callable[[nn.Module, Tensor], Tensor]], Tensor]:
+    """AttnLRP of any scalar read from a timm ViT with lxt's rules (see the module docstring):
+    returns run(images [N, 3, H, W], output) -> input x LRP-gradient summed over channels
+    [N, H, W], where output(lrp_model, images) -> Tensor[N] is the value explained (a class
+    logit, an SAE latent on a block's tokens), computed on the rule-patched copy `lrp_model`.
+    gamma 0 makes a layer's rule LRP-0. Raises Unsupported at once for a model with a module it
+    has no rule for, or when lxt (the `bench` extra) is not installed."""
     from timm.models.vision_transformer import Attention
     from zennit.composites import LayerMapComposite
     from zennit.rules import Gamma
@@ -186,11 +189,17 @@ def attn_lrp(model: nn.Module, conv_gamma: float = 0.25, linear_gamma: float = 0
             module.k_norm = nn.Sequential(module.k_norm, _StopGradient())
     composite = LayerMapComposite([(nn.Conv2d, Gamma(conv_gamma)), (nn.Linear, Gamma(linear_gamma))])
 
-    def run(x: Tensor, t: Tensor) -> Tensor:
+    def run(x: Tensor, output: Callable[[nn.Module, Tensor], Tensor]) -> Tensor:
         x = x.detach().requires_grad_(True)
         with _lxt_zennit_hooks(), composite.context(lrp_model) as hooked:
-            logits = hooked(x)
-            (grad,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x)
+            (grad,) = torch.autograd.grad(output(hooked, x).sum(), x)
         return (x * grad).sum(1).detach()
 
     return run
+
+
+def attn_lrp(model: nn.Module, conv_gamma: float = 0.25, linear_gamma: float = 0.05) -> Explainer:
+    """AttnLRP of a timm ViT's class logits (`attn_lrp_of`): (images [N, 3, H, W], target [N])
+    -> relevance [N, H, W]."""
+    run = attn_lrp_of(model, conv_gamma, linear_gamma)
+    return lambda x, t: run(x, lambda m, images: m(images).gather(1, t[:, None])[:, 0])

@@ -17,7 +17,11 @@ from timm.models.vision_transformer import VisionTransformer
 from pipeline.data.concepts import CLASS_NAMES, NUM_CLASSES
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+# the demo models whose weights ship with the package
 DEMO_MODELS: tuple[str, ...] = ("demo_resnet", "demo_vit")
+# what `train-demo-model` can train: the shipped ones and demo_vit_cls, a CLS-head ViT for image
+# labels only, which did not learn on the 2-core CPU (docs/demo_models.md) and so ships no weights
+TRAINABLE_MODELS: tuple[str, ...] = (*DEMO_MODELS, "demo_vit_cls")
 IMAGE_SIZE = 128
 
 
@@ -44,7 +48,7 @@ def _cfg(name: str) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({f"{n}.synthetic": _cfg(n) for n in DEMO_MODELS})
+default_cfgs = generate_default_cfgs({f"{n}.synthetic": _cfg(n) for n in TRAINABLE_MODELS})
 
 
 @register_model
@@ -65,3 +69,17 @@ def demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     args = dict(img_size=IMAGE_SIZE, patch_size=16, embed_dim=96, depth=4, num_heads=3,
                 num_classes=NUM_CLASSES, class_token=False, global_pool="avg")
     return build_model_with_cfg(VisionTransformer, "demo_vit", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def demo_vit_cls(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """demo_vit's trunk (patch 16 at 128 px, width 96, depth 4, 3 heads) with a class token whose
+    final state alone feeds the linear head (`global_pool="token"`).
+
+    For image-level labels only (no masks, no token labels), so that its patch tokens are not
+    local by construction, as CAFE's claim about non-local ViT latents needs. No weights ship:
+    on the 2-core CPU it stayed at chance (docs/demo_models.md).
+    """
+    args = dict(img_size=IMAGE_SIZE, patch_size=16, embed_dim=96, depth=4, num_heads=3,
+                num_classes=NUM_CLASSES, class_token=True, global_pool="token")
+    return build_model_with_cfg(VisionTransformer, "demo_vit_cls", pretrained, **dict(args, **kwargs))

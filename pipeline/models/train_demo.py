@@ -49,6 +49,14 @@ class Recipe:
     # label alone sat at chance for epochs; the dense per-patch signal from the ground-truth
     # masks gets it off the plateau, and the averaged head still answers "largest shape".
     token_loss: float = 0.0
+    # distillation from image-level soft labels: the loss adds `distill` x T^2 x KL(teacher || student)
+    # of the logits softened by T = `distill_temperature`, the teacher a shipped demo model run
+    # once on the unaugmented training images (no masks, no token labels). A ViT trained from
+    # scratch on the hard label alone sat at chance on the CPU; the teacher's full class
+    # distribution is a richer image-level signal (Hinton et al. 2015; DeiT uses a CNN teacher).
+    teacher: str | None = None
+    distill: float = 0.0
+    distill_temperature: float = 2.0
     device: str = "cpu"  # "cuda" trains on a GPU (the data is moved there once)
     init: str | None = None  # start from these safetensors weights (fine-tuning), not at random
 
@@ -147,6 +155,25 @@ def accuracy(model: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: 
     return correct / len(images)
 
 
+@torch.no_grad()
+def teacher_logits(name: str, images: np.ndarray, device: torch.device, batch_size: int = 256
+                   ) -> torch.Tensor:
+    """Logits [N, K] of the shipped demo model `name` on uint8 images [N, H, W, 3] (eval mode)."""
+    from pipeline.models.loading import load_model
+
+    teacher = load_model(name, "demo", device=device).model.eval()
+    x = torch.from_numpy(images)
+    return torch.cat([teacher(_normalise(teacher, x[i:i + batch_size].to(device)))
+                      for i in range(0, len(x), batch_size)])
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 KL(softmax(teacher / T) || softmax(student / T)), batch mean (Hinton et al. 2015: the
+    T^2 keeps the gradient scale of the soft term independent of T)."""
+    return F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                    log_target=True, reduction="batchmean") * temperature ** 2
+
+
 def _dataset_spec(shards: Sequence[str] | str) -> dict:
     """The generator settings (seed, n, size, shortcut) from the shards' dataset.json, if any."""
     first = Path(expand_shards(shards)[0])
@@ -163,8 +190,8 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
 
     Returns the model card as a dict.
     """
-    if recipe.model not in demo.DEMO_MODELS:
-        raise ValueError(f"unknown demo model {recipe.model!r}; valid: {', '.join(demo.DEMO_MODELS)}")
+    if recipe.model not in demo.TRAINABLE_MODELS:
+        raise ValueError(f"unknown demo model {recipe.model!r}; valid: {', '.join(demo.TRAINABLE_MODELS)}")
     out_dir = Path(out_dir) if out_dir is not None else demo.WEIGHTS_DIR
     device = checked_device(recipe.device)  # before the data is read
     torch.manual_seed(recipe.seed)
@@ -190,6 +217,9 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
     t_tr = tokens[0][~held] if tokens else None
     # the training set lives on the training device: one copy, then only indexing per step
     x_dev, y_dev = torch.from_numpy(x_tr).to(device), torch.from_numpy(y_tr).to(device)
+    if recipe.distill and not recipe.teacher:
+        raise ValueError("distill > 0 needs a teacher (a demo model name)")
+    soft = teacher_logits(recipe.teacher, x_tr, device) if recipe.distill else None
     t_dev = None if t_tr is None else torch.from_numpy(t_tr).to(device)
 
     # channels_last: about 25% faster CNN training on CPU (max-pool and BN take vectorised paths)
@@ -212,7 +242,11 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
             x = x.contiguous(memory_format=torch.channels_last)
             y = y_dev[idx]
             if t is None:
-                loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=0.05)
+                if soft is not None:
+                    loss = loss + recipe.distill * distill_loss(logits, soft[idx],
+                                                                recipe.distill_temperature)
             else:
                 logits, tok = _token_logits(model, x)
                 loss = (F.cross_entropy(logits, y, label_smoothing=0.05) + recipe.token_loss
@@ -227,23 +261,25 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
         held_acc = accuracy(model, x_te, y_te)
         bar.write(f"epoch {epoch}: held-out accuracy {held_acc:.4f}")
+        # written after every epoch: a long CPU run stopped early still leaves its last epoch
+        card = _save(model, recipe, out_dir, {
+            "data": {**_dataset_spec(shards), "n_train": int(len(x_tr)), "n_heldout": int(len(x_te)),
+                     "holdout": f"crc32(key) % 1000 < {recipe.holdout_frac} * 1000"},
+            "init_card": base_card,  # the run these weights started from (fine-tuning), if any
+            "epochs_run": epoch + 1,
+            "heldout_accuracy": held_acc,
+            "train_accuracy_sample": accuracy(model, x_tr[:2000], y_tr[:2000]),
+            "train_time_s": round(time.time() - t0, 1)})
         if held_acc >= recipe.target_accuracy:
             break
     bar.close()
-    train_time = time.time() - t0
-    card = {
-        "model": recipe.model,
-        "recipe": asdict(recipe),
-        "data": {**_dataset_spec(shards), "n_train": int(len(x_tr)), "n_heldout": int(len(x_te)),
-                 "holdout": f"crc32(key) % 1000 < {recipe.holdout_frac} * 1000"},
-        "init_card": base_card,  # the run these weights started from (fine-tuning), if any
-        "epochs_run": epoch + 1,
-        "heldout_accuracy": held_acc,
-        "train_accuracy_sample": accuracy(model, x_tr[:2000], y_tr[:2000]),
-        "train_time_s": round(train_time, 1),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-    }
+    return card
+
+
+def _save(model: torch.nn.Module, recipe: Recipe, out_dir: Path, facts: dict) -> dict:
+    """Write `<model>.safetensors` (the card in its metadata) and `<model>.json`; return the card."""
+    card = {"model": recipe.model, "recipe": asdict(recipe), **facts,
+            "torch": torch.__version__, "timm": timm.__version__}
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous(memory_format=torch.contiguous_format)
              for k, v in model.state_dict().items()}

