@@ -43,10 +43,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     """
     if ray.is_initialized():
         return
-    if not _VERBOSE:
-        # the C++ core's log lines too (the driver's core worker printed Ray Train's notes on
-        # its internal actors as errors): failures still reach the stages as exceptions
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         start_local_ray(num_cpus=num_cpus, log_to_driver=log_to_driver)
