@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from PIL import Image
 from pipeline.atlas.regions import cell_box
 from pipeline.atlas.sheets import exemplar_tile
 from pipeline.browser.content import EXEMPLAR_KINDS, AtlasContent, NotFound
+from pipeline.store import fs
 from pipeline.viz import draw_box, overlay, signed_heatmap
 
 MODES = ("plain", "ierf", "act")  # an exemplar shown as is, bright on its iERF, under its act map
@@ -50,12 +50,8 @@ class Renderer:
         if path.is_file():
             return path.read_bytes()
         data = make()
-        path.parent.mkdir(parents=True, exist_ok=True)
         # write then rename: a reader in another thread or process never sees half a file
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        fs.write_atomic(str(path), lambda f: f.write(data))
         return data
 
     # ---- the pictures --------------------------------------------------------------------
@@ -155,12 +151,7 @@ class Renderer:
             _, pixels = self.content.atlas.input_image(image)
         stored = png(pixels)
         digest = hashlib.sha256(stored).hexdigest()
-        path = self.cache / "uploads" / f"{digest}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(stored)
-        os.replace(tmp, path)
+        fs.write_atomic(str(self.cache / "uploads" / f"{digest}.png"), lambda f: f.write(stored))
         return digest
 
     def upload_pixels(self, digest: str) -> np.ndarray:
