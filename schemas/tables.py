@@ -111,8 +111,9 @@ SAES = _schema("saes", [
     pa.field("l0", pa.float64(), nullable=False),
     pa.field("dead_frac", pa.float64(), nullable=False),
     pa.field("dense_frac", pa.float64(), nullable=False),
-    pa.field("logit_agreement", pa.float64(), nullable=False),  # top-1, layer replaced
-    pa.field("logit_kl", pa.float64(), nullable=False),  # KL(orig ‖ replaced), nats
+    # top-1 agreement and KL with the layer replaced; null for a model without a class head
+    pa.field("logit_agreement", pa.float64()),
+    pa.field("logit_kl", pa.float64()),  # KL(orig ‖ replaced), nats
     pa.field("model_accuracy", pa.float64()),  # top-1 of the unmodified model; null w/o labels
     pa.field("heldout_images", pa.int64(), nullable=False),
     pa.field("heldout_pfvs", pa.int64(), nullable=False),

@@ -35,6 +35,7 @@ from pipeline.data.shards import iter_samples
 from pipeline.data.synthetic import write_shards
 from pipeline.pfv.extract import ExtractOptions
 from pipeline.pfv.parts import committed_parts, read_values
+from pipeline.models.classes import ClassNames
 from pipeline.sae import SAE, SAEConfig, save_sae
 from pipeline.store import AtlasRoot, fs
 from schemas import ACTIVATIONS, EXEMPLAR_PICKS, EXEMPLARS, LATENT_STATS, SAES, TABLES
@@ -293,7 +294,7 @@ def test_latents_view_aggregates_the_top_exemplars(atlas, atlas_root) -> None:
 
 
 def test_latent_label_hint_without_ground_truth_comes_from_image_labels_then_icat_edges(
-        atlas_root, tmp_path) -> None:
+        atlas_root, tmp_path, monkeypatch) -> None:
     """Real data: no ground-truth attributes. The hint is the majority label of a latent's
     labelled top images, else the class it drives most through ICAT edges into the logits."""
     src, root = Path(atlas_root["root"]), tmp_path / "real"
@@ -316,6 +317,10 @@ def test_latent_label_hint_without_ground_truth_comes_from_image_labels_then_ica
     label_names, class_names = names.label_names(), names.class_names()
     assert label_names and class_names  # the demo data and model name their classes
     assert names.labels_are_classes()  # the synthetic labels are demo_resnet's classes
+    with monkeypatch.context() as m:  # a model without a class head (a DINOv2 backbone)
+        m.setattr("pipeline.models.classes.model_class_names", lambda model: None)
+        assert names.class_names() == ClassNames.from_names(label_names)  # shown by label
+        assert not names.labels_are_classes()  # but no accuracy against them
     names.label_names = lambda: ["animal", "food"]  # a folder of photos: its own categories
     assert not names.labels_are_classes()
     rows = {r["latent"]: r for r in Atlas.open(str(root)).sql(

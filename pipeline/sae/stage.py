@@ -267,7 +267,10 @@ class Evaluator:
         known = labels >= 0  # over the labelled images only
         accuracy = (float((logits.argmax(1).numpy()[known] == labels[known]).mean())
                     if known.any() and self.root.labels_are_classes() else None)
-        metrics.update(logit_agreement=fid["top1_agreement"], logit_kl=fid["kl"],
+        # a model without a class head outputs features: an argmax or softmax of them means nothing
+        headless = getattr(model, "num_classes", None) == 0
+        metrics.update(logit_agreement=None if headless else fid["top1_agreement"],
+                       logit_kl=None if headless else fid["kl"],
                        model_accuracy=accuracy, heldout_images=int(len(pixels)),
                        heldout_pfvs=int(metrics.pop("n_tokens")))
         return metrics
@@ -342,9 +345,10 @@ def train_runs(root: AtlasRoot | str, runs: Sequence[SAERun], options: TrainOpti
                      parts_fingerprint(train_parts + held))
             print(f"[train-sae] {run.sae_id}: FVU {eval_metrics['fvu']:.4f} "
                   f"L0 {eval_metrics['l0']:.1f} dead {eval_metrics['dead_frac']:.3f} "
-                  f"dense {eval_metrics['dense_frac']:.3f} top-1 agreement "
-                  f"{eval_metrics['logit_agreement']:.3f} KL {eval_metrics['logit_kl']:.4f}",
-                  flush=True)
+                  f"dense {eval_metrics['dense_frac']:.3f}"
+                  + ("" if eval_metrics["logit_agreement"] is None else
+                     f" top-1 agreement {eval_metrics['logit_agreement']:.3f} "
+                     f"KL {eval_metrics['logit_kl']:.4f}"), flush=True)
         trained.append(run.sae_id)
     return trained
 
@@ -382,7 +386,8 @@ def print_summary(rows: list[dict[str, Any]], seconds: float, model: str) -> Non
     for r in rows:
         print(f"{r['sae_id']:<28} {r['n_latents']:>7} {r['k']:>3} {r['fvu']:>7.4f} "
               f"{r['l0']:>6.1f} {100 * r['dead_frac']:>6.2f} {100 * r['dense_frac']:>6.2f} "
-              f"{r['logit_agreement']:>7.3f} {r['logit_kl']:>7.4f}")
+              + (f"{'-':>7} {'-':>7}" if r["logit_agreement"] is None else
+                 f"{r['logit_agreement']:>7.3f} {r['logit_kl']:>7.4f}"))
     accuracy = [r["model_accuracy"] for r in rows if r["model_accuracy"] is not None]
     if accuracy:
         # the shards' labels name the model's classes (AtlasRoot.labels_are_classes)

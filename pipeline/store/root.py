@@ -161,10 +161,14 @@ class AtlasRoot:
         something: true when the data names no labels (ImageNet shards with bare .cls), or when
         each label name is a name of the model's class with that index; false for data labelled
         with its own categories (a folder of photos: "animal", "food", ...)."""
+        from pipeline.models.classes import model_class_names
+
         labels = self.label_names()
         if labels is None:
             return True
-        classes = self.class_names()
+        # the model's own names, not class_names()'s fallback to the labels themselves (a model
+        # without a class head would otherwise "name" every label)
+        classes = model_class_names(self.extract().model)
         if classes is None or len(labels) > len(classes):
             return False
         return all(str(name).lower() in {s.lower() for s in classes.synonyms[i]}
