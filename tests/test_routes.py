@@ -29,7 +29,15 @@ from pipeline.atlas.route_render import (
     node_title,
     render_route,
 )
-from pipeline.atlas.routes import ERROR, Route, node_id, routes, routes_from_edges, top_sources
+from pipeline.atlas.routes import (
+    ERROR,
+    Route,
+    RouteFinder,
+    node_id,
+    routes,
+    routes_from_edges,
+    top_sources,
+)
 from pipeline.atlas.sheets import exemplar_tile
 from pipeline.cafe.masks import decode_png, encode_png
 from pipeline.data.concepts import CLASS_NAMES
@@ -134,6 +142,14 @@ def test_depth_target_and_the_true_label(atlas, image) -> None:
     assert short.layers == [LOGITS, "layer4"] and short.target == 2 and short.label == 2
     assert {n.layer for n in short.nodes} <= {LOGITS, "layer4"}
     assert routes(atlas, image, target="triangle", k=1, steps=STEPS, depth=1).target == 2
+
+
+def test_a_model_without_a_class_head_has_no_class_route(atlas, image, monkeypatch) -> None:
+    finder = RouteFinder(atlas, "ig", STEPS)
+    # as timm builds a headless backbone (the loaded model may be shared: undone after)
+    monkeypatch.setattr(finder.scorer.loaded.model, "num_classes", 0)
+    with pytest.raises(ValueError, match="has no class head"):
+        finder(image, k=1)
 
 
 def test_json_round_trip(route) -> None:

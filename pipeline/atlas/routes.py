@@ -217,6 +217,12 @@ class RouteFinder:
         """The route of one image (see `routes`); `hints=False` skips the atlas's label hints."""
         _check_k(k)
         scorer, layers = self.scorer, self.layers
+        if getattr(scorer.loaded.model, "num_classes", None) == 0:
+            # its "logits" are features: a route from their argmax would name no class
+            raise ValueError(f"{scorer.loaded.name} has no class head (num_classes=0), so an "
+                             "image has no class route; its ICAT edges between layers are in "
+                             "the `edges` table (`concept-atlas sql ATLAS \"SELECT * FROM "
+                             "edges\"`)")
         depth = _check_depth(depth, len(layers))
         x = self.pixels(image)
         taps = tap(scorer.loaded.model, x, layers)
