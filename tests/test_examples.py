@@ -82,7 +82,10 @@ def demo_folder(tmp_path_factory) -> Path:
     return folder
 
 
+# the first test that asks for the demo folder builds the demo atlas (8 minutes on a quiet
+# 2-core machine): its limit covers that, not the suite's 900 s per test
 @pytest.mark.ray
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("command", [c for c in EXAMPLES if runs_verbatim(c)])
 def test_a_query_example_runs_verbatim_on_the_demo_atlas(command, demo_folder) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -98,6 +101,7 @@ PYTHON_EXAMPLES = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "README
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("block", PYTHON_EXAMPLES)
 def test_a_readme_python_example_runs_verbatim_on_the_demo_atlas(block, demo_folder) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
