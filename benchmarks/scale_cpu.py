@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--latents", type=int, default=32, help="layer2's SAE; layer4's has twice")
     p.add_argument("--sae-steps", type=int, default=150)
-    p.add_argument("--work", default="/tmp/scale_cpu", help="where the builds go")
+    p.add_argument("--work", default="work/scale_cpu", help="where the builds go")
     p.add_argument("--out", default=None, help="JSON file")
     args = p.parse_args()
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
