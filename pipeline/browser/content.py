@@ -87,9 +87,8 @@ class AtlasContent:
         self._sae_activations = functools.lru_cache(maxsize=4)(self._read_sae_activations)
         self._class_names: list[str] | None | bool = False
         # what every page asks, read once before any request (no two threads compute them)
-        for _ in (self.fingerprint, self.saes, self.layers, self._with_exemplars, self._names,
-                  self.methods):
-            pass
+        for name in ("fingerprint", "saes", "layers", "_with_exemplars", "_names", "methods"):
+            getattr(self, name)  # a cached_property: computed and kept now
         if self.atlas.has("latent_stats"):
             for sae_id in self.saes:
                 self.sae_latents(sae_id)
