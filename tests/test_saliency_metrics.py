@@ -266,8 +266,9 @@ def test_zennit_lrp_of_a_bias_free_sequential_net_conserves_each_class_logit() -
     assert (explain(x, torch.zeros(2, dtype=torch.long)) - explain(x, torch.full((2,), 2))).abs().max() > 1e-3
 
 
+@pytest.mark.extras
 def test_attnlrp_conserves_the_logit_of_a_bias_free_vit_and_leaves_the_model_alone() -> None:
-    pytest.importorskip("lxt", reason="lxt (AttnLRP) is in the `bench` extra, not installed by `make test`")
+    pytest.importorskip("lxt", reason="lxt (AttnLRP) is in the `bench` extra: `make test-extras` runs this")
     from timm.models.vision_transformer import VisionTransformer
     from zennit.core import BasicHook
 
