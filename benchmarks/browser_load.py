@@ -102,13 +102,15 @@ def synthetic_atlas(root: Path, n_latents: int, n_acts: int, seed: int = 0) -> s
         "ins_auc_ierf", "del_auc_ierf", "ins_auc_act", "del_auc_act", "ins_auc_random",
         "del_auc_random")}
     shapes = np.array(["circle", "square", "triangle", "star", "cross"])
+    image_ids = rng.integers(0, n_images, n_ex)
     fs.write_parquet(pa.table({
         "atlas_id": ["syn"] * n_ex, "layer": [layer] * n_ex, "sae_id": [sae_id] * n_ex,
         "latent": lat, "kind": np.tile(["top", "top", "top", "quantile"], n_latents),
         "rank": np.tile(np.array([0, 1, 2, 0], np.int32), n_latents),
-        "image_id": rng.integers(0, n_images, n_ex), "activation": rng.uniform(0, 5, n_ex)
+        "image_id": image_ids, "activation": rng.uniform(0, 5, n_ex)
         .astype(np.float32), "position": rng.integers(0, 16, n_ex).astype(np.int32),
         "y": np.zeros(n_ex, np.int32), "x": np.zeros(n_ex, np.int32),
+        "source_group": image_ids,  # every image its own source (no crops of one photo)
         "ierf_png": [mask] * n_ex, "bbox": [[0, 0, 8, 8]] * n_ex,
         "mask_frac": rng.uniform(0, 1, n_ex).astype(np.float32),
         "act_overlap": rng.uniform(0, 1, n_ex).astype(np.float32),

@@ -13,6 +13,7 @@ names what exists.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -89,9 +90,18 @@ class AtlasContent:
         # what every page asks, read once before any request (no two threads compute them)
         for name in ("fingerprint", "saes", "layers", "_with_exemplars", "_names", "methods"):
             getattr(self, name)  # a cached_property: computed and kept now
-        if self.atlas.has("latent_stats"):
-            for sae_id in self.saes:
+        # and what the first latent page of each SAE would otherwise load while a user waits
+        # (about 200 ms of a cold page): its latents rows, histogram values, weights and
+        # decoder index
+        for sae_id in self.saes:
+            if self.atlas.has("latent_stats"):
                 self.sae_latents(sae_id)
+            if self.atlas.has("activations"):
+                self._sae_activations(sae_id)
+            # without weights or an index, the latent page says why it has no neighbours
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                self.atlas.sae(sae_id)
+                self.atlas.index("decoder", sae_id)
 
     @property
     def db(self) -> Atlas:
