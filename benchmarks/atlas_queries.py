@@ -157,7 +157,7 @@ def bench_faiss(n: int, d: int, n_queries: int, seed: int) -> dict[str, object]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000, help="activations rows")
     p.add_argument("--vectors", type=int, default=1_000_000, help="FAISS base vectors")
     p.add_argument("--dim", type=int, default=128)

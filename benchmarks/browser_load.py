@@ -191,7 +191,7 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--atlas", help="a built atlas (e.g. demo_out)")
     p.add_argument("--synthetic", nargs=2, type=int, metavar=("LATENTS", "ACTIVATIONS"),
                    help="write a synthetic atlas of this size instead")

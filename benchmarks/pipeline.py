@@ -153,7 +153,7 @@ def demo_saes(demo_out: str | None) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000],
                    help=f"scaling sizes (multiples of {SHARD_SIZE})")
     p.add_argument("--bench-images", type=int, default=1000, help="images of the overhead run")

@@ -185,7 +185,7 @@ def report(atlas_dir: Path, model: str, seconds: float, counts: dict[str, int],
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="working folder (photos, atlases, pictures)")
     ap.add_argument("--install", action="store_true", help="apt-get install missing packages")
     ap.add_argument("--model", default="efficientnet_lite0")
