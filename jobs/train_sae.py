@@ -31,18 +31,21 @@ from torch import nn
 from jobs.cluster import cluster_gpus, init_ray, on_loopback, verbose
 from pipeline.pfv.parts import PFVPart
 from pipeline.sae import SAE
+from pipeline.sae.checkpoint import is_sealed_copy
 from pipeline.sae.stage import SAERun, TrainOptions, plan_runs, print_summary, train_runs
 from pipeline.sae.train import LocalSession
 from pipeline.store import AtlasRoot, fs
 
 
 class RayTrainSession:
-    """The training loop's runtime inside a Ray Train worker."""
+    """The training loop's runtime inside a Ray Train worker. `storage`: the run's folder in
+    Ray Train's storage (`RunConfig.storage_path` / `name`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, storage: str) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.storage = storage
 
     def prepare(self, sae: SAE) -> nn.Module:
         return ray.train.torch.prepare_model(sae)  # DDP only when world_size > 1
@@ -50,15 +53,39 @@ class RayTrainSession:
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        known = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else ""
+        newer = unregistered_checkpoint(self.storage, known)
+        if newer is not None:
+            yield newer
+        elif checkpoint is None:
             yield None
-            return
-        with checkpoint.as_directory() as folder:
-            yield folder
+        else:
+            with checkpoint.as_directory() as folder:
+                yield folder
 
     def persist(self, folder: str | None, metrics: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def unregistered_checkpoint(storage: str, known: str) -> str | None:
+    """The newest whole checkpoint folder in a Ray Train run's storage (`storage`) that is newer
+    than the checkpoint `known` (the folder name of Ray Train's latest; "" for none), or None.
+
+    Ray Train learns of a reported checkpoint only when its controller next polls the workers:
+    when a node is lost between a report and that poll, the restarted group is handed an older
+    checkpoint (or none, and would train from step 0) although the newer one is in storage.
+    Copies cut short by the loss are skipped (`is_sealed_copy`). Every rank reads the same
+    folder, so all resume from the same step. Remote storage is not searched (Ray Train's
+    checkpoint is used there)."""
+    local = fs.local_path(storage)
+    if local is None or not os.path.isdir(local):
+        return None
+    # Ray Train names checkpoint folders by the time of the report, so names sort by age
+    newer = sorted((n for n in os.listdir(local) if n.startswith("checkpoint_") and n > known),
+                   reverse=True)
+    return next((os.path.join(local, n) for n in newer
+                 if is_sealed_copy(os.path.join(local, n))), None)
 
 
 # The process group of a training run on this machine. torch's TCPStore server binds every
@@ -163,7 +190,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     options = TrainOptions(**config["options"])
     torch.set_num_threads(max(1, int(options.cpus_per_worker)))
     train_runs(config["root"], [SAERun.from_dict(d) for d in config["runs"]], options,
-               RayTrainSession(), reader=ray_data_reader, crash_at=config.get("crash_at"),
+               RayTrainSession(config["storage"]), reader=ray_data_reader,
+               crash_at=config.get("crash_at"),
                log=config["log"])
 
 
@@ -224,6 +252,7 @@ def run(root: AtlasRoot | str, options: TrainOptions, *, address: str | None = N
             torch_config=torch_config(),
             train_loop_config={
                 "root": root.url, "runs": [r.to_dict() for r in pending],
+                "storage": root.join("_ray_train", "train-sae"),
                 "options": dataclasses.asdict(options), "crash_at": crash_at, "log": progress,
                 "verbose": verbose(),
             },
@@ -234,7 +263,7 @@ def run(root: AtlasRoot | str, options: TrainOptions, *, address: str | None = N
                 # one name per output: a re-run restores the latest checkpoint, which the loop
                 # uses only for the run it belongs to (its config is stored with it)
                 name="train-sae",
-                storage_path=root.join("_ray_train"),
+                storage_path=root.join("_ray_train"),  # the run's folder: "storage" above
                 failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 # its checkpoint and report lines, and its transient warnings under load

@@ -6,7 +6,11 @@ tests run the same loop inside Ray Train and compare weights with it.
 """
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -214,3 +218,69 @@ def test_an_unreadable_held_out_shard_is_refused_before_any_training(tmp_path) -
     with pytest.raises(ValueError, match="held-out parts part-000002 hold no PFVs"):
         train(root, replace(TRAIN, sweep=tuple(SWEEP), in_process=True))
     assert not AtlasRoot(root).saes()
+
+
+class _RayStorage:
+    """A session that persists like Ray Train: each report a `checkpoint_<time>` folder in the
+    run's storage; it starts every run afresh."""
+
+    rank, world_size, device = 0, 1, torch.device("cpu")
+
+    def __init__(self, storage: Path) -> None:
+        self.storage, self.names = storage, []
+        storage.mkdir(parents=True)
+
+    def prepare(self, sae: torch.nn.Module) -> torch.nn.Module:
+        return sae
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[None]:
+        yield None
+
+    def persist(self, folder: str | None, metrics: dict) -> None:
+        name = f"checkpoint_2026-12-03_07-12-{len(self.names):02d}.000000"
+        shutil.copytree(folder, self.storage / name)
+        self.names.append(name)
+
+
+def test_a_checkpoint_ray_train_never_registered_is_resumed_not_step_0(tmp_path, monkeypatch
+                                                                         ) -> None:
+    """A node lost between a checkpoint's report and the controller's next poll: Ray Train
+    hands the restarted group an older checkpoint (here the first) or none; the loop resumes
+    from the newest whole copy in storage, skips a copy cut short, and ends with the weights
+    of an uninterrupted run."""
+    import ray.train
+
+    from jobs import train_sae as job
+    from pipeline.sae.config import SAEConfig
+    from pipeline.sae.train import fit
+
+    cfg = SAEConfig(d_in=8, n_latents=16, k=2, batch_size=32)
+    data = [torch.randn(32, 8, generator=torch.Generator().manual_seed(i)) for i in range(60)]
+    torch.manual_seed(0)
+    straight = fit(cfg, data, 60, _RayStorage(tmp_path / "straight"), checkpoint_every=10)
+    storage = tmp_path / "_ray_train" / "train-sae"
+    writer = _RayStorage(storage)
+    torch.manual_seed(0)
+    with pytest.raises(InjectedFailure):
+        fit(cfg, data, 60, writer, checkpoint_every=10, tag={"run": "a"}, crash_at_step=35)
+    assert len(writer.names) == 3  # steps 10, 20, 30
+    # a newer copy cut short by the lost node: its optimiser state truncated
+    cut = storage / "checkpoint_2026-12-03_07-12-99.000000"
+    shutil.copytree(storage / writer.names[-1], cut)
+    (cut / "train_state.pt").write_bytes((cut / "train_state.pt").read_bytes()[:100])
+    assert job.unregistered_checkpoint(str(storage), writer.names[0]) == str(storage / writer.names[2])
+    assert job.unregistered_checkpoint(str(storage), writer.names[2]) is None
+
+    # Ray Train's controller registered only the first (step 10)
+    registered = ray.train.Checkpoint(str(storage / writer.names[0]))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: registered)
+    monkeypatch.setattr(ray.train, "get_context", lambda: type(
+        "Context", (), {"get_world_rank": lambda self: 0, "get_world_size": lambda self: 1})())
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    session = job.RayTrainSession(str(storage))
+    monkeypatch.setattr(session, "persist", lambda folder, metrics: None)
+    monkeypatch.setattr(session, "prepare", lambda sae: sae)  # one worker: no DDP
+    resumed = fit(cfg, data, 60, session, checkpoint_every=10, tag={"run": "a"})
+    assert resumed.start.step == 30  # not Ray's 10, not 0, not the cut copy
+    assert_same_weights(straight.sae.state_dict(), resumed.sae.state_dict())

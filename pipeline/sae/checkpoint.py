@@ -9,7 +9,9 @@
 
 Every file is written under a temporary name and renamed into place, and a checkpoint folder
 is assembled under a temporary name and renamed whole, so a crash never leaves a half-written
-checkpoint that `latest_checkpoint` would pick up.
+checkpoint that `latest_checkpoint` would pick up. A checkpoint that another program copies
+file by file (Ray Train into its storage) is sealed first (`seal_checkpoint`: `files.json`,
+each file's size), so that a copy cut short is told apart from a whole one (`is_sealed_copy`).
 """
 from __future__ import annotations
 
@@ -154,6 +156,29 @@ def load_checkpoint(
         position=int(train_state["position"]),
         tokens=int(train_state["tokens"]),
     )
+
+
+SEAL = "files.json"
+
+
+def seal_checkpoint(folder: str | os.PathLike[str]) -> None:
+    """Write `folder/files.json`: the size of every other file in the checkpoint folder."""
+    folder = Path(folder)
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != SEAL}
+    _write_text_atomic(folder / SEAL, json.dumps(sizes))
+
+
+def is_sealed_copy(folder: str | os.PathLike[str]) -> bool:
+    """Whether `folder` holds a whole copy of a sealed checkpoint: its `files.json` reads and
+    every file it lists is there with its size (a copy cut short misses one or the other)."""
+    folder = Path(folder)
+    try:
+        sizes = json.loads((folder / SEAL).read_text())
+        return bool(sizes) and all((folder / name).stat().st_size == size
+                                   for name, size in sizes.items())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _checkpoints(root: Path) -> list[Path]:

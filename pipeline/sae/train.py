@@ -51,6 +51,7 @@ from pipeline.sae.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    seal_checkpoint,
 )
 from pipeline.sae.config import SAEConfig
 from pipeline.sae.model import SAE
@@ -373,6 +374,7 @@ def _checkpoint(session: Session, sae: SAE, optimizer: torch.optim.Optimizer,
     with tempfile.TemporaryDirectory(prefix="sae-ckpt-") as tmp:
         folder = save_checkpoint(tmp, sae, optimizer, state, keep=1)
         (folder / "run.json").write_text(json.dumps({"run": tag, "metrics": metrics}))
+        seal_checkpoint(folder)
         session.persist(str(folder), persisted)
 
 
