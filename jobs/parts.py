@@ -11,6 +11,7 @@ half-done files and nothing is duplicated.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -41,6 +42,14 @@ OnPart = Callable[[PartRecord], None]
 QUEUE_PER_SLOT = 2
 # how often the driver collects the progress reports of running parts
 POLL_SECONDS = 0.5
+# the wait before a part lost with its actor or node is sent again, doubled at each resend:
+# the GCS lists a lost node's actors as alive until its health checks find the node dead
+# (about 15 s, longer under load), and a part sent there meanwhile is lost at once again
+RESEND_DELAY_S = 5.0
+# what a lost node or actor raises in the driver (a part's own exception is a RayTaskError):
+# the actor gone, or an input (a prepared batch) that lived in the lost node's object store
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+        ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError)
 
 
 @dataclass(frozen=True)
@@ -293,31 +302,43 @@ def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
     the order they finish; a Ray error fails its part. `poll()`, when given, runs every
     POLL_SECONDS while no call finishes, and before each commit (progress reports).
 
-    `lost_actor` = (replace(slot), retries, role), for slots that are actors: a call whose actor
-    is gone (`RayActorError`) has `replace` give its slot a fresh actor (once per lost actor,
-    however many of its calls fail) and its part is sent again, up to `retries` times, before
-    it fails as "{role} actor died". Ray retries a call on its restarted actor by itself
-    (`max_task_retries`), but when a node is lost its actors stay listed as alive until the
-    GCS's health checks find the node dead, and the calls sent to them meanwhile spend those
-    retries on refused connections: every in-flight part of a lost node failed
+    `lost_actor` = (replace(slot), retries, role), for slots that are actors: a call lost with
+    its actor or node (`LOST`) has `replace` give its slot a fresh actor (once per lost actor,
+    however many of its calls fail) and its part is sent again after RESEND_DELAY_S (doubled at
+    each resend of that part), up to `retries` times, before it fails as "{role} actor died".
+    Ray retries a call on its restarted actor by itself (`max_task_retries`), but when a node is
+    lost its actors stay listed as alive until the GCS's health checks find the node dead, and
+    the calls sent to them meanwhile spend those retries on refused connections: every in-flight
+    part of a lost node failed, and resends sent at once were lost the same way under load
     (tests/test_multinode_faults.py). An actor that fails in its constructor is not retried.
     """
     queue = list(reversed(tasks))  # pop() takes them in order
     in_flight: dict[ray.ObjectRef, tuple[int, T, int]] = {}
     generation = [0] * slots  # how many times each slot's actor was replaced
     resent: dict[str, int] = {}
+    waiting: list[tuple[float, T]] = []  # (when, part): lost parts waiting to be sent again
 
-    def fill(slot: int) -> None:
-        task = queue.pop()
-        in_flight[submit(slot, task)] = (slot, task, generation[slot])
+    def fill() -> None:
+        for slot in range(slots):
+            calls = sum(1 for s, _, _ in in_flight.values() if s == slot)
+            for _ in range(per_slot - calls):
+                if not queue:
+                    return
+                task = queue.pop()
+                in_flight[submit(slot, task)] = (slot, task, generation[slot])
 
-    for slot in range(slots):
-        for _ in range(per_slot):
-            if queue:
-                fill(slot)
-    while in_flight:
+    fill()
+    while in_flight or waiting:
+        due = [task for when, task in waiting if when <= time.monotonic()]
+        if due:
+            waiting[:] = [(when, task) for when, task in waiting if task not in due]
+            queue.extend(reversed(due))  # the next calls, on the first free slots
+            fill()
+        if not in_flight:
+            time.sleep(POLL_SECONDS)
+            continue
         ready, _ = ray.wait(list(in_flight), num_returns=1,
-                            timeout=None if poll is None else POLL_SECONDS)
+                            timeout=None if poll is None and not waiting else POLL_SECONDS)
         if poll is not None:
             poll()
         if not ready:
@@ -326,7 +347,8 @@ def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
         slot, task, sent_to = in_flight.pop(ref)
         try:
             record = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
+        except LOST as exc:
+            init_failed = getattr(exc, "actor_init_failed", False)
             if lost_actor is None:
                 committer.fail(task, f"{type(exc).__name__}: {exc}")
             else:
@@ -334,15 +356,15 @@ def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
                 if sent_to == generation[slot]:  # its other calls fail with the same actor
                     replace(slot)
                     generation[slot] += 1
-                if resent.get(task.part, 0) < retries and not exc.actor_init_failed:
-                    resent[task.part] = resent.get(task.part, 0) + 1
+                n = resent.get(task.part, 0)
+                if n < retries and not init_failed:
+                    resent[task.part] = n + 1
                     committer.retry(task)
-                    queue.append(task)  # the next call, on the first free slot
+                    waiting.append((time.monotonic() + RESEND_DELAY_S * 2 ** n, task))
                 else:
                     committer.fail(task, f"{role} actor died: {exc}")
         except ray.exceptions.RayError as exc:
             committer.fail(task, f"{type(exc).__name__}: {exc}")
         else:
             committer.ok(record)
-        if queue:
-            fill(slot)
+        fill()

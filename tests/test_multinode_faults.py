@@ -107,7 +107,7 @@ def clean(cluster, build_yaml, tmp_path_factory) -> Path:
     """The whole build on the cluster with no fault."""
     out = tmp_path_factory.mktemp("clean") / "out"
     run = cluster_run("build", str(build_yaml), "--out", str(out), "--address", cluster.address)
-    assert run.finish(timeout=1500) == 0, run.output[-3000:]
+    assert run.finish(timeout=1500) == 0, story(run)
     return out
 
 
@@ -115,6 +115,13 @@ def clean(cluster, build_yaml, tmp_path_factory) -> Path:
 def faulted(tmp_path_factory) -> Path:
     """The output folder of the build the faults hit, one stage per test."""
     return tmp_path_factory.mktemp("faulted") / "out"
+
+
+def story(run: CliRun) -> str:
+    """What a failed run said that matters: its stages' lines and errors, without the pages of
+    Ray's state dumps that a lost node sends to the driver (the restart may be far from the end)."""
+    return "\n".join(line for line in run.output.splitlines()
+                     if "state-dump" not in line and ("] " in line[:40] or "rror" in line))[-6000:]
 
 
 def build(cluster: LocalCluster, build_yaml: Path, out: Path, *stages: str) -> CliRun:
@@ -135,7 +142,7 @@ def test_a_node_lost_during_extract(cluster, build_yaml, clean, faulted) -> None
     done = committed(faulted, "extract")
     cluster.kill_raylet(node)
     assert done < PARTS, "extract finished before the node was lost: enlarge the dataset"
-    assert run.finish(timeout=900) == 0, run.output[-3000:]
+    assert run.finish(timeout=900) == 0, story(run)
     assert f"{PARTS} new, 0 skipped, 0 failed" in run.output
     assert_same_tables(faulted, clean, ["extract"])
     print(f"\n[multinode] extract: node lost after {done}/{PARTS} parts; "
@@ -153,12 +160,10 @@ def test_a_node_lost_during_ddp_train_sae(cluster, build_yaml, clean, faulted) -
     node = cluster.node_running(r"^ray::RayTrainWorker")
     assert committed(faulted, "train-sae") == 0
     cluster.kill_raylet(node)
-    assert run.finish(timeout=1200) == 0, run.output[-3000:]
+    assert run.finish(timeout=1200) == 0, story(run)
     # Ray Train restarted the group, which resumed from a checkpoint, not from step 0
     resumed = re.search(r"(\S+) resumed from its checkpoint at step (\d+)", run.output)
-    # on failure: every train-sae line of the run (the restart may be far from the end)
-    assert resumed and int(resumed.group(2)) >= 20, "\n".join(
-        line for line in run.output.splitlines() if "train-sae" in line or "rror" in line)
+    assert resumed and int(resumed.group(2)) >= 20, story(run)
     assert_same_tables(faulted, clean, ["extract", "train-sae"])
     print(f"\n[multinode] train-sae: node lost, {resumed.group(1)} resumed at step "
           f"{resumed.group(2)}; {time.time() - t0:.0f}s")
@@ -182,9 +187,9 @@ def test_a_killed_driver_then_a_node_lost_during_cafe(cluster, build_yaml, clean
     done = committed(faulted, "cafe")
     cluster.kill_raylet(node)
     assert done < total, "cafe finished before the node was lost: enlarge the dataset"
-    assert second.finish(timeout=1200) == 0, second.output[-3000:]
+    assert second.finish(timeout=1200) == 0, story(second)
     assert f"{total - before} new, {before} skipped, 0 failed" in second.output, \
-        second.output[-3000:]
+        story(second)
     assert_same_tables(faulted, clean, ["extract", "train-sae", "scan", "cafe"])
     print(f"\n[multinode] cafe: driver killed after {before}/{total} parts, node lost after "
           f"{done}/{total}; {time.time() - t0:.0f}s")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from ray import cloudpickle
 
-from jobs.parts import Actors, PartCommitter, Progress, _run_here, run_parts
+from jobs.parts import RESEND_DELAY_S, Actors, PartCommitter, Progress, _run_here, run_parts
 from pipeline.stage import ActorRuntime, PartProgress
 from pipeline.store import AtlasRoot, PartRecord
 
@@ -75,9 +76,10 @@ def dying_worker(deaths: int):
             self.device = device
 
         def run(self, task: Part) -> PartRecord:
-            counter = Path(task.input)
-            attempt = int(counter.read_text() or 0) if counter.exists() else 0
-            counter.write_text(str(attempt + 1))
+            counter = Path(task.input)  # one line per attempt: when it started
+            attempt = len(counter.read_text().split()) if counter.exists() else 0
+            with counter.open("a") as f:
+                f.write(f"{time.time()}\n")
             if task.part == "part-000001" and attempt < deaths:
                 os._exit(1)  # the actor's process dies mid-call, as on a lost node
             return PartRecord(stage="t", part=task.part, input=task.input, input_fingerprint="",
@@ -97,7 +99,11 @@ def run(tmp_path: Path, deaths: int, parts: list[str]) -> tuple[dict[str, str], 
 
 
 def attempts(tmp_path: Path, part: str) -> int:
-    return int((tmp_path / part).read_text())
+    return len(starts(tmp_path, part))
+
+
+def starts(tmp_path: Path, part: str) -> list[float]:
+    return [float(t) for t in (tmp_path / part).read_text().split()]
 
 
 @pytest.mark.ray
@@ -108,6 +114,9 @@ def test_a_part_whose_actor_dies_past_rays_retries_is_sent_again_to_a_fresh_acto
     assert failed == {}
     assert sorted(root.manifest.records("t")) == parts
     assert attempts(tmp_path, "part-000001") == 3  # two deaths under Ray's retries, then done
+    # sent again only after a wait (a lost node's actors look alive until the GCS finds it dead)
+    second, resent = starts(tmp_path, "part-000001")[1:]
+    assert resent - second >= RESEND_DELAY_S
     errors = pq.read_table(root.join("errors", "stage=t")).num_rows
     assert errors == 0
 
