@@ -248,7 +248,10 @@ def _run_actors(tasks: Sequence[T], execute: Actors, runtime: ActorRuntime,
         num_cpus=runtime.cpus_per_actor, num_gpus=gpus, max_restarts=runtime.max_retries,
         max_task_retries=runtime.max_retries)
     threads = max(1, int(runtime.cpus_per_actor))
-    ticker = ray.remote(Ticker).options(num_cpus=0).remote()
+    # on the driver's own node: a ticker on a lost node would take the driver down with it
+    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)
+    ticker = ray.remote(Ticker).options(num_cpus=0, scheduling_strategy=here).remote()
 
     def new_actor() -> ray.actor.ActorHandle:
         # the worker's arguments (options, a plan, a context: small) travel with each actor's
