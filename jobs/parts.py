@@ -306,8 +306,8 @@ def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
     POLL_SECONDS while no call finishes, and before each commit (progress reports).
 
     `lost_actor` = (replace(slot), retries, role), for slots that are actors: a call lost with
-    its actor or node (`LOST`) has `replace` give its slot a fresh actor (once per lost actor,
-    however many of its calls fail) and its part is sent again after RESEND_DELAY_S (doubled at
+    its actor or node (`LOST`) has `replace` give its slot a fresh actor when the actor is gone
+    (once per lost actor, however many of its calls fail) and its part is sent again after RESEND_DELAY_S (doubled at
     each resend of that part), up to `retries` times, before it fails as "{role} actor died".
     Ray retries a call on its restarted actor by itself (`max_task_retries`), but when a node is
     lost its actors stay listed as alive until the GCS's health checks find the node dead, and
@@ -356,7 +356,8 @@ def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
                 committer.fail(task, f"{type(exc).__name__}: {exc}")
             else:
                 replace, retries, role = lost_actor
-                if sent_to == generation[slot]:  # its other calls fail with the same actor
+                # a lost input leaves the actor alive; a lost actor's other calls fail with it
+                if isinstance(exc, ray.exceptions.RayActorError) and sent_to == generation[slot]:
                     replace(slot)
                     generation[slot] += 1
                 n = resent.get(task.part, 0)
