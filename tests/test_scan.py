@@ -542,3 +542,26 @@ def test_source_groups_equal_a_brute_force_over_every_pair() -> None:
     assert 40 < sum(v > 1 for v in sizes.values()) < 120  # near-copies grouped, far ones not
     assert got[5 * 7] == got[250 * 7]
     assert len({got[i * 7] for i in range(n - 4, n)}) == 4
+
+
+def test_a_bucket_that_grows_with_the_data_is_compared_in_bounded_blocks(monkeypatch) -> None:
+    # every hash shares its low 16-bit band (a flat strip of the pictures), so all 500 images
+    # fall in one bucket; 100 of them are near-copies (1-3 bits flipped) of others
+    from pipeline.latents import groups
+
+    rng = np.random.default_rng(1)
+    base = [(int(h) << 16) | 0x1234 for h in rng.integers(0, 2**47, 400)]
+    copies = [h ^ sum(1 << int(b) for b in rng.choice(np.arange(16, 63), rng.integers(1, 4),
+                                                         replace=False)) for h in base[:100]]
+    hashes = base + copies
+    table = pa.table({"image_id": np.arange(500, dtype=np.int64),
+                      "phash": pa.array(hashes, pa.int64())})
+    compared: list[int] = []
+    popcount = groups._popcount
+    monkeypatch.setattr(groups, "_popcount", lambda x: (
+        compared.append(x.size) if x.ndim == 2 else None, popcount(x))[1])
+    monkeypatch.setattr(groups, "_BLOCK_CELLS", 1000)
+    got = source_groups(table)
+    assert compared and max(compared) <= 1000  # 2 rows of the 500-image bucket at a time
+    assert all(got[400 + i] == got[i] == i for i in range(100))  # each copy with its original
+    assert len(set(got.values())) == 400  # random originals (~24 bits apart) stay apart

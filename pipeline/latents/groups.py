@@ -27,7 +27,11 @@ _BANDS = 4
 # on the synthetic scenes: 19 of 3000 images share a hash with another, 10 once these are left
 # out), so they do not group
 _MIN_BITS = 8
-_BLOCK = 1024  # rows of one bucket compared at once
+# pairs of one bucket compared at once: a band value shared by many images (a flat strip of
+# the picture) makes a bucket that grows with the dataset, and a fixed number of rows against
+# all of it took 1.1 GB at 100,000 synthetic images (docs/scale.md §3); cells bound it to
+# a few arrays of 32 MiB
+_BLOCK_CELLS = 1 << 22
 
 
 class _UnionFind:
@@ -82,8 +86,9 @@ def source_groups(images: pa.Table) -> dict[int, int]:
                 if stop - start < 2:
                     continue
                 members = usable[by_key[start:stop]]
-                for row in range(0, len(members), _BLOCK):  # bounded memory per bucket
-                    block = members[row:row + _BLOCK]
+                rows = max(1, _BLOCK_CELLS // len(members))
+                for row in range(0, len(members), rows):  # bounded memory per bucket
+                    block = members[row:row + rows]
                     near = _popcount(hashes[block][:, None] ^ hashes[members][None, :])
                     for a, b in zip(*np.nonzero(near <= MAX_DISTANCE)):
                         if row + a < b:
