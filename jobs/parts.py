@@ -320,21 +320,21 @@ def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
     generation = [0] * slots  # how many times each slot's actor was replaced
     resent: dict[str, int] = {}
     waiting: list[tuple[float, T]] = []  # (when, part): lost parts waiting to be sent again
+    calls = [0] * slots  # calls in flight per slot
 
     def fill() -> None:
         for slot in range(slots):
-            calls = sum(1 for s, _, _ in in_flight.values() if s == slot)
-            for _ in range(per_slot - calls):
-                if not queue:
-                    return
+            while queue and calls[slot] < per_slot:
                 task = queue.pop()
                 in_flight[submit(slot, task)] = (slot, task, generation[slot])
+                calls[slot] += 1
 
     fill()
     while in_flight or waiting:
-        due = [task for when, task in waiting if when <= time.monotonic()]
+        now = time.monotonic()
+        due = [task for when, task in waiting if when <= now]
         if due:
-            waiting[:] = [(when, task) for when, task in waiting if task not in due]
+            waiting[:] = [(when, task) for when, task in waiting if when > now]
             queue.extend(reversed(due))  # the next calls, on the first free slots
             fill()
         if not in_flight:
@@ -348,6 +348,7 @@ def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
             continue
         ref = ready[0]
         slot, task, sent_to = in_flight.pop(ref)
+        calls[slot] -= 1
         try:
             record = ray.get(ref)
         except LOST as exc:
