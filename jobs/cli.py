@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from jobs.build import StageFailed
+from jobs.interrupt import catching_ctrl_c
 from jobs.lock import output_lock
 from jobs import stages as registry
 from jobs.stages import RunContext, Stage
@@ -655,7 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         set_verbose(True)
     try:
-        return args.handler(args)
+        with catching_ctrl_c():
+            return args.handler(args)
     except StageFailed as e:
         print(f"concept-atlas {args.command}: {e}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from jobs import interrupt
 from jobs.cluster import cluster_gpus, init_ray, local_device
 from pipeline.data.errors import ErrorRecord
 from pipeline.stage import ActorRuntime, PartProgress, TaskRuntime
@@ -104,6 +105,7 @@ class PartCommitter:
     def tick(self, counts: dict[str, int]) -> None:
         """Move the bar by the units running parts reported ({part: units}); a report that
         arrives after its part finished is already counted and is dropped."""
+        interrupt.check()  # the reports come every few seconds from every kind of run
         moved = 0
         for part, n in counts.items():
             if part not in self.finished:
@@ -192,6 +194,7 @@ def _run_here(tasks: Sequence[T], execute: Actors | Tasks, runtime: ActorRuntime
         def run_one(task: T) -> PartRecord:
             return execute.fn(task, *execute.args)
     for task in tasks:
+        interrupt.check()
         try:
             record = run_one(task)
         except Exception as exc:  # one broken part must not stop the others
@@ -331,6 +334,7 @@ def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
 
     fill()
     while in_flight or waiting:
+        interrupt.check()
         now = time.monotonic()
         due = [task for when, task in waiting if when <= now]
         if due:

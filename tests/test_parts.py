@@ -6,6 +6,7 @@ a bounded number of times, and is committed once."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from ray import cloudpickle
 
+from jobs.interrupt import catching_ctrl_c
 from jobs.parts import RESEND_DELAY_S, Actors, PartCommitter, Progress, _run_here, run_parts
 from pipeline.stage import ActorRuntime, PartProgress
 from pipeline.store import AtlasRoot, PartRecord
@@ -65,6 +67,45 @@ def test_late_reports_are_dropped_and_a_failed_part_is_taken_back(tmp_path) -> N
     assert committer.bar.n == 13
     committer.fail(Part("part-000001"), "boom")  # its 3 reported units are taken back
     assert committer.bar.n == 10 and committer.failed == {"part-000001": "boom"}
+
+
+class SignalsInFinalizer:
+    """An object whose finalizer receives a Ctrl-C: Python runs the handler inside `__del__`,
+    where the KeyboardInterrupt it raises is printed and dropped (as in Ray's handles)."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(100_000))  # the handler runs here, inside the finalizer
+
+
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_parts(tmp_path) -> None:
+    ran = []
+
+    class Worker:
+        def __init__(self, device: str) -> None:
+            pass
+
+        def run(self, task: Part) -> PartRecord:
+            ran.append(task.part)
+            SignalsInFinalizer()  # dropped at once: the Ctrl-C lands in its finalizer
+            return record(task.part, 1)
+
+    def run(root: AtlasRoot) -> None:
+        committer = PartCommitter("x", root, "t", 3, Progress("img", 3), False, None)
+        _run_here([Part(f"part-00000{i}") for i in range(3)], Actors(Worker),
+                  ActorRuntime(in_process=True), committer)
+
+    with catching_ctrl_c():  # the command's handler: the loop stops at its next part
+        with pytest.raises(KeyboardInterrupt):
+            run(AtlasRoot(str(tmp_path / "a")))
+    assert ran == ["part-000000"]
+    ran.clear()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:  # Python's own handler: the signal is swallowed and every part runs
+        run(AtlasRoot(str(tmp_path / "b")))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(ran) == 3
 
 
 def dying_worker(deaths: int):
