@@ -342,15 +342,29 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     from pipeline.browser import create_app, host_warning
 
-    app = create_app(a.atlas, cache=a.cache, max_upload=a.max_upload, sql_timeout=a.sql_timeout)
+    if a.workers < 1:
+        raise ValueError(f"--workers {a.workers}: give 1 or more server processes")
+    settings = dict(atlas=a.atlas, cache=a.cache, max_upload=a.max_upload,
+                    sql_timeout=a.sql_timeout)
+    # opened here in any case: a bad atlas is one error line before any worker starts
+    app = create_app(**settings)
     warning = host_warning(a.host)
     if warning:
         print(f"concept-atlas serve: {warning}", file=sys.stderr)
-    # the model stack (torch, timm) is imported now, not by the first page that names a class
-    app.state.content.class_names()
-    print(f"concept-atlas serve: {a.atlas} on http://{a.host}:{a.port}/ (Ctrl-C stops it)",
+    print(f"concept-atlas serve: {a.atlas} on http://{a.host}:{a.port}/ "
+          f"({a.workers} worker process{'es' if a.workers > 1 else ''}; Ctrl-C stops it)",
           file=sys.stderr)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    if a.workers == 1:
+        # the model stack (torch, timm) is imported now, not by the first page that names a class
+        app.state.content.class_names()
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+        return 0
+    from pipeline.browser.app import SERVE_ENV
+
+    del app  # each worker opens its own
+    os.environ[SERVE_ENV] = json.dumps(settings)
+    uvicorn.run("pipeline.browser.app:app_from_env", factory=True, workers=a.workers,
+                host=a.host, port=a.port, log_level="warning")
     return 0
 
 
@@ -613,6 +627,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
              "(overview, layer tables, latent and image pages, search, SQL console)",
              "  concept-atlas serve demo_out            # then open http://127.0.0.1:8765/\n"
              "  concept-atlas serve s3://b/atlas --port 9000\n"
+             "  concept-atlas serve demo_out --workers 4   # many readers at once\n"
              "  concept-atlas serve demo_out --host 0.0.0.0   # other machines too (a warning)")
     sp.add_argument("atlas", help="atlas root (a local folder or an fsspec URL)")
     sp.add_argument("--host", default="127.0.0.1",
@@ -624,6 +639,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     help="bytes of a search upload (default 8 MiB)")
     sp.add_argument("--sql-timeout", type=float, default=10.0,
                     help="seconds a SQL console query may run (default 10, at most 30)")
+    sp.add_argument("--workers", type=int, default=1,
+                    help="server processes (default 1); each opens the atlas and holds its "
+                         "tables, so memory grows with them; pages of many clients at once "
+                         "then run on as many cores")
 
     sp = add("export-site", _cmd_export_site, "the browser's pages as static HTML + PNGs that "
              "open from disk or any static host (the top latents of each layer and their images)",

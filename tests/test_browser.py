@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import zlib
@@ -334,6 +335,47 @@ def test_non_loopback_bind_warns(built, monkeypatch, capsys) -> None:
     assert main(["serve", built]) == 0
     err = capsys.readouterr().err
     assert "warning" not in err and "http://127.0.0.1:8765/" in err
+
+
+def test_workers_serve_the_same_pages_from_several_processes(built, client, tmp_path) -> None:
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    psutil = pytest.importorskip("psutil")
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = str(Path(sys.executable).with_name("concept-atlas"))
+    proc = subprocess.Popen([cli, "serve", built, "--port", str(port), "--workers", "2",
+                             "--cache", str(tmp_path / "c")], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, body = time.time() + 120, None
+        while body is None:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "the server did not answer within 120 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/layers/layer2?format=json",
+                                            timeout=5) as r:
+                    body = r.read()
+            except OSError:
+                time.sleep(0.5)
+        assert json.loads(body) == page_json(client, "/layers/layer2")
+        # uvicorn's supervisor and its two workers, each with the atlas open
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if "multiprocessing" in " ".join(c.cmdline()) or c.name().startswith("python")]
+        assert len(workers) >= 2, [c.cmdline() for c in workers]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+
+
+def test_workers_must_be_positive(built, capsys) -> None:
+    assert main(["serve", built, "--workers", "0"]) == 2
+    assert "--workers 0: give 1 or more" in capsys.readouterr().err
 
 
 def test_export_site_links_all_resolve(built, atlas, tmp_path) -> None:

@@ -157,6 +157,25 @@ async def _too_large(limit: int, send: Callable) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# `concept-atlas serve --workers N`: the settings each worker process builds its app from
+SERVE_ENV = "CONCEPT_ATLAS_SERVE"
+
+
+def app_from_env() -> Starlette:
+    """The app of one worker process of `concept-atlas serve --workers N` (uvicorn's factory):
+    `create_app`'s keyword arguments as JSON in the environment variable SERVE_ENV, which the
+    command sets before uvicorn starts the workers. Each worker opens the atlas on its own (its
+    own DuckDB connection and preloaded tables); the picture cache on disk is shared (files are
+    written whole, then renamed)."""
+    import os
+
+    raw = os.environ.get(SERVE_ENV)
+    if not raw:
+        raise RuntimeError(f"{SERVE_ENV} is not set: this factory is for `concept-atlas serve "
+                           "--workers N`; call create_app(atlas) yourself otherwise")
+    return create_app(**json.loads(raw))
+
+
 def create_app(atlas: str | Atlas, cache: str | None = None, export: ExportPlan | None = None,
                max_upload: int = MAX_UPLOAD_BYTES, sql_timeout: float = 10.0) -> Starlette:
     """The browser app of an atlas (a path or URL, or an opened `Atlas`); `cache`: the folder
