@@ -227,6 +227,21 @@ def _tiny_timm(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=3, **kwargs).eval()
 
 
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_cams_of_a_vit_depend_on_its_patch_tokens_whatever_its_head_reads(pool: str) -> None:
+    """At the final norm a class-token head has no gradient on the patch tokens (every CAM
+    blank, pointing game 0); the CAM layer of such a head is the last block's norm1."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                            num_classes=3, global_pool=pool,
+                            class_token=pool == "token").eval()
+    x = torch.randn(2, 3, 32, 32)
+    maps = make_method("GradCAM", vit)(x, torch.tensor([0, 2]))
+    assert (maps.flatten(1).amax(1) > 0).all() and (maps.flatten(1).std(1) > 0).all()
+
+
 def test_fullgrad_runs_where_every_bias_is_collected_and_refuses_otherwise() -> None:
     from timm.models.vision_transformer import VisionTransformer
 

@@ -36,10 +36,17 @@ SCORECAM_IMAGES_PER_CALL = 1
 
 
 def cam_layer(model: nn.Module) -> str:
-    """Module path of the CAM layer of a timm model (see CAM_LAYERS)."""
+    """Module path of the CAM layer of a timm model (see CAM_LAYERS; a ViT whose head reads its
+    class token: the last block's norm1)."""
     family = type(model).__name__
     if family not in CAM_LAYERS:
         raise ValueError(f"no CAM layer known for {family}; known families: {', '.join(CAM_LAYERS)}")
+    if family == "VisionTransformer" and getattr(model, "global_pool", "") in ("token", "map"):
+        # a head that reads the class token (or an attention pool) never sees the final norm's
+        # patch tokens: their gradient is 0 and every CAM there is blank. The last block's
+        # norm1 feeds its attention, through which the class token reads them (grad-cam's own
+        # choice for ViTs)
+        return f"blocks.{len(model.blocks) - 1}.norm1"
     return CAM_LAYERS[family]
 
 
