@@ -368,15 +368,19 @@ def test_cam_reads_vit_patch_tokens_row_major_without_prefix() -> None:
     torch.manual_seed(6)
     vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3).eval()
     x, target = torch.randn(2, 3, 32, 32), torch.tensor([2, 1])
-    act, grad = _activation_and_grad(vit, vit.norm, x, target)
+    # a class-token head: the CAM layer is the last block's norm1 (at the final norm the patch
+    # tokens have no gradient and the map would be blank)
+    act, grad = _activation_and_grad(vit, vit.blocks[0].norm1, x, target)
     brute = torch.zeros(2, 1, 4, 4)
     for i in range(2):
         for token in range(1, 17):  # token 0 is CLS; patches follow in row-major order
             yy, xx = divmod(token - 1, 4)
             brute[i, 0, yy, xx] = (grad[i, token].clamp(min=0) * act[i, token]).sum()
+    assert (brute.flatten(1).amax(1) > 0).all()
     want = _gradcam_scaling(brute.clamp(min=0), (32, 32))
     torch.testing.assert_close(make_method("LayerCAM", vit)(x, target), want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(cam(vit, "norm", x, target, "layercam").detach(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cam(vit, "blocks.0.norm1", x, target, "layercam").detach(), want,
+                               atol=1e-5, rtol=0)
     assert tokens_to_grid(vit, act).shape == (2, 16, 4, 4)
 
 

@@ -79,3 +79,23 @@ def test_cls_readout_first_step_is_the_logit_less_its_constants() -> None:
     norm, head = model.norm, model.head
     kappa = head.bias[2] + head.weight[2] @ norm.bias
     torch.testing.assert_close(r[:, 0], res.logit - kappa, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind, layer", [("cls", "blocks.2"), ("avg-fc_norm", "blocks.3")])
+def test_the_layer_map_is_the_relevance_on_the_tokens_the_cam_layer_reads(kind: str, layer: str) -> None:
+    """SRD-layer sits where Grad-CAM does: a class-token head's CAM layer is the last block's
+    norm1, which normalises the previous block's output; a mean-pool head's is the final norm."""
+    from pipeline.evaluation import make_method
+    from pipeline.evaluation.methods import srd_layer
+
+    model, x = timm_init_vit(kind).float(), images(64).float()
+    assert srd_layer(model) == layer
+    target = torch.tensor([0, 1, 2])
+    maps = make_method("SRD-layer", model)(x, target)
+    grid = srd.relevance(model, x, target, [layer])[layer]  # [N, 8, 8] patch tokens
+    assert maps.shape == (3, 64, 64)
+    # the upsampled map, averaged back over each patch, is the patch tokens' relevance
+    pooled = torch.nn.functional.avg_pool2d(maps[:, None], 8)[:, 0]
+    assert (cosine(pooled, grid) > 0.9).all(), cosine(pooled, grid)  # bilinear smooths a little
+    other = make_method("SRD-layer", model)(x, torch.tensor([1, 2, 0]))
+    assert (cosine(maps, other) < 0.9).all()

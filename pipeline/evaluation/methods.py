@@ -23,6 +23,7 @@ that they equal the libraries' maps.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline import srd
@@ -32,7 +33,8 @@ from pipeline.evaluation.explainer import Explainer, Unsupported
 CAPTUM_METHODS: tuple[str, ...] = ("Saliency", "InputXGradient", "IntegratedGradients", "GuidedBackprop",
                                    "SmoothGrad")
 LRP_METHODS: tuple[str, ...] = ("LRP", "AttnLRP")
-SRD_METHODS: tuple[str, ...] = ("SRD", "SRD-contrastive")
+# "-layer": the relevance on the tokens or grid that the CAM layer reads, upsampled as a CAM is
+SRD_METHODS: tuple[str, ...] = ("SRD", "SRD-contrastive", "SRD-layer", "SRD-contrastive-layer")
 METHODS: tuple[str, ...] = CAPTUM_METHODS + tuple(GRADCAM_CLASSES) + LRP_METHODS + SRD_METHODS
 # the library each method comes from (tables and the result file name it)
 SOURCES: dict[str, str] = ({m: "captum" for m in CAPTUM_METHODS} | {m: "grad-cam" for m in GRADCAM_CLASSES}
@@ -127,9 +129,34 @@ def make_method(name: str, model: nn.Module, *, layer: str | None = None, ig_ste
         return lrp.zennit_lrp(model) if name == "LRP" else lrp.attn_lrp(model)
     if name in SRD_METHODS:
         # SRD-contrastive: R <- R - mean(R) on the seed map (the reference's class-discriminative default)
-        contrastive = name == "SRD-contrastive"
+        contrastive = "contrastive" in name
+        if name.endswith("-layer"):
+            return srd_layer_map(model, layer or srd_layer(model), contrastive)
         return lambda x, t: srd.saliency(model, x, t, contrastive)
     raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+
+
+def srd_layer(model: nn.Module) -> str:
+    """The layer whose relevance "SRD-layer" shows: the one whose output the CAM layer
+    (`cams.cam_layer`) reads, so that SRD and the CAMs are compared on the same tokens or grid.
+    A ViT's CAM layer is a LayerNorm inside or after the blocks: its input is the output of the
+    block before it (for a class-token head `blocks.{K}.norm1` reads `blocks.{K-1}`)."""
+
+    name = cam_layer(model)
+    if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
+        last = len(model.blocks) - 1
+        return f"blocks.{last - 1}" if name == f"blocks.{last}.norm1" else f"blocks.{last}"
+    return name
+
+
+def srd_layer_map(model: nn.Module, layer: str, contrastive: bool) -> Explainer:
+    """(images, target) -> the class's SRD relevance on `layer`'s grid (a ViT's patch tokens),
+    upsampled bilinearly to the input as grad-cam upsamples a CAM, signed, [N, H, W]."""
+    def run(x: Tensor, t: Tensor) -> Tensor:
+        grid = srd.relevance(model, x, t, [layer], contrastive=contrastive)[layer]
+        return F.interpolate(grid[:, None], size=x.shape[2:], mode="bilinear",
+                             align_corners=False)[:, 0]
+    return run
 
 
 def _captum(name: str, model: nn.Module, ig_steps: int, ig_batch: int, sg_samples: int,
