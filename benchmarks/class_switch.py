@@ -2,6 +2,7 @@
 
     python benchmarks/class_switch.py                       # demo_resnet and demo_vit, 64 scenes
     python benchmarks/class_switch.py --models demo_resnet --scenes 128 --methods SRD GradCAM
+    python benchmarks/class_switch.py --models dinov2_shapes --methods SRD-layer --layer blocks.5
 
 Each scene (dataset seed 2026, unseen by the demo models, which were trained on seed 1) is
 explained once per shape it holds, for that shape's class; a pair scores 1 when that class's map
@@ -36,7 +37,7 @@ SYNTHETIC_SEED = 2026
 OUT = Path(__file__).resolve().parent / "results" / "class_switch.json"
 
 
-def run_model(name: str, scenes: int, methods: list[str], batch: int) -> dict:
+def run_model(name: str, scenes: int, methods: list[str], batch: int, layer: str | None = None) -> dict:
     from PIL import Image
 
     lm = load_model(name, "demo")
@@ -56,7 +57,8 @@ def run_model(name: str, scenes: int, methods: list[str], batch: int) -> dict:
            "pairs": sum(len(p) for p in objects), "classes_per_scene": sum(map(len, present)) / len(x),
            "top1_is_a_present_shape": sum(found) / len(x), "methods": {}}
     for method in methods:
-        explain = make_method(method, lm.model)
+        explain = make_method(method, lm.model, layer=layer)
+        method = method if layer is None else f"{method}@{layer}"
         t0 = time.perf_counter()
         hits = metrics.class_switch_pointing(explain, x, objects, batch)
         seconds = time.perf_counter() - t0
@@ -77,12 +79,14 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", default=["SRD", "SRD-contrastive", "GradCAM", "LayerCAM",
                                                     "InputXGradient", "Saliency"], choices=METHODS)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--layer", default=None,
+                   help="the layer of the CAMs and of SRD-layer (default: each model's CAM layer)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0, c0 = time.perf_counter(), time.process_time()
-    runs = [run_model(m, args.scenes, args.methods, args.batch) for m in args.models]
+    runs = [run_model(m, args.scenes, args.methods, args.batch, args.layer) for m in args.models]
     write_results(args.out, {"command": " ".join(sys.argv), "dataset_seed": SYNTHETIC_SEED,
                              "torch": torch.__version__, "machine": platform.machine(),
                              "threads": args.threads, "wall_seconds": round(time.perf_counter() - t0),
