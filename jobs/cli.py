@@ -346,8 +346,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         raise ValueError(f"--workers {a.workers}: give 1 or more server processes")
     settings = dict(atlas=a.atlas, cache=a.cache, max_upload=a.max_upload,
                     sql_timeout=a.sql_timeout)
-    # opened here in any case: a bad atlas is one error line before any worker starts
-    app = create_app(**settings)
+    if a.workers > 1:
+        from pipeline.atlas import Atlas
+
+        Atlas.open(a.atlas)  # a bad atlas is one error line before any worker starts
     warning = host_warning(a.host)
     if warning:
         print(f"concept-atlas serve: {warning}", file=sys.stderr)
@@ -355,14 +357,14 @@ def _cmd_serve(a: argparse.Namespace) -> int:
           f"({a.workers} worker process{'es' if a.workers > 1 else ''}; Ctrl-C stops it)",
           file=sys.stderr)
     if a.workers == 1:
+        app = create_app(**settings)
         # the model stack (torch, timm) is imported now, not by the first page that names a class
         app.state.content.class_names()
         uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
         return 0
     from pipeline.browser.app import SERVE_ENV
 
-    del app  # each worker opens its own
-    os.environ[SERVE_ENV] = json.dumps(settings)
+    os.environ[SERVE_ENV] = json.dumps(settings)  # each worker opens the atlas on its own
     uvicorn.run("pipeline.browser.app:app_from_env", factory=True, workers=a.workers,
                 host=a.host, port=a.port, log_level="warning")
     return 0

@@ -310,8 +310,9 @@ def _in_flight(tasks: Sequence[T], submit: Callable[[int, T], ray.ObjectRef],
 
     `lost_actor` = (replace(slot), retries, role), for slots that are actors: a call lost with
     its actor or node (`LOST`) has `replace` give its slot a fresh actor when the actor is gone
-    (once per lost actor, however many of its calls fail) and its part is sent again after RESEND_DELAY_S (doubled at
-    each resend of that part), up to `retries` times, before it fails as "{role} actor died".
+    (once per lost actor, however many of its calls fail), and its part is sent again after
+    RESEND_DELAY_S (doubled at each resend of that part), up to `retries` times, before it
+    fails as "{role} actor died".
     Ray retries a call on its restarted actor by itself (`max_task_retries`), but when a node is
     lost its actors stay listed as alive until the GCS's health checks find the node dead, and
     the calls sent to them meanwhile spend those retries on refused connections: every in-flight

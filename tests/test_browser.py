@@ -345,7 +345,7 @@ def test_workers_serve_the_same_pages_from_several_processes(built, client, tmp_
     import time
     import urllib.request
 
-    psutil = pytest.importorskip("psutil")
+    import psutil
     with socket.socket() as s:  # a free port on loopback
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from sklearn.linear_model import LogisticRegression
 
 from pipeline import srd
 from pipeline.data.synthetic import render_sample
@@ -21,7 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_probe_fit_is_scikit_learns_logistic_regression_with_the_scaling_folded_in() -> None:
-    linear_model = pytest.importorskip("sklearn.linear_model")
     gen = torch.Generator().manual_seed(0)
     n, d, k, l2 = 300, 12, 4, 0.01
     y = torch.randint(0, k, (n,), generator=gen)
@@ -31,7 +31,7 @@ def test_the_probe_fit_is_scikit_learns_logistic_regression_with_the_scaling_fol
     weight, bias = fit_probe(x.double(), y, l2, k)
     z = ((x - x.mean(0)) / x.std(0)).numpy()
     # scikit-learn minimises ||w||^2 / 2 + C sum(CE); ours mean(CE) + l2 ||w||^2 on the same z
-    ref = linear_model.LogisticRegression(C=1 / (2 * l2 * n), tol=1e-10, max_iter=10_000).fit(z, y.numpy())
+    ref = LogisticRegression(C=1 / (2 * l2 * n), tol=1e-10, max_iter=10_000).fit(z, y.numpy())
     ours = torch.softmax(x.double() @ weight.T + bias, 1).numpy()
     np.testing.assert_allclose(ours, ref.predict_proba(z), atol=2e-4)
 

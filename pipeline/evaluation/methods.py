@@ -141,7 +141,6 @@ def srd_layer(model: nn.Module) -> str:
     (`cams.cam_layer`) reads, so that SRD and the CAMs are compared on the same tokens or grid.
     A ViT's CAM layer is a LayerNorm inside or after the blocks: its input is the output of the
     block before it (for a class-token head `blocks.{K}.norm1` reads `blocks.{K-1}`)."""
-
     name = cam_layer(model)
     if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
         last = len(model.blocks) - 1

