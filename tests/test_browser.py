@@ -155,6 +155,30 @@ def test_latent_page_equals_the_tables_and_the_indexes(client, atlas) -> None:
     assert r.status_code == 400 and "has ICAT edges of grad_x_act, ig" in r.json()["error"]
 
 
+def test_latent_pages_from_kept_rows_equal_per_latent_queries(atlas, monkeypatch) -> None:
+    """A latent page slices its exemplars and ICAT edges from rows read once per SAE
+    (`KeptRows`); an atlas whose tables exceed ROWS_KEPT is queried per latent instead. Both
+    give every latent of both SAEs the same page, with each method's edges."""
+    from pipeline.browser import content as content_module
+
+    kept = content_module.AtlasContent(atlas)
+    monkeypatch.setattr(content_module, "ROWS_KEPT", 0)
+    queried = content_module.AtlasContent(atlas)
+    sae = next(iter(kept.saes.values()))
+    read = (f"{kept._exemplar_selects[0]} WHERE sae_id = '{sae['sae_id']}'", "latent",
+            "kind DESC, rank", int(sae["n_latents"]))
+    assert kept._kept(*read) is not None and queried._kept(*read) is None
+    pages = 0
+    for sae in kept.saes.values():
+        for latent in range(int(sae["n_latents"])):
+            for method in kept.methods:
+                a = kept.latent(sae["sae_id"], latent, method)
+                b = queried.latent(sae["sae_id"], latent, method)
+                assert a == b, (sae["sae_id"], latent, method)
+                pages += bool(a["exemplars"]) and bool(a["edges"]["fed_by"] or a["edges"]["feeds"])
+    assert pages > 10  # pages with exemplars and edges were compared, not only empty ones
+
+
 def test_exemplar_pictures_equal_the_atlas_renderers(client, atlas, built) -> None:
     app = client.app
     latent = sql(atlas, "SELECT latent FROM exemplars WHERE layer = 'layer4' AND kind = 'top' "

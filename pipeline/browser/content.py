@@ -45,6 +45,25 @@ PAGES_KEPT = 2048  # latent and layer pages' contents kept in memory (each kind)
 IMAGES_KEPT = 256
 # an SAE's activations rows kept in memory for its latents' histograms (8 bytes a row)
 ACTIVATIONS_KEPT = 20_000_000
+# an SAE's exemplar rows (without their PNGs) and a layer's ICAT edges kept in memory, so that
+# a cold latent page slices them instead of running three Parquet queries (40 of its 65 ms on
+# the 16k-latent atlas, docs/browser.md "Speed"); a larger table is queried per latent
+ROWS_KEPT = 5_000_000
+
+
+@dataclass(frozen=True)
+class KeptRows:
+    """Rows of a query sorted by an int key column (then by the query's order), each key's
+    rows at `offsets[key]:offsets[key + 1]`."""
+
+    offsets: np.ndarray
+    table: pa.Table
+
+    def rows(self, key: int) -> list[dict[str, Any]]:
+        if not 0 <= key < len(self.offsets) - 1:
+            return []
+        lo, hi = int(self.offsets[key]), int(self.offsets[key + 1])
+        return self.table.slice(lo, hi - lo).to_pylist()
 
 
 class NotFound(LookupError):
@@ -86,6 +105,7 @@ class AtlasContent:
         self._layer_pages = functools.lru_cache(maxsize=PAGES_KEPT)(self._layer_page)
         self._image_pages = functools.lru_cache(maxsize=IMAGES_KEPT)(self._image_page)
         self._sae_activations = functools.lru_cache(maxsize=4)(self._read_sae_activations)
+        self._kept = functools.lru_cache(maxsize=64)(self._read_kept)
         self._class_names: list[str] | None | bool = False
         # what every page asks, read once before any request (no two threads compute them)
         for name in ("fingerprint", "saes", "layers", "_with_exemplars", "_names", "methods"):
@@ -98,6 +118,9 @@ class AtlasContent:
                 self.sae_latents(sae_id)
             if self.atlas.has("activations"):
                 self._sae_activations(sae_id)
+            self.exemplars(sae_id, 0)
+            if self.methods:
+                self._edges(self.saes[sae_id], 0, self.methods[0])
             # without weights or an index, the latent page says why it has no neighbours
             with contextlib.suppress(FileNotFoundError, ValueError):
                 self.atlas.sae(sae_id)
@@ -331,6 +354,15 @@ class AtlasContent:
         rows = table.filter(pc.equal(table["latent"], latent)).to_pylist()
         return rows[0] if rows else None
 
+    def label_hint(self, sae_id: str, latent: int) -> str | None:
+        """A latent's `label_hint` (None before the scan stage or without one)."""
+        if not self.atlas.has("latent_stats"):
+            return None
+        table = self.sae_latents(sae_id)
+        if latent < table.num_rows and table["latent"][latent].as_py() == latent:
+            return table["label_hint"][latent].as_py()
+        return (self.stats(sae_id, latent) or {}).get("label_hint")
+
     def activations(self, sae_id: str, latent: int) -> np.ndarray:
         """The per-image max activations of a latent (its rows of `activations`). An SAE with
         at most ACTIVATIONS_KEPT rows is read once, sorted by latent (a latent page then
@@ -372,8 +404,7 @@ class AtlasContent:
 
     def _latent_page(self, name: str, latent_text: str, method: str | None) -> dict[str, Any]:
         sae, latent = self.check_latent(name, latent_text)
-        sae_id, layer = sae["sae_id"], sae["layer"]
-        info = self.latent_info(sae_id, latent)
+        sae_id = sae["sae_id"]
         stats = self.stats(sae_id, latent)
         acts = self.activations(sae_id, latent)
         methods = self.methods
@@ -382,25 +413,69 @@ class AtlasContent:
                              f"{', '.join(methods) or 'no method (run the icat stage)'}")
         method = method or (methods[0] if methods else None)
         exemplars = [{k: v for k, v in r.items() if k not in ("atlas_id", "layer", "sae_id", "latent")}
-                     for r in info.exemplars.to_pylist()]
+                     for r in self.exemplars(sae_id, latent)]
         return {"sae": sae, "slug": self.slug(sae_id), "latent": latent,
                 "stats": stats, "histogram": histogram(acts), "exemplars": exemplars,
                 "cafe": _cafe_bars(stats), "methods": methods, "method": method,
-                "edges": self._edges(layer, latent, method) if method else None,
+                "edges": self._edges(sae, latent, method) if method else None,
                 "similar": self._similar(sae_id, latent)}
 
-    def _edges(self, layer: str, latent: int, method: str) -> dict[str, list[dict[str, Any]]]:
+    def exemplars(self, sae_id: str, latent: int) -> list[dict[str, Any]]:
+        """A latent's exemplar rows without their iERF PNGs (kind descending, then rank): the
+        cafe stage's, or the scan's picks where the cafe stage masked none of this latent's
+        (as `Atlas.latent`)."""
+        n = int(self.saes[sae_id]["n_latents"])
+        for select in self._exemplar_selects:
+            rows = self.rows(f"{select} WHERE sae_id = {literal(sae_id)}", "latent",
+                             "kind DESC, rank", n, latent)
+            if rows:
+                return rows
+        return []
+
+    @functools.cached_property
+    def _exemplar_selects(self) -> list[str]:
+        """SELECT ... FROM each exemplar table the atlas has, every column but the PNGs."""
+        selects = []
+        for table in ("exemplars", "exemplar_picks"):
+            if self.atlas.has(table):
+                columns = self.db.sql(f"SELECT * FROM {table} LIMIT 0").column_names
+                selects.append(f"SELECT {', '.join(c for c in columns if c != 'ierf_png')} "
+                               f"FROM {table}")
+        return selects
+
+    def rows(self, query: str, key: str, order: str, n: int, value: int,
+             limit: int | None = None) -> list[dict[str, Any]]:
+        """The rows of `query` (a SELECT with a WHERE, holding int column `key` in 0..n-1)
+        whose `key` is `value`, in `order`, at most `limit`: sliced from the whole query's rows
+        kept in memory (`KeptRows`, read on first use) when it has at most ROWS_KEPT rows,
+        else queried for this value alone."""
+        kept = self._kept(query, key, order, n)
+        if kept is not None:
+            return kept.rows(value)[:limit]
+        cut = f" LIMIT {limit}" if limit is not None else ""
+        return self.db.sql(f"{query} AND {key} = {value} ORDER BY {order}{cut}").to_pylist()
+
+    def _read_kept(self, query: str, key: str, order: str, n: int) -> KeptRows | None:
+        total = self.db.sql(f"SELECT count(*) AS n FROM ({query})")["n"][0].as_py()
+        if total > ROWS_KEPT:
+            return None
+        table = self.db.sql(f"{query} ORDER BY {key}, {order}")
+        return KeptRows(np.searchsorted(table[key].to_numpy(), np.arange(n + 1)), table)
+
+    def _edges(self, sae: dict[str, Any], latent: int, method: str
+               ) -> dict[str, list[dict[str, Any]]]:
         """The latent's strongest ICAT edges (scope 'all'): the classes and next-layer latents
         it drives, the previous layer's latents that feed it."""
-        base = (f"method = {literal(method)} AND scope = 'all'")
-        out = self.db.sql(
-            f"SELECT dst_layer AS layer, dst_latent AS latent, weight, n_images FROM edges "
-            f"WHERE {base} AND src_layer = {literal(layer)} AND src_latent = {latent} "
-            f"ORDER BY weight DESC LIMIT {3 * NEIGHBOURS}").to_pylist()
-        into = self.db.sql(
-            f"SELECT src_layer AS layer, src_latent AS latent, weight, n_images FROM edges "
-            f"WHERE {base} AND dst_layer = {literal(layer)} AND dst_latent = {latent} "
-            f"ORDER BY weight DESC LIMIT {NEIGHBOURS}").to_pylist()
+        layer, n = sae["layer"], int(sae["n_latents"])
+        base = f"FROM edges WHERE method = {literal(method)} AND scope = 'all'"
+        out = self.rows(f"SELECT src_latent, dst_layer AS layer, dst_latent AS latent, weight, "
+                        f"n_images {base} AND src_layer = {literal(layer)}", "src_latent",
+                        "weight DESC", n, latent, 3 * NEIGHBOURS)
+        into = self.rows(f"SELECT dst_latent, src_layer AS layer, src_latent AS latent, weight, "
+                         f"n_images {base} AND dst_layer = {literal(layer)}", "dst_latent",
+                         "weight DESC", n, latent, NEIGHBOURS)
+        out = [{k: v for k, v in e.items() if k != "src_latent"} for e in out]
+        into = [{k: v for k, v in e.items() if k != "dst_latent"} for e in into]
         classes = [dict(e, name=self.class_name(e["latent"])) for e in out
                    if e["layer"] == "logits"][:NEIGHBOURS]
         feeds = [self._node(e) for e in out if e["layer"] != "logits"][:NEIGHBOURS]
@@ -422,7 +497,7 @@ class AtlasContent:
         except (FileNotFoundError, ValueError) as exc:
             return {"rows": [], "note": str(exc)}
         rows = [dict(r, slug=self.slug(r["sae_id"]), thumb=self.has_exemplar(r["sae_id"], r["latent"]),
-                     label_hint=(self.stats(r["sae_id"], r["latent"]) or {}).get("label_hint"))
+                     label_hint=self.label_hint(r["sae_id"], r["latent"]))
                 for r in rows if (r["sae_id"], r["latent"]) != (sae_id, latent)]
         return {"rows": rows[:NEIGHBOURS], "note": None}
 
