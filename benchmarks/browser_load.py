@@ -136,11 +136,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(atlas: str, cache: str) -> tuple[subprocess.Popen, str]:
+def start_server(atlas: str, cache: str, workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", atlas, "--port", str(port),
-                             "--cache", cache], env=env, cwd=REPO)
+                             "--cache", cache, "--workers", str(workers)], env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -200,6 +200,9 @@ def main() -> None:
     p.add_argument("--latents", type=int, default=100, help="distinct latent pages requested")
     p.add_argument("--tables", type=int, default=50, help="distinct layer-table pages requested")
     p.add_argument("--pictures", action="store_true", help="also time exemplar PNGs (iERF)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes (`serve --workers`); each loads the atlas, so a "
+                        "worker's first pages may be another's cold ones")
     p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/...)")
     a = p.parse_args()
     if bool(a.atlas) == bool(a.synthetic):
@@ -234,7 +237,7 @@ def main() -> None:
                          f"{r['rank']}/ierf.png" for r in rng.sample(ex, min(100, len(ex)))]
     rows = []
     for clients in a.clients:
-        proc, url = start_server(atlas, str(tmp / f"cache-{clients}"))
+        proc, url = start_server(atlas, str(tmp / f"cache-{clients}"), a.workers)
         try:
             for name, paths in (("layer table", table_paths), ("latent page", latent_paths),
                                 ("exemplar PNG", picture_paths)):
@@ -243,6 +246,7 @@ def main() -> None:
                 for state in ("cold", "warm"):
                     server, wall = load(url, paths, clients)
                     rows.append({"what": name, "cache": state, "clients": clients,
+                                 "workers": a.workers,
                                  "server": stats(server), "client_wall": stats(wall),
                                  "load_average": round(os.getloadavg()[0], 1)})
         finally:
@@ -262,7 +266,7 @@ def main() -> None:
     write_results(Path(a.out) if a.out else REPO / "benchmarks" / "results" / f"{name}.json", {
         "atlas": atlas if a.atlas else f"synthetic {a.synthetic[0]} latents x "
                                        f"{a.synthetic[1]} activations (written in {built_s} s)",
-        "size": size, "cpus": os.cpu_count(), "rows": rows,
+        "size": size, "cpus": os.cpu_count(), "workers": a.workers, "rows": rows,
         "note": "load_average: the machine's 1-minute load average when the row finished "
                 "(other jobs share its CPUs)"})
 
