@@ -344,10 +344,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     if a.workers < 1:
         raise ValueError(f"--workers {a.workers}: give 1 or more server processes")
-    if a.threads < 1:
-        raise ValueError(f"--threads {a.threads}: give 1 or more threads per process")
     settings = dict(atlas=a.atlas, cache=a.cache, max_upload=a.max_upload,
-                    sql_timeout=a.sql_timeout, threads=a.threads)
+                    sql_timeout=a.sql_timeout)
     if a.workers > 1:
         from pipeline.atlas import Atlas
 
@@ -652,9 +650,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     help="server processes (default 1); each opens the atlas and holds its "
                          "tables, so memory grows with them; pages of many clients at once "
                          "then run on as many cores")
-    sp.add_argument("--threads", type=int, default=4,
-                    help="requests each process works on at once (default 4; the others "
-                         "queue): pages are mostly Python, so more threads only take turns")
 
     sp = add("export-site", _cmd_export_site, "the browser's pages as static HTML + PNGs that "
              "open from disk or any static host (the top latents of each layer and their images)",

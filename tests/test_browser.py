@@ -397,26 +397,9 @@ def test_workers_serve_the_same_pages_from_several_processes(built, client, tmp_
         assert proc.wait(timeout=60) == 0
 
 
-def test_workers_and_threads_must_be_positive(built, capsys) -> None:
+def test_workers_must_be_positive(built, capsys) -> None:
     assert main(["serve", built, "--workers", "0"]) == 2
     assert "--workers 0: give 1 or more" in capsys.readouterr().err
-    assert main(["serve", built, "--threads", "0"]) == 2
-    assert "--threads 0: give 1 or more" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="threads=0"):
-        create_app(built, threads=0)
-
-
-def test_the_app_serves_pages_on_its_own_number_of_threads(atlas, tmp_path) -> None:
-    """`threads` bounds the requests a process works on at once (anyio's thread limiter of
-    the app's event loop: 40 by default, which took twice the CPU for the same pages)."""
-    import anyio.to_thread
-
-    for threads in (1, 3):
-        with TestClient(create_app(atlas, cache=str(tmp_path), threads=threads)) as c:
-            assert c.get("/").status_code == 200
-            tokens = c.portal.call(lambda: anyio.to_thread.current_default_thread_limiter()
-                                   .total_tokens)
-            assert tokens == threads
 
 
 def test_export_site_links_all_resolve(built, atlas, tmp_path) -> None:

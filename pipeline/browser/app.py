@@ -18,7 +18,6 @@ become relative file paths, and links to pages the export leaves out are not dra
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import ipaddress
@@ -26,13 +25,12 @@ import json
 import math
 import posixpath
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
 
-import anyio.to_thread
 import jinja2
 from markupsafe import Markup, escape
 from starlette.applications import Starlette
@@ -159,8 +157,6 @@ async def _too_large(limit: int, send: Callable) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-PAGE_THREADS = 4  # requests a server process works on at once (`create_app`)
-
 # `concept-atlas serve --workers N`: the settings each worker process builds its app from
 SERVE_ENV = "CONCEPT_ATLAS_SERVE"
 
@@ -181,13 +177,11 @@ def app_from_env() -> Starlette:
 
 
 def create_app(atlas: str | Atlas, cache: str | None = None, export: ExportPlan | None = None,
-               max_upload: int = MAX_UPLOAD_BYTES, sql_timeout: float = 10.0,
-               threads: int = PAGE_THREADS) -> Starlette:
+               max_upload: int = MAX_UPLOAD_BYTES, sql_timeout: float = 10.0) -> Starlette:
     """The browser app of an atlas (a path or URL, or an opened `Atlas`); `cache`: the folder
     of rendered pictures (default `render.default_cache_dir()`); `export`: render for a static
     export (see the module docstring); `max_upload`: bytes of an upload; `sql_timeout`:
-    seconds a console query may run (at most SQL_TIMEOUT_MAX); `threads`: requests served at
-    once by this process (the others wait their turn)."""
+    seconds a console query may run (at most SQL_TIMEOUT_MAX)."""
     opened = atlas if isinstance(atlas, Atlas) else Atlas.open(atlas)
     content = AtlasContent(opened)
     renderer = Renderer(content, cache)
@@ -214,19 +208,7 @@ def create_app(atlas: str | Atlas, cache: str | None = None, export: ExportPlan 
         Route("/render/upload/{digest}.png", views.png(renderer.upload)),
         Mount("/static", StaticFiles(directory=static), name="static"),
     ]
-    if threads < 1:
-        raise ValueError(f"threads={threads}: give 1 or more threads for the pages")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        # [choice] a few threads, not anyio's 40: a page is mostly Python under one GIL, and 40
-        # threads taking turns on it did the same 100 cold latent pages in twice the CPU time of
-        # 4 (0.89 s vs 0.41 s, 16k-latent atlas) and finished them all late; DuckDB queries and
-        # picture renders release the GIL, so a few threads still overlap them
-        anyio.to_thread.current_default_thread_limiter().total_tokens = threads
-        yield
-
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    app = Starlette(routes=routes, exception_handlers={
         NotFound: views.error, ValueError: views.error, HTTPException: views.error})
     app.state.content, app.state.renderer = content, renderer
     app.add_middleware(BodyLimit, limit=max_upload)
