@@ -4,7 +4,8 @@
 first use). Each worker thread queries it on its own cursor (`Atlas.cursor`); the model takes
 turns behind one lock (docs/architecture.md, "The atlas browser"). What every page reads again
 and again is read once and kept: an SAE's `latents` rows (the view aggregates every exemplar
-on each query), its activations for the histograms, the last latent pages. The atlas does not
+on each query), its activations for the histograms, its exemplar rows and its layer's ICAT
+edges (`KeptRows`), the last latent pages. The atlas does not
 change while it is served. Rendered pictures live in `pipeline.browser.render`; the web app
 (`pipeline.browser.app`) turns these dicts into pages or their `?format=json` twins.
 
