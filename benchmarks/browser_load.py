@@ -4,13 +4,14 @@ warm, with N concurrent clients on localhost.
     python benchmarks/browser_load.py --atlas demo_out --clients 50
     python benchmarks/browser_load.py --synthetic 16384 1000000 --clients 50
 
-The server is `concept-atlas serve` in its own process (a fresh render cache in a temporary
-folder); each client is a thread with its own HTTP connection that requests its share of the
-URLs one after another. The time reported is the server's own (`Server-Timing: app;dur=`,
-from the request's arrival to the response's start, waiting for the atlas lock included),
-so the clients' Python overhead is not counted; the wall time clients saw is reported too.
-`cold`: the first request of each URL in a fresh server process (its latent's exemplars, SAE
-and FAISS index not yet loaded); `warm`: the same URLs again. The synthetic atlas has one SAE
+The server is `concept-atlas serve` in its own process (`--workers N`: N processes; a fresh
+render cache in a temporary folder); each client is an asyncio task of one aiohttp event loop
+with its own HTTP connection, requesting its share of the URLs one after another. The time
+reported is the server's own (`Server-Timing: app;dur=`, from the request's arrival in the app
+to the response's start, waiting for a worker thread and the atlas lock included), so the
+clients' overhead is not counted; the wall time clients saw is reported too. `cold`: the first
+request of each URL in a fresh server (the page not yet built, no picture cached; the server
+reads each SAE's tables, weights and index at start); `warm`: the same URLs again. The synthetic atlas has one SAE
 of `L` latents (d_in 128, random decoder, a FAISS decoder index), `A` activation rows over
 50,000 images, 4 exemplars per latent with iERF PNGs and 8 ICAT edges per latent; it has no
 images to draw, so only pages are timed there (the pictures are timed on a real atlas).
@@ -24,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -155,30 +155,34 @@ def start_server(atlas: str, cache: str, workers: int = 1) -> tuple[subprocess.P
 
 
 def load(url: str, paths: list[str], clients: int) -> tuple[list[float], list[float]]:
-    """Request `paths` from `clients` threads (path i by client i % clients); returns the
-    server times and the client wall times, ms."""
-    import httpx
+    """Request `paths` from `clients` concurrent clients (path i by client i % clients), each
+    with its own connection, one request after another; returns the server times and the
+    client wall times, ms. The clients are asyncio tasks of one aiohttp event loop: the first
+    version ran 50 httpx threads, whose own Python work took a good share of the 2 cores the
+    server needs."""
+    import asyncio
+
+    import aiohttp
 
     server, wall, errors = [], [], []
-    lock = threading.Lock()
 
-    def client(mine: list[str]) -> None:
-        with httpx.Client(base_url=url, timeout=600) as c:
+    async def client(mine: list[str]) -> None:
+        async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=1),
+                                         timeout=aiohttp.ClientTimeout(total=600)) as c:
             for p in mine:
                 t = time.perf_counter()
-                r = c.get(p)
-                dt = 1000 * (time.perf_counter() - t)
-                with lock:
-                    if r.status_code != 200:
-                        errors.append(f"{p}: {r.status_code}")
+                async with c.get(p) as r:
+                    await r.read()
+                    dt = 1000 * (time.perf_counter() - t)
+                    if r.status != 200:
+                        errors.append(f"{p}: {r.status}")
                     server.append(float(r.headers["server-timing"].split("dur=")[1]))
                     wall.append(dt)
 
-    threads = [threading.Thread(target=client, args=(paths[i::clients],)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    async def run() -> None:
+        await asyncio.gather(*(client(paths[i::clients]) for i in range(clients)))
+
+    asyncio.run(run())
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[:3]}")
     return server, wall

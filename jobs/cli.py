@@ -340,7 +340,8 @@ def _cmd_import_sae(a: argparse.Namespace) -> int:
 def _cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
 
-    from pipeline.browser import create_app, host_warning
+    from pipeline.browser import host_warning
+    from pipeline.browser.app import serving_app
 
     if a.workers < 1:
         raise ValueError(f"--workers {a.workers}: give 1 or more server processes")
@@ -357,10 +358,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
           f"({a.workers} worker process{'es' if a.workers > 1 else ''}; Ctrl-C stops it)",
           file=sys.stderr)
     if a.workers == 1:
-        app = create_app(**settings)
-        # the model stack (torch, timm) is imported now, not by the first page that names a class
-        app.state.content.class_names()
-        uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+        uvicorn.run(serving_app(**settings), host=a.host, port=a.port, log_level="warning")
         return 0
     from pipeline.browser.app import SERVE_ENV
 

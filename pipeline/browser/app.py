@@ -173,7 +173,16 @@ def app_from_env() -> Starlette:
     if not raw:
         raise RuntimeError(f"{SERVE_ENV} is not set: this factory is for `concept-atlas serve "
                            "--workers N`; call create_app(atlas) yourself otherwise")
-    return create_app(**json.loads(raw))
+    return serving_app(**json.loads(raw))
+
+
+def serving_app(**settings: Any) -> Starlette:
+    """`create_app(**settings)` for `concept-atlas serve`, with what the first pages would
+    otherwise load while a user waits loaded now: the class names, which import the model
+    stack (torch, timm; about a second)."""
+    app = create_app(**settings)
+    app.state.content.class_names()
+    return app
 
 
 def create_app(atlas: str | Atlas, cache: str | None = None, export: ExportPlan | None = None,
