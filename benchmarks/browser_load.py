@@ -136,11 +136,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(atlas: str, cache: str, workers: int = 1) -> tuple[subprocess.Popen, str]:
+def start_server(atlas: str, cache: str, workers: int = 1, page_threads: int | None = None
+                 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", atlas, "--port", str(port),
-                             "--cache", cache, "--workers", str(workers)], env=env, cwd=REPO)
+                             "--cache", cache, "--workers", str(workers)]
+                            + (["--page-threads", str(page_threads)] if page_threads else []), env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -207,6 +209,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="server processes (`serve --workers`); each loads the atlas, so a "
                         "worker's first pages may be another's cold ones")
+    p.add_argument("--page-threads", type=int, default=None,
+                   help="`serve --page-threads` (default: serve's own)")
     p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/...)")
     a = p.parse_args()
     if bool(a.atlas) == bool(a.synthetic):
@@ -241,7 +245,8 @@ def main() -> None:
                          f"{r['rank']}/ierf.png" for r in rng.sample(ex, min(100, len(ex)))]
     rows = []
     for clients in a.clients:
-        proc, url = start_server(atlas, str(tmp / f"cache-{clients}"), a.workers)
+        proc, url = start_server(atlas, str(tmp / f"cache-{clients}"), a.workers,
+                                 a.page_threads)
         try:
             for name, paths in (("layer table", table_paths), ("latent page", latent_paths),
                                 ("exemplar PNG", picture_paths)):
@@ -250,7 +255,7 @@ def main() -> None:
                 for state in ("cold", "warm"):
                     server, wall = load(url, paths, clients)
                     rows.append({"what": name, "cache": state, "clients": clients,
-                                 "workers": a.workers,
+                                 "workers": a.workers, "page_threads": a.page_threads,
                                  "server": stats(server), "client_wall": stats(wall),
                                  "load_average": round(os.getloadavg()[0], 1)})
         finally:

@@ -345,8 +345,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     if a.workers < 1:
         raise ValueError(f"--workers {a.workers}: give 1 or more server processes")
+    if a.page_threads < 1:
+        raise ValueError(f"--page-threads {a.page_threads}: give 1 or more threads")
     settings = dict(atlas=a.atlas, cache=a.cache, max_upload=a.max_upload,
-                    sql_timeout=a.sql_timeout)
+                    sql_timeout=a.sql_timeout, page_threads=a.page_threads)
     if a.workers > 1:
         from pipeline.atlas import Atlas
 
@@ -648,6 +650,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     help="server processes (default 1); each opens the atlas and holds its "
                          "tables, so memory grows with them; pages of many clients at once "
                          "then run on as many cores")
+    sp.add_argument("--page-threads", type=int, default=2,
+                    help="overview, layer and latent pages each process builds at once (default "
+                         "2; the others queue): they are Python work, and more threads only "
+                         "take turns on it; SQL, search and pictures have threads of their own")
 
     sp = add("export-site", _cmd_export_site, "the browser's pages as static HTML + PNGs that "
              "open from disk or any static host (the top latents of each layer and their images)",

@@ -397,9 +397,61 @@ def test_workers_serve_the_same_pages_from_several_processes(built, client, tmp_
         assert proc.wait(timeout=60) == 0
 
 
-def test_workers_must_be_positive(built, capsys) -> None:
+def test_workers_and_page_threads_must_be_positive(built, capsys) -> None:
     assert main(["serve", built, "--workers", "0"]) == 2
     assert "--workers 0: give 1 or more" in capsys.readouterr().err
+    assert main(["serve", built, "--page-threads", "0"]) == 2
+    assert "--page-threads 0: give 1 or more" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="page_threads=0"):
+        create_app(built, page_threads=0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_latent_pages_are_built_on_their_own_bounded_threads(atlas, tmp_path, monkeypatch,
+                                                             threads) -> None:
+    """At most `page_threads` latent pages are built at once (PAGE_THREADS: anyio's 40 threads
+    spent twice the CPU on the same cold pages), while the SQL console keeps its own threads."""
+    import asyncio
+    import threading
+    import time
+
+    import httpx
+
+    app = create_app(atlas, cache=str(tmp_path), page_threads=threads)
+    content = app.state.content
+    state, lock, real = {"now": 0, "peak": 0}, threading.Lock(), content.latent
+
+    def slow(*args, **kwargs):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.5)
+        with lock:
+            state["now"] -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(content, "latent", slow)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://atlas") as c:
+            t = time.perf_counter()
+
+            async def timed(path: str):
+                reply = await c.get(path)
+                return reply, time.perf_counter() - t
+
+            return await asyncio.gather(
+                *(timed(f"/latents/layer4/{i}?format=json") for i in range(6)),
+                timed("/sql?q=SELECT+1+AS+one&format=json"))
+
+    *pages, (answer, sql_s) = asyncio.run(go())
+    assert [r.status_code for r, _ in pages] == [200] * 6
+    assert answer.status_code == 200 and answer.json()["rows"] == [{"one": 1}]
+    assert state["peak"] == threads
+    # the pages came in waves of `threads`, 0.5 s each; the query did not wait for them
+    assert max(s for _, s in pages) >= 0.5 * -(-6 // threads) - 0.05
+    assert sql_s < 0.45
 
 
 def test_export_site_links_all_resolve(built, atlas, tmp_path) -> None:

@@ -18,6 +18,7 @@ become relative file paths, and links to pages the export leaves out are not dra
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import ipaddress
@@ -30,7 +31,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
+from weakref import WeakKeyDictionary
 
+import anyio
+import anyio.to_thread
 import jinja2
 from markupsafe import Markup, escape
 from starlette.applications import Starlette
@@ -157,6 +161,14 @@ async def _too_large(limit: int, send: Callable) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# [choice] the overview, layer and latent pages (Python work over kept rows, under one GIL) run on
+# this many threads of their own; everything else (SQL, search, pictures, image pages: mostly
+# DuckDB, torch and PNG codecs, which release the GIL, or slow) keeps anyio's 40. On the 16k-latent
+# atlas under 50 clients, 100 cold latent pages had p95 318 ms on 2 threads, 380-440 ms on 1, 4
+# or 8 and 850-900 ms on 40, where the threads spent the same pages' CPU twice over taking turns
+# (docs/browser.md "Speed")
+PAGE_THREADS = 2
+
 # `concept-atlas serve --workers N`: the settings each worker process builds its app from
 SERVE_ENV = "CONCEPT_ATLAS_SERVE"
 
@@ -186,11 +198,15 @@ def serving_app(**settings: Any) -> Starlette:
 
 
 def create_app(atlas: str | Atlas, cache: str | None = None, export: ExportPlan | None = None,
-               max_upload: int = MAX_UPLOAD_BYTES, sql_timeout: float = 10.0) -> Starlette:
+               max_upload: int = MAX_UPLOAD_BYTES, sql_timeout: float = 10.0,
+               page_threads: int = PAGE_THREADS) -> Starlette:
     """The browser app of an atlas (a path or URL, or an opened `Atlas`); `cache`: the folder
     of rendered pictures (default `render.default_cache_dir()`); `export`: render for a static
     export (see the module docstring); `max_upload`: bytes of an upload; `sql_timeout`:
-    seconds a console query may run (at most SQL_TIMEOUT_MAX)."""
+    seconds a console query may run (at most SQL_TIMEOUT_MAX); `page_threads`: the overview,
+    layer and latent pages built at once (the others wait their turn; PAGE_THREADS)."""
+    if page_threads < 1:
+        raise ValueError(f"page_threads={page_threads}: give 1 or more threads")
     opened = atlas if isinstance(atlas, Atlas) else Atlas.open(atlas)
     content = AtlasContent(opened)
     renderer = Renderer(content, cache)
@@ -198,12 +214,12 @@ def create_app(atlas: str | Atlas, cache: str | None = None, export: ExportPlan 
                              autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters["num"] = _num
     env.globals.update(quote=quote, len=len, max=max, min=min, enumerate=enumerate)
-    views = _Views(content, renderer, env, export, min(sql_timeout, SQL_TIMEOUT_MAX))
+    views = _Views(content, renderer, env, export, min(sql_timeout, SQL_TIMEOUT_MAX), page_threads)
     static = str(resources.files("pipeline.browser").joinpath("static"))
     routes = [
-        Route("/", views.overview),
-        Route("/layers/{layer}", views.layer),
-        Route("/latents/{layer}/{latent}", views.latent),
+        Route("/", views.paged(views.overview)),
+        Route("/layers/{layer}", views.paged(views.layer)),
+        Route("/latents/{layer}/{latent}", views.paged(views.latent)),
         Route("/images/{image_id}", views.image),
         Route("/search", views.search, methods=["GET"]),
         Route("/search", views.upload, methods=["POST"]),
@@ -229,9 +245,25 @@ class _Views:
     """The endpoints of `create_app` (one instance per app)."""
 
     def __init__(self, content: AtlasContent, renderer: Renderer, env: jinja2.Environment,
-                 export: ExportPlan | None, sql_timeout: float) -> None:
+                 export: ExportPlan | None, sql_timeout: float, page_threads: int) -> None:
         self.content, self.renderer, self.env = content, renderer, env
         self.export, self.sql_timeout = export, sql_timeout
+        self.page_threads = page_threads
+        # one limiter per event loop (a limiter belongs to the loop it was made in; uvicorn runs
+        # one loop per process, Starlette's TestClient one per client)
+        self._limiters: WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+            WeakKeyDictionary())
+
+    def paged(self, endpoint: Callable[[Request], Response]
+              ) -> Callable[[Request], Awaitable[Response]]:
+        """`endpoint` run on at most `page_threads` threads at once (see PAGE_THREADS)."""
+        async def run(request: Request) -> Response:
+            loop = asyncio.get_running_loop()
+            limiter = self._limiters.get(loop)
+            if limiter is None:
+                limiter = self._limiters[loop] = anyio.CapacityLimiter(self.page_threads)
+            return await anyio.to_thread.run_sync(endpoint, request, limiter=limiter)
+        return run
 
     # ---- responses -----------------------------------------------------------------------
 
