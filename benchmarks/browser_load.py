@@ -140,9 +140,11 @@ def start_server(atlas: str, cache: str, workers: int = 1, page_threads: int | N
                  ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", atlas, "--port", str(port),
-                             "--cache", cache, "--workers", str(workers)]
-                            + (["--page-threads", str(page_threads)] if page_threads else []), env=env, cwd=REPO)
+    command = [sys.executable, "-m", "jobs.cli", "serve", atlas, "--port", str(port),
+               "--cache", cache, "--workers", str(workers)]
+    if page_threads:
+        command += ["--page-threads", str(page_threads)]
+    proc = subprocess.Popen(command, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
