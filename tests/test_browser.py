@@ -406,6 +406,26 @@ def test_workers_and_page_threads_must_be_positive(built, capsys) -> None:
         create_app(built, page_threads=0)
 
 
+def test_a_warm_latent_page_is_its_kept_html(atlas, tmp_path, monkeypatch) -> None:
+    """A latent page's HTML is kept (HTML_KEPT, oldest out first): asked again it is the same
+    bytes without a second build; another query or the JSON twin is built on its own."""
+    from pipeline.browser import app as app_module
+
+    monkeypatch.setattr(app_module, "HTML_KEPT", 2)
+    client = TestClient(create_app(atlas, cache=str(tmp_path)))
+    content, calls = client.app.state.content, []
+    real = content.latent
+    monkeypatch.setattr(content, "latent", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = client.get("/latents/layer4/3").text
+    assert client.get("/latents/layer4/3").text == first and len(calls) == 1
+    assert client.get("/latents/layer4/3?method=ig").text != first and len(calls) == 2
+    client.get("/latents/layer4/3?format=json")
+    client.get("/latents/layer4/3?format=json")
+    assert len(calls) == 4
+    client.get("/latents/layer4/4")  # a third page: /latents/layer4/3 is the oldest, dropped
+    assert client.get("/latents/layer4/3").text == first and len(calls) == 6
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_latent_pages_are_built_on_their_own_bounded_threads(atlas, tmp_path, monkeypatch,
                                                              threads) -> None:
