@@ -345,10 +345,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     if a.workers < 1:
         raise ValueError(f"--workers {a.workers}: give 1 or more server processes")
-    if a.page_threads < 1:
+    if a.page_threads is not None and a.page_threads < 1:
         raise ValueError(f"--page-threads {a.page_threads}: give 1 or more threads")
     settings = dict(atlas=a.atlas, cache=a.cache, max_upload=a.max_upload,
-                    sql_timeout=a.sql_timeout, page_threads=a.page_threads)
+                    sql_timeout=a.sql_timeout)
+    if a.page_threads is not None:  # else the app's own default (PAGE_THREADS)
+        settings["page_threads"] = a.page_threads
     if a.workers > 1:
         from pipeline.atlas import Atlas
 
@@ -650,7 +652,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     help="server processes (default 1); each opens the atlas and holds its "
                          "tables, so memory grows with them; pages of many clients at once "
                          "then run on as many cores")
-    sp.add_argument("--page-threads", type=int, default=2,
+    sp.add_argument("--page-threads", type=int, default=None,
                     help="overview, layer and latent pages each process builds at once (default "
                          "2; the others queue): they are Python work, and more threads only "
                          "take turns on it; SQL, search and pictures have threads of their own")

@@ -166,9 +166,9 @@ async def _too_large(limit: int, send: Callable) -> None:
 # [choice] the overview, layer and latent pages (Python work over kept rows, under one GIL) run on
 # this many threads of their own; everything else (SQL, search, pictures, image pages: mostly
 # DuckDB, torch and PNG codecs, which release the GIL, or slow) keeps anyio's 40. On the 16k-latent
-# atlas under 50 clients, 100 cold latent pages had p95 318 ms on 2 threads, 380-440 ms on 1, 4
-# or 8 and 850-900 ms on 40, where the threads spent the same pages' CPU twice over taking turns
-# (docs/browser.md "Speed")
+# atlas under 50 clients, 100 cold latent pages had p95 318-360 ms on 2 threads, 355-440 ms on
+# 1, 4 or 8 and 735-900 ms on 40, where the threads spent the same pages' CPU twice over taking
+# turns (docs/browser.md "Speed")
 PAGE_THREADS = 2
 # latent pages kept as rendered HTML (20-50 kB each): a warm page then skips its Jinja2 render,
 # most of its 3 ms
