@@ -145,6 +145,13 @@ def test_latent_page_equals_the_tables_and_the_indexes(client, atlas) -> None:
         [(r["sae_id"], r["latent"]) for r in near if r["latent"] != edge][:8]
     assert d["cafe"][0]["insertion"] == pytest.approx(d["stats"]["cafe_ins_auc"])
     html = client.get(f"/latents/layer4/{edge}?method=grad_x_act").text
+    # the histogram drawn: one bar per bin, its height the bin's share of the tallest
+    bars = re.findall(r'<rect x="(\d+)" y="[^"]+" width="11" height="([^"]+)"><title>'
+                      r'[^<]*: (\d+) images</title>', html)
+    assert [int(c) for _, _, c in bars] == counts.tolist()
+    assert [float(h) for _, h, _ in bars] == pytest.approx(100 * counts / counts.max())
+    figures = re.findall(r'<figure class="exemplar" data-kind="(\w+)">', html)
+    assert figures == [e["kind"] for e in ex]
     shown = f'{d["stats"]["n_top_images"]} / {d["stats"]["n_sources"]}'
     assert f'<dd id="stat-n_sources">{shown}</dd>' in html
     for e in fed:  # every incoming edge links the latent it comes from

@@ -360,6 +360,28 @@ class _Views:
             out.append(f'<tr data-latent="{r["latent"]}">{"".join(cells)}</tr>')
         return Markup("\n".join(out))
 
+    def exemplar_figures(self, current: str, data: dict[str, Any]) -> Markup:
+        """A latent page's exemplar grid as HTML, formatted here (like `table_body`: Jinja2
+        took about 1.5 ms of a 7 ms cold page on it)."""
+        out = []
+        for e in data["exemplars"]:
+            base = (f"/render/exemplar/{quote(data['slug'])}/{data['latent']}/{e['kind']}/"
+                    f"{e['rank']}/")
+            image = self.link(current, f"/images/{e['image_id']}")
+            src = {m: escape(self.link(current, f"{base}{m}.png")) for m in ("ierf", "act", "plain")}
+            shape = (f"<br>{escape(e['gt_colour'])} {escape(e['gt_texture'])} "
+                     f"{escape(e['gt_shape'])}" if e.get("gt_shape") else "")
+            out.append(
+                f'\n<figure class="exemplar" data-kind="{escape(e["kind"])}">\n'
+                + (f'<a href="{escape(image)}">' if image else "")
+                + f'<img class="overlay" width="128" height="128" alt="{escape(e["kind"])} '
+                f'exemplar {e["rank"]}: image {e["image_id"]}"\n src="{src["ierf"]}" '
+                f'data-ierf="{src["ierf"]}" data-act="{src["act"]}" data-plain="{src["plain"]}">'
+                + ("</a>" if image else "")
+                + f'\n<figcaption>{escape(e["kind"])} {e["rank"]} · act <span class="act">'
+                f'{escape(_num(e["activation"]))}</span>{shape}</figcaption>\n</figure>')
+        return Markup("".join(out))
+
     def latent(self, request: Request) -> Response:
         # the page depends on its path and query alone (the atlas does not change while it is
         # served); an export renders each page once and records the pictures it links
@@ -374,6 +396,9 @@ class _Views:
         method = request.query_params.get("method") or None
         data = self.content.latent(request.path_params["layer"], request.path_params["latent"],
                                    method)
+        if request.query_params.get("format") != "json":  # a kept dict: add to a copy
+            data = dict(data, hist_svg=histogram_svg(data["histogram"]),
+                        figures=self.exemplar_figures(request.url.path, data))
         response = self.page(request, "latent.html", data)
         if kept:
             with self._html_lock:
@@ -479,6 +504,24 @@ def _int(params: Any, name: str, default: int) -> int:
     if not str(value).lstrip("-").isdigit():
         raise ValueError(f"{name}={value!r}: expected an integer")
     return int(value)
+
+
+def histogram_svg(h: dict[str, Any]) -> Markup:
+    """A latent's activation histogram (`content.histogram`) as an SVG bar chart, one bar per
+    bin with its range and count as a tooltip ('' without activations), formatted here (Jinja2 took about 1.5 ms of a
+    7 ms cold latent page on its 30 bars)."""
+    if not h["n"]:
+        return Markup("")
+    counts, edges = h["counts"], h["edges"]
+    top, width = max(counts), 12 * len(counts)
+    bars = "".join(
+        f'<rect x="{12 * i}" y="{100 - 100 * c / top}" width="11" height="{100 * c / top}">'
+        f'<title>{escape(_num(edges[i]))}–{escape(_num(edges[i + 1]))}: {c} images</title></rect>'
+        for i, c in enumerate(counts))
+    return Markup(
+        f'\n<svg class="hist" viewBox="0 0 {width} 110" role="img" aria-label="histogram of the '
+        f'per-image max activation over {h["n"]} images">\n{bars}\n<text x="0" y="109">0</text>'
+        f'<text x="{width}" y="109" text-anchor="end">{escape(_num(edges[-1]))}</text>\n</svg>')
 
 
 def _num(value: Any, digits: int = 3) -> str:
