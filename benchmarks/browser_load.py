@@ -130,6 +130,15 @@ def synthetic_atlas(root: Path, n_latents: int, n_acts: int, seed: int = 0) -> s
     return r
 
 
+def shown_path(atlas: str) -> str:
+    """The atlas as the results name it: a URL as given, a local folder relative to the working
+    directory when inside it, else by its name (no machine's paths in a shared result)."""
+    if "://" in atlas:
+        return atlas
+    path = Path(atlas).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else path.name
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -275,7 +284,7 @@ def main() -> None:
               f"{r['load_average']:>5}")
     name = "browser_load_" + ("synthetic" if a.synthetic else Path(atlas).name)
     write_results(Path(a.out) if a.out else REPO / "benchmarks" / "results" / f"{name}.json", {
-        "atlas": atlas if a.atlas else f"synthetic {a.synthetic[0]} latents x "
+        "atlas": shown_path(atlas) if a.atlas else f"synthetic {a.synthetic[0]} latents x "
                                        f"{a.synthetic[1]} activations (written in {built_s} s)",
         "size": size, "cpus": os.cpu_count(), "workers": a.workers, "rows": rows,
         "note": "load_average: the machine's 1-minute load average when the row finished "

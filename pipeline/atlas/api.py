@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # exemplar regions fetched per requested latent before aggregating by latent (max similarity)
 _REGIONS_PER_RESULT = 50
+# a latent's exemplars: the cafe stage's masked picks, else the scan's picks (the cafe stage may
+# have masked only some latents), strongest first per kind
+EXEMPLAR_TABLES = ("exemplars", "exemplar_picks")
+EXEMPLAR_ORDER = "kind DESC, rank"
 _EXEMPLARS_SHOWN = 8
 
 SIMILAR = pa.schema([("layer", pa.string()), ("sae_id", pa.string()), ("latent", pa.int32()),
@@ -237,10 +241,9 @@ class Atlas:
             rows = self.sql(f"SELECT * FROM latents {where}").to_pylist()
             stats = rows[0] if rows else None
         ex = pa.table({})
-        # the cafe stage may have masked only some latents: fall back to the scan's picks
-        for table in ("exemplars", "exemplar_picks"):
+        for table in EXEMPLAR_TABLES:
             if ex.num_rows == 0 and self.has(table):
-                ex = self.sql(f"SELECT * FROM {table} {where} ORDER BY kind DESC, rank")
+                ex = self.sql(f"SELECT * FROM {table} {where} ORDER BY {EXEMPLAR_ORDER}")
         ierfs: list[np.ndarray | None] = [None] * ex.num_rows
         masks: list[np.ndarray | None] = [None] * ex.num_rows
         if "ierf_png" in ex.column_names:

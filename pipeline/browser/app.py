@@ -386,7 +386,8 @@ class _Views:
         # the page depends on its path and query alone (the atlas does not change while it is
         # served); an export renders each page once and records the pictures it links
         key = (request.url.path, request.url.query)
-        kept = self.export is None and request.query_params.get("format") != "json"
+        html = request.query_params.get("format") != "json"
+        kept = html and self.export is None
         if kept:
             with self._html_lock:
                 body = self._html.get(key)
@@ -396,7 +397,7 @@ class _Views:
         method = request.query_params.get("method") or None
         data = self.content.latent(request.path_params["layer"], request.path_params["latent"],
                                    method)
-        if request.query_params.get("format") != "json":  # a kept dict: add to a copy
+        if html:  # the content's dict is kept: add to a copy
             data = dict(data, hist_svg=histogram_svg(data["histogram"]),
                         figures=self.exemplar_figures(request.url.path, data))
         response = self.page(request, "latent.html", data)

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.atlas.api import Atlas, LatentInfo
+from pipeline.atlas.api import EXEMPLAR_ORDER, EXEMPLAR_TABLES, Atlas, LatentInfo
 from pipeline.atlas.views import literal
 from pipeline.store import AtlasRoot
 
@@ -54,8 +54,8 @@ ROWS_KEPT = 5_000_000
 
 @dataclass(frozen=True)
 class KeptRows:
-    """Rows of a query sorted by an int key column (then by the query's order), each key's
-    rows at `offsets[key]:offsets[key + 1]`."""
+    """Rows of a query sorted by an int key column (then by the query's order; the key column
+    itself dropped), each key's rows at `offsets[key]:offsets[key + 1]`."""
 
     offsets: np.ndarray
     table: pa.Table
@@ -219,7 +219,7 @@ class AtlasContent:
 
     @functools.cached_property
     def _with_exemplars(self) -> set[tuple[str, int]]:
-        table = next((t for t in ("exemplars", "exemplar_picks") if self.atlas.has(t)), None)
+        table = next((t for t in EXEMPLAR_TABLES if self.atlas.has(t)), None)
         if table is None:
             return set()
         rows = self.db.sql(f"SELECT DISTINCT sae_id, latent FROM {table} "
@@ -346,23 +346,24 @@ class AtlasContent:
 
     def stats(self, sae_id: str, latent: int) -> dict[str, Any] | None:
         """The `latents` row of one latent (None before the scan stage)."""
+        i = self._stats_row(sae_id, latent)
+        return None if i is None else self.sae_latents(sae_id).slice(i, 1).to_pylist()[0]
+
+    def label_hint(self, sae_id: str, latent: int) -> str | None:
+        """A latent's `label_hint` (None before the scan stage or without one)."""
+        i = self._stats_row(sae_id, latent)
+        return None if i is None else self.sae_latents(sae_id)["label_hint"][i].as_py()
+
+    def _stats_row(self, sae_id: str, latent: int) -> int | None:
+        """The index of a latent's row in `sae_latents` (None without one)."""
         if not self.atlas.has("latent_stats"):
             return None
         table = self.sae_latents(sae_id)
         # the rows are sorted by latent and every latent has one: row i is latent i
         if latent < table.num_rows and table["latent"][latent].as_py() == latent:
-            return table.slice(latent, 1).to_pylist()[0]
-        rows = table.filter(pc.equal(table["latent"], latent)).to_pylist()
-        return rows[0] if rows else None
-
-    def label_hint(self, sae_id: str, latent: int) -> str | None:
-        """A latent's `label_hint` (None before the scan stage or without one)."""
-        if not self.atlas.has("latent_stats"):
-            return None
-        table = self.sae_latents(sae_id)
-        if latent < table.num_rows and table["latent"][latent].as_py() == latent:
-            return table["label_hint"][latent].as_py()
-        return (self.stats(sae_id, latent) or {}).get("label_hint")
+            return latent
+        i = pc.index(table["latent"], latent).as_py()
+        return i if i >= 0 else None
 
     def activations(self, sae_id: str, latent: int) -> np.ndarray:
         """The per-image max activations of a latent (its rows of `activations`). An SAE with
@@ -413,7 +414,7 @@ class AtlasContent:
             raise ValueError(f"method={method!r}: this atlas has ICAT edges of "
                              f"{', '.join(methods) or 'no method (run the icat stage)'}")
         method = method or (methods[0] if methods else None)
-        exemplars = [{k: v for k, v in r.items() if k not in ("atlas_id", "layer", "sae_id", "latent")}
+        exemplars = [{k: v for k, v in r.items() if k not in ("atlas_id", "layer", "sae_id")}
                      for r in self.exemplars(sae_id, latent)]
         return {"sae": sae, "slug": self.slug(sae_id), "latent": latent,
                 "stats": stats, "histogram": histogram(acts), "exemplars": exemplars,
@@ -428,7 +429,7 @@ class AtlasContent:
         n = int(self.saes[sae_id]["n_latents"])
         for select in self._exemplar_selects:
             rows = self.rows(f"{select} WHERE sae_id = {literal(sae_id)}", "latent",
-                             "kind DESC, rank", n, latent)
+                             EXEMPLAR_ORDER, n, latent)
             if rows:
                 return rows
         return []
@@ -437,7 +438,7 @@ class AtlasContent:
     def _exemplar_selects(self) -> list[str]:
         """SELECT ... FROM each exemplar table the atlas has, every column but the PNGs."""
         selects = []
-        for table in ("exemplars", "exemplar_picks"):
+        for table in EXEMPLAR_TABLES:
             if self.atlas.has(table):
                 columns = self.db.sql(f"SELECT * FROM {table} LIMIT 0").column_names
                 selects.append(f"SELECT {', '.join(c for c in columns if c != 'ierf_png')} "
@@ -447,21 +448,23 @@ class AtlasContent:
     def rows(self, query: str, key: str, order: str, n: int, value: int,
              limit: int | None = None) -> list[dict[str, Any]]:
         """The rows of `query` (a SELECT with a WHERE, holding int column `key` in 0..n-1)
-        whose `key` is `value`, in `order`, at most `limit`: sliced from the whole query's rows
+        whose `key` is `value`, in `order`, at most `limit`, without the `key` column: sliced from the whole query's rows
         kept in memory (`KeptRows`, read on first use) when it has at most ROWS_KEPT rows,
         else queried for this value alone."""
         kept = self._kept(query, key, order, n)
         if kept is not None:
             return kept.rows(value)[:limit]
         cut = f" LIMIT {limit}" if limit is not None else ""
-        return self.db.sql(f"{query} AND {key} = {value} ORDER BY {order}{cut}").to_pylist()
+        return (self.db.sql(f"{query} AND {key} = {value} ORDER BY {order}{cut}")
+                .drop_columns([key]).to_pylist())
 
     def _read_kept(self, query: str, key: str, order: str, n: int) -> KeptRows | None:
         total = self.db.sql(f"SELECT count(*) AS n FROM ({query})")["n"][0].as_py()
         if total > ROWS_KEPT:
             return None
         table = self.db.sql(f"{query} ORDER BY {key}, {order}")
-        return KeptRows(np.searchsorted(table[key].to_numpy(), np.arange(n + 1)), table)
+        return KeptRows(np.searchsorted(table[key].to_numpy(), np.arange(n + 1)),
+                        table.drop_columns([key]))
 
     def _edges(self, sae: dict[str, Any], latent: int, method: str
                ) -> dict[str, list[dict[str, Any]]]:
@@ -475,8 +478,6 @@ class AtlasContent:
         into = self.rows(f"SELECT dst_latent, src_layer AS layer, src_latent AS latent, weight, "
                          f"n_images {base} AND dst_layer = {literal(layer)}", "dst_latent",
                          "weight DESC", n, latent, NEIGHBOURS)
-        out = [{k: v for k, v in e.items() if k != "src_latent"} for e in out]
-        into = [{k: v for k, v in e.items() if k != "dst_latent"} for e in into]
         classes = [dict(e, name=self.class_name(e["latent"])) for e in out
                    if e["layer"] == "logits"][:NEIGHBOURS]
         feeds = [self._node(e) for e in out if e["layer"] != "logits"][:NEIGHBOURS]
