@@ -11,10 +11,11 @@ reported is the server's own (`Server-Timing: app;dur=`, from the request's arri
 to the response's start, waiting for a worker thread and the atlas lock included), so the
 clients' overhead is not counted; the wall time clients saw is reported too. `cold`: the first
 request of each URL in a fresh server (the page not yet built, no picture cached; the server
-reads each SAE's tables, weights and index at start); `warm`: the same URLs again. The synthetic atlas has one SAE
-of `L` latents (d_in 128, random decoder, a FAISS decoder index), `A` activation rows over
-50,000 images, 4 exemplars per latent with iERF PNGs and 8 ICAT edges per latent; it has no
-images to draw, so only pages are timed there (the pictures are timed on a real atlas).
+reads each SAE's tables, weights and index at start); `warm`: the same URLs again. The
+synthetic atlas has one SAE of `L` latents (d_in 128, random decoder, a FAISS decoder index),
+`A` activation rows over 50,000 images, 4 exemplars per latent with iERF PNGs and 8 ICAT edges
+per latent; it has no images to draw, so only pages are timed there (the pictures are timed on
+a real atlas). Needs the `serve` and `bench` extras (aiohttp).
 """
 from __future__ import annotations
 
