@@ -491,6 +491,35 @@ def test_similar_returns_the_latent_itself_first(atlas) -> None:
     assert other["latent"] == int(np.argmax(b @ a))
 
 
+def test_similar_many_equals_a_brute_force_and_each_single_query(atlas) -> None:
+    # every latent of layer4-a against both layer4 SAEs, by a dense cosine matrix
+    a = idx.decoder_vectors(atlas.sae("layer4-a"))
+    both = np.concatenate([a, idx.decoder_vectors(atlas.sae("layer4-b"))])
+    owner = ["layer4-a"] * len(a) + ["layer4-b"] * (len(both) - len(a))
+    many = atlas.similar_many("layer4-a", k=6).to_pylist()
+    assert len(many) == 6 * len(a)
+    for q in range(len(a)):
+        got = many[6 * q:6 * q + 6]
+        assert {r["of_latent"] for r in got} == {q}
+        assert (got[0]["sae_id"], got[0]["latent"]) == ("layer4-a", q)
+        sims = both @ a[q]
+        want = np.argsort(-sims, kind="stable")[:6]
+        assert [r["similarity"] for r in got] == pytest.approx(sims[want].tolist(), abs=1e-5)
+        # the same neighbours (ties aside, which the dense matrix may order otherwise)
+        if np.all(np.diff(sims[want]) < -1e-6):
+            assert [(r["sae_id"], r["latent"]) for r in got] == \
+                [(owner[i], int(i if i < len(a) else i - len(a))) for i in want]
+        single = atlas.similar("layer4-a", q, k=6, hints=False).to_pylist()
+        assert [(r["sae_id"], r["latent"]) for r in got] == \
+            [(r["sae_id"], r["latent"]) for r in single]
+    # chosen latents, in the order given, of one SAE only
+    some = atlas.similar_many("layer4-a", [9, 2], k=3, layers=["layer4-a"])
+    assert some["of_latent"].to_pylist() == [9] * 3 + [2] * 3
+    assert set(some["sae_id"].to_pylist()) == {"layer4-a"}
+    with pytest.raises(ValueError, match=r"latent 64 is out of range .* valid latents are 0\.\.63"):
+        atlas.similar_many("layer4-a", [1, 64])
+
+
 def test_similar_across_widths_is_refused_naming_the_comparable_layers(atlas) -> None:
     with pytest.raises(ValueError, match=r"layer2 \(d_in=32\) with layer4 .*comparable: "
                                          r"layer2 \(layer2-a\)"):

@@ -164,17 +164,22 @@ def test_latent_page_equals_the_tables_and_the_indexes(client, atlas) -> None:
 
 def test_latent_pages_from_kept_rows_equal_per_latent_queries(atlas, monkeypatch) -> None:
     """A latent page slices its exemplars and ICAT edges from rows read once per SAE
-    (`KeptRows`); an atlas whose tables exceed ROWS_KEPT is queried per latent instead. Both
-    give every latent of both SAEs the same page, with each method's edges."""
+    (`KeptRows`), and its decoder neighbours from a search of all the SAE's latents at start;
+    an atlas whose tables exceed ROWS_KEPT, or an SAE over NEIGHBOURS_KEPT_PAIRS, is queried
+    per latent instead. Both give every latent of both SAEs the same page, with each method's
+    edges."""
     from pipeline.browser import content as content_module
 
     kept = content_module.AtlasContent(atlas)
     monkeypatch.setattr(content_module, "ROWS_KEPT", 0)
+    monkeypatch.setattr(content_module, "NEIGHBOURS_KEPT_PAIRS", 0)
     queried = content_module.AtlasContent(atlas)
     sae = next(iter(kept.saes.values()))
     read = (f"{kept._exemplar_selects[0]} WHERE sae_id = '{sae['sae_id']}'", "latent",
             "kind DESC, rank", int(sae["n_latents"]))
     assert kept._kept(*read) is not None and queried._kept(*read) is None
+    assert all(kept._neighbours(s) is not None and queried._neighbours(s) is None
+               for s in kept.saes)
     pages = 0
     for sae in kept.saes.values():
         for latent in range(int(sae["n_latents"])):
@@ -183,6 +188,7 @@ def test_latent_pages_from_kept_rows_equal_per_latent_queries(atlas, monkeypatch
                 b = queried.latent(sae["sae_id"], latent, method)
                 assert a == b, (sae["sae_id"], latent, method)
                 pages += bool(a["exemplars"]) and bool(a["edges"]["fed_by"] or a["edges"]["feeds"])
+                assert len(a["similar"]["rows"]) == content_module.NEIGHBOURS
     assert pages > 10  # pages with exemplars and edges were compared, not only empty ones
 
 

@@ -50,6 +50,11 @@ ACTIVATIONS_KEPT = 20_000_000
 # a cold latent page slices them instead of running three Parquet queries (40 of its 65 ms on
 # the 16k-latent atlas, docs/browser.md "Speed"); a larger table is queried per latent
 ROWS_KEPT = 5_000_000
+# an SAE's decoder neighbours are searched for all its latents at once, at start, when that is
+# at most this many (latent, indexed direction) pairs: 16k x 16k takes about 1.5 s, and a cold
+# latent page then slices them instead of its own FAISS search (2 of its 7 ms; docs/browser.md
+# "Speed"); a larger SAE searches per latent
+NEIGHBOURS_KEPT_PAIRS = 16_384 * 16_384
 
 
 @dataclass(frozen=True)
@@ -107,13 +112,14 @@ class AtlasContent:
         self._image_pages = functools.lru_cache(maxsize=IMAGES_KEPT)(self._image_page)
         self._sae_activations = functools.lru_cache(maxsize=4)(self._read_sae_activations)
         self._kept = functools.lru_cache(maxsize=64)(self._read_kept)
+        self._neighbours = functools.lru_cache(maxsize=None)(self._read_neighbours)
         self._class_names: list[str] | None | bool = False
         # what every page asks, read once before any request (no two threads compute them)
         for name in ("fingerprint", "saes", "layers", "_with_exemplars", "_names", "methods"):
             getattr(self, name)  # a cached_property: computed and kept now
         # and what the first latent page of each SAE would otherwise load while a user waits
-        # (about 200 ms of a cold page): its latents rows, histogram values, weights and
-        # decoder index
+        # (about 200 ms of a cold page): its latents rows, histogram values, weights, decoder
+        # index and every latent's neighbours
         for sae_id in self.saes:
             if self.atlas.has("latent_stats"):
                 self.sae_latents(sae_id)
@@ -126,6 +132,7 @@ class AtlasContent:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 self.atlas.sae(sae_id)
                 self.atlas.index("decoder", sae_id)
+                self._neighbours(sae_id)
 
     @property
     def db(self) -> Atlas:
@@ -495,13 +502,28 @@ class AtlasContent:
     def _similar(self, sae_id: str, latent: int) -> dict[str, Any]:
         """FAISS neighbours by decoder direction, or why there are none."""
         try:
-            rows = self.db.similar(sae_id, latent, k=NEIGHBOURS + 1, hints=False).to_pylist()
+            kept = self._neighbours(sae_id)
+            rows = (kept.rows(latent) if kept is not None else
+                    self.db.similar(sae_id, latent, k=NEIGHBOURS + 1, hints=False).to_pylist())
         except (FileNotFoundError, ValueError) as exc:
             return {"rows": [], "note": str(exc)}
-        rows = [dict(r, slug=self.slug(r["sae_id"]), thumb=self.has_exemplar(r["sae_id"], r["latent"]),
-                     label_hint=self.label_hint(r["sae_id"], r["latent"]))
+        rows = [{"layer": r["layer"], "sae_id": r["sae_id"], "latent": r["latent"],
+                 "similarity": r["similarity"],
+                 "label_hint": self.label_hint(r["sae_id"], r["latent"]),
+                 "slug": self.slug(r["sae_id"]), "thumb": self.has_exemplar(r["sae_id"], r["latent"])}
                 for r in rows if (r["sae_id"], r["latent"]) != (sae_id, latent)]
         return {"rows": rows[:NEIGHBOURS], "note": None}
+
+    def _read_neighbours(self, sae_id: str) -> KeptRows | None:
+        """Every latent's NEIGHBOURS + 1 nearest (`Atlas.similar_many`), or None when the SAE
+        and its comparable indexes hold more than NEIGHBOURS_KEPT_PAIRS pairs."""
+        n = int(self.saes[sae_id]["n_latents"])
+        vectors = sum(self.db.index("decoder", t).index.ntotal for t in self.db.comparable(sae_id))
+        if n * vectors > NEIGHBOURS_KEPT_PAIRS:
+            return None
+        table = self.db.similar_many(sae_id, k=NEIGHBOURS + 1)
+        return KeptRows(np.searchsorted(table["of_latent"].to_numpy(), np.arange(n + 1)),
+                        table.drop_columns(["of_latent"]))
 
     def image(self, image_text: str | int, target: str | None = None,
               route_method: str = "grad_x_act") -> dict[str, Any]:
