@@ -235,6 +235,8 @@ def main() -> None:
     p.add_argument("--image-batch", type=int, default=8)
     p.add_argument("--forward-batch", type=int, default=128,
                    help="CafeOptions.forward_batch (perturbed images per forward)")
+    p.add_argument("--no-field-crop", action="store_true",
+                   help="CafeOptions.field_crop=False (full-image faithfulness forwards)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default="run", help="key of this run in --out")
@@ -247,7 +249,7 @@ def main() -> None:
     device = torch.device(args.device)
     opts = CafeOptions(faithfulness_per_latent=args.faithfulness_per_latent,
                        image_batch=args.image_batch, forward_batch=args.forward_batch,
-                       in_process=True)
+                       field_crop=not args.no_field_crop, in_process=True)
     with tempfile.TemporaryDirectory(prefix="cafe-stage-") as tmp:
         copy = Path(tmp) / "atlas"
         picks = subset(args.root, copy, args.images, args.seed)
@@ -271,7 +273,8 @@ def main() -> None:
         "png_bytes_mean": round(pc.mean(pc.binary_length(table["ierf_png"])).as_py(), 1),
         "options": {"faithfulness_per_latent": opts.faithfulness_per_latent,
                     "steps": opts.steps, "patch": opts.patch, "image_batch": opts.image_batch,
-                    "seed_chunk": opts.seed_chunk, "forward_batch": opts.forward_batch},
+                    "seed_chunk": opts.seed_chunk, "forward_batch": opts.forward_batch,
+                    "field_crop": opts.field_crop},
         "rates_from": f"{use} seconds",
         "kernel_wall_s": round(kernel_t.wall, 2), "kernel_cpu_s": round(kernel_t.cpu, 2),
         "stage_wall_s": round(stage_t.wall, 2), "stage_cpu_s": round(stage_t.cpu, 2),

@@ -343,7 +343,10 @@ def test_batched_faithfulness_equals_each_pick_checked_alone(atlas, tmp_path) ->
     """The stage streams the perturbed images of all checked picks of an image batch through
     shared forward passes (forward_batch 7 < the 20 images of a pick, so batches straddle
     picks); every AUC equals the pick's check run alone, as the stage did it before: its own
-    iERF (one seed, one image), its own seeded orders, its 20 images in one forward."""
+    iERF (one seed, one image), its own seeded orders, its 20 images in one forward of the
+    whole image. The stage cropped both layers' images to each position's receptive field
+    (`fieldcrop`; this untrained model's residual branches start at zero, so its fields are
+    narrow)."""
     from jobs.cafe import run
     from pipeline.cafe import CafeWorker
     from pipeline.cafe.faithfulness import rows_per_exemplar
@@ -357,6 +360,8 @@ def test_batched_faithfulness_equals_each_pick_checked_alone(atlas, tmp_path) ->
     checked = [r for r in read_rows(root) if r["ins_auc_ierf"] is not None]
     assert len({r["layer"] for r in checked}) == 2 and len(checked) >= 6
     worker = CafeWorker(plan_cafe(root, opts).context)
+    for layer in ("layer2", "layer4"):
+        assert worker.crop_of(layer, (128, 128)).size[0] < 128
     transform = make_transform(worker.ctx.data_config)
     pixels = {}  # image_id -> preprocessed image, over every extracted part
     for part, record in Manifest(root).records("extract").items():

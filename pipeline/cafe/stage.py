@@ -26,6 +26,7 @@ from torch import Tensor
 
 from pipeline import srd
 from pipeline.cafe import faithfulness, groundtruth
+from pipeline.cafe.fieldcrop import FieldCrop, field_crop
 from pipeline.cafe.ierf import as_shares, batched_latent_ierfs
 from pipeline.cafe.masks import act_masks, bbox, encode_png, iou, mass_masks, upsample
 from pipeline.data.errors import ErrorLog, ErrorRecord
@@ -92,6 +93,10 @@ class CafeOptions(ActorRuntime):
                              runtime=True, min=1)
     forward_batch: int = option(128, "perturbed images per forward pass of the faithfulness "
                                 "check", runtime=True, min=1)
+    field_crop: bool = option(True, "crop a CNN layer's faithfulness images to the checked "
+                              "position's receptive field where that is checked to be exact "
+                              "(pipeline/cafe/fieldcrop.py; equal up to float rounding)",
+                              runtime=True)
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,7 @@ class CafeWorker(PartProgress):
         self.model, self.device = self.loaded.model.eval(), self.loaded.device
         self.transform = make_transform(context.data_config)
         self._saes: dict[str, SAE] = {}
+        self._crops: dict[tuple[str, tuple[int, int]], FieldCrop | None] = {}
 
     def sae(self, sae_id: str) -> SAE:
         if sae_id not in self._saes:
@@ -365,6 +371,7 @@ class CafeWorker(PartProgress):
         if not checks:
             return []
         per = faithfulness.rows_per_exemplar(self.opt.steps)
+        crop = self.crop_of(layer, (x.shape[-2], x.shape[-1]))
 
         def images() -> Iterator[Tensor]:
             for _, i, pick, ierf, act_up in checks:
@@ -372,9 +379,11 @@ class CafeWorker(PartProgress):
                     f"{self.opt.seed}:{pick['sae_id']}:{pick['latent']}:{pick['image_id']}"
                     .encode()))
                 orders = faithfulness.patch_orders(ierf.cpu(), act_up.cpu(), self.opt.patch, gen)
-                yield faithfulness.perturbations(x[i], orders, self.opt.patch, self.opt.steps)
+                images = faithfulness.perturbations(x[i], orders, self.opt.patch, self.opt.steps)
+                yield images if crop is None else crop.crop(images, pick["position"])[0]
 
-        reads = [self.readout(p["sae_id"], p["latent"], p["position"])
+        reads = [self.readout(p["sae_id"], p["latent"],
+                              p["position"] if crop is None else crop.window(p["position"])[2])
                  for _, _, p, _, _ in checks]
         owner = torch.arange(len(checks)).repeat_interleave(per)
         values, lo = [], 0
@@ -387,6 +396,15 @@ class CafeWorker(PartProgress):
         curves = faithfulness.from_readouts(torch.cat(values).view(len(checks), per),
                                             self.opt.steps)
         return [faithfulness.aucs(c) for c in curves]
+
+    def crop_of(self, layer: str, shape: tuple[int, int]) -> FieldCrop | None:
+        """The receptive-field crops of `layer` at input `shape` (measured and checked once per
+        worker; None where they are off, not exact or not worth it: `fieldcrop.field_crop`)."""
+        if not self.opt.field_crop:
+            return None
+        if (layer, shape) not in self._crops:
+            self._crops[(layer, shape)] = field_crop(self.model, layer, shape, self.device)
+        return self._crops[(layer, shape)]
 
     def readout(self, sae_id: str, latent: int, position: int) -> Callable[[Tensor], Tensor]:
         """The latent's value at `position` from PFVs of its layer Tensor[B, P, C] -> [B]
