@@ -1,4 +1,4 @@
-"""Receptive-field crops for the faithfulness check (docs/method.md §6, "Cost").
+"""Receptive-field crops for the faithfulness check (docs/method.md §6, Faithfulness, "Cost").
 
 A position of a CNN layer reads only the pixels of its receptive field. The insertion /
 deletion images of a check on such a layer can therefore be cropped to a window holding that
@@ -71,7 +71,10 @@ def field_crop(model: nn.Module, layer: str, shape: tuple[int, int],
     worth it: a layer with special tokens or an input not a whole number of its cells, a
     field covering most of the image, a crop that changes a checked position's value."""
     gen = torch.Generator().manual_seed(seed)
-    probe = torch.randn(PROBE_IMAGES, 3, *shape, generator=gen).to(device)
+    # noise at spreads from half to 4x the preprocessed images': a unit that one spread leaves
+    # dead another wakes, so no path of the field is missed for want of a live unit
+    spread = torch.logspace(-1, 2, PROBE_IMAGES, base=2.0).view(-1, 1, 1, 1)
+    probe = (spread * torch.randn(PROBE_IMAGES, 3, *shape, generator=gen)).to(device)
     out = tap(model, probe, [layer])[layer]
     (gh, gw), (h, w) = out.grid, shape
     if bool(out.special.any()) or h % gh or w % gw:
@@ -87,8 +90,8 @@ def field_crop(model: nn.Module, layer: str, shape: tuple[int, int],
     crop = FieldCrop((cells[0] * stride[0], cells[1] * stride[1]), stride, reach, (gh, gw))
     if crop.size[0] * crop.size[1] > MAX_AREA * h * w:
         return None
-    # checked on other inputs than the field was measured on, at twice the spread
-    check = 2 * torch.randn(PROBE_IMAGES, 3, *shape, generator=gen).to(device)
+    # checked on other inputs than the field was measured on
+    check = (spread * torch.randn(PROBE_IMAGES, 3, *shape, generator=gen)).to(device)
     full = tap(model, check, [layer])[layer].values
     return crop if _exact(model, layer, crop, check, full, gen) else None
 
