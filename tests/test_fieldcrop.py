@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from pipeline.cafe.fieldcrop import FieldCrop, field_crop
+from pipeline.cafe.fieldcrop import FieldCrop, _exact, field_crop
 from pipeline.data.synthetic import render_sample
 from pipeline.models import load_model, make_transform, tap
 
@@ -56,6 +56,10 @@ def test_a_crop_reads_every_position_as_the_full_image(resnet, scenes) -> None:
     # the measured field is tight: one cell less on any side and some position reads wrong
     narrow = dataclasses.replace(crop, size=(56, 56), reach=(3, 3, 3, 3))
     assert _worst(model, "layer2", narrow, scenes) > 1e-3
+    # and the exactness check that field_crop runs refuses it
+    spread = torch.tensor([0.5, 1.0]).view(-1, 1, 1, 1)
+    assert _exact(model, "layer2", crop, spread, torch.Generator().manual_seed(1), "cpu")
+    assert not _exact(model, "layer2", narrow, spread, torch.Generator().manual_seed(1), "cpu")
 
 
 def test_no_crop_where_a_position_reads_the_whole_image() -> None:

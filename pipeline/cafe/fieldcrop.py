@@ -25,11 +25,12 @@ from torch import Tensor, nn
 
 from pipeline.models import tap
 
-# a crop must agree with the full forward to this, relative to the layer's largest value
-TOLERANCE = 1e-4
+# a crop must agree with the full forward to this, relative to the layer's largest value (on
+# the CPU the two were bit-identical; a GPU may pick other kernels for other sizes)
+TOLERANCE = 1e-5
 # random inputs the field is measured on, and positions an exactness check covers
 PROBE_IMAGES = 4
-CHECKED_POSITIONS = 48
+CHECKED_POSITIONS = 24
 # below this share of the full image's pixels a crop is not worth a check
 MAX_AREA = 0.6
 
@@ -90,10 +91,7 @@ def field_crop(model: nn.Module, layer: str, shape: tuple[int, int],
     crop = FieldCrop((cells[0] * stride[0], cells[1] * stride[1]), stride, reach, (gh, gw))
     if crop.size[0] * crop.size[1] > MAX_AREA * h * w:
         return None
-    # checked on other inputs than the field was measured on
-    check = (spread * torch.randn(PROBE_IMAGES, 3, *shape, generator=gen)).to(device)
-    full = tap(model, check, [layer])[layer].values
-    return crop if _exact(model, layer, crop, check, full, gen) else None
+    return crop if _exact(model, layer, crop, spread[:2], gen, device) else None
 
 
 def _field(model: nn.Module, layer: str, probe: Tensor, cell: tuple[int, int], gw: int
@@ -111,18 +109,27 @@ def _field(model: nn.Module, layer: str, probe: Tensor, cell: tuple[int, int], g
     return (int(ys[0]), int(ys[-1])), (int(xs[0]), int(xs[-1]))
 
 
-def _exact(model: nn.Module, layer: str, crop: FieldCrop, probe: Tensor, full: Tensor,
-           gen: torch.Generator) -> bool:
-    """Whether every crop of the checked positions reads what the full forward reads there."""
+def _exact(model: nn.Module, layer: str, crop: FieldCrop, spread: Tensor,
+           gen: torch.Generator, device: torch.device | str) -> bool:
+    """Whether a checked position reads the same from its window alone as from the whole image
+    with *other* noise outside the window, on inputs other than the field was measured on: a
+    pixel of the field left out, a misaligned grid or padding that differs all show."""
     gh, gw = crop.grid
+    h, w = crop.grid[0] * crop.stride[0], crop.grid[1] * crop.stride[1]
     corners = {0, gw - 1, (gh - 1) * gw, gh * gw - 1, (gh // 2) * gw, (gh // 2) * gw + gw - 1,
                gw // 2, (gh - 1) * gw + gw // 2, (gh // 2) * gw + gw // 2}
     rest = torch.randperm(gh * gw, generator=gen).tolist()
     positions = sorted(corners | set(rest[:max(CHECKED_POSITIONS - len(corners), 0)]))
-    scale = float(full.abs().max()) or 1.0
-    for position in positions:
-        window, at = crop.crop(probe, position)
-        got = tap(model, window, [layer])[layer].values[:, at]
-        if not math.isfinite(scale) or float((got - full[:, position]).abs().max()) > TOLERANCE * scale:
+    inside = (spread * torch.randn(len(spread), 3, h, w, generator=gen)).to(device)
+    outside = (spread * torch.randn(len(positions), len(spread), 3, h, w, generator=gen)).to(device)
+    for position, noise in zip(positions, outside):
+        top, left, at = crop.window(position)
+        rows, cols = slice(top, top + crop.size[0]), slice(left, left + crop.size[1])
+        image = noise.clone()
+        image[..., rows, cols] = inside[..., rows, cols]
+        full = tap(model, image, [layer])[layer].values[:, position]
+        got = tap(model, inside[..., rows, cols], [layer])[layer].values[:, at]
+        scale = float(full.abs().max())
+        if not math.isfinite(scale) or float((got - full).abs().max()) > TOLERANCE * max(scale, 1e-12):
             return False
     return True
