@@ -295,22 +295,25 @@ class Atlas:
         queries = (np.arange(n) if latents is None else
                    np.array([self.check_latent(src, q) for q in latents], dtype=np.int64))
         targets = self._comparable_targets(src, layers)
+        import torch
+
         from pipeline.atlas.index import normalise_rows
 
         # the index's rows of these latents (`index.decoder_vectors` normalises row by row)
-        directions = self.sae(src["sae_id"]).decoder_directions.detach().float().cpu().numpy()
-        query = normalise_rows(directions[queries])
+        directions = self.sae(src["sae_id"]).decoder_directions[torch.from_numpy(queries)]
+        query = normalise_rows(directions.detach().float().cpu().numpy())
         sims, names, layer_of, found, is_self = [], [], [], [], []
         for target in dict.fromkeys(targets):
             index = self.index("decoder", target)
             s, ids = index.search(query, k)
             valid = ids >= 0
-            at = np.where(valid, ids, 0)
-            lat = index.ids["latent"].to_numpy()[at]
-            sae_of = np.asarray(index.ids["sae_id"].to_pylist(), dtype=object)[at]
+            # the id rows of the hits only (an index may hold millions)
+            hits = index.ids.take(pa.array(np.where(valid, ids, 0).ravel()))
+            lat = hits["latent"].to_numpy().reshape(ids.shape)
+            sae_of = np.asarray(hits["sae_id"].to_pylist(), dtype=object).reshape(ids.shape)
             sims.append(np.where(valid, s, -np.inf))
             names.append(sae_of)
-            layer_of.append(np.asarray(index.ids["layer"].to_pylist(), dtype=object)[at])
+            layer_of.append(np.asarray(hits["layer"].to_pylist(), dtype=object).reshape(ids.shape))
             found.append(lat)
             is_self.append((sae_of == src["sae_id"]) & (lat == queries[:, None]) & valid)
         sim, name, lay, lat, me = (np.concatenate(a, axis=1) for a in
