@@ -3,17 +3,18 @@
 A position of a CNN layer reads only the pixels of its receptive field. The insertion /
 deletion images of a check on such a layer can therefore be cropped to a window holding that
 field: the latent at the position is the same number (up to float rounding) at a fraction of the
-forward's cost. On demo_resnet's layer2 at 128 px (field 51 px, stride 8) the crop is 64 px square,
-a quarter of the pixels; on ResNet-50 at 224 px the fields of layer1 and layer2 are 35 and
-99 px. A ViT's token mixes every patch: no crop.
+forward's cost. On demo_resnet's layer2 at 128 px (field 51 px, stride 8) the crop is 64 px
+square, a quarter of the pixels; on ResNet-50 at 224 px the windows of layer1 and layer2 are 40
+and 96 px. A ViT's token mixes every patch: no crop.
 
 The field is measured, not derived from the architecture (timm's CNNs have too many kinds of
 blocks to list): the gradient of a central position with respect to random inputs marks the
 pixels it reads, and the window is aligned to the layer's stride, so the crop's grid is a
-sub-grid of the full one. Whether a crop is exact is then *checked* on random inputs for
-positions in the corners, on the edges and inside: a layer whose crops differ from the full
-forward (a squeeze-excitation block's global pool, input-size-dependent padding) or whose
-window is the whole image gets no crop.
+sub-grid of the full one. Whether a crop is exact is then *checked* on other random inputs,
+for positions in the corners, on the edges and inside: each must read the same from its window
+alone as from the whole image with other noise outside the window. A layer that fails (a
+squeeze-excitation block's global pool, input-size-dependent padding, a field pixel the
+gradients missed) or whose window is most of the image gets no crop.
 """
 from __future__ import annotations
 
