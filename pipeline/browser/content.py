@@ -510,7 +510,8 @@ class AtlasContent:
         rows = [{"layer": r["layer"], "sae_id": r["sae_id"], "latent": r["latent"],
                  "similarity": r["similarity"],
                  "label_hint": self.label_hint(r["sae_id"], r["latent"]),
-                 "slug": self.slug(r["sae_id"]), "thumb": self.has_exemplar(r["sae_id"], r["latent"])}
+                 "slug": self.slug(r["sae_id"]),
+                 "thumb": self.has_exemplar(r["sae_id"], r["latent"])}
                 for r in rows if (r["sae_id"], r["latent"]) != (sae_id, latent)]
         return {"rows": rows[:NEIGHBOURS], "note": None}
 

@@ -130,7 +130,7 @@ def _exact(model: nn.Module, layer: str, crop: FieldCrop, spread: Tensor,
         image[..., rows, cols] = inside[..., rows, cols]
         full = tap(model, image, [layer])[layer].values[:, position]
         got = tap(model, inside[..., rows, cols], [layer])[layer].values[:, at]
-        scale = float(full.abs().max())
-        if not math.isfinite(scale) or float((got - full).abs().max()) > TOLERANCE * max(scale, 1e-12):
+        scale = max(float(full.abs().max()), 1e-12)
+        if not math.isfinite(scale) or float((got - full).abs().max()) > TOLERANCE * scale:
             return False
     return True
