@@ -79,3 +79,13 @@ def test_no_crop_where_a_position_reads_the_whole_image() -> None:
     assert crop is not None and crop.size[0] < 96
     images = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 96, 96)).astype("f4"))
     assert _worst(lite, "blocks.1", crop, images) < 1e-5
+
+
+def test_the_check_allows_for_tf32_convolutions_on_a_gpu(monkeypatch) -> None:
+    from pipeline.cafe.fieldcrop import TOLERANCE, TOLERANCE_TF32, tolerance_on
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert tolerance_on("cuda") == tolerance_on(torch.device("cuda", 0)) == TOLERANCE_TF32
+    assert tolerance_on("cpu") == TOLERANCE
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert tolerance_on("cuda") == TOLERANCE < TOLERANCE_TF32
