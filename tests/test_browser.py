@@ -421,7 +421,8 @@ def test_workers_and_page_threads_must_be_positive(built, capsys) -> None:
 
 def test_a_warm_latent_page_is_its_kept_html(atlas, tmp_path, monkeypatch) -> None:
     """A latent page's HTML is kept (HTML_KEPT, oldest out first): asked again it is the same
-    bytes without a second build; another query or the JSON twin is built on its own."""
+    bytes without a second build; another query or the JSON twin is built on its own. So is a
+    layer table's."""
     from pipeline.browser import app as app_module
 
     monkeypatch.setattr(app_module, "HTML_KEPT", 2)
@@ -437,6 +438,14 @@ def test_a_warm_latent_page_is_its_kept_html(atlas, tmp_path, monkeypatch) -> No
     assert len(calls) == 4
     client.get("/latents/layer4/4")  # a third page: /latents/layer4/3 is the oldest, dropped
     assert client.get("/latents/layer4/3").text == first and len(calls) == 6
+    # a layer table's page likewise, in the same HTML_KEPT
+    tables, real_layer = [], content.layer
+    monkeypatch.setattr(content, "layer", lambda *a, **k: tables.append(a) or real_layer(*a, **k))
+    page = client.get("/layers/layer2?sort=max_act&page=2").text
+    assert client.get("/layers/layer2?sort=max_act&page=2").text == page and len(tables) == 1
+    assert client.get("/layers/layer2?sort=max_act&page=1").text != page and len(tables) == 2
+    client.get("/layers/layer2?sort=max_act&page=2&format=json")
+    assert len(tables) == 3
 
 
 @pytest.mark.parametrize("threads", [1, 3])

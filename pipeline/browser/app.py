@@ -170,8 +170,8 @@ async def _too_large(limit: int, send: Callable) -> None:
 # 1, 4 or 8 and 735-900 ms on 40, where the threads spent the same pages' CPU twice over taking
 # turns (docs/browser.md "Speed")
 PAGE_THREADS = 2
-# latent pages kept as rendered HTML (20-50 kB each): a warm page then skips its Jinja2 render,
-# most of its 3 ms
+# latent and layer pages kept as rendered HTML (20-50 kB each): a warm page then skips its
+# Jinja2 render, most of its 3 ms (a layer table's 6 ms)
 HTML_KEPT = 512
 
 # `concept-atlas serve --workers N`: the settings each worker process builds its app from
@@ -224,8 +224,8 @@ def create_app(atlas: str | Atlas, cache: str | None = None, export: ExportPlan 
     static = str(resources.files("pipeline.browser").joinpath("static"))
     routes = [
         Route("/", views.paged(views.overview)),
-        Route("/layers/{layer}", views.paged(views.layer)),
-        Route("/latents/{layer}/{latent}", views.paged(views.latent)),
+        Route("/layers/{layer}", views.paged(views.kept_html(views.layer))),
+        Route("/latents/{layer}/{latent}", views.paged(views.kept_html(views.latent))),
         Route("/images/{image_id}", views.image),
         Route("/search", views.search, methods=["GET"]),
         Route("/search", views.upload, methods=["POST"]),
@@ -384,30 +384,36 @@ class _Views:
         return Markup("".join(out))
 
     def latent(self, request: Request) -> Response:
-        # the page depends on its path and query alone (the atlas does not change while it is
-        # served); an export renders each page once and records the pictures it links
-        key = (request.url.path, request.url.query)
-        html = request.query_params.get("format") != "json"
-        kept = html and self.export is None
-        if kept:
-            with self._html_lock:
-                body = self._html.get(key)
-                if body is not None:
-                    self._html.move_to_end(key)
-                    return HTMLResponse(body)
         method = request.query_params.get("method") or None
         data = self.content.latent(request.path_params["layer"], request.path_params["latent"],
                                    method)
-        if html:  # the content's dict is kept: add to a copy
+        if request.query_params.get("format") != "json":  # the content's dict is kept: a copy
             data = dict(data, hist_svg=histogram_svg(data["histogram"]),
                         figures=self.exemplar_figures(request.url.path, data))
-        response = self.page(request, "latent.html", data)
-        if kept:
-            with self._html_lock:
-                self._html[key] = bytes(response.body)
-                while len(self._html) > HTML_KEPT:
-                    self._html.popitem(last=False)
-        return response
+        return self.page(request, "latent.html", data)
+
+    def kept_html(self, view: Callable[[Request], Response]) -> Callable[[Request], Response]:
+        """`view` with its HTML pages kept as bytes, the last HTML_KEPT of them: such a page
+        depends on its path and query alone (the atlas does not change while it is served).
+        Not in an export, which renders each page once and records the pictures it links;
+        the JSON twins are built each time."""
+        def endpoint(request: Request) -> Response:
+            key = (request.url.path, request.url.query)
+            kept = request.query_params.get("format") != "json" and self.export is None
+            if kept:
+                with self._html_lock:
+                    body = self._html.get(key)
+                    if body is not None:
+                        self._html.move_to_end(key)
+                        return HTMLResponse(body)
+            response = view(request)
+            if kept:
+                with self._html_lock:
+                    self._html[key] = bytes(response.body)
+                    while len(self._html) > HTML_KEPT:
+                        self._html.popitem(last=False)
+            return response
+        return endpoint
 
     def image(self, request: Request) -> Response:
         p = request.query_params
