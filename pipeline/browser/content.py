@@ -51,7 +51,7 @@ ACTIVATIONS_KEPT = 20_000_000
 # the 16k-latent atlas, docs/browser.md "Speed"); a larger table is queried per latent
 ROWS_KEPT = 5_000_000
 # an SAE's decoder neighbours are searched for all its latents at once, at start, when that is
-# at most this many (latent, indexed direction) pairs: 16k x 16k takes about 1.5 s, and a cold
+# at most this many (latent, indexed direction) pairs: 16k x 16k takes about 1 s, and a cold
 # latent page then slices them instead of its own FAISS search (2 of its 7 ms; docs/browser.md
 # "Speed"); a larger SAE searches per latent
 NEIGHBOURS_KEPT_PAIRS = 16_384 * 16_384
