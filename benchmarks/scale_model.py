@@ -27,7 +27,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pipeline.models import load_model  # noqa: E402
+from pipeline.cafe.fieldcrop import field_crop  # noqa: E402
+from pipeline.models import load_model, tap  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_IMAGES = 1_281_167          # ImageNet-1k train
@@ -71,6 +72,30 @@ def model_facts(name: str) -> dict[str, float]:
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def check_fractions(name: str) -> dict[str, float]:
+    """Per tapped layer: the FLOPs of one faithfulness forward as the cafe stage runs it (the
+    forward stops at the layer, and reads only the receptive-field crop where
+    `pipeline.cafe.fieldcrop` finds an exact one) over a full forward's, random weights at 224 px.
+    ResNet-50 without timm's zero-initialised last BatchNorm of each residual branch: those
+    zeros would make an untrained network's fields, and so its crops, far narrower than a
+    trained one's."""
+    kwargs = {"zero_init_last": False} if name.startswith("resnet") else {}
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+
+    def flops(run) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            run()
+        return counter.get_total_flops()
+
+    full = flops(lambda: model(torch.randn(1, 3, 224, 224)))
+    out = {}
+    for layer, _, _ in LAYERS[name]:
+        crop = field_crop(model, layer, (224, 224))
+        size = crop.size if crop is not None else (224, 224)
+        out[layer] = flops(lambda: tap(model, torch.randn(1, 3, *size), [layer])) / full
+    return out
+
+
 def cpu_rates(cafe: dict) -> dict[str, float]:
     """Per-exemplar costs of the CAFE stage in CPU seconds (demo_resnet, 128 px), from the
     stage/kernel benchmark run `after` (rates of the same code at the demo density)."""
@@ -85,8 +110,9 @@ def cpu_rates(cafe: dict) -> dict[str, float]:
 
 
 def estimate(name: str, facts: dict, demo: dict, rates: dict, h100_kernel: list[float],
-             icat_forwards: float, png_bytes_128: float) -> dict:
-    """GPU-seconds, storage and memory of every stage for one model (docs/scale.md §2)."""
+             icat_forwards: float, png_bytes_128: float, checks_at: dict[str, float]) -> dict:
+    """GPU-seconds, storage and memory of every stage for one model (docs/scale.md §2);
+    `checks_at`: `check_fractions` of the model."""
     fwd = 1.0 / H100_FORWARD_IMG_S[name]                       # GPU-s per forward
     layers = LAYERS[name]
     scale = facts["flops"] / demo["flops"]
@@ -104,12 +130,16 @@ def estimate(name: str, facts: dict, demo: dict, rates: dict, h100_kernel: list[
         "scan": sum(N_IMAGES * min(p, POSITIONS) * 2 * c * LATENTS
                     for _, p, c in layers) / H100_MATMUL_FLOP_S,
         "cafe_ierf_low": exemplars * ierf_low, "cafe_ierf_high": exemplars * ierf_high,
-        "cafe_faithfulness": checks * per_check * fwd,
+        # each check's forwards stop at the layer and read its crop (`check_fractions`)
+        "cafe_faithfulness": sum(LATENTS * CHECKED * per_check * fwd * checks_at[layer]
+                                 for layer, _, _ in layers),
+        "cafe_faithfulness_full_forwards": checks * per_check * fwd,
         "icat": ICAT_IMAGES * icat_forwards * fwd * len(layers) / 2,  # demo: 2 pairs
     }
     host_s = {"cafe_png_masks_host": exemplars * host}
-    low = sum(v for k, v in gpu_s.items() if k != "cafe_ierf_high")
-    high = sum(v for k, v in gpu_s.items() if k != "cafe_ierf_low")
+    summed = {k: v for k, v in gpu_s.items() if k != "cafe_faithfulness_full_forwards"}
+    low = sum(v for k, v in summed.items() if k != "cafe_ierf_high")
+    high = sum(v for k, v in summed.items() if k != "cafe_ierf_low")
     pfv_all = sum(p * c for _, p, c in layers) * 2 * N_IMAGES
     storage = {
         "shards (ImageNet JPEG)": 140e9,
@@ -132,8 +162,10 @@ def estimate(name: str, facts: dict, demo: dict, rates: dict, h100_kernel: list[
     }
     return {"flops_per_forward": facts["flops"], "flops_vs_demo": round(scale, 1),
             "exemplars": exemplars, "checked_exemplars": checks,
+            "check_forward_fractions": {k: round(v, 4) for k, v in checks_at.items()},
             "gpu_s_per_exemplar": {"ierf_low": ierf_low, "ierf_high": ierf_high,
-                                   "faithfulness": CHECKED / EXEMPLARS * per_check * fwd},
+                                   "faithfulness": CHECKED / EXEMPLARS * per_check * fwd
+                                   * sum(checks_at.values()) / len(checks_at)},
             "gpu_hours": {k: round(v / 3600, 2) for k, v in gpu_s.items()},
             "gpu_hours_total": [round(low / 3600, 1), round(high / 3600, 1)],
             "wall_hours_on_8_gpus": [round(low / 3600 / GPUS, 2), round(high / 3600 / GPUS, 2)],
@@ -172,7 +204,7 @@ def main() -> None:
         "models": {n: {k: facts[n][k] for k in ("flops", "activations", "max_activation",
                                                  "params")} for n in facts},
         "estimates": {n: estimate(n, facts[n], facts["demo_resnet"], rates, h100_kernel,
-                                  icat_forwards, kept)
+                                  icat_forwards, kept, check_fractions(n))
                       for n in ("resnet50", "vit_base_patch16_224")},
     }
     text = json.dumps(result, indent=2, default=float)
