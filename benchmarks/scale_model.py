@@ -7,8 +7,9 @@ Measured inputs: the CAFE stage/kernel benchmark (benchmarks/results/cafe_stage_
 seconds per iERF, per perturbed-image forward and of host work per exemplar, demo_resnet at
 128 px), the H100 iERF kernel (benchmarks/results/ierf_masks_h100.json, demo_resnet), the CPU
 ICAT benchmark (benchmarks/results/icat_cpu.json, all four methods), the forward FLOPs and
-activation sizes of the three models (counted here with torch.utils.flop_counter, random
-weights, one image). ASSUMED (no GPU was available to this task) and listed in the JSON: the
+activation sizes of the three models, and the share of a full forward that a faithfulness
+check's forward costs on each tapped layer (stopped at the layer, on its receptive-field crop)
+(counted here with torch.utils.flop_counter, random weights, one image). ASSUMED (no GPU was available to this task) and listed in the JSON: the
 H100 forward rates of ResNet-50 and ViT-B/16 and the matmul throughput of SAE training and
 the scan. Every formula is in docs/scale.md; each stage's function below is one of them.
 """
