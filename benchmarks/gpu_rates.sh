@@ -14,7 +14,7 @@
 #   benchmarks/gpu_rates.sh ATLAS [OUT]
 #     ATLAS: an atlas with extraction, SAEs and the scan's exemplar picks (the CAFE benchmark's
 #            atlas, docs/scale.md "Commands"); OUT: default benchmarks/results
-#   DEVICE=cpu SMOKE=1 benchmarks/gpu_rates.sh ATLAS /tmp/rates   # the same wiring in seconds
+#   DEVICE=cpu SMOKE=1 benchmarks/gpu_rates.sh ATLAS rates_smoke   # the same wiring in a minute
 #   PYTHON=python3.12 ...                                         # another interpreter
 set -euo pipefail
 
