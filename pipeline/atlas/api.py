@@ -289,15 +289,16 @@ class Atlas:
         hints: the SIMILAR_MANY rows, each query latent's `k` nearest (itself first) under
         `of_latent`, queries in the order given. One batched search per index: on a
         16,384-latent SAE the whole SAE takes about as long as a thousand single queries."""
+        import torch
+
+        from pipeline.atlas.index import normalise_rows
+
         _check_k(k)
         src = self.resolve_sae(layer)
         n = int(src["n_latents"])
         queries = (np.arange(n) if latents is None else
                    np.array([self.check_latent(src, q) for q in latents], dtype=np.int64))
         targets = self._comparable_targets(src, layers)
-        import torch
-
-        from pipeline.atlas.index import normalise_rows
 
         # the index's rows of these latents (`index.decoder_vectors` normalises row by row)
         directions = self.sae(src["sae_id"]).decoder_directions[torch.from_numpy(queries)]

@@ -65,6 +65,12 @@ class KeptRows:
     offsets: np.ndarray
     table: pa.Table
 
+    @classmethod
+    def of(cls, table: pa.Table, key: str, n: int) -> KeptRows:
+        """`table` (sorted by int column `key` in 0..n-1) kept by key, without that column."""
+        return cls(np.searchsorted(table[key].to_numpy(), np.arange(n + 1)),
+                   table.drop_columns([key]))
+
     def rows(self, key: int) -> list[dict[str, Any]]:
         if not 0 <= key < len(self.offsets) - 1:
             return []
@@ -455,9 +461,9 @@ class AtlasContent:
     def rows(self, query: str, key: str, order: str, n: int, value: int,
              limit: int | None = None) -> list[dict[str, Any]]:
         """The rows of `query` (a SELECT with a WHERE, holding int column `key` in 0..n-1)
-        whose `key` is `value`, in `order`, at most `limit`, without the `key` column: sliced from the whole query's rows
-        kept in memory (`KeptRows`, read on first use) when it has at most ROWS_KEPT rows,
-        else queried for this value alone."""
+        whose `key` is `value`, in `order`, at most `limit`, without the `key` column: sliced
+        from the whole query's rows kept in memory (`KeptRows`, read on first use) when it has
+        at most ROWS_KEPT rows, else queried for this value alone."""
         kept = self._kept(query, key, order, n)
         if kept is not None:
             return kept.rows(value)[:limit]
@@ -469,9 +475,7 @@ class AtlasContent:
         total = self.db.sql(f"SELECT count(*) AS n FROM ({query})")["n"][0].as_py()
         if total > ROWS_KEPT:
             return None
-        table = self.db.sql(f"{query} ORDER BY {key}, {order}")
-        return KeptRows(np.searchsorted(table[key].to_numpy(), np.arange(n + 1)),
-                        table.drop_columns([key]))
+        return KeptRows.of(self.db.sql(f"{query} ORDER BY {key}, {order}"), key, n)
 
     def _edges(self, sae: dict[str, Any], latent: int, method: str
                ) -> dict[str, list[dict[str, Any]]]:
@@ -522,9 +526,8 @@ class AtlasContent:
         vectors = sum(self.db.index("decoder", t).index.ntotal for t in self.db.comparable(sae_id))
         if n * vectors > NEIGHBOURS_KEPT_PAIRS:
             return None
-        table = self.db.similar_many(sae_id, k=NEIGHBOURS + 1)
-        return KeptRows(np.searchsorted(table["of_latent"].to_numpy(), np.arange(n + 1)),
-                        table.drop_columns(["of_latent"]))
+        # similar_many lists the queries (here every latent) in order: sorted by of_latent
+        return KeptRows.of(self.db.similar_many(sae_id, k=NEIGHBOURS + 1), "of_latent", n)
 
     def image(self, image_text: str | int, target: str | None = None,
               route_method: str = "grad_x_act") -> dict[str, Any]:

@@ -80,14 +80,17 @@ def field_crop(model: nn.Module, layer: str, shape: tuple[int, int],
     # dead another wakes, so no path of the field is missed for want of a live unit
     spread = torch.logspace(-1, 2, PROBE_IMAGES, base=2.0).view(-1, 1, 1, 1)
     probe = (spread * torch.randn(PROBE_IMAGES, 3, *shape, generator=gen)).to(device)
-    out = tap(model, probe, [layer])[layer]
-    (gh, gw), (h, w) = out.grid, shape
-    if bool(out.special.any()) or h % gh or w % gw:
-        return None
-    stride = (h // gh, w // gw)
-    rows, cols = _field(model, layer, probe, (gh // 2, gw // 2), gw)
+    with torch.enable_grad():
+        x = probe.requires_grad_(True)
+        out = tap(model, x, [layer], grad=True)[layer]
+        (gh, gw), (h, w) = out.grid, shape
+        if bool(out.special.any()) or h % gh or w % gw:
+            return None
+        out.values[:, (gh // 2) * gw + gw // 2].sum().backward()
+    rows, cols = _field(x.grad)
     if rows is None:
         return None
+    stride = (h // gh, w // gw)
     # the cells holding the field's first and last pixels, counted from the position's own
     reach = (gh // 2 - rows[0] // stride[0], rows[1] // stride[0] - gh // 2,
              gw // 2 - cols[0] // stride[1], cols[1] // stride[1] - gw // 2)
@@ -98,15 +101,10 @@ def field_crop(model: nn.Module, layer: str, shape: tuple[int, int],
     return crop if _exact(model, layer, crop, spread[:2], gen, device) else None
 
 
-def _field(model: nn.Module, layer: str, probe: Tensor, cell: tuple[int, int], gw: int
-           ) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
-    """(first, last) row and column of the pixels that the position at `cell` reads: where the
-    gradient of its channels' sum, over the probe images, is not zero."""
-    with torch.enable_grad():
-        x = probe.clone().requires_grad_(True)
-        values = tap(model, x, [layer], grad=True)[layer].values
-        values[:, cell[0] * gw + cell[1]].sum().backward()
-    read = x.grad.abs().sum((0, 1)) > 0
+def _field(grad: Tensor) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(first, last) row and column of the pixels that a position reads: where the gradient of
+    its channels' sum with respect to the probe images, Tensor[N, 3, H, W], is not zero."""
+    read = grad.abs().sum((0, 1)) > 0
     if not bool(read.any()):
         return None, None
     ys, xs = read.any(1).nonzero().flatten(), read.any(0).nonzero().flatten()
