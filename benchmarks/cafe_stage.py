@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -53,6 +54,7 @@ from pipeline.cafe import CafeOptions, CafeWorker, plan_cafe  # noqa: E402
 from pipeline.cafe.ierf import batched_latent_ierfs  # noqa: E402
 from pipeline.data.errors import ErrorLog  # noqa: E402
 from pipeline.data.shards import iter_samples  # noqa: E402
+from pipeline.host import keep_freed_memory  # noqa: E402
 from pipeline.store import Manifest, fs  # noqa: E402
 from schemas import EXEMPLAR_PICKS  # noqa: E402
 
@@ -241,6 +243,9 @@ def main() -> None:
                    help="time the kernel and the stage this many times each, alternating, and "
                         "keep the fastest of each (the CPU time of one computation varies by "
                         "up to 50%% between runs on a shared machine)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (a stage worker keeps freed memory: "
+                        "pipeline.host.keep_freed_memory)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default="run", help="key of this run in --out")
@@ -250,6 +255,9 @@ def main() -> None:
     p.add_argument("--compare", default=None, help="an exemplars table kept by --keep")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # as a stage worker does (jobs/parts.py), so that the kernel and the stage both run under it
+    malloc = "glibc default" if args.default_malloc else (
+        "freed memory kept" if keep_freed_memory() else "default (not glibc)")
     device = torch.device(args.device)
     opts = CafeOptions(faithfulness_per_latent=args.faithfulness_per_latent,
                        image_batch=args.image_batch, forward_batch=args.forward_batch,
@@ -284,7 +292,8 @@ def main() -> None:
                     "steps": opts.steps, "patch": opts.patch, "image_batch": opts.image_batch,
                     "seed_chunk": opts.seed_chunk, "forward_batch": opts.forward_batch,
                     "field_crop": opts.field_crop},
-        "rates_from": f"{use} seconds", "repeat": args.repeat,
+        "rates_from": f"{use} seconds", "repeat": args.repeat, "malloc": malloc,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "kernel_wall_s": round(kernel_t.wall, 2), "kernel_cpu_s": round(kernel_t.cpu, 2),
         "stage_wall_s": round(stage_t.wall, 2), "stage_cpu_s": round(stage_t.cpu, 2),
         "kernel_exemplars_per_s": round(n / kernel_s, 3),
@@ -299,7 +308,8 @@ def main() -> None:
                        ("stage (CafeWorker.run)", stage_t, stage_s)):
         print(f"{name:32s}{t.wall:10.2f}{t.cpu:10.2f}{n / s:14.3f}")
     print(f"stage / kernel rate: {kernel_s / stage_s:.3f}   ({n} exemplars, {faithful} with "
-          f"faithfulness curves, {result['images']} images)")
+          f"faithfulness curves, {result['images']} images; malloc: {malloc}, peak RSS "
+          f"{result['peak_rss_mb']} MB)")
     for cat, s in parts.items():
         print(f"  {cat:34s}{s:9.2f}s {100 * s / stage_s:6.1f}%")
     if diff is not None:

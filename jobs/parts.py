@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from jobs import interrupt
 from jobs.cluster import cluster_gpus, init_ray, local_device
 from pipeline.data.errors import ErrorRecord
+from pipeline.host import keep_freed_memory
 from pipeline.stage import ActorRuntime, PartProgress, TaskRuntime
 from pipeline.store import AtlasRoot, PartRecord
 
@@ -177,6 +178,7 @@ def _run_here(tasks: Sequence[T], execute: Actors | Tasks, runtime: ActorRuntime
               committer: PartCommitter) -> None:
     """Every part here, one after the other; each result or exception to the committer."""
     if isinstance(execute, Actors):
+        keep_freed_memory()  # this process is the worker (this setting stays changed)
         worker = execute.factory(*execute.args, device=local_device())
 
         def run_one(task: T) -> PartRecord:
@@ -212,6 +214,7 @@ class WorkerActor:
 
     def __init__(self, threads: int, factory: Callable[..., Any], *args: Any) -> None:
         torch.set_num_threads(max(1, threads))
+        keep_freed_memory()
         # a GPU only when Ray gave this actor one (num_gpus > 0), not merely when one is visible
         device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.worker = factory(*args, device=device)
