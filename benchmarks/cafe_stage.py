@@ -239,6 +239,8 @@ def main() -> None:
                    help="CafeOptions.forward_batch (perturbed images per forward)")
     p.add_argument("--no-field-crop", action="store_true",
                    help="CafeOptions.field_crop=False (full-image faithfulness forwards)")
+    p.add_argument("--no-patch-stem", action="store_true",
+                   help="CafeOptions.patch_stem=False (the stem computed on every image)")
     p.add_argument("--repeat", type=int, default=1,
                    help="time the kernel and the stage this many times each, alternating, and "
                         "keep the fastest of each (the CPU time of one computation varies by "
@@ -261,7 +263,8 @@ def main() -> None:
     device = torch.device(args.device)
     opts = CafeOptions(faithfulness_per_latent=args.faithfulness_per_latent,
                        image_batch=args.image_batch, forward_batch=args.forward_batch,
-                       field_crop=not args.no_field_crop, in_process=True)
+                       field_crop=not args.no_field_crop, patch_stem=not args.no_patch_stem,
+                       in_process=True)
     with tempfile.TemporaryDirectory(prefix="cafe-stage-") as tmp:
         copy = Path(tmp) / "atlas"
         picks = subset(args.root, copy, args.images, args.seed)
@@ -291,7 +294,7 @@ def main() -> None:
         "options": {"faithfulness_per_latent": opts.faithfulness_per_latent,
                     "steps": opts.steps, "patch": opts.patch, "image_batch": opts.image_batch,
                     "seed_chunk": opts.seed_chunk, "forward_batch": opts.forward_batch,
-                    "field_crop": opts.field_crop},
+                    "field_crop": opts.field_crop, "patch_stem": opts.patch_stem},
         "rates_from": f"{use} seconds", "repeat": args.repeat, "malloc": malloc,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "kernel_wall_s": round(kernel_t.wall, 2), "kernel_cpu_s": round(kernel_t.cpu, 2),

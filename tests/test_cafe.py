@@ -346,7 +346,7 @@ def test_batched_faithfulness_equals_each_pick_checked_alone(atlas, tmp_path) ->
     iERF (one seed, one image), its own seeded orders, its 20 images in one forward of the
     whole image. The stage cropped both layers' images to each position's receptive field
     (`fieldcrop`; this untrained model's residual branches start at zero, so its fields are
-    narrow)."""
+    narrow) and gathered the model's stem from 16 sums per pick (`stem`)."""
     from jobs.cafe import run
     from pipeline.cafe import CafeWorker
     from pipeline.cafe.faithfulness import rows_per_exemplar
@@ -361,7 +361,8 @@ def test_batched_faithfulness_equals_each_pick_checked_alone(atlas, tmp_path) ->
     assert len({r["layer"] for r in checked}) == 2 and len(checked) >= 6
     worker = CafeWorker(plan_cafe(root, opts).context)
     for layer in ("layer2", "layer4"):
-        assert worker.crop_of(layer, (128, 128)).size[0] < 128
+        size = worker.crop_of(layer, (128, 128)).size
+        assert size[0] < 128 and worker.stem_of(layer, size) is not None
     transform = make_transform(worker.ctx.data_config)
     pixels = {}  # image_id -> preprocessed image, over every extracted part
     for part, record in Manifest(root).records("extract").items():

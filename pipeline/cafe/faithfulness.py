@@ -61,39 +61,49 @@ def patch_orders(ierf: Tensor, act_up: Tensor, patch: int,
     }
 
 
-def step_masks(order: Tensor, shape: tuple[int, int], patch: int, steps: int) -> Tensor:
-    """Which pixels are switched after each inner step 1..steps-1: BoolTensor[steps-1, H, W].
+def shown(orders: dict[str, Tensor], steps: int) -> Tensor:
+    """Which patches show the image (not the baseline) in each image a faithfulness check of one
+    exemplar reads: BoolTensor[2 + 2 O (steps-1), P] for O orders of P patches (the stage's
+    three, ORDERS; a benchmark may rank by more maps).
 
-    After step i the first round(i * P / steps) patches of `order` are switched (step 0 is
-    none, step `steps` is all of them: those two images are shared by every order).
+    Row 0 is the unmodified image, row 1 the full baseline, then per order (in `orders`' order)
+    the deletion images of steps 1..steps-1 followed by the insertion images of the same steps.
+    After inner step i the first round(i * P / steps) patches of an order are switched (step 0
+    is none, step `steps` is all of them: those two images are rows 0 and 1, shared by every
+    order).
     """
-    h, w = shape
-    gh, gw = -(-h // patch), -(-w // patch)
-    n = gh * gw
-    rank = torch.empty(n, dtype=torch.long)
-    rank[order] = torch.arange(n)
+    n = len(next(iter(orders.values())))
+    rows = [torch.ones(1, n, dtype=torch.bool), torch.zeros(1, n, dtype=torch.bool)]
     counts = torch.round(torch.arange(1, steps) * n / steps).long()
-    on = rank[None, :] < counts[:, None]  # [steps-1, P]
-    grid = on.view(-1, gh, gw).repeat_interleave(patch, 1).repeat_interleave(patch, 2)
-    return grid[:, :h, :w]
+    for order in orders.values():
+        rank = torch.empty(n, dtype=torch.long)
+        rank[order] = torch.arange(n)
+        switched = rank[None, :] < counts[:, None]  # [steps-1, P]
+        rows += [~switched, switched]  # deletion: switched patches -> baseline; insertion: back
+    return torch.cat(rows)
+
+
+def patch_ids(shape: tuple[int, int], patch: int) -> Tensor:
+    """The patch (row-major, as `patch_mass`) of each pixel of an image: LongTensor[H, W]."""
+    h, w = shape
+    gw = -(-w // patch)
+    return (torch.arange(h) // patch)[:, None] * gw + (torch.arange(w) // patch)[None, :]
+
+
+def composites(image: Tensor, ids: Tensor, shown: Tensor, baseline: float = 0.0) -> Tensor:
+    """The images of `shown` BoolTensor[N, P]: each pixel from `image` Tensor[3, H, W] where
+    its patch (`ids` LongTensor[H, W], `patch_ids` or a crop of it) is shown, `baseline`
+    elsewhere: Tensor[N, 3, H, W]."""
+    pixels = shown[:, ids.to(shown.device)][:, None]
+    return torch.where(pixels.to(image.device), image, torch.full_like(image, baseline))
 
 
 def perturbations(image: Tensor, orders: dict[str, Tensor], patch: int, steps: int,
                   baseline: float = 0.0) -> Tensor:
-    """Every image a faithfulness check of one exemplar reads: Tensor[2 + 2 O (steps-1), 3, H, W]
-    for O orders (the stage's three, ORDERS; a benchmark may rank by more maps).
-
-    Row 0 is the unmodified image, row 1 the full baseline, then per order (in `orders`' order)
-    the deletion images of steps 1..steps-1 followed by the insertion images of the same steps.
-    """
-    base = torch.full_like(image, baseline)
-    rows = [image[None], base[None]]
-    for name in orders:
-        switched = step_masks(orders[name], tuple(image.shape[1:]), patch, steps)[:, None]
-        switched = switched.to(image.device)
-        rows.append(torch.where(switched, base, image))  # deletion: switched patches -> baseline
-        rows.append(torch.where(switched, image, base))  # insertion: switched patches -> image
-    return torch.cat(rows)
+    """Every image a faithfulness check of one exemplar reads, in the rows of `shown`:
+    Tensor[2 + 2 O (steps-1), 3, H, W]."""
+    return composites(image, patch_ids(tuple(image.shape[1:]), patch), shown(orders, steps),
+                      baseline)
 
 
 def rows_per_exemplar(steps: int) -> int:

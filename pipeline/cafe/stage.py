@@ -29,6 +29,7 @@ from pipeline.cafe import faithfulness, groundtruth
 from pipeline.cafe.fieldcrop import FieldCrop, field_crop
 from pipeline.cafe.ierf import as_shares, batched_latent_ierfs
 from pipeline.cafe.masks import act_masks, bbox, encode_png, iou, mass_masks, upsample
+from pipeline.cafe.stem import PatchStem, compose, patch_stem, substituted
 from pipeline.data.errors import ErrorLog, ErrorRecord
 from pipeline.data.shards import iter_samples
 from pipeline.models import make_transform, tap
@@ -97,6 +98,10 @@ class CafeOptions(ActorRuntime):
                               "position's receptive field where that is checked to be exact "
                               "(pipeline/cafe/fieldcrop.py; equal up to float rounding)",
                               runtime=True)
+    patch_stem: bool = option(True, "compute a CNN's first convolution and the per-position "
+                              "modules after it on the faithfulness images from 16 sums per "
+                              "image where that is checked to be exact (pipeline/cafe/stem.py; "
+                              "equal up to float rounding)", runtime=True)
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,7 @@ class CafeWorker(PartProgress):
         self.transform = make_transform(context.data_config)
         self._saes: dict[str, SAE] = {}
         self._crops: dict[tuple[str, tuple[int, int]], FieldCrop | None] = {}
+        self._stems: dict[tuple[str, tuple[int, int]], PatchStem | None] = {}
 
     def sae(self, sae_id: str) -> SAE:
         if sae_id not in self._saes:
@@ -363,36 +369,67 @@ class CafeWorker(PartProgress):
                       ) -> list[dict[str, float | None]]:
         """The AUC columns of each checked pick of `layer` on the image batch `x`.
 
-        Every pick's 2 + 6 (steps - 1) perturbed images (`faithfulness.perturbations`) stream
-        through the model `forward_batch` at a time, across picks; each image's readout is its
-        own pick's latent at the pick's position (`readout`), so a pick's curves are the ones it
-        gets alone, up to float rounding of the batched forward.
+        Every pick's 2 + 6 (steps - 1) perturbed images (`faithfulness.shown`) stream through
+        the model `forward_batch` at a time, across picks; each image's readout is its own pick's
+        latent at the pick's position (`readout`), so a pick's curves are the ones it gets
+        alone, up to float rounding of the batched forward. Where they are exact, the images are
+        cropped to the position's receptive field (`crop_of`) and the model's stem is gathered
+        from 16 sums per pick (`stem_of`).
         """
         if not checks:
             return []
         per = faithfulness.rows_per_exemplar(self.opt.steps)
-        crop = self.crop_of(layer, (x.shape[-2], x.shape[-1]))
+        shape = (x.shape[-2], x.shape[-1])
+        crop = self.crop_of(layer, shape)
+        size = shape if crop is None else crop.size
+        stem = self.stem_of(layer, size)
+        ids = faithfulness.patch_ids(shape, self.opt.patch).to(x.device)
+        # (top, left, position in the window) of each check's images
+        windows = [(0, 0, p["position"]) if crop is None else crop.window(p["position"])
+                   for _, _, p, _, _ in checks]
 
-        def images() -> Iterator[Tensor]:
-            for _, i, pick, ierf, act_up in checks:
+        def shown() -> Iterator[Tensor]:
+            for _, _, pick, ierf, act_up in checks:
                 gen = torch.Generator().manual_seed(zlib.crc32(
                     f"{self.opt.seed}:{pick['sae_id']}:{pick['latent']}:{pick['image_id']}"
                     .encode()))
                 orders = faithfulness.patch_orders(ierf.cpu(), act_up.cpu(), self.opt.patch, gen)
-                images = faithfulness.perturbations(x[i], orders, self.opt.patch, self.opt.steps)
-                yield images if crop is None else crop.crop(images, pick["position"])[0]
+                yield faithfulness.shown(orders, self.opt.steps)
 
-        reads = [self.readout(p["sae_id"], p["latent"],
-                              p["position"] if crop is None else crop.window(p["position"])[2])
-                 for _, _, p, _, _ in checks]
+        def cut(j: int) -> tuple[Tensor, Tensor]:
+            """Check j's image and patch ids in its window."""
+            top, left, _ = windows[j]
+            rows, cols = slice(top, top + size[0]), slice(left, left + size[1])
+            return x[checks[j][1]][:, rows, cols], ids[rows, cols]
+
+        reads = [self.readout(p["sae_id"], p["latent"], at)
+                 for (_, _, p, _, _), (_, _, at) in zip(checks, windows)]
         owner = torch.arange(len(checks)).repeat_interleave(per)
         values, lo = [], 0
-        for batch in faithfulness.rebatch(images(), self.opt.forward_batch):
-            pfvs = tap(self.model, batch.to(self.device), [layer])[layer].values
+        tables: dict[int, Tensor] = {}  # a check's stem sums, from its first to its last row
+        for batch in faithfulness.rebatch(shown(), self.opt.forward_batch):
             rows = owner[lo:lo + len(batch)]
-            for j in rows.unique().tolist():
-                values.append(reads[j](pfvs[(rows == j).to(pfvs.device)]).float().cpu())
+            own = [(j, rows == j) for j in rows.unique().tolist()]
+            if stem is None:
+                images = [faithfulness.composites(*cut(j), batch[sel]) for j, sel in own]
+                pfvs = tap(self.model, torch.cat(images), [layer])[layer].values
+            else:
+                segments = []
+                for j, sel in own:
+                    window = stem.window(shape, *windows[j][:2], size)
+                    if j not in tables:
+                        tables[j] = stem.table(self.model, cut(j)[0], window)
+                    segments.append((tables[j], window, batch[sel]))
+                # the stem ignores the images passed: any values, already in the tap's layout
+                unread = torch.empty(len(batch), 3, *size, device=x.device,
+                                     memory_format=torch.channels_last)
+                with substituted(self.model, stem, compose(segments)):
+                    pfvs = tap(self.model, unread, [layer])[layer].values
             lo += len(batch)
+            for j, sel in own:
+                values.append(reads[j](pfvs[sel.to(pfvs.device)]).float().cpu())
+                if (j + 1) * per <= lo:
+                    tables.pop(j, None)
         curves = faithfulness.from_readouts(torch.cat(values).view(len(checks), per),
                                             self.opt.steps)
         return [faithfulness.aucs(c) for c in curves]
@@ -405,6 +442,16 @@ class CafeWorker(PartProgress):
         if (layer, shape) not in self._crops:
             self._crops[(layer, shape)] = field_crop(self.model, layer, shape, self.device)
         return self._crops[(layer, shape)]
+
+    def stem_of(self, layer: str, shape: tuple[int, int]) -> PatchStem | None:
+        """The patch stem for checks of `layer` on inputs of `shape` (found and checked once per
+        worker; None where it is off, absent or not exact: `stem.patch_stem`)."""
+        if not self.opt.patch_stem:
+            return None
+        if (layer, shape) not in self._stems:
+            self._stems[(layer, shape)] = patch_stem(self.model, layer, shape, self.opt.patch,
+                                                     self.device)
+        return self._stems[(layer, shape)]
 
     def readout(self, sae_id: str, latent: int, position: int) -> Callable[[Tensor], Tensor]:
         """The latent's value at `position` from PFVs of its layer Tensor[B, P, C] -> [B]
