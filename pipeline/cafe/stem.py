@@ -39,7 +39,7 @@ from pipeline.models import tap
 # parity classes of patches (row even/odd x column even/odd) and their 2^4 shown/hidden sums
 CLASSES = 4
 SUMS = 2 ** CLASSES
-# composites per exactness check, and the crop offsets (in pixels, modulo the patch) it covers
+# random composites per patch-grid offset of the exactness check
 CHECKED_COMPOSITES = 8
 # modules that only hold others: their calls are looked through for the ones they make
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -180,7 +180,7 @@ def patch_stem(model: nn.Module, layer: str, shape: tuple[int, int], patch: int,
     if max(windows) > patch + 1:
         return None
     pointwise = []
-    for (_, previous, _, out), (next_name, module, next_args, _) in zip(calls, calls[1:]):
+    for (*_, out), (next_name, module, next_args, _) in zip(calls, calls[1:]):
         if not (len(next_args) == 1 and next_args[0] is out and _per_position(module, out, gen)):
             break
         pointwise.append(next_name)
