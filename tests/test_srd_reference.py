@@ -11,7 +11,8 @@ give bit-equal float64 convolutions only where the CPU's kernel sums them in the
 an AVX-512 CPU (`srd_reference_resnet50_avx512.npz`) breaks ties that an AVX2 one
 (`srd_reference_resnet50.npz`) keeps (astronaut: 462 tied windows against 476). So each fixture
 holds the official maps made on one kind of CPU, and the test uses the one whose tied windows
-this CPU reproduces."""
+this CPU reproduces (a CPU that reproduces neither fails, naming the command that makes
+one)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,15 +32,22 @@ FIXTURES = sorted((Path(__file__).parent / "data").glob("srd_reference_resnet50*
 @pytest.fixture(scope="module")
 def ref() -> dict[str, np.ndarray]:
     """The fixture made on a CPU that ties the same stem windows as this one."""
-    made = {}
+    fixtures = {}
     for path in FIXTURES:
         with np.load(path) as f:
-            data = dict(f)
-        ties = tied_windows(fixture_model(int(data["seed"])), normalise(data["pixels"])).tolist()
+            fixtures[path.name] = dict(f)
+    first = next(iter(fixtures.values()))
+    # every fixture ran the same model and photos, so this CPU's ties are counted once
+    assert all(int(f["seed"]) == int(first["seed"]) and np.array_equal(f["pixels"], first["pixels"])
+               for f in fixtures.values())
+    ties = tied_windows(fixture_model(int(first["seed"])), normalise(first["pixels"])).tolist()
+    for data in fixtures.values():
         if ties == data["tied_windows"].tolist():
             return data
-        made[path.name] = data["tied_windows"].tolist()
-    pytest.skip(f"this CPU ties {ties} stem windows per image, no fixture's CPU did ({made}): "
+    made = {name: f["tied_windows"].tolist() for name, f in fixtures.items()}
+    # a CPU of a third kind has no official maps to be checked against: that is a gap to close
+    # (with the command below), not a pass
+    pytest.fail(f"this CPU ties {ties} stem windows per image, no fixture's CPU did ({made}): "
                 f"make one here with benchmarks/srd_reference.py --out "
                 f"tests/data/srd_reference_resnet50_<cpu>.npz")
 
