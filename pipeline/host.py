@@ -5,7 +5,7 @@ large tensor of a CPU forward (a batch of feature maps: demo_resnet's stem outpu
 at 128 px is 96 MB) is new memory that the kernel must fault in and zero, page by page. Measured
 on demo_resnet at 128 px, one thread: a forward to layer4 took 3.2 ms per image, of which about
 half was those page faults; with freed memory kept for reuse it took 1.6 ms (the same as under
-tcmalloc), and the whole cafe stage ran 1.6x faster (docs/scale.md §1, "Allocator").
+tcmalloc), and the whole cafe stage ran 1.6x faster (docs/scale.md §1, "The allocator and patch stems").
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 # mallopt's parameter numbers (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-# free memory at the heap's top that glibc may keep before giving it back: all of it
+# free memory at the heap's top that glibc keeps before giving it back: mallopt's largest int
 _KEEP_BYTES = 2**31 - 1
 
 

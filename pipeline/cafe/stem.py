@@ -66,15 +66,13 @@ class PatchStem:
         output position of the stem reads."""
         key = (*shape, top, left, *size)
         if key not in self.windows:
-            device = self.probe.weight.device
-            ids = faithfulness.patch_ids(shape, self.patch)
-            ids = ids[top:top + size[0], left:left + size[1]].to(device)
+            grid = faithfulness.patch_ids(shape, self.patch)
+            # one past the image's last patch: where a position reads no patch of a class
+            # (`compose` gathers a never-shown flag for it)
+            none = int(grid.max()) + 1
+            ids = grid[top:top + size[0], left:left + size[1]].to(self.probe.weight.device)
             width = -(-shape[1] // self.patch)
             klass = (ids // width % 2) * 2 + ids % width % 2
-            # the rows of the 16 sums table read at each position, as gathered by `compose`:
-            # a patch of class k that shows adds 2^k; no patch of the class reads the last one,
-            # which never shows
-            none = int(faithfulness.patch_ids(shape, self.patch).max()) + 1
             index = torch.stack([self._reads(ids, klass == k, none) for k in range(CLASSES)])
             masks = torch.stack([klass == k for k in range(CLASSES)])[:, None]
             self.windows[key] = Window(masks, index.flatten(1), tuple(index.shape[1:]), none)
@@ -94,16 +92,16 @@ class PatchStem:
         `image` Tensor[3, h, w] in `window`: Tensor[16 h' w', C], rows sum-major then
         position (the bias plus the class convolutions whose bit is set, then the per-position
         modules)."""
-        modules = dict(model.named_modules())
         classes = torch.cat([torch.zeros_like(image[None]), image * window.masks.to(image)])
-        out = modules[self.first](classes.contiguous(memory_format=torch.channels_last))
+        conv = model.get_submodule(self.first)
+        out = conv(classes.contiguous(memory_format=torch.channels_last))
         empty, shares = out[:1].permute(0, 2, 3, 1), (out[1:] - out[:1]).permute(0, 2, 3, 1)
         bits = torch.tensor([[(s >> k) & 1 for k in range(CLASSES)] for s in range(SUMS)],
                             dtype=out.dtype, device=out.device)
         sums = torch.addmm(empty.reshape(1, -1), bits, shares.reshape(CLASSES, -1))
         sums = sums.view(SUMS, *shares.shape[1:]).permute(0, 3, 1, 2)  # channels-last maps
         for name in self.pointwise:
-            sums = modules[name](sums)
+            sums = model.get_submodule(name)(sums)
         return sums.permute(0, 2, 3, 1).reshape(-1, sums.shape[1])
 
 
@@ -149,15 +147,14 @@ def compose(segments: list[tuple[Tensor, Window, Tensor]]) -> Tensor:
 def substituted(model: nn.Module, stem: PatchStem, output: Tensor) -> Iterator[None]:
     """Within the block the stem's first convolution returns `output` whatever its input, and
     its per-position modules pass their input through (their work is in `output`)."""
-    modules = dict(model.named_modules())
-    modules[stem.first].forward = lambda *args, **kwargs: output
+    model.get_submodule(stem.first).forward = lambda *args, **kwargs: output
     for name in stem.pointwise:
-        modules[name].forward = lambda x, *args, **kwargs: x
+        model.get_submodule(name).forward = lambda x, *args, **kwargs: x
     try:
         yield
     finally:
         for name in (stem.first, *stem.pointwise):
-            del modules[name].forward
+            del model.get_submodule(name).forward
 
 
 @torch.no_grad()
