@@ -491,9 +491,12 @@ def test_latent_pages_are_built_on_their_own_bounded_threads(atlas, tmp_path, mo
     assert [r.status_code for r, _ in pages] == [200] * 6
     assert answer.status_code == 200 and answer.json()["rows"] == [{"one": 1}]
     assert state["peak"] == threads
-    # the pages came in waves of `threads`, 0.5 s each; the query did not wait for them
+    # the pages came in waves of `threads`, 0.5 s each; the query did not wait for them: it
+    # was answered at least half a wave before the first page (timed from the first page, not
+    # the clock's start: the app's first-request work took up to 0.45 s before either when the
+    # test process held the whole suite's modules)
     assert max(s for _, s in pages) >= 0.5 * -(-6 // threads) - 0.05
-    assert sql_s < 0.45
+    assert sql_s < min(s for _, s in pages) - 0.25
 
 
 def test_export_site_links_all_resolve(built, atlas, tmp_path) -> None:
