@@ -35,7 +35,8 @@ def _cmd_train_demo_model(a: argparse.Namespace) -> int:
                     threads=a.threads, target_accuracy=a.target_accuracy,
                     warmup_steps=a.warmup_steps, token_loss=a.token_loss, device=a.device,
                     init=a.init, teacher=a.teacher, distill=a.distill,
-                    distill_temperature=a.distill_temperature, probe_l2=a.probe_l2)
+                    distill_temperature=a.distill_temperature, probe_l2=a.probe_l2,
+                    labels=a.labels)
     card = train(recipe, a.data, out_dir=Path(a.out) if a.out else None)
     print(json.dumps({k: card[k] for k in ("model", "heldout_accuracy", "train_time_s")}, indent=2))
     return 0
@@ -457,6 +458,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--distill-temperature", type=float, default=2.0)
     sp.add_argument("--probe-l2", type=float, default=0.01,
                     help="dinov2_shapes: L2 weight on the head of the standardised class token")
+    sp.add_argument("--labels", default="largest", choices=("largest", "present"),
+                    help="largest: the shape of the largest object (one class); present: every "
+                         "shape in the image (multi-label, a sigmoid per class)")
 
     sp = add("eval-model", _cmd_eval_model, "top-1 accuracy of a model on synthetic shards",
              "  concept-atlas eval-model --model demo_resnet --data data/test")

@@ -258,3 +258,41 @@ def test_write_shards_wall_throughput_is_at_least_500_images_per_s(tmp_path: Pat
     rate = n / (time.perf_counter() - start)
     print(f"write_shards: {rate:.0f} images/s (2 workers, wall time)")
     assert rate >= 500
+
+
+def test_render_without_leaves_out_one_shape_and_changes_nothing_else():
+    """The occlusion counterfactual of the class-switch game: only the left-out shape's own
+    pixels change; where no other object lies under them they show the background."""
+    checked = 0
+    for index in range(60):
+        img, meta = syn.render_sample(5, index, size=96)
+        shapes = sorted({o["shape"] for o in meta["objects"]})
+        if len(shapes) < 2:
+            continue
+        _, planes, _, placed, _, _ = syn._compose(5, index, 96, 0.0)
+        background = np.stack(list(planes), axis=-1)
+        for shape in shapes:
+            out = syn.render_without(5, index, shape, size=96)
+            gone = np.logical_or.reduce([syn.rle_decode(o["mask"]) for o in meta["objects"]
+                                         if o["shape"] == shape])
+            under = np.zeros_like(gone)  # other objects' full shapes, hidden or not
+            for p in placed:
+                if p.obj.shape != shape:
+                    under[p.ys, p.xs] |= p.mask
+            assert np.array_equal(out[~gone], img[~gone]), (index, shape)
+            assert np.array_equal(out[gone & ~under], background[gone & ~under]), (index, shape)
+            # an object of another shape that the left-out one hid is now painted there
+            revealed = gone & under
+            if revealed.any():
+                assert not np.array_equal(out[revealed], background[revealed]), (index, shape)
+            checked += 1
+    assert checked > 20
+
+
+def test_render_without_rejects_a_shape_the_image_lacks_or_does_not_know():
+    _, meta = syn.render_sample(5, 0)
+    lacking = next(s for s in SHAPES if s not in {o["shape"] for o in meta["objects"]})
+    with pytest.raises(ValueError, match=f"holds no {lacking}"):
+        syn.render_without(5, 0, lacking)
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        syn.render_without(5, 0, "hexagon")

@@ -340,6 +340,24 @@ def render_sample(
     return np.stack(list(planes), axis=-1), meta
 
 
+def render_without(seed: int, index: int, shape: str, size: int = 128, shortcut_prob: float = 0.0) -> np.ndarray:
+    """Image ``index`` of the dataset with ``seed`` as `render_sample` draws it, with every object
+    of ``shape`` left out: the same background and the other objects in the same places, each
+    now visible where the left-out objects covered it. The counterfactual of an occlusion test
+    (does the model's evidence for a class come from that class's objects?), ``uint8[size, size, 3]``."""
+    _check_args(seed, index, size, shortcut_prob)
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    _, planes, _, placed, _, _ = _compose(seed, index, size, shortcut_prob)
+    kept = [p.obj for p in placed if p.obj.shape != shape]
+    if len(kept) == len(placed):
+        raise ValueError(f"image {index} of seed {seed} holds no {shape}: "
+                         f"it holds {', '.join(sorted({p.obj.shape for p in placed}))}")
+    owner, placed, _ = _occlusion(kept, size)
+    _paint(planes, owner, placed)
+    return np.stack(list(planes), axis=-1)
+
+
 def _check_args(seed: int, index: int, size: int, shortcut_prob: float) -> None:
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.synthetic import SHAPES, render_sample, rle_decode
+from pipeline.data.synthetic import SHAPES, render_sample, render_without, rle_decode
 
 # scikit-image's bundled photos of ImageNet-like objects (grey ones are repeated to RGB) and
 # scikit-learn's two sample photos; no download needed for any of them
@@ -31,21 +31,44 @@ def multi_object_set(n: int, seed: int, size: int = 128,
     """The first `n` synthetic scenes of dataset `seed` that hold objects of two or more
     shapes, for the class-switch pointing game: (images uint8 [H, W, 3] each, per image its
     (class, mask bool [H, W]) pairs, one per shape present, the class being the shape's index
-    and the mask the visible pixels of all objects of that shape)."""
+    and the mask the visible pixels of all objects of that shape). The scenes' dataset indices
+    are `multi_object_indices(n, seed, size, max_index)`."""
     images, objects = [], []
-    for index in range(max_index):
-        if len(images) == n:
-            return images, objects
+    for index in multi_object_indices(n, seed, size, max_index):
         img, meta = render_sample(seed, index, size)
         by_shape: dict[int, np.ndarray] = {}
         for obj in meta["objects"]:
             c = SHAPES.index(obj["shape"])
             by_shape[c] = by_shape.get(c, False) | rle_decode(obj["mask"])
-        if len(by_shape) >= 2:
-            images.append(img)
-            objects.append(sorted(by_shape.items()))
-    raise ValueError(f"only {len(images)} of the first {max_index} scenes of seed {seed} hold two shapes; "
+        images.append(img)
+        objects.append(sorted(by_shape.items()))
+    return images, objects
+
+
+def multi_object_indices(n: int, seed: int, size: int = 128, max_index: int = 10_000) -> list[int]:
+    """Dataset indices of the first `n` scenes of dataset `seed` (at `size` px: the layout's
+    acceptance depends on it) that hold two or more shapes."""
+    found = []
+    for index in range(max_index):
+        if len(found) == n:
+            return found
+        _, meta = render_sample(seed, index, size)
+        if len({obj["shape"] for obj in meta["objects"]}) >= 2:
+            found.append(index)
+    if len(found) == n:
+        return found
+    raise ValueError(f"only {len(found)} of the first {max_index} scenes of seed {seed} hold two shapes; "
                      f"asked for {n}")
+
+
+def without_each_shape(n: int, seed: int, size: int = 128, max_index: int = 10_000) -> list[list[np.ndarray]]:
+    """Per scene of `multi_object_set(n, seed, size)` and per class it holds (in its order), the
+    scene with every object of that shape left out (`synthetic.render_without`): the occlusion
+    counterfactual that says whether a model's logit for a class rises with that class's objects."""
+    return [[render_without(seed, index, shape, size)
+             for shape in sorted({o["shape"] for o in render_sample(seed, index, size)[1]["objects"]},
+                                 key=SHAPES.index)]
+            for index in multi_object_indices(n, seed, size, max_index)]
 
 
 def real_photos() -> tuple[list[tuple[str, np.ndarray]], list[str]]:

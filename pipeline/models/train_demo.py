@@ -60,21 +60,34 @@ class Recipe:
     # a probe (`demo.PROBE_MODELS`): L2 weight on the standardised head of the frozen trunk
     probe_l2: float = 0.01
     device: str = "cpu"  # "cuda" trains on a GPU (the data is moved there once)
+    # "largest": one class per image, the shape of the largest object (softmax cross-entropy);
+    # "present": every shape the image holds (multi-label, a sigmoid per class, binary
+    # cross-entropy). Both are image-level labels. A "largest" model need hold no evidence for
+    # the other shapes of a scene, so only a "present" model makes the class-switch pointing game
+    # well posed (docs/saliency_eval.md).
+    labels: str = "largest"
     init: str | None = None  # start from these safetensors weights (fine-tuning), not at random
 
 
-def load_arrays(shards: Sequence[str] | str, progress: bool = True, patch: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray, list[str]] | tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
-    """Decode shards into memory: (uint8[N, H, W, 3], int64[N] labels, keys). Bad samples raise.
+LABELS: tuple[str, ...] = ("largest", "present")
 
-    With `patch`, also int64[N, H/patch, W/patch] token labels (`patch_labels`).
+
+def load_arrays(shards: Sequence[str] | str, progress: bool = True, patch: int | None = None,
+                labels: str = "largest"
+                ) -> tuple[np.ndarray, np.ndarray, list[str]] | tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """Decode shards into memory: (uint8[N, H, W, 3], labels, keys). Bad samples raise.
+
+    labels: "largest", int64[N] class indices; "present", float32[N, K] multi-hot
+    (`present_labels`). With `patch`, also int64[N, H/patch, W/patch] token labels (`patch_labels`).
     """
+    if labels not in LABELS:
+        raise ValueError(f"unknown labels {labels!r}; valid: {', '.join(LABELS)}")
     errors = ErrorLog()
-    images, labels, keys, tokens = [], [], [], []
+    images, targets, keys, tokens = [], [], [], []
     samples = iter_samples(expand_shards(shards), errors, stage="train-demo-model")
     for s in tqdm(samples, desc="decode", unit="img", disable=not progress):
         images.append(np.asarray(s.image, dtype=np.uint8))
-        labels.append(int(s.cls))
+        targets.append(int(s.cls) if labels == "largest" else present_labels(s.meta))
         keys.append(s.key)
         if patch is not None:
             tokens.append(patch_labels(s.meta, images[-1].shape[:2], patch))
@@ -82,8 +95,19 @@ def load_arrays(shards: Sequence[str] | str, progress: bool = True, patch: int |
         raise ValueError(f"{len(errors.records)} unreadable samples in the training data, first: {errors.records[0]}")
     if not images:
         raise ValueError(f"no samples in {shards!r}")
-    arrays = np.stack(images), np.asarray(labels, dtype=np.int64), keys
+    arrays = (np.stack(images), np.asarray(targets, dtype=np.int64) if labels == "largest"
+              else np.stack(targets), keys)
     return arrays if patch is None else (*arrays, np.stack(tokens))
+
+
+def present_labels(meta: dict | None) -> np.ndarray:
+    """float32[K]: 1 for every shape among the sample's objects (visible or partly hidden), else 0."""
+    if not meta or "objects" not in meta:
+        raise ValueError("labels='present' needs the synthetic ground truth (meta 'objects'); "
+                         "train with labels='largest' on other data")
+    out = np.zeros(len(SHAPES), np.float32)
+    out[[SHAPES.index(o["shape"]) for o in meta["objects"]]] = 1.0
+    return out
 
 
 IGNORE = -100  # token label of a patch that is mostly background (no loss there)
@@ -151,14 +175,18 @@ def _token_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
              batch_size: int = 256) -> float:
-    """Top-1 accuracy of `model` on uint8 images [N, H, W, 3] (on the model's device)."""
+    """Accuracy of `model` on uint8 images [N, H, W, 3] (on the model's device): top-1 for class
+    indices int[N]; for multi-hot labels [N, K] the share of images whose predicted set (the
+    classes with a positive logit) is exactly the true set."""
     model.eval()
     device = next(model.parameters()).device
     images, labels = torch.as_tensor(images), torch.as_tensor(labels)
     correct = 0
     for i in range(0, len(images), batch_size):
-        x = _normalise(model, images[i : i + batch_size].to(device))
-        correct += int((model(x).argmax(-1).cpu() == labels[i : i + batch_size]).sum())
+        logits = model(_normalise(model, images[i : i + batch_size].to(device))).cpu()
+        y = labels[i : i + batch_size]
+        hit = logits.argmax(-1) == y if y.ndim == 1 else ((logits > 0) == (y > 0.5)).all(-1)
+        correct += int(hit.sum())
     return correct / len(images)
 
 
@@ -220,7 +248,10 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
         if not hasattr(model, "patch_embed") or model.global_pool != "avg":
             raise ValueError(f"token_loss needs a ViT with a mean-pool head; {recipe.model} is not")
         patch = model.patch_embed.patch_size[0]
-    images, labels, keys, *tokens = load_arrays(shards, progress, patch)
+    if recipe.labels != "largest" and (recipe.token_loss or recipe.distill):
+        raise ValueError(f"labels={recipe.labels!r} trains without token_loss and distill "
+                         "(both target one class per image or token)")
+    images, labels, keys, *tokens = load_arrays(shards, progress, patch, recipe.labels)
     held = holdout_mask(keys, recipe.holdout_frac)
     x_tr, y_tr, x_te, y_te = images[~held], labels[~held], images[held], labels[held]
     t_tr = tokens[0][~held] if tokens else None
@@ -250,7 +281,9 @@ def train(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path | None = No
             x, t = _augment(_normalise(model, x_dev[idx]), gen, t)
             x = x.contiguous(memory_format=torch.channels_last)
             y = y_dev[idx]
-            if t is None:
+            if recipe.labels == "present":
+                loss = F.binary_cross_entropy_with_logits(model(x), y)
+            elif t is None:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=0.05)
                 if soft is not None:
@@ -331,6 +364,8 @@ def train_probe(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path,
     """Fit the head of probe model `recipe.model` on the frozen trunk's class token of the
     training split of `shards` (their image-level labels only); write `<model>.safetensors`
     (`head.weight`, `head.bias`) and `<model>.json`. Returns the card."""
+    if recipe.labels != "largest":
+        raise ValueError(f"a probe is fitted to labels='largest' only, got {recipe.labels!r}")
     device = checked_device(recipe.device)
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
