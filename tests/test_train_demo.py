@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipeline.data.concepts import SHAPES
 from pipeline.data.synthetic import render_sample, write_shards
-from pipeline.models import demo, train_demo
+from pipeline.models import demo, load_model, train_demo
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +52,38 @@ def test_multi_label_accuracy_counts_only_exactly_predicted_sets() -> None:
     assert train_demo.accuracy(Fixed(logits), images, np.array([0, 1, 1, 0]), batch_size=4) == 0.5
 
 
-def test_a_present_label_run_fits_its_scenes_with_a_sigmoid_per_class(shards, tmp_path) -> None:
+def _multi_label_scores(weights: str, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(share of (image, class) decisions right at logit 0, share of (present, absent) class
+    pairs of an image whose present class has the higher logit)."""
+    model = load_model("demo_resnet", weights).model
+    with torch.no_grad():
+        logits = model(train_demo._normalise(model, torch.from_numpy(images))).numpy()
+    decisions = float(((logits > 0) == (labels > 0.5)).mean())
+    ranked = [logits[i, j] > logits[i, k] for i in range(len(labels))
+              for j in np.flatnonzero(labels[i]) for k in np.flatnonzero(labels[i] == 0)]
+    return decisions, float(np.mean(ranked))
+
+
+def test_a_present_label_run_learns_a_sigmoid_per_class(shards, tmp_path) -> None:
     # fine-tuned from the shipped single-label weights, as the shipped multi-label model was
-    recipe = train_demo.Recipe("demo_resnet", epochs=12, batch_size=16, lr=1e-3, warmup_steps=10,
-                               holdout_frac=0.1, threads=1, labels="present",
-                               init=str(demo.weights_path("demo_resnet")))
+    start = str(demo.weights_path("demo_resnet"))
+    recipe = train_demo.Recipe("demo_resnet", epochs=20, batch_size=16, lr=3e-3, warmup_steps=10,
+                               holdout_frac=0.25, threads=1, labels="present", init=start)
     card = train_demo.train(recipe, shards, tmp_path, progress=False)
     assert card["recipe"]["labels"] == "present"
-    assert json.loads((tmp_path / "demo_resnet.json").read_text())["epochs_run"] == 12
-    # the exact set of shapes on the training images: a loss on one class per image could not
-    # name two shapes at once
-    assert card["train_accuracy_sample"] >= 0.9, card
-    assert set(load_file(str(tmp_path / "demo_resnet.safetensors"))) >= {"fc.weight", "fc.bias"}
+    assert json.loads((tmp_path / "demo_resnet.json").read_text()) == card
+    images, labels, _ = train_demo.load_arrays(shards, progress=False, labels="present")
+    before = _multi_label_scores(start, images, labels)
+    after = _multi_label_scores(str(tmp_path / "demo_resnet.safetensors"), images, labels)
+    # a softmax over one class per image leaves the other present shapes' logits anywhere
+    # (0.77 of the decisions, 0.80 of the rankings right); a sigmoid per class learns them
+    assert before[0] < 0.8 and before[1] < 0.85, before
+    assert after[0] >= 0.9 and after[1] >= 0.95, after
 
 
 def test_present_labels_refuse_the_single_class_losses(shards, tmp_path) -> None:
-    for extra in ({"distill": 1.0, "teacher": "demo_resnet"},):
-        with pytest.raises(ValueError, match="labels='present' trains without token_loss and distill"):
-            train_demo.train(train_demo.Recipe("demo_resnet", labels="present", **extra), shards, tmp_path,
-                             progress=False)
+    with pytest.raises(ValueError, match="labels='present' trains without token_loss and distill"):
+        train_demo.train(train_demo.Recipe("demo_resnet", labels="present", distill=1.0, teacher="demo_resnet"),
+                         shards, tmp_path, progress=False)
     with pytest.raises(ValueError, match="a probe is fitted to labels='largest' only"):
         train_demo.train(train_demo.Recipe("dinov2_shapes", labels="present"), shards, tmp_path, progress=False)
