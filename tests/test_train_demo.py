@@ -34,7 +34,7 @@ def test_present_labels_are_every_shape_the_scene_holds(shards) -> None:
         train_demo.load_arrays(shards, progress=False, labels="all")
 
 
-def test_multi_label_accuracy_counts_only_exactly_predicted_sets() -> None:
+def test_multi_label_accuracy_counts_exact_sets_and_label_accuracy_each_decision() -> None:
     class Fixed(torch.nn.Module):  # returns preset logits whatever the image
         pretrained_cfg = {"mean": (0.5,) * 3, "std": (0.25,) * 3, "input_size": (3, 8, 8)}
 
@@ -50,6 +50,8 @@ def test_multi_label_accuracy_counts_only_exactly_predicted_sets() -> None:
     images = np.zeros((4, 8, 8, 3), np.uint8)
     assert train_demo.accuracy(Fixed(logits), images, labels, batch_size=4) == 0.75
     assert train_demo.accuracy(Fixed(logits), images, np.array([0, 1, 1, 0]), batch_size=4) == 0.5
+    # one wrong decision of twelve: class 1 of the second image
+    assert train_demo.label_accuracy(Fixed(logits), images, labels, batch_size=4) == 11 / 12
 
 
 def _multi_label_scores(weights: str, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -58,7 +60,7 @@ def _multi_label_scores(weights: str, images: np.ndarray, labels: np.ndarray) ->
     model = load_model("demo_resnet", weights).model
     with torch.no_grad():
         logits = model(train_demo._normalise(model, torch.from_numpy(images))).numpy()
-    decisions = float(((logits > 0) == (labels > 0.5)).mean())
+    decisions = train_demo.label_accuracy(model, images, labels)
     ranked = [logits[i, j] > logits[i, k] for i in range(len(labels))
               for j in np.flatnonzero(labels[i]) for k in np.flatnonzero(labels[i] == 0)]
     return decisions, float(np.mean(ranked))

@@ -191,6 +191,21 @@ def accuracy(model: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: 
 
 
 @torch.no_grad()
+def label_accuracy(model: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                   batch_size: int = 256) -> float:
+    """The share of (image, class) decisions right for multi-hot labels [N, K]: a class is
+    predicted present where its logit is positive."""
+    model.eval()
+    device = next(model.parameters()).device
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+    right = 0
+    for i in range(0, len(images), batch_size):
+        logits = model(_normalise(model, images[i : i + batch_size].to(device))).cpu()
+        right += int(((logits > 0) == (labels[i : i + batch_size] > 0.5)).sum())
+    return right / labels.numel()
+
+
+@torch.no_grad()
 def teacher_logits(name: str, images: np.ndarray, device: torch.device, batch_size: int = 256
                    ) -> torch.Tensor:
     """Logits [N, K] of the shipped demo model `name` on uint8 images [N, H, W, 3] (eval mode)."""
