@@ -62,13 +62,16 @@ def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str
     present = [{c for c, _ in per} for per in objects]
     found = [int(logits[i].argmax()) in present[i] for i in range(len(x))]
     top = torch.tensor([c == int(logits[i].argmax()) for i, per in enumerate(objects) for c, _ in per])
-    used = evidence_used(lm, logits, objs, scenes, batch, seed)
+    rise = logit_rise(lm, logits, objs, scenes, batch, seed)
+    used = rise > 0
     res = {"model": name, "weights": lm.weights, "weights_fingerprint": model_fingerprint(lm.model),
            "scenes": len(x), "pairs": sum(len(p) for p in objects),
            "classes_per_scene": sum(map(len, present)) / len(x),
            "top1_is_a_present_shape": sum(found) / len(x),
            "object_raises_its_logit": {"all": _mean(used), "top_class_pairs": _mean(used[top]),
-                                       "other_pairs": _mean(used[~top])}, "methods": {}}
+                                       "other_pairs": _mean(used[~top])},
+           "median_logit_rise": {"top_class_pairs": _median(rise[top]), "other_pairs": _median(rise[~top])},
+           "methods": {}}
     for method in methods:
         explain = make_method(method, lm.model, layer=layer)
         method = method if layer is None else f"{method}@{layer}"
@@ -85,10 +88,11 @@ def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str
     return res
 
 
-def evidence_used(lm, logits: torch.Tensor, objs: list, scenes: int, batch: int, seed: int) -> torch.Tensor:
-    """bool [pairs]: the pair's class logit is higher with that class's objects in the scene than
-    with them left out (`synthetic.render_without`). Where it is not, the model does not take its
-    evidence for the class from those objects, and a faithful map has no reason to peak there."""
+def logit_rise(lm, logits: torch.Tensor, objs: list, scenes: int, batch: int, seed: int) -> torch.Tensor:
+    """[pairs]: how much higher the pair's class logit is with that class's objects in the scene
+    than with them left out (`synthetic.render_without`). Where it is not higher, the model does
+    not take its evidence for the class from those objects, and a faithful map has no reason to
+    peak there."""
     from PIL import Image
 
     gone = torch.stack([lm.transform(Image.fromarray(im)) for per in without_each_shape(scenes, seed)
@@ -97,11 +101,15 @@ def evidence_used(lm, logits: torch.Tensor, objs: list, scenes: int, batch: int,
         without = torch.cat([lm.model(gone[i:i + batch]) for i in range(0, len(gone), batch)])
     image = torch.tensor([i for i, per in enumerate(objs) for _ in per])
     cls = torch.tensor([c for per in objs for c, _ in per])
-    return logits[image, cls] > without[torch.arange(len(cls)), cls]
+    return logits[image, cls] - without[torch.arange(len(cls)), cls]
 
 
 def _mean(hits: torch.Tensor) -> float:
     return float(hits.float().mean()) if len(hits) else float("nan")
+
+
+def _median(values: torch.Tensor) -> float:
+    return float(values.median()) if len(values) else float("nan")
 
 
 def main() -> None:
