@@ -173,36 +173,31 @@ def _token_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
+def _logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Eval-mode logits [N, K] (on the CPU) of `model` on uint8 images [N, H, W, 3]."""
+    model.eval()
+    device = next(model.parameters()).device
+    images = torch.as_tensor(images)
+    return torch.cat([model(_normalise(model, images[i : i + batch_size].to(device))).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
 def accuracy(model: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
              batch_size: int = 256) -> float:
     """Accuracy of `model` on uint8 images [N, H, W, 3] (on the model's device): top-1 for class
     indices int[N]; for multi-hot labels [N, K] the share of images whose predicted set (the
     classes with a positive logit) is exactly the true set."""
-    model.eval()
-    device = next(model.parameters()).device
-    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        logits = model(_normalise(model, images[i : i + batch_size].to(device))).cpu()
-        y = labels[i : i + batch_size]
-        hit = logits.argmax(-1) == y if y.ndim == 1 else ((logits > 0) == (y > 0.5)).all(-1)
-        correct += int(hit.sum())
-    return correct / len(images)
+    logits, labels = _logits(model, images, batch_size), torch.as_tensor(labels)
+    hit = logits.argmax(-1) == labels if labels.ndim == 1 else ((logits > 0) == (labels > 0.5)).all(-1)
+    return int(hit.sum()) / hit.numel()
 
 
-@torch.no_grad()
 def label_accuracy(model: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
                    batch_size: int = 256) -> float:
     """The share of (image, class) decisions right for multi-hot labels [N, K]: a class is
     predicted present where its logit is positive."""
-    model.eval()
-    device = next(model.parameters()).device
-    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
-    right = 0
-    for i in range(0, len(images), batch_size):
-        logits = model(_normalise(model, images[i : i + batch_size].to(device))).cpu()
-        right += int(((logits > 0) == (labels[i : i + batch_size] > 0.5)).sum())
-    return right / labels.numel()
+    right = (_logits(model, images, batch_size) > 0) == (torch.as_tensor(labels) > 0.5)
+    return int(right.sum()) / right.numel()
 
 
 @torch.no_grad()
