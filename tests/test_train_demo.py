@@ -87,3 +87,9 @@ def test_present_labels_refuse_the_single_class_losses(shards, tmp_path) -> None
     with pytest.raises(ValueError, match="labels='present' trains without token_loss and distill"):
         train_demo.train(train_demo.Recipe("demo_resnet", labels="present", distill=1.0, teacher="demo_resnet"),
                          shards, tmp_path, progress=False)
+
+
+def test_the_command_line_offers_the_label_kinds_that_training_knows() -> None:
+    from jobs import cli
+
+    assert cli.LABELS == train_demo.LABELS
