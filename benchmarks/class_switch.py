@@ -50,6 +50,7 @@ def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str
 
     name, _, weights = spec.partition("=")
     lm = load_model(name, weights or "demo")
+    shown = f"{name}[{Path(weights).stem}]" if weights else name  # which weights, in the printed lines
     imgs, objs = multi_object_set(scenes, seed)
     x = torch.stack([lm.transform(Image.fromarray(im)) for im in imgs])
     size = x.shape[2:]
@@ -81,7 +82,7 @@ def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str
         res["methods"][method] = {"class_switch_pointing": _mean(hits), "top_class_pairs": _mean(hits[top]),
                                   "other_pairs": _mean(hits[~top]), "pairs_whose_object_raises_its_logit":
                                   _mean(hits[used]), "seconds": round(seconds, 1)}
-        print(f"{name:12s} {method:16s} class-switch pointing {_mean(hits):.3f} "
+        print(f"{shown:12s} {method:16s} class-switch pointing {_mean(hits):.3f} "
               f"({int(hits.sum())}/{len(hits)} pairs; top class {_mean(hits[top]):.3f}, "
               f"others {_mean(hits[~top]):.3f}; object raises its logit {_mean(hits[used]):.3f}; "
               f"{seconds:.0f} s)", flush=True)
