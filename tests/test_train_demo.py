@@ -69,7 +69,7 @@ def _multi_label_scores(weights: str, images: np.ndarray, labels: np.ndarray) ->
 def test_a_present_label_run_learns_a_sigmoid_per_class(shards, tmp_path) -> None:
     # fine-tuned from the shipped single-label weights, as the shipped multi-label model was
     start = str(demo.weights_path("demo_resnet"))
-    recipe = train_demo.Recipe("demo_resnet", epochs=20, batch_size=16, lr=3e-3, warmup_steps=10,
+    recipe = train_demo.Recipe("demo_resnet", epochs=30, batch_size=16, lr=3e-3, warmup_steps=10,
                                holdout_frac=0.25, threads=1, labels="present", init=start)
     card = train_demo.train(recipe, shards, tmp_path, progress=False)
     assert card["recipe"]["labels"] == "present"
@@ -79,8 +79,9 @@ def test_a_present_label_run_learns_a_sigmoid_per_class(shards, tmp_path) -> Non
     after = _multi_label_scores(str(tmp_path / "demo_resnet.safetensors"), images, labels)
     # a softmax over one class per image leaves the other present shapes' logits anywhere
     # (0.77 of the decisions, 0.80 of the rankings right); a sigmoid per class learns them
+    # (0.956 and 0.976 on the development machine)
     assert before[0] < 0.8 and before[1] < 0.85, before
-    assert after[0] >= 0.9 and after[1] >= 0.95, after
+    assert after[0] >= 0.92 and after[1] >= 0.95, after
 
 
 def test_present_labels_refuse_the_single_class_losses(shards, tmp_path) -> None:
