@@ -89,6 +89,53 @@ def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str
     return res
 
 
+def figure(spec: str, methods: list[str], path: Path, scenes: int = 4, seed: int = SYNTHETIC_SEED) -> None:
+    """One row per scene (the first `scenes` of `seed` that hold two shapes or more): the scene,
+    then per method one signed map per class present (red +, blue -, the colour scale clipped at
+    the 99th percentile of |map|), its peak starred (white: inside that class's objects, red:
+    outside) and titled with the class and the score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from pipeline.data.concepts import CLASS_NAMES
+
+    name, _, weights = spec.partition("=")
+    lm = load_model(name, weights or "demo")
+    imgs, objs = multi_object_set(scenes, seed)
+    width = max(len(per) for per in objs)
+    fig, axes = plt.subplots(scenes, 1 + width * len(methods), squeeze=False,
+                             figsize=(1.9 * (1 + width * len(methods)), 2.0 * scenes))
+    for row, (img, per) in enumerate(zip(imgs, objs)):
+        x = lm.transform(Image.fromarray(img))[None].expand(len(per), -1, -1, -1)
+        target = torch.tensor([c for c, _ in per])
+        axes[row, 0].imshow(img)
+        axes[row, 0].set_title("scene", fontsize=8)
+        for k, method in enumerate(methods):
+            maps = make_method(method, lm.model)(x, target).detach()
+            for j, (c, mask) in enumerate(per):
+                ax = axes[row, 1 + k * width + j]
+                m = torch.nn.functional.interpolate(maps[j][None, None], size=img.shape[:2], mode="bilinear",
+                                                    align_corners=False)[0, 0]
+                v = float(m.abs().flatten().quantile(0.99)) or 1.0  # a few pixels would wash out the rest
+                ax.imshow(m, cmap="bwr", vmin=-v, vmax=v)
+                peak = divmod(int(m.argmax()), m.shape[1])
+                hit = bool(mask[peak])
+                ax.plot(peak[1], peak[0], "*", ms=11, mec="k", mfc="w" if hit else "r")
+                ax.contour(mask, levels=[0.5], colors="k", linewidths=0.6)
+                ax.set_title(f"{method}: {CLASS_NAMES[c]} {'hit' if hit else 'miss'}", fontsize=7)
+            for j in range(len(per), width):
+                axes[row, 1 + k * width + j].set_visible(False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
 def logit_rise(lm, logits: torch.Tensor, objs: list, scenes: int, batch: int, seed: int) -> torch.Tensor:
     """[pairs]: how much higher the pair's class logit is with that class's objects in the scene
     than with them left out (`synthetic.render_without`). Where it is not higher, the model does
@@ -128,6 +175,8 @@ def main() -> None:
                    help="the layer of the CAMs and of SRD-layer (default: each model's CAM layer)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--figure", type=Path, default=None,
+                   help="also draw the first models' maps on 4 scenes into this PNG (SRD and Grad-CAM)")
     args = p.parse_args()
     known = (*demo.DEMO_MODELS, *demo.PROBE_MODELS)
     bad = [m for m in args.models if m.partition("=")[0] not in known]
@@ -141,6 +190,9 @@ def main() -> None:
                              "threads": args.threads, "wall_seconds": round(time.perf_counter() - t0),
                              "cpu_seconds": round(time.process_time() - c0), "runs": runs})
     print(f"wrote {args.out}")
+    if args.figure:
+        figure(args.models[0], ["SRD", "GradCAM"], args.figure, seed=args.seed)
+        print(f"wrote {args.figure}")
 
 
 if __name__ == "__main__":
