@@ -14,7 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
-from timm.layers import LayerScale
+from timm.layers import HybridEmbed, LayerScale
 from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, SqueezeExcite
 from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.convnext import ConvNeXt
@@ -22,6 +22,7 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.vgg import VGG
 from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer_hybrid import ConvStem
 
 from pipeline import srd
 
@@ -222,14 +223,21 @@ def vit_reference(model: VisionTransformer, x: torch.Tensor, y: int):
     prefix = model.num_prefix_tokens
     e = model._pos_embed(model.patch_embed(x[None]))[0].T  # [D, T], before the pre-norm
     x0 = model.norm_pre(e.T[None])[0].T
-    patch = lambda t: model.patch_embed.proj(t).flatten(2)  # noqa: E731
-    c0, b = contributions(patch, x)
-    bias = b + e[:, prefix:] - patch(x[None])[0]  # conv bias + position embedding
+    ch, src, token_conv = Chain(x), "input", getattr(model.patch_embed, "proj", None)
+    if isinstance(model.patch_embed, HybridEmbed):  # a ConvStem: conv + BN + act units, last conv linear
+        *layers, last = model.patch_embed.backbone
+        for i, layer in enumerate(layers):
+            ch.conv(f"patch_embed.backbone.{i}", src, lambda t, l=layer: bn_affine(l.bn)(l.conv(t)), layer.bn.act)
+            src = f"patch_embed.backbone.{i}"
+        token_conv = last.conv
+    patch = lambda t: token_conv(t).flatten(2)  # noqa: E731
+    c0, b = contributions(patch, ch.v[src])
+    bias = b + e[:, prefix:] - patch(ch.v[src][None])[0]  # conv bias + position embedding
     const = e.clone()
     const[:, prefix:] = 0
     pre_norm = not isinstance(model.norm_pre, torch.nn.Identity)
     first = "pos_embed" if pre_norm else "norm_pre"
-    blocks = [(first, e, [("input", F.pad(c0, (prefix, 0)), F.pad(bias, (prefix, 0)))], const)]
+    blocks = ch.blocks + [(first, e, [(src, F.pad(c0, (prefix, 0)), F.pad(bias, (prefix, 0)))], const)]
     if pre_norm:  # CLIP: LN token by token, scale frozen
         blocks.append(("norm_pre", x0, [(first, *contributions(frozen_layer_norm(model.norm_pre, e), e))], None))
     v, src, t = x0, "norm_pre", x0.shape[1]
@@ -549,6 +557,22 @@ def test_dinov2_registers_matches_brute_force() -> None:
                                                 depth=2, num_heads=2, num_classes=3)), 0.3, 20)
     assert model.num_prefix_tokens == 5
     images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    check_against_engine(model, images, vit_reference)
+
+
+def conv_stem_vit(img_size: int, channels: tuple[int, ...], **kwargs) -> VisionTransformer:
+    """A ViT whose tokens come from timm's ConvStem (3x3 convs at stride 2) through HybridEmbed."""
+    stem = ConvStem(depth=len(channels), channels=channels, stride=(2,) * len(channels), kernel_size=3, padding=1)
+    return VisionTransformer(img_size=img_size, patch_size=1, embed_layer=partial(HybridEmbed, backbone=stem,
+                                                                                  proj=False), **kwargs)
+
+
+def test_conv_stem_vit_matches_brute_force() -> None:
+    """A ViT on timm's ConvStem through HybridEmbed (demo_vitc's and vit_base_mci_224's embedding):
+    conv + BN + ReLU units at stride 2, the stem's last (linear) conv making the tokens, CLS head."""
+    model = perturb(randomize(conv_stem_vit(16, (4, 6, 8), embed_dim=8, depth=2, num_heads=2, num_classes=3)),
+                    0.3, 22)
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
     check_against_engine(model, images, vit_reference)
 
 

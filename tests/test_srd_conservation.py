@@ -44,6 +44,9 @@ CASES = {
     "convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=10), 64),
     "demo_resnet": (lambda: timm.create_model("demo_resnet"), 64),
     "demo_vit": (lambda: timm.create_model("demo_vit"), 128),
+    "demo_vitc": (lambda: timm.create_model("demo_vitc"), 128),
+    # MobileCLIP's hybrid: a ConvStem (4x4 then 2x2 convs, GELU) through HybridEmbed, one block here
+    "vit_base_mci_224": (lambda: timm.create_model("vit_base_mci_224", img_size=64, depth=1, num_classes=10), 64),
 }
 
 

@@ -26,6 +26,7 @@ def error_for(model: torch.nn.Module, size: int = 32) -> srd.UnsupportedModuleEr
     ("swinv2_cr_tiny_224", {}, "SwinTransformerV2Cr", ""),
     ("convnextv2_atto", {}, "GlobalResponseNormMlp", "stages.0.blocks.0.mlp"),
     ("convnext_atto", {"head_hidden_size": 8}, "Sequential", "head.pre_logits"),
+    ("vit_small_r26_s32_224", {"depth": 1}, "ResNetV2", "patch_embed.backbone"),
 ])
 def test_unsupported_module_is_named_with_its_path(name: str, kwargs: dict, module_type: str, path: str) -> None:
     err = error_for(timm.create_model(name, num_classes=3, **kwargs))
@@ -37,6 +38,19 @@ def test_vit_with_qk_norm_names_the_norm() -> None:
     model = VisionTransformer(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2, qk_norm=True)
     err = error_for(model)
     assert (err.module_type, err.path) == ("LayerNorm", "blocks.0.attn.q_norm")
+
+
+def test_conv_stem_with_a_projection_names_the_projection() -> None:
+    from functools import partial
+
+    from timm.layers import HybridEmbed
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    stem = ConvStem(depth=2, channels=(4, 8), stride=(2, 2), kernel_size=3, padding=1)
+    model = VisionTransformer(img_size=32, patch_size=1, embed_dim=16, depth=1, num_heads=2,
+                              embed_layer=partial(HybridEmbed, backbone=stem))  # proj: a 1x1 conv after the stem
+    err = error_for(model)
+    assert (err.module_type, err.path) == ("Conv2d", "patch_embed.proj") and "proj=False" in str(err)
 
 
 def test_unknown_layer_lists_the_layers() -> None:

