@@ -313,6 +313,55 @@ def test_attnlrp_conserves_the_logit_of_a_bias_free_vit_and_leaves_the_model_alo
         torch.testing.assert_close(vit(x), before)
 
 
+@pytest.mark.extras
+def test_attnlrp_merges_a_conv_stems_norms_and_conserves_the_logit() -> None:
+    """demo_vitc's ConvStem: the map equals that of the same model written without BatchNorms
+    (their affine maps merged by hand into the convs; some BN scales negative, so the Gamma rule
+    tells the two apart unless AttnLRP merges them too); bias-free, the logit is conserved; the
+    model keeps its BatchNorms."""
+    pytest.importorskip("lxt", reason="lxt (AttnLRP) is in the `bench` extra: `make test-extras` runs this")
+    import copy
+
+    import timm
+    from timm.layers import BatchNormAct2d
+
+    import pipeline.models.demo  # noqa: F401  (registers demo_vitc)
+    from pipeline.evaluation.lrp import attn_lrp
+
+    torch.manual_seed(10)
+    vit = timm.create_model("demo_vitc", img_size=64, depth=2).eval()
+    with torch.no_grad():
+        for m in vit.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.3, 3.0)
+                m.weight.uniform_(-2.0, 2.0)
+                m.bias.normal_()
+    plain = copy.deepcopy(vit)
+    with torch.no_grad():
+        for layer in plain.patch_embed.backbone:
+            if isinstance(layer.bn, BatchNormAct2d):
+                bn, scale = layer.bn, layer.bn.weight / torch.sqrt(layer.bn.running_var + layer.bn.eps)
+                layer.conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                layer.conv.bias = nn.Parameter(bn.bias - scale * bn.running_mean)
+                layer.bn = bn.act
+    x, t = torch.randn(2, 3, 64, 64), torch.tensor([0, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), vit(x))
+    torch.testing.assert_close(attn_lrp(vit)(x, t), attn_lrp(plain)(x, t), rtol=1e-4, atol=1e-6)
+    assert isinstance(vit.patch_embed.backbone[0].bn, BatchNormAct2d) and vit.patch_embed.backbone[0].conv.bias is None
+    with torch.no_grad():  # no bias, no BN shift, no position embedding: nothing absorbs relevance
+        for name, p in vit.named_parameters():
+            if name.endswith("bias") or "pos_embed" in name:
+                p.zero_()
+        for m in vit.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.zero_()
+        logit = vit(x).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(attn_lrp(vit, conv_gamma=0.0, linear_gamma=0.0)(x, t).sum((1, 2)),
+                               logit, rtol=1e-3, atol=1e-5)
+
+
 def test_attnlrp_refuses_what_it_has_no_rule_for(tiny: TinyCNN) -> None:
     # checked before lxt is imported: runs without the `bench` extra too
     with pytest.raises(Unsupported, match="TinyCNN"):

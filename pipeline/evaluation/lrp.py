@@ -22,7 +22,10 @@ the std held constant), CP-LRP inside attention (no relevance through the softma
 constant with lxt's `stop_gradient`), and zennit's Gamma rule on Linear / Conv2d layers through
 `monkey_patch_zennit`. Residual sums and matrix products with a constant need no rule in this
 form. **[choice]** gamma 0.25 on Conv2d (the patch embedding) and 0.05 on Linear layers, from the
-middle of the grid lxt's ViT example shows; no tuning on our data.
+middle of the grid lxt's ViT example shows; no tuning on our data. A convolutional stem (timm's
+`ConvStem` in a `HybridEmbed`, demo_vitc) is canonised as zennit canonises a plain CNN: each
+BatchNorm is merged into the conv before it (`fold_bn`, the exact eval-mode affine map) and its
+activation keeps the identity rule, so the stem's convs take the Gamma rule like the patch conv.
 
 lxt's `monkey_patch_zennit` rewrites zennit's `BasicHook` class for the whole process, which would
 turn every later zennit LRP into nonsense; here it is applied only around each AttnLRP call and
@@ -40,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.evaluation.explainer import Explainer, Unsupported
+from pipeline.srd.conv import fold_bn
 
 # why zennit cannot explain a timm family (module classes that no zennit canonizer matches)
 ZENNIT_GAPS: dict[str, str] = {
@@ -115,14 +119,40 @@ class _StopGradient(nn.Module):
 def _attn_lrp_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
     """(containers whose forward needs no rule, element-wise activations, other leaves that are
     linear in their input) of a timm ViT that attn_lrp can handle."""
-    from timm.layers import Mlp, PatchEmbed
+    from timm.layers import BatchNormAct2d, ConvNormAct, HybridEmbed, Mlp, PatchEmbed
     from timm.layers.activations import GELU, GELUTanh, QuickGELU
     from timm.models.vision_transformer import Attention, Block, LayerScale, VisionTransformer
+    from timm.models.vision_transformer_hybrid import ConvStem
 
-    containers = (VisionTransformer, PatchEmbed, Block, Attention, Mlp, nn.Sequential, nn.ModuleList)
+    containers = (VisionTransformer, PatchEmbed, HybridEmbed, ConvStem, ConvNormAct, Block, Attention, Mlp,
+                  nn.Sequential, nn.ModuleList)
     activations = (nn.GELU, nn.SiLU, nn.ReLU, GELU, GELUTanh, QuickGELU)
-    linear = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Identity, nn.Dropout, LayerScale)
+    # BatchNormAct2d: merged into its ConvNormAct's conv on the copy (`_merge_stem_norms`)
+    linear = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Identity, nn.Dropout, LayerScale, BatchNormAct2d)
     return containers, activations, linear
+
+
+def _merge_stem_norms(model: nn.Module) -> None:
+    """In place: each ConvNormAct's BatchNormAct2d merged into its conv (weights and a bias), the
+    module's norm replaced by the norm's activation alone; raises Unsupported for a BatchNormAct2d
+    anywhere else (no conv to merge it into)."""
+    from timm.layers import BatchNormAct2d, ConvNormAct
+
+    merged = set()
+    for module in model.modules():
+        if isinstance(module, ConvNormAct) and isinstance(module.bn, BatchNormAct2d):
+            w, b = fold_bn(module.conv, module.bn)
+            conv = module.conv
+            if conv.bias is None:
+                conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=w.dtype, device=w.device))
+            with torch.no_grad():
+                conv.weight.copy_(w)
+                conv.bias.copy_(b)
+            merged.add(id(module.bn))
+            module.bn = module.bn.act
+    loose = [name for name, m in model.named_modules() if isinstance(m, BatchNormAct2d) and id(m) not in merged]
+    if loose:
+        raise Unsupported(f"AttnLRP (lxt): a BatchNormAct2d outside a ConvNormAct ({loose[0]}) has no conv to merge into")
 
 
 def _check_attn_lrp(model: nn.Module) -> None:
@@ -178,6 +208,7 @@ def attn_lrp_of(model: nn.Module, conv_gamma: float = 0.25, linear_gamma: float 
         raise Unsupported(f"AttnLRP needs lxt (pip install -e '.[bench]'): {e}") from e
     _, activations, _ = _attn_lrp_types()
     lrp_model = copy.deepcopy(model).eval()
+    _merge_stem_norms(lrp_model)
     for module in list(lrp_model.modules()):
         # bound to the instance: lxt's own patch targets classes, which would change every model
         if isinstance(module, nn.LayerNorm):
