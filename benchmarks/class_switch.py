@@ -165,7 +165,7 @@ def _median(values: torch.Tensor) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="*", default=list(demo.DEMO_MODELS), metavar="MODEL[=WEIGHTS]",
+    p.add_argument("--models", nargs="*", default=["demo_resnet", "demo_vit"], metavar="MODEL[=WEIGHTS]",
                    help=f"{', '.join((*demo.DEMO_MODELS, *demo.PROBE_MODELS))}; '=PATH' loads other "
                         "weights of the same architecture (default: the shipped ones)")
     p.add_argument("--scenes", type=int, default=64, help="scenes with two or more shapes")
@@ -179,12 +179,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--figure", type=Path, default=None,
-                   help="also draw the first models' maps on 4 scenes into this PNG (SRD and Grad-CAM)")
+                   help="also draw the first model's maps on 4 scenes into this PNG (--figure-methods)")
+    p.add_argument("--figure-methods", nargs="+", default=["SRD", "GradCAM"], choices=METHODS)
     args = p.parse_args()
     known = (*demo.DEMO_MODELS, *demo.PROBE_MODELS)
-    bad = [m for m in args.models if m.partition("=")[0] not in known]
+    bad = [m for m in args.models if m.partition("=")[0] not in (known if "=" not in m else demo.TRAINABLE_MODELS)]
     if bad:
-        p.error(f"unknown model {bad[0]!r}: valid are {', '.join(known)}, each with an optional =WEIGHTS")
+        p.error(f"unknown model {bad[0]!r}: valid are {', '.join(known)}, each with an optional =WEIGHTS, "
+                f"or any of {', '.join(demo.TRAINABLE_MODELS)} with =WEIGHTS")
     torch.set_num_threads(args.threads)
     t0, c0 = time.perf_counter(), time.process_time()
     runs = [run_model(m, args.scenes, args.methods, args.batch, args.layer, args.seed) for m in args.models]
@@ -194,7 +196,7 @@ def main() -> None:
                              "cpu_seconds": round(time.process_time() - c0), "runs": runs})
     print(f"wrote {args.out}")
     if args.figure:
-        figure(args.models[0], ["SRD", "GradCAM"], args.figure, seed=args.seed)
+        figure(args.models[0], args.figure_methods, args.figure, seed=args.seed)
         print(f"wrote {args.figure}")
 
 

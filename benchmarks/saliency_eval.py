@@ -253,7 +253,7 @@ def main() -> None:
                    help="only the first N bundled photos (default: all)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="the methods evaluated (default: all, in this order)")
-    p.add_argument("--models", nargs="*", default=list(demo.DEMO_MODELS), choices=demo.DEMO_MODELS,
+    p.add_argument("--models", nargs="*", default=["demo_resnet", "demo_vit"], choices=demo.DEMO_MODELS,
                    help="demo models run on the synthetic set (each only if its weights exist; none: photos only)")
     p.add_argument("--only", default="all", choices=("all", "manipulation"),
                    help="manipulation: attack only the --attack-methods / --real-attack-methods (the transfer "

