@@ -18,7 +18,8 @@ from jobs.build import BuildConfig, load_build_config, run_build
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIG, REAL_CONFIG = CONFIGS / "demo.yaml", CONFIGS / "demo_real.yaml"
-DEFAULT_LAYERS = {"demo_resnet": ["layer2", "layer4"], "demo_vit": ["blocks.1", "blocks.3"]}
+DEFAULT_LAYERS = {"demo_resnet": ["layer2", "layer4"], "demo_vit": ["blocks.1", "blocks.3"],
+                  "demo_vitc": ["blocks.1", "blocks.3"]}
 
 
 def run(out: Path, n_images: int | None = None, model_name: str | None = None,

@@ -129,6 +129,53 @@ def brute_propagate(blocks: list[tuple[str, torch.Tensor, list[Branch], torch.Te
     return acc.pop("input"), constant
 
 
+def brute_propagate_cls_stream(blocks: list, seed_unit: str, u: torch.Tensor, kappa: float,  # noqa: C901
+                               mlps: dict) -> tuple[torch.Tensor, float]:
+    """A CLS head with the class direction kept along the CLS token's residual stream (docs/method.md
+    §3.3): every relevance is an upstream vector G_q on a target's z (ratio positions:
+    R_q z_q / ||z_q||^2); a source p gets sum_q <c(p->q) + bias share, G_q>. What reaches token 0
+    through a block's skip (branch 0 of `blocks.l`) stays the vector w = G_0 on the token's v below,
+    read there as <w, v_0>: its G_0 is w pulled back through the frozen MLP (`mlps`, autograd), and
+    <w, v_0> - <G_0, z_0> is constant."""
+    acc: dict[str, torch.Tensor] = {}
+    carried: dict[str, torch.Tensor] = {}
+    constant = kappa
+    for target, z, branches, const in reversed(blocks):
+        if target == seed_unit:
+            g = u  # the class direction on z [D, T], zero but at the CLS token
+        elif target in acc or target in carried:
+            r = acc.pop(target, torch.zeros(z.shape[1], dtype=z.dtype))
+            den = (z * z).sum(0)
+            g = torch.where(den > 0, r / torch.where(den > 0, den, 1.0), 0.0) * z
+            constant += float(r[den == 0].sum())
+            w = carried.pop(target, None)
+            if w is not None:
+                zz = z.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    v0 = mlps[target](zz.T)[0] if target in mlps else zz[:, 0]
+                    (pulled,) = torch.autograd.grad((w * v0).sum(), zz)
+                g = g + pulled
+                constant += float((w * v0).sum() - (pulled[:, 0] * z[:, 0]).sum())
+        else:
+            continue
+        if const is not None:
+            constant += float((const * g).sum())
+        for k, (name, c0, bias) in enumerate(branches):
+            norms = c0.square().sum(1).sqrt()
+            total = norms.sum(0)
+            rel = torch.zeros(c0.shape[0], dtype=z.dtype)
+            for p in range(c0.shape[0]):
+                c = c0[p] if bias is None else c0[p] + bias * torch.where(total > 0, norms[p] / total, 0.0)
+                rel[p] = (c * g).sum()
+            if bias is not None:
+                constant += float(torch.where(total > 0, 0.0, (bias * g).sum(0)).sum())
+            if k == 0 and target.startswith("blocks."):  # the CLS token's own skip: its vector is carried
+                rel[0] -= (c0[0, :, 0] * g[:, 0]).sum()
+                carried[name] = carried.get(name, 0) + g[:, 0]
+            acc[name] = acc.get(name, 0) + rel
+    return acc.pop("input"), constant
+
+
 def frozen_max_pool(pool: torch.nn.MaxPool2d, v: torch.Tensor):
     """The max pool with its argmax frozen at v: a channel-wise gather, linear in its input."""
     _, idx = F.max_pool2d(v[None], pool.kernel_size, pool.stride, pool.padding, return_indices=True)
@@ -265,7 +312,9 @@ def vit_reference(model: VisionTransformer, x: torch.Tensor, y: int):
         seed = torch.zeros(t, dtype=v.dtype)
         seed[0] = 1.0
         u, kappa = cls_readout(model, blocks[-1][1], y)
-        return blocks, src, seed, float(model.forward_head(model.norm(v.T[None]))[0, y]), (u, kappa)
+        zs = {name: z for name, z, *_ in blocks}
+        mlps = {f"blocks.{l}": frozen_mlp(blk, zs[f"blocks.{l}"]) for l, blk in enumerate(model.blocks)}
+        return blocks, src, seed, float(model.forward_head(model.norm(v.T[None]))[0, y]), (u, kappa, mlps)
     else:
         a = model.norm(v.T)[prefix:]  # [n, D]
         if isinstance(model.fc_norm, torch.nn.LayerNorm):
@@ -483,9 +532,12 @@ def check_against_engine(model, images, reference) -> None:
         y = int(logits[i].argmax())
         blocks, seed_unit, seed, logit, readout = reference(model, images[i], y)
         assert logit == pytest.approx(float(logits[i, y]), rel=1e-10), "reference forward differs from model"
-        u, kappa = readout if readout is not None else (None, 0.0)
-        ref, ref_const = brute_propagate(blocks, seed_unit, seed, u)
-        ref_const += kappa
+        if readout is not None and len(readout) == 3:  # a CLS head: its stream keeps the class direction
+            ref, ref_const = brute_propagate_cls_stream(blocks, seed_unit, *readout)
+        else:
+            u, kappa = readout if readout is not None else (None, 0.0)
+            ref, ref_const = brute_propagate(blocks, seed_unit, seed, u)
+            ref_const += kappa
         ref = ref.view(images.shape[2:])
         err = (maps[i] - ref).abs().max() / ref.abs().max()
         assert err < 1e-6, f"image {i}: engine vs brute force relative error {err:.2e}"

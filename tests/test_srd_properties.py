@@ -127,8 +127,10 @@ def test_float32_matches_float64() -> None:
 
 def test_contrastive_rule_centres_the_seed_map() -> None:
     """R <- R - mean(R) on the seed map: the maps then sum to zero (the logit is subtracted).
-    A CLS head's first step is a readout along the class direction: the contrast centres the map
-    it reaches (blocks.0 here), and the constant booked by that first step stays."""
+    A CLS head's first step is a readout along the class direction: the contrast centres the ratio
+    map it reaches (blocks.0 here), the CLS token's stream part, a direction, untouched; so the
+    contrastive map at blocks.0 is the plain one shifted by one value at every position, and the
+    pixels + constant lose that shift times the number of positions."""
     for name in ("resnet-basic", "vgg-bn"):
         model, size = MODELS[name]
         maps, const = srd.saliency(model, images_for(size), contrastive=True, return_constant=True)
@@ -136,10 +138,12 @@ def test_contrastive_rule_centres_the_seed_map() -> None:
     model, size = MODELS["vit-reg-ls"]
     images = images_for(size)
     plain = srd.explain(model, images, layers=("blocks.0",))
-    first_step = plain.logit - plain.layers["blocks.0"][:, 0].sum(1)  # booked above blocks.0
     res = srd.explain(model, images, contrastive=True, layers=("blocks.0",))
-    assert torch.allclose(res.layers["blocks.0"][:, 0].sum(1), torch.zeros(2, dtype=torch.float64), atol=1e-10)
-    assert torch.allclose(res.pixels.sum((1, 2, 3)) + res.constant[:, 0], first_step, atol=1e-10)
+    shift = plain.layers["blocks.0"][:, 0] - res.layers["blocks.0"][:, 0]  # [N, T]
+    assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-10)
+    assert shift[:, 0].abs().min() > 1e-6
+    removed = shift[:, 0] * shift.shape[1]
+    assert torch.allclose(res.pixels.sum((1, 2, 3)) + res.constant[:, 0], plain.logit - removed, atol=1e-10)
     assert not torch.allclose(res.pixels, plain.pixels)
 
 

@@ -50,7 +50,8 @@ def _explain(graph: Graph, seed_head: Head, target: int | Tensor | None, contras
     seed, direction, offset = seed_head.start(y)
     res = propagate(graph, seed_head.unit, seed.unsqueeze(1),
                     None if direction is None else direction.unsqueeze(1), contrastive,
-                    tuple(units.values()), None if offset is None else offset.unsqueeze(1))
+                    tuple(units.values()), None if offset is None else offset.unsqueeze(1),
+                    stream=seed_head.stream)
     missing = [name for name, unit in units.items() if unit not in res.layers]
     if missing:
         raise ValueError(f"layers {missing} lie above the seed of the head: they get no relevance")

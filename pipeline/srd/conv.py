@@ -155,12 +155,15 @@ class FrozenPool:
 
 
 class IdentityRule:
-    """Identity shortcut (or skip): source p = q contributes x_q itself, no bias share."""
+    """Identity shortcut (or skip): source p = q contributes x_q itself, no bias share.
+    `stream`: the skip of a transformer's residual stream, along which a token read by the head
+    (the CLS token) keeps the head's direction (`graph.propagate`, docs/method.md §3.3)."""
 
     bias = None
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, stream: bool = False) -> None:
         self.source = source
+        self.stream = stream
 
     def contribution_relevance(self, g: Tensor, src: Tensor) -> Tensor:
         return (g * src.unsqueeze(1)).sum(2)

@@ -177,7 +177,7 @@ class Propagation:
 
 def propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None = None,
               contrastive: bool = False, keep: tuple[str, ...] = (),
-              offset: Tensor | None = None) -> Propagation:
+              offset: Tensor | None = None, stream: int | None = None) -> Propagation:
     """Propagate a seed on `unit` down to the input pixels, without autograd unless
     `graph.differentiable` (then the result is differentiable in the recorded images).
 
@@ -192,14 +192,35 @@ def propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None = 
     one position (the seeded unit for ResNet/ViT mean-pool heads; the last conv map for VGG's
     exact head through 1x1 FC maps; after a directional first step, the map it reaches, since a
     readout's coefficients are not relevance).
+
+    `stream` ([choice], docs/method.md §3.3; a CLS head): the index of the prefix token the
+    readout reads. The relevance that reaches that token through its residual stream's skips
+    (`IdentityRule(stream=True)`) stays a direction on its PFV, g, instead of becoming a ratio
+    share: each block below reads the token as a linear readout, decomposed like the first
+    step (g pulled back through the block's MLP, `readout_signal`'s constant bookkeeping), so
+    the class keeps choosing which contributions to the token count, down to the embedding.
     """
+    if stream is not None and direction is None:
+        raise ValueError("stream follows a directional readout: pass a direction too")
     with torch.set_grad_enabled(graph.differentiable):
-        return _propagate(graph, unit, seed, direction, contrastive, keep, offset)
+        return _propagate(graph, unit, seed, direction, contrastive, keep, offset, stream)
+
+
+def _stream_signal(unit: Unit, w: Tensor, index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The readout <w, v_t> of token `index` of `unit` (w [N,S,C]) decomposed as in
+    `readout_signal`: (g [N,S,C,*pos], zero but at the token; its relevance <w, v_t> [N,S];
+    the constant share [N,S])."""
+    full = w.new_zeros(*w.shape, *unit.z.shape[2:])
+    full[..., index] = w
+    g = unit.pull_direction(full)
+    data = (w * unit.v[..., index].unsqueeze(1)).sum(2)
+    return g, data, data - (g[..., index] * unit.z[..., index].unsqueeze(1)).sum(2)
 
 
 def _propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None, contrastive: bool,
-               keep: tuple[str, ...], offset: Tensor | None) -> Propagation:
+               keep: tuple[str, ...], offset: Tensor | None, stream: int | None) -> Propagation:
     acc: dict[str, Tensor] = {unit: seed}
+    carried: dict[str, Tensor] = {}  # unit -> the direction [N,S,C] on the stream token's v
     n, s = seed.shape[:2]
     constant = seed.new_zeros(n, s)
     if offset is not None:
@@ -209,26 +230,40 @@ def _propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None, 
     kept: dict[str, Tensor] = {}
     contrast_pending = contrastive
     for block in reversed(graph.blocks):
-        r = acc.pop(block.target, None)
-        if r is None:
+        r, w = acc.pop(block.target, None), carried.pop(block.target, None)
+        if r is None and w is None:
             continue
         target = graph.units[block.target]
+        if r is None:
+            r = seed.new_zeros(n, s, *target.z.shape[2:])
         if direction is not None and block.target == unit:
             g, r, lost = readout_signal(r, target, direction)
         else:
             if contrast_pending and target.positions > 1:
                 r, contrast_pending = _contrast(r, graph.batch_contrast), False
             g, lost = upstream_signal(r, target.z)
+            if w is not None:
+                g_w, data, fixed = _stream_signal(target, w, stream)
+                g, lost = g + g_w, lost + fixed
+                r = r.clone()
+                r[..., stream] += data
         if block.target in keep:
             kept[block.target] = r
         shares, fixed = share(graph, block, g)
         constant = constant + lost + fixed
+        if stream is not None:
+            for rule in block.rules:
+                if getattr(rule, "stream", False):  # the token's own skip: keep g as its direction
+                    src = graph.units[rule.source].v[..., stream]
+                    shares[rule.source][..., stream] -= (g[..., stream] * src.unsqueeze(1)).sum(2)
+                    prev = carried.get(rule.source)
+                    carried[rule.source] = g[..., stream] if prev is None else prev + g[..., stream]
         for name, rel in shares.items():
             acc[name] = acc[name] + rel if name in acc else rel
     pixels = acc.pop(graph.input, None)
     if pixels is None:
         h, w = graph.units[graph.input].v.shape[2:]
         pixels = seed.new_zeros(n, s, h, w)
-    if acc:
-        raise RuntimeError(f"relevance stranded on {sorted(acc)}: graph blocks out of order")
+    if acc or carried:
+        raise RuntimeError(f"relevance stranded on {sorted({*acc, *carried})}: graph blocks out of order")
     return Propagation(pixels=pixels, constant=constant, layers=kept)

@@ -15,12 +15,15 @@ class Head:
     `seed(target)` is relevance [N, *pos] on the unit's v, unless the head is a linear readout
     of one position (`readout` set: a CLS-token head, docs/method.md §3.3); then `seed(target)`
     holds its coefficients and `readout(target)` the class direction on v [N, C] and the
-    readout's constant [N]. `start` gives all three for `graph.propagate`.
+    readout's constant [N]. `start` gives all three for `graph.propagate`. `stream`: the index
+    of the token read (a prefix token), whose residual stream keeps the class direction below
+    the first step (`graph.propagate`).
     """
 
     unit: str
     seed: Callable[[Tensor], Tensor]
     readout: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    stream: int | None = None
 
     def start(self, target: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(seed [N, *pos], direction [N, C] or None, offset [N] or None) of class `target`."""

@@ -150,7 +150,7 @@ def build(model: VisionTransformer, images: Tensor, head: str, differentiable: b
         units.append(Unit(p, y, tok(rec.outputs[p]), pull=pull, prefix=prefix, grid=grid))
         attn = AttentionRule.of_vit(src, rec.inputs[f"{p}.attn"], blk.attn, rec.outputs[f"{p}.attn"],
                                     _scale(blk.ls1), f"{p}.attn")
-        blocks.append(Block(p, [IdentityRule(src), attn]))
+        blocks.append(Block(p, [IdentityRule(src, stream=True), attn]))
         src = p
     graph = graph_of(units, blocks, {"blocks": src}, rec.logits, differentiable)
     return graph, _head(model, graph.units[src])
@@ -170,7 +170,7 @@ def _head(model: VisionTransformer, last: Unit) -> Head:
 
         return Head(last.name, no_class)
     if model.global_pool == "token":
-        return Head(last.name, *token_readout(last.v, [model.norm, model.fc_norm], model.head))
+        return Head(last.name, *token_readout(last.v, [model.norm, model.fc_norm], model.head), stream=0)
     skip = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
     # runs under adapters.build's grad mode: no graph unless the recording is differentiable
     a = model.norm(last.v[:, :, skip:].transpose(1, 2)).transpose(1, 2)  # [N, D, n]
