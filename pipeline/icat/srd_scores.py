@@ -76,8 +76,10 @@ def srd_scores(model: nn.Module, images: Tensor, dec: Decomposed, down: LayerSAE
             direction = seed.new_zeros(n, q, w.shape[-1])
             offset = seed.new_zeros(n, q)
             direction[rows, cols], offset[rows, cols] = w.to(seed.dtype), b.to(seed.dtype)
+        # a CLS head keeps its class direction down the CLS token's stream, as in class maps
+        stream = head.stream if down is None and head.readout is not None else None
         res = propagate(sub, dst_name, seed.reshape(n, q, *dst_unit.z.shape[2:]), direction,
-                        offset=offset)
+                        offset=offset, stream=stream)
         rel = res.pixels.reshape(n, q, positions)[rows, cols]  # [Q, P]
         constant = res.constant[rows, cols]
         out[lo:lo + q] = _share(dec, rows, rel, constant)

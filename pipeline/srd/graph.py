@@ -262,8 +262,11 @@ def _propagate(graph: Graph, unit: str, seed: Tensor, direction: Tensor | None, 
             acc[name] = acc[name] + rel if name in acc else rel
     pixels = acc.pop(graph.input, None)
     if pixels is None:
-        h, w = graph.units[graph.input].v.shape[2:]
-        pixels = seed.new_zeros(n, s, h, w)
+        pixels = seed.new_zeros(n, s, *graph.units[graph.input].v.shape[2:])
+    w = carried.pop(graph.input, None)
+    if w is not None:  # a graph cut below a block (ICAT): the stream token's readout is its relevance
+        pixels = pixels.clone()
+        pixels[..., stream] += (w * graph.units[graph.input].v[..., stream].unsqueeze(1)).sum(2)
     if acc or carried:
         raise RuntimeError(f"relevance stranded on {sorted({*acc, *carried})}: graph blocks out of order")
     return Propagation(pixels=pixels, constant=constant, layers=kept)
