@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import skimage.data
+import timm
 import torch
 from PIL import Image
 from torch import nn
@@ -203,6 +204,23 @@ def test_unknown_layer_error_names_it_lists_stages_and_close_matches(demo_resnet
 def test_layer_without_pfv_layout_is_an_error(demo_resnet):
     with pytest.raises(ValueError, match=r"'fc'.*not PFVs"):
         tap(demo_resnet, torch.randn(1, 3, 64, 64), ["fc"])
+
+
+def test_a_conv_stems_maps_are_cnn_layers_that_srd_seeds():
+    # demo_vitc's ConvStem: 64x64, 32x32, 16x16 maps before the 8x8 tokens; the tap and SRD agree
+    # on the layer's PFVs (a one-hot iERF seed on a position: map + constant = 1)
+    from pipeline import srd
+
+    model = timm.create_model("demo_vitc").eval()
+    specs = {spec.name: spec for spec in list_layers(model)}
+    assert [(specs[f"patch_embed.backbone.{i}"].kind, specs[f"patch_embed.backbone.{i}"].grid) for i in range(3)] \
+        == [("cnn", (64, 64)), ("cnn", (32, 32)), ("cnn", (16, 16))]
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    pfvs = tap(model, x, ["patch_embed.backbone.1"])["patch_embed.backbone.1"].values
+    graph, _ = srd.build(model, x)
+    torch.testing.assert_close(pfvs[0].T, graph.units["patch_embed.backbone.1"].v[0].flatten(1))
+    maps, const = srd.ierf(model, x, "patch_embed.backbone.1", torch.tensor([5, 700]), return_constant=True)
+    torch.testing.assert_close(maps.sum((2, 3)) + const, torch.ones(1, 2))
 
 
 def test_module_that_runs_twice_is_an_error():

@@ -194,7 +194,7 @@ def _layout(model: nn.Module, shape: torch.Size, input_hw: tuple[int, int],
             name: str) -> tuple[Kind, tuple[int, int], int]:
     """(kind, grid, num_special) of a layer output of `shape`; ValueError if not a PFV layout."""
     vit_grid = _vit_grid(model, input_hw) if _is_vit(model) else None
-    if len(shape) == 4 and (vit_grid is None or tuple(shape[2:]) == vit_grid):
+    if len(shape) == 4:  # a CNN map, in a ViT too (the patch conv; a convolutional stem's layers)
         return "cnn", (int(shape[2]), int(shape[3])), 0
     if len(shape) == 3 and vit_grid is not None:
         n_patches = vit_grid[0] * vit_grid[1]
@@ -202,7 +202,7 @@ def _layout(model: nn.Module, shape: torch.Size, input_hw: tuple[int, int],
             if shape[1] == num_special + n_patches:
                 return "vit", vit_grid, num_special
     expected = ("a [N, C, h, w] map" if vit_grid is None else
-                f"a [N, C, {vit_grid[0]}, {vit_grid[1]}] map or [N, T, C] tokens on that patch grid")
+                f"a [N, C, h, w] map or [N, T, C] tokens on the {vit_grid[0]}x{vit_grid[1]} patch grid")
     raise ValueError(f"layer {name!r} of {_model_name(model)} outputs shape {tuple(shape)}, "
                      f"not PFVs: expected {expected}")
 
