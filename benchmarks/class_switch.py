@@ -36,7 +36,7 @@ from benchmarks.results_io import write_results  # noqa: E402
 
 import torch  # noqa: E402
 
-from pipeline.evaluation import METHODS, make_method, metrics  # noqa: E402
+from pipeline.evaluation import METHODS, Unsupported, make_method, metrics  # noqa: E402
 from pipeline.evaluation.data import multi_object_set, without_each_shape  # noqa: E402
 from pipeline.models import demo, load_model, model_fingerprint  # noqa: E402
 
@@ -72,7 +72,12 @@ def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str
            "median_logit_rise": {"top_class_pairs": _median(rise[top]), "other_pairs": _median(rise[~top])},
            "methods": {}}
     for method in methods:
-        explain = make_method(method, lm.model, layer=layer)
+        try:
+            explain = make_method(method, lm.model, layer=layer)
+        except Unsupported as e:  # reported as such (zennit's LRP on timm blocks, FullGrad on a ViT)
+            res["methods"][method] = {"unsupported": str(e)}
+            print(f"{shown:12s} {method:16s} unsupported: {e}", flush=True)
+            continue
         method = method if layer is None else f"{method}@{layer}"
         t0 = time.perf_counter()
         hits = metrics.class_switch_pointing(explain, x, objects, batch)
