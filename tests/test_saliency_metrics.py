@@ -69,6 +69,36 @@ def test_class_switch_pointing_scores_a_map_only_where_it_follows_the_class() ->
         metrics.class_switch_pointing(follows, images, [objects[0], objects[1][:1]])
 
 
+def test_class_switch_benchmark_scores_every_pair_and_records_what_a_library_cannot_run() -> None:
+    """benchmarks/class_switch.py on 4 scenes of demo_resnet: one score per (scene, present shape)
+    pair, each pair's logit rise equal to the logit with and without that shape's objects, and
+    zennit's LRP (no canonizer for timm's ResNet blocks) recorded as unsupported with its reason,
+    not a crash that loses the other methods' rows."""
+    from benchmarks.class_switch import logit_rise, run_model  # namespace package at the repo root
+    from PIL import Image
+
+    from pipeline.evaluation.data import multi_object_set, without_each_shape
+    from pipeline.models import load_model
+
+    res = run_model("demo_resnet", 4, ["SRD", "LRP"], batch=4, seed=2026)
+    _, objs = multi_object_set(4, 2026)
+    assert res["pairs"] == sum(len(per) for per in objs) >= 8
+    srd = res["methods"]["SRD"]
+    assert 0.0 <= srd["class_switch_pointing"] <= 1.0
+    assert srd["class_switch_pointing"] * res["pairs"] == pytest.approx(round(srd["class_switch_pointing"] * res["pairs"]))
+    assert "zennit" in res["methods"]["LRP"]["unsupported"]
+    # the rise of the first pair, by hand
+    lm = load_model("demo_resnet", "demo")
+    imgs, _ = multi_object_set(1, 2026)
+    gone = without_each_shape(1, 2026)[0][0]
+    with torch.no_grad():
+        both = lm.model(torch.stack([lm.transform(Image.fromarray(im)) for im in (imgs[0], gone)]))
+    cls = objs[0][0][0]
+    logits = lm.model(lm.transform(Image.fromarray(imgs[0]))[None]).detach()
+    rise = logit_rise(lm, logits, objs[:1], 1, 4, 2026)
+    assert float(rise[0]) == pytest.approx(float(both[0, cls] - both[1, cls]), abs=1e-4)
+
+
 def test_gini_of_one_hot_constant_and_two_level_maps() -> None:
     n = 64
     one_hot = torch.zeros(1, 8, 8)
