@@ -56,6 +56,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
 # processes a local instance starts)
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+# Ray Train's watcher of node preemption (spot instances drained by a cloud): a single-machine
+# instance has no node to lose, and the watcher's start prints an error-level line from Ray's
+# core worker into every local train-sae (ray-project/ray#53727); a user's setting wins
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def start_local_ray(*, num_cpus: int | None = None, log_to_driver: bool = True) -> str:
@@ -73,6 +77,7 @@ def start_local_ray(*, num_cpus: int | None = None, log_to_driver: bool = True) 
     from ray._private import ray_constants
 
     os.environ[LOOPBACK_ONLY_ENV] = "0"
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # inherited by the processes Ray starts
     ray_constants.ENABLE_RAY_CLUSTER = False  # in case `ray` was imported before the line above
     auth = os.environ.get("RAY_AUTH_MODE")
     if auth is not None and auth.lower() == "disabled":

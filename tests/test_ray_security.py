@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 import time
@@ -89,6 +90,10 @@ def test_stages_on_ray_listen_on_loopback_only(tmp_path) -> None:
         assert any(name.startswith(worker) for name in names), (args[1], sorted(seen))
         exposed = sorted(s for s in seen if not is_loopback(s[1]))
         assert not exposed, f"{args[1]} listened beyond loopback: {exposed}"
+        # and said nothing alarming that is not an error of ours: no error-level line of Ray's
+        # C++ core (Ray Train's preemption watcher printed one into every local train-sae)
+        ray_errors = re.findall(r"^\[[\d-]+ [\d:,]+ E \d+ \d+\].*$", output, flags=re.M)
+        assert not ray_errors, f"{args[1]}: {ray_errors}"
     # token authentication was on: Ray generated the user's token
     assert (home / ".ray" / "auth_token").is_file()
 
