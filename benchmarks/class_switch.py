@@ -18,7 +18,9 @@ shape's objects left out, `synthetic.render_without`: where they do not, the mod
 its evidence for the class from them); and per method the score split into the pairs of each
 scene's top class and the others (the secondary objects, for which a classifier trained on the
 largest object's shape may hold little evidence), and on the pairs whose objects raise their
-logit. Writes benchmarks/results/class_switch.json.
+logit; and the share of scenes in which the maps of every class present peak in one and the
+same cell (1/16 of the side; `metrics.one_peak_cell`): a map whose peak does not move when
+the class does. Writes benchmarks/results/class_switch.json.
 """
 from __future__ import annotations
 
@@ -52,6 +54,8 @@ def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str
     imgs, objs = multi_object_set(scenes, seed)
     x = torch.stack([lm.transform(Image.fromarray(im)) for im in imgs])
     size = x.shape[2:]
+    # a peak that stays in one cell whatever the class: 1/16 of the side (a DINOv2 patch at 224 px)
+    cell = max(1, size[-1] // 16)
     # the masks at the model's input resolution (the transform resizes the 128 px scenes)
     objects = [[(c, torch.nn.functional.interpolate(torch.from_numpy(m)[None, None].float(), size=size,
                                                      mode="nearest")[0, 0] > 0.5) for c, m in per]
@@ -64,7 +68,7 @@ def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str
     rise = logit_rise(lm, logits, objs, scenes, batch, seed)
     used = rise > 0
     res = {"model": lm.name, "weights": lm.weights, "weights_fingerprint": model_fingerprint(lm.model),
-           "scenes": len(x), "pairs": sum(len(p) for p in objects),
+           "scenes": len(x), "pairs": sum(len(p) for p in objects), "peak_cell_px": cell,
            "classes_per_scene": sum(map(len, present)) / len(x),
            "top1_is_a_present_shape": sum(found) / len(x),
            "object_raises_its_logit": {"all": _mean(used), "top_class_pairs": _mean(used[top]),
@@ -80,14 +84,18 @@ def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str
             continue
         method = method if layer is None else f"{method}@{layer}"
         t0 = time.perf_counter()
-        hits = metrics.class_switch_pointing(explain, x, objects, batch)
+        maps, masks, image = metrics.class_switch_maps(explain, x, objects, batch)
         seconds = time.perf_counter() - t0
+        hits = metrics.pointing_game(maps, masks)
+        stuck = metrics.one_peak_cell(maps, image, cell)
         res["methods"][method] = {"class_switch_pointing": _mean(hits), "top_class_pairs": _mean(hits[top]),
                                   "other_pairs": _mean(hits[~top]), "pairs_whose_object_raises_its_logit":
-                                  _mean(hits[used]), "seconds": round(seconds, 1)}
+                                  _mean(hits[used]), "scenes_with_one_peak_cell": _mean(stuck),
+                                  "seconds": round(seconds, 1)}
         print(f"{shown:12s} {method:16s} class-switch pointing {_mean(hits):.3f} "
               f"({int(hits.sum())}/{len(hits)} pairs; top class {_mean(hits[top]):.3f}, "
               f"others {_mean(hits[~top]):.3f}; object raises its logit {_mean(hits[used]):.3f}; "
+              f"every class peaks in one {cell} px cell in {_mean(stuck):.3f} of the scenes; "
               f"{seconds:.0f} s)", flush=True)
     return res
 

@@ -65,6 +65,14 @@ def test_class_switch_pointing_scores_a_map_only_where_it_follows_the_class() ->
 
     assert metrics.class_switch_pointing(follows, images, objects, batch=3).tolist() == [1.0] * 4
     assert metrics.class_switch_pointing(ignores, images, objects).tolist() == [1.0, 0.0, 1.0, 0.0]
+    # the map that ignores the class peaks in one cell per image; the one that follows it moves
+    # (its objects lie in different 4 px cells), unless the cell spans the whole image
+    for explain, cell, expected in ((ignores, 4, [True, True]), (follows, 4, [False, False]),
+                                    (follows, 8, [True, True])):
+        maps, _, image = metrics.class_switch_maps(explain, images, objects)
+        assert metrics.one_peak_cell(maps, image, cell).tolist() == expected, (cell, expected)
+    with pytest.raises(ValueError, match="cell=0"):
+        metrics.one_peak_cell(maps, image, 0)
     with pytest.raises(ValueError, match="fewer than two classes"):
         metrics.class_switch_pointing(follows, images, [objects[0], objects[1][:1]])
 
@@ -87,6 +95,7 @@ def test_class_switch_benchmark_scores_every_pair_and_records_what_a_library_can
     assert 0.0 <= srd["class_switch_pointing"] <= 1.0
     assert srd["class_switch_pointing"] * res["pairs"] == pytest.approx(round(srd["class_switch_pointing"] * res["pairs"]))
     assert "zennit" in res["methods"]["LRP"]["unsupported"]
+    assert res["peak_cell_px"] == 8 and 0.0 <= srd["scenes_with_one_peak_cell"] <= 1.0
     # the rise of the first pair, by hand
     lm = load_model("demo_resnet", "demo")
     imgs, _ = multi_object_set(1, 2026)

@@ -26,16 +26,15 @@ def pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
     return masks.flatten(1).gather(1, top[:, None])[:, 0].float()
 
 
-def class_switch_pointing(explain: Callable[[Tensor, Tensor], Tensor], images: Tensor,
-                          objects: list[list[tuple[int, Tensor]]], batch: int = 16) -> Tensor:
-    """Class-switch pointing game: each image is explained once per class of the objects it
-    holds, and a pair scores 1.0 when that class's map peaks inside that class's object (the
-    same image, only the target switched, so a map that ignores the class cannot score).
+def class_switch_maps(explain: Callable[[Tensor, Tensor], Tensor], images: Tensor,
+                      objects: list[list[tuple[int, Tensor]]], batch: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+    """The maps of a class-switch game: each image explained once per class of the objects it
+    holds (the same image, only the target switched).
 
     explain: (images [B, 3, H, W], target [B]) -> maps [B, H, W]; images [N, 3, H, W];
     objects[i]: image i's (class, mask bool [H, W]) pairs, at least two classes per image (a
-    class's mask is the union of its objects). Returns Tensor[P] over the pairs, image by image
-    in the order given. Peaks as `pointing_game` (no tolerance, first maximum)."""
+    class's mask is the union of its objects). Returns (maps [P, H, W], masks bool [P, H, W],
+    image [P]) over the pairs, image by image in the order given."""
     if len(objects) != images.shape[0]:
         raise ValueError(f"{len(objects)} object lists for {images.shape[0]} images: expected one per image")
     few = [i for i, objs in enumerate(objects) if len({c for c, _ in objs}) < 2]
@@ -46,7 +45,34 @@ def class_switch_pointing(explain: Callable[[Tensor, Tensor], Tensor], images: T
     masks = torch.stack([m for objs in objects for _, m in objs]).to(images.device)
     maps = torch.cat([explain(images[index[lo:lo + batch]], target[lo:lo + batch])
                       for lo in range(0, len(index), batch)])
+    return maps, masks, index
+
+
+def class_switch_pointing(explain: Callable[[Tensor, Tensor], Tensor], images: Tensor,
+                          objects: list[list[tuple[int, Tensor]]], batch: int = 16) -> Tensor:
+    """Class-switch pointing game: a pair (image, class) scores 1.0 when that class's map peaks
+    inside that class's object, so a map that ignores the class cannot score on every pair.
+    Arguments as `class_switch_maps`; returns Tensor[P] over its pairs. Peaks as `pointing_game`
+    (no tolerance, first maximum)."""
+    maps, masks, _ = class_switch_maps(explain, images, objects, batch)
     return pointing_game(maps, masks)
+
+
+def one_peak_cell(maps: Tensor, image: Tensor, cell: int) -> Tensor:
+    """Per image of a class-switch game, whether the maps of all its classes peak in one and the
+    same `cell` x `cell` square of the grid laid from the top-left corner (a map whose peak does
+    not move with the class; the pointing score alone cannot tell it from one that moves to the
+    wrong object). maps [P, H, W], image [P] (from `class_switch_maps`) -> bool Tensor[N] over the
+    images in order of first appearance."""
+    if cell < 1:
+        raise ValueError(f"cell={cell}: expected a side of at least 1 pixel")
+    if maps.shape[0] != image.shape[0]:
+        raise ValueError(f"{maps.shape[0]} maps for {image.shape[0]} image indices: expected one per map")
+    top = maps.flatten(1).argmax(1)
+    width = maps.shape[2]
+    cells = (top // width // cell) * ((width + cell - 1) // cell) + top % width // cell
+    image = image.to(cells.device)
+    return torch.tensor([cells[image == i].unique().numel() == 1 for i in image.unique_consecutive()])
 
 
 def mask_mass(maps: Tensor, masks: Tensor) -> Tensor:
