@@ -10,7 +10,9 @@ pixels as a seed map (`srd.ierf`, ordinary ratios); the same with the class toke
 register's) share set to zero. Per map: the class-switch pointing score and the share of scenes
 whose classes all peak in one cell (`metrics.one_peak_cell`, 1/16 of the side). If the prefix
 tokens' share carried the class-independent part, the third map would follow the class where
-the first does not. Writes benchmarks/results/class_switch_block0.json.
+the first does not. Also: how often SRD's own map peaks in one of its image's block-0 *hub*
+patches, those whose attention contributions to the other patches have the largest summed norm
+(`hub_patches`). Writes benchmarks/results/class_switch_block0.json.
 """
 from __future__ import annotations
 
@@ -50,6 +52,25 @@ def explainer(model: torch.nn.Module, layer: str, kind: str):
     return run
 
 
+@torch.no_grad()
+def hub_patches(model: torch.nn.Module, x: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """[N, k] the patches (token index among the patches) whose attention contributions to the
+    other patches in block 0 have the largest summed norm, `||sum_h A^h_ji W_O^h v^h_i||` summed
+    over targets j (method.md §3.6's `c(i->j)` without the skip), per image."""
+    t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    blk, attn = model.blocks[0], model.blocks[0].attn
+    h = blk.norm1(t)
+    n, tokens, width = h.shape
+    heads = attn.num_heads
+    q, kk, v = attn.qkv(h).reshape(n, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    a = ((attn.q_norm(q) * attn.scale) @ attn.k_norm(kk).transpose(-2, -1)).softmax(-1)  # [N, H, j, i]
+    out = torch.einsum("chd,nhid->nhic", attn.proj.weight.view(width, heads, -1), v)
+    out = blk.ls1(out)  # layer scale, where the block has one
+    p = model.num_prefix_tokens
+    norms = torch.einsum("nhji,nhic->njic", a[:, :, p:, p:], out[:, :, p:]).norm(dim=-1)  # [N, j, i]
+    return norms.sum(1).topk(k, dim=1).indices
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dinov2_shapes", metavar="MODEL[=WEIGHTS]", help="a ViT (as class_switch.py)")
@@ -70,19 +91,31 @@ def main() -> None:
     cell = max(1, size[-1] // 16)
     objects = [[(c, torch.nn.functional.interpolate(torch.from_numpy(m)[None, None].float(), size=size,
                                                      mode="nearest")[0, 0] > 0.5) for c, m in per] for per in objs]
-    rows = {}
+    rows, srd_maps = {}, None
     print(f"{'map':40s} {'pointing':>8s} {'one peak cell':>14s} {'seconds':>8s}")
     for kind in MAPS:
         t0 = time.perf_counter()
         maps, masks, image = metrics.class_switch_maps(explainer(lm.model, args.layer, kind), x, objects, args.batch)
         hits, stuck = metrics.pointing_game(maps, masks), metrics.one_peak_cell(maps, image, cell)
+        srd_maps = maps if kind == MAPS[0] else srd_maps
         rows[kind] = {"class_switch_pointing": float(hits.mean()), "scenes_with_one_peak_cell": float(stuck.float().mean()),
                       "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{kind:40s} {rows[kind]['class_switch_pointing']:8.3f} {rows[kind]['scenes_with_one_peak_cell']:14.3f} "
               f"{rows[kind]['seconds']:8.0f}", flush=True)
+    # where SRD's own map peaks: in one of its image's block-0 hub patches?
+    grid = lm.model.patch_embed.grid_size[-1]
+    patch = size[-1] // grid
+    top = srd_maps.flatten(1).argmax(1)
+    peak_patch = (top // size[-1] // patch) * grid + top % size[-1] // patch
+    hubs = torch.cat([hub_patches(lm.model, x[lo:lo + args.batch]) for lo in range(0, len(x), args.batch)])
+    on_hub = {f"top{k}": float((peak_patch[:, None] == hubs[image, :k]).any(1).float().mean()) for k in (1, 5)}
+    chance = {f"top{k}": k / grid ** 2 for k in (1, 5)}
+    print(f"SRD's peak in its image's block-0 hub patch: top-1 {on_hub['top1']:.3f}, top-5 {on_hub['top5']:.3f} "
+          f"of the pairs (a patch at random: {chance['top1']:.4f}, {chance['top5']:.4f})")
     write_results(args.out, {"command": " ".join(sys.argv), "model": shown, "weights": lm.weights, "layer": args.layer,
                              "dataset_seed": args.seed, "scenes": len(x), "pairs": len(image), "peak_cell_px": cell,
-                             "torch": torch.__version__, "threads": args.threads, "maps": rows})
+                             "torch": torch.__version__, "threads": args.threads, "maps": rows,
+                             "srd_peak_in_a_block0_hub_patch": on_hub, "chance": chance})
     print(f"wrote {args.out}")
 
 
