@@ -53,22 +53,26 @@ def explainer(model: torch.nn.Module, layer: str, kind: str):
 
 
 @torch.no_grad()
-def hub_patches(model: torch.nn.Module, x: torch.Tensor, k: int = 5) -> torch.Tensor:
-    """[N, k] the patches (token index among the patches) whose attention contributions to the
-    other patches in block 0 have the largest summed norm, `||sum_h A^h_ji W_O^h v^h_i||` summed
-    over targets j (method.md §3.6's `c(i->j)` without the skip), per image."""
+def block0_contributions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[N, T, T, C]: `c(i->j) = sum_h A^h_ji W_O^h v^h_i` of block 0's attention (method.md §3.6,
+    layer scale applied), target j then source i over all tokens, prefix first; summed over i
+    plus the projection's bias (scaled likewise) it is the attention branch's output."""
     t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
     blk, attn = model.blocks[0], model.blocks[0].attn
     h = blk.norm1(t)
     n, tokens, width = h.shape
     heads = attn.num_heads
-    q, kk, v = attn.qkv(h).reshape(n, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    a = ((attn.q_norm(q) * attn.scale) @ attn.k_norm(kk).transpose(-2, -1)).softmax(-1)  # [N, H, j, i]
-    out = torch.einsum("chd,nhid->nhic", attn.proj.weight.view(width, heads, -1), v)
-    out = blk.ls1(out)  # layer scale, where the block has one
+    q, k, v = attn.qkv(h).reshape(n, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    a = ((attn.q_norm(q) * attn.scale) @ attn.k_norm(k).transpose(-2, -1)).softmax(-1)  # [N, H, j, i]
+    out = blk.ls1(torch.einsum("chd,nhid->nhic", attn.proj.weight.view(width, heads, -1), v))
+    return torch.einsum("nhji,nhic->njic", a, out)
+
+
+def hub_patches(model: torch.nn.Module, x: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """[N, k] the patches (index among the patches) whose block-0 attention contributions to the
+    other patches have the largest summed norm `sum_j ||c(i->j)||`, per image."""
     p = model.num_prefix_tokens
-    norms = torch.einsum("nhji,nhic->njic", a[:, :, p:, p:], out[:, :, p:]).norm(dim=-1)  # [N, j, i]
-    return norms.sum(1).topk(k, dim=1).indices
+    return block0_contributions(model, x)[:, p:, p:].norm(dim=-1).sum(1).topk(k, dim=1).indices
 
 
 def main() -> None:
