@@ -46,20 +46,26 @@ SYNTHETIC_SEED = 2026
 OUT = Path(__file__).resolve().parent / "results" / "class_switch.json"
 
 
-def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str | None = None,
-              seed: int = SYNTHETIC_SEED) -> dict:
+def scene_set(lm, scenes: int, seed: int) -> tuple[torch.Tensor, list, list, int]:
+    """The game's scenes at the model's input: (images [N, 3, H, W], the generator's objects
+    (class, mask at 128 px), the same with masks at the input resolution, the one-peak cell side)."""
     from PIL import Image
 
-    lm, shown = _load(spec)
     imgs, objs = multi_object_set(scenes, seed)
     x = torch.stack([lm.transform(Image.fromarray(im)) for im in imgs])
     size = x.shape[2:]
-    # a peak that stays in one cell whatever the class: 1/16 of the side (a DINOv2 patch at 224 px)
-    cell = max(1, size[-1] // 16)
     # the masks at the model's input resolution (the transform resizes the 128 px scenes)
     objects = [[(c, torch.nn.functional.interpolate(torch.from_numpy(m)[None, None].float(), size=size,
                                                      mode="nearest")[0, 0] > 0.5) for c, m in per]
                for per in objs]
+    # a peak that stays in one cell whatever the class: 1/16 of the side (a DINOv2 patch at 224 px)
+    return x, objs, objects, max(1, size[-1] // 16)
+
+
+def run_model(spec: str, scenes: int, methods: list[str], batch: int, layer: str | None = None,
+              seed: int = SYNTHETIC_SEED) -> dict:
+    lm, shown = _load(spec)
+    x, objs, objects, cell = scene_set(lm, scenes, seed)
     with torch.no_grad():
         logits = torch.cat([lm.model(x[i:i + batch]) for i in range(0, len(x), batch)])
     present = [{c for c, _ in per} for per in objects]

@@ -512,23 +512,26 @@ def test_manipulation_merge_replaces_per_method_and_refuses_other_weights_or_siz
 
 
 def test_block0_contributions_sum_to_the_attention_output_and_find_a_planted_hub() -> None:
-    """benchmarks/class_switch_block0.py's decomposition of a ViT's block-0 attention: the
-    contributions c(i->j), summed over sources plus the projection bias, equal the attention
-    branch's output; a token made to dominate every value vector is the top hub patch."""
+    """benchmarks/class_switch_block0.py's hubs come from SRD's recorded block-0 attention rule:
+    its contributions c(i->j), summed over sources plus the projection bias, equal the attention
+    branch's output and their norms are the rule's pair norms; a token made to dominate every
+    value vector is the top hub patch."""
     import timm
-    from benchmarks.class_switch_block0 import block0_contributions, hub_patches  # namespace package
+    from benchmarks.class_switch_block0 import block0_attention, hub_patches  # namespace package
 
     import pipeline.models.demo  # noqa: F401  (registers demo_vitc)
 
     torch.manual_seed(0)
     model = timm.create_model("demo_vitc").eval()
     x = torch.randn(2, 3, 128, 128)
-    c = block0_contributions(model, x)
+    rule = block0_attention(model, x)
+    c = torch.einsum("nhji,dhe,nhie->njid", rule.a, rule.w, rule.u)  # c(i->j) = sum_h A W_O^h u^h_i
     blk = model.blocks[0]
     with torch.no_grad():
         t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
         expected = blk.ls1(blk.attn(blk.norm1(t)))
     torch.testing.assert_close(c.sum(2) + blk.ls1(blk.attn.proj.bias), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rule.norms(), c.norm(dim=-1), rtol=1e-4, atol=1e-5)
     # plant a hub: patch 9 of image 0 leaves block 0's norm 50 times larger, so its value vector
     # (and its contribution to every token that attends to it) grows; without it, another is top
     p = model.num_prefix_tokens
